@@ -1,0 +1,26 @@
+# Warnings and sanitizers, applied through an interface target so that only
+# Rhine's own targets get them (never the consumers of an installed Rhine).
+add_library(rhine_build_flags INTERFACE)
+target_compile_options(rhine_build_flags INTERFACE
+  -Wall -Wextra -Wpedantic -Wshadow=local -Wnon-virtual-dtor -Wcast-align
+  -Wno-unused-parameter           # LibTorch headers and autograd overrides
+  -Wno-missing-field-initializers # options structs are filled partially on purpose
+  $<$<BOOL:${RHINE_WERROR}>:-Werror>)
+
+if(RHINE_SANITIZE STREQUAL "address")
+  set(_rhine_san -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+elseif(RHINE_SANITIZE STREQUAL "undefined")
+  set(_rhine_san -fsanitize=undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+elseif(NOT RHINE_SANITIZE STREQUAL "")
+  message(FATAL_ERROR "[cmake] RHINE_SANITIZE must be '', 'address' or 'undefined', got '${RHINE_SANITIZE}'")
+endif()
+if(_rhine_san)
+  target_compile_options(rhine_build_flags INTERFACE ${_rhine_san})
+  target_link_options(rhine_build_flags INTERFACE ${_rhine_san})
+endif()
+
+# Attach the flags to a Rhine target (libraries, tools, tests, benches).
+function(rhine_target_defaults target)
+  target_link_libraries(${target} PRIVATE $<BUILD_INTERFACE:rhine_build_flags>)
+  target_compile_features(${target} PUBLIC cxx_std_17)
+endfunction()

@@ -1,0 +1,87 @@
+#pragma once
+/// \file
+/// The one place where Rhine's code differs between LibTorch versions.
+/// Debian ships LibTorch 1.13 (CPU); GPU machines run PyTorch 2.x's LibTorch.
+/// Everything else in Rhine calls these functions instead of switching on
+/// versions itself. What this layer covers:
+///  - version macros (RHINE_TORCH_VERSION_AT_LEAST) and `torch_version()`;
+///  - `attention`: scaled dot-product attention with GQA, causal (bottom-right
+///    aligned, so KV-cached decoding works) and explicit masks; fused kernels
+///    on 2.x (flash / memory-efficient / cuDNN), the math path on 1.13;
+///  - `AutocastGuard`: mixed precision on CPU (bf16) and CUDA (bf16/fp16),
+///    over the 1.13 per-device setters and the 2.4+ device-generic ones.
+/// Device selection, threads and seeding live in rhine/torch/runtime.h.
+///
+/// Dimension letters: B batch, H query heads, Hkv key/value heads, T query
+/// length, S key length, D head dim (queries and keys), Dv value head dim.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string>
+
+/// True when the LibTorch being compiled against is at least major.minor.
+#define RHINE_TORCH_VERSION_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) ||                \
+   (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+namespace rhine {
+
+/// "major.minor.patch" of the LibTorch Rhine was compiled against.
+std::string torch_version();
+
+/// True when `attention` dispatches to LibTorch's fused kernels (2.x).
+bool has_fused_attention();
+
+/// Options of `attention`.
+struct AttentionOptions {
+  /// Bool (true = may attend) or additive float mask, broadcastable to
+  /// [B, H, T, S]. Combined with `is_causal` when both are given.
+  std::optional<at::Tensor> mask;
+  /// Query i sees keys j <= i + (S - T): bottom-right aligned, so a query
+  /// block at the end of a longer key sequence (KV cache) is causal too.
+  bool is_causal = false;
+  /// Softmax scale; default 1/sqrt(D).
+  std::optional<double> scale;
+  /// Dropout on the attention probabilities (training only).
+  double dropout_p = 0.0;
+};
+
+/// Scaled dot-product attention.
+///   q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, T, Dv]
+/// with H a multiple of Hkv (MHA, GQA, MQA). A query row that sees no key at
+/// all (fully masked) yields NaN; mask such rows out of the loss.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& options = {});
+
+/// The plain-op twin of `attention`: repeats KV heads, matmul, mask, softmax in
+/// fp32, matmul. It is 1.13's implementation and the oracle in tests.
+at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const AttentionOptions& options = {});
+
+/// The bool mask [T, S] of bottom-right aligned causal attention.
+at::Tensor causal_mask(int64_t T, int64_t S, const c10::Device& device);
+
+/// Enables autocast for one device type while in scope (bf16 on CPU; bf16 or
+/// fp16 on CUDA), restoring the previous state and clearing the cast cache on
+/// exit. Nesting is allowed.
+class AutocastGuard {
+ public:
+  AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled = true);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+};
+
+/// Whether autocast is on for `device` in this thread.
+bool autocast_enabled(c10::DeviceType device);
+
+}  // namespace rhine

@@ -1,0 +1,52 @@
+#pragma once
+/// \file
+/// Process-wide LibTorch setup: threads, device, seeds, determinism.
+/// Call `init_runtime` once at the start of a program (before heavy work).
+
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace rhine {
+
+/// Options of `init_runtime`. Defaults: all cores, the best device, no seeding.
+struct RuntimeOptions {
+  /// Intra-op threads; 0 means OMP_NUM_THREADS when set, else every CPU this
+  /// process may use (LibTorch itself would start with 1 here).
+  int threads = 0;
+  /// "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+  std::string device = "auto";
+  /// Seed for LibTorch's CPU and CUDA generators (unset: leave them alone).
+  std::optional<std::uint64_t> seed;
+  /// Ask LibTorch for deterministic algorithms (errors on ops that have none).
+  bool deterministic = false;
+};
+
+/// What `init_runtime` set up.
+struct RuntimeInfo {
+  int threads = 1;
+  c10::Device device = c10::Device(c10::DeviceType::CPU);
+  std::string torch_version;
+  int cuda_device_count = 0;
+  /// One line for logs: "LibTorch 1.13.1, cpu, 2 threads, ...".
+  std::string describe() const;
+};
+
+/// Applies the options (threads, seed, determinism) and resolves the device.
+RuntimeInfo init_runtime(const RuntimeOptions& options = {});
+
+/// Sets LibTorch's intra-op thread count; n <= 0 means `default_thread_count()`.
+/// Returns the count in effect.
+int set_threads(int n);
+
+/// Parses a device spec ("auto", "cpu", "cuda", "cuda:N"); throws rhine::Error
+/// for bad specs and for CUDA requests on a machine without CUDA.
+c10::Device select_device(std::string_view spec = "auto");
+
+/// Seeds LibTorch's default CPU generator and every CUDA generator.
+void seed_everything(std::uint64_t seed);
+
+}  // namespace rhine

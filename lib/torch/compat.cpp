@@ -1,0 +1,180 @@
+#include "rhine/torch/compat.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
+#include <limits>
+
+#include "rhine/core/error.h"
+
+namespace rhine {
+namespace {
+
+// Validates shapes; returns the number of query heads per KV head.
+int64_t check_attention_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  RHINE_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention",
+              "q, k, v must be 4-D [B, H, T, D]",
+              (std::vector<int64_t>{q.dim(), k.dim(), v.dim()}), "reshape to [B, heads, seq, head_dim]");
+  RHINE_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0), "attention",
+              "batch sizes of q, k, v differ",
+              (std::vector<int64_t>{q.size(0), k.size(0), v.size(0)}), "pass tensors of one batch");
+  RHINE_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "attention",
+              "k and v must have the same heads and length", k.sizes().vec(), "");
+  RHINE_CHECK(q.size(3) == k.size(3), "attention", "q and k head dims differ",
+              (std::vector<int64_t>{q.size(3), k.size(3)}), "");
+  RHINE_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention",
+              "query heads must be a multiple of key/value heads",
+              (std::vector<int64_t>{q.size(1), k.size(1)}), "check num_key_value_heads");
+  return q.size(1) / k.size(1);
+}
+
+// Merges `is_causal` into an explicit mask (bool when possible).
+std::optional<at::Tensor> merged_mask(const AttentionOptions& o, int64_t T, int64_t S,
+                                      const c10::Device& device) {
+  if (!o.is_causal) return o.mask;
+  at::Tensor causal = causal_mask(T, S, device);
+  if (!o.mask) return causal;
+  if (o.mask->scalar_type() == at::kBool) return at::logical_and(*o.mask, causal);
+  return o.mask->masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
+}
+
+}  // namespace
+
+std::string torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+bool has_fused_attention() { return RHINE_TORCH_VERSION_AT_LEAST(2, 1); }
+
+at::Tensor causal_mask(int64_t T, int64_t S, const c10::Device& device) {
+  // [T, S]: row i may see columns j <= i + (S - T).
+  return at::ones({T, S}, at::TensorOptions().dtype(at::kBool).device(device)).tril(S - T);
+}
+
+at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const AttentionOptions& options) {
+  const int64_t groups = check_attention_shapes(q, k, v);
+  const int64_t T = q.size(2), S = k.size(2);
+  at::Tensor kk = groups > 1 ? k.repeat_interleave(groups, 1) : k;  // [B, H, S, D]
+  at::Tensor vv = groups > 1 ? v.repeat_interleave(groups, 1) : v;  // [B, H, S, Dv]
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+
+  // Softmax runs in fp32 at least (fp64 stays fp64), as low-precision
+  // softmax over long rows loses the small probabilities.
+  const auto acc = at::promote_types(q.scalar_type(), at::kFloat);
+  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)).to(acc) * scale;  // [B, H, T, S]
+  if (auto mask = merged_mask(options, T, S, q.device())) {
+    if (mask->scalar_type() == at::kBool)
+      scores = scores.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
+    else
+      scores = scores + mask->to(acc);
+  }
+  at::Tensor probs = at::softmax(scores, -1).to(vv.scalar_type());  // [B, H, T, S]
+  if (options.dropout_p > 0) probs = at::dropout(probs, options.dropout_p, /*train=*/true);
+  return at::matmul(probs, vv);  // [B, H, T, Dv]
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& options) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 1)
+  const int64_t groups = check_attention_shapes(q, k, v);
+  const int64_t T = q.size(2), S = k.size(2);
+  // The fused kernels' own is_causal is top-left aligned; use it only where
+  // that coincides with ours (square, no extra mask), else pass a mask.
+  const bool fused_causal = options.is_causal && !options.mask && T == S;
+  std::optional<at::Tensor> mask =
+      fused_causal ? std::optional<at::Tensor>() : merged_mask(options, T, S, q.device());
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 5)
+  return at::scaled_dot_product_attention(q, k, v, mask, options.dropout_p, fused_causal,
+                                          options.scale, /*enable_gqa=*/groups > 1);
+#else
+  at::Tensor kk = groups > 1 ? k.repeat_interleave(groups, 1) : k;
+  at::Tensor vv = groups > 1 ? v.repeat_interleave(groups, 1) : v;
+  return at::scaled_dot_product_attention(q, kk, vv, mask, options.dropout_p, fused_causal,
+                                          options.scale);
+#endif
+#else
+  return attention_reference(q, k, v, options);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Autocast
+// ---------------------------------------------------------------------------
+namespace {
+
+void check_autocast_device(c10::DeviceType device) {
+  RHINE_CHECK(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA, "autocast",
+              "autocast supports CPU and CUDA only", c10::DeviceTypeName(device), "");
+}
+
+bool get_enabled(c10::DeviceType device) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 4)
+  return at::autocast::is_autocast_enabled(device);
+#else
+  return device == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+}
+
+void set_enabled(c10::DeviceType device, bool on) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 4)
+  at::autocast::set_autocast_enabled(device, on);
+#else
+  if (device == c10::DeviceType::CPU)
+    at::autocast::set_cpu_enabled(on);
+  else
+    at::autocast::set_enabled(on);
+#endif
+}
+
+c10::ScalarType get_dtype(c10::DeviceType device) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 4)
+  return at::autocast::get_autocast_dtype(device);
+#else
+  return device == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype()
+                                        : at::autocast::get_autocast_gpu_dtype();
+#endif
+}
+
+void set_dtype(c10::DeviceType device, c10::ScalarType dtype) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 4)
+  at::autocast::set_autocast_dtype(device, dtype);
+#else
+  if (device == c10::DeviceType::CPU)
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  else
+    at::autocast::set_autocast_gpu_dtype(dtype);
+#endif
+}
+
+}  // namespace
+
+bool autocast_enabled(c10::DeviceType device) {
+  check_autocast_device(device);
+  return get_enabled(device);
+}
+
+AutocastGuard::AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled)
+    : device_(device) {
+  check_autocast_device(device);
+  RHINE_CHECK(dtype == at::kBFloat16 || (dtype == at::kHalf && device == c10::DeviceType::CUDA),
+              "autocast", "unsupported autocast dtype", c10::toString(dtype),
+              "use bfloat16 (CPU or CUDA) or float16 (CUDA)");
+  prev_enabled_ = get_enabled(device);
+  prev_dtype_ = get_dtype(device);
+  set_enabled(device, enabled);
+  set_dtype(device, dtype);
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  // The cast cache holds bf16 copies of weights; drop it when the outermost
+  // guard ends, as Python's torch.autocast does.
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  set_enabled(device_, prev_enabled_);
+  set_dtype(device_, prev_dtype_);
+}
+
+}  // namespace rhine

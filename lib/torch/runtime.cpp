@@ -1,0 +1,71 @@
+#include "rhine/torch/runtime.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+
+#include <cstdlib>
+
+#include "rhine/core/error.h"
+#include "rhine/core/threads.h"
+#include "rhine/torch/compat.h"
+
+namespace rhine {
+
+std::string RuntimeInfo::describe() const {
+  return "LibTorch " + torch_version + ", device " + device.str() + ", " + std::to_string(threads) +
+         " thread" + (threads == 1 ? "" : "s") + ", " + std::to_string(cuda_device_count) +
+         " CUDA device" + (cuda_device_count == 1 ? "" : "s") +
+         (has_fused_attention() ? ", fused attention" : ", math attention");
+}
+
+int set_threads(int n) {
+  const int want = n > 0 ? n : default_thread_count();
+  at::set_num_threads(want);
+  return at::get_num_threads();
+}
+
+c10::Device select_device(std::string_view spec) {
+  const int n_cuda = static_cast<int>(torch::cuda::device_count());
+  if (spec == "auto" || spec.empty())
+    return n_cuda > 0 ? c10::Device(c10::DeviceType::CUDA, 0) : c10::Device(c10::DeviceType::CPU);
+  if (spec == "cpu") return c10::Device(c10::DeviceType::CPU);
+  if (spec.substr(0, 4) == "cuda") {
+    int index = 0;
+    if (spec.size() > 4) {
+      RHINE_CHECK(spec[4] == ':' && spec.size() > 5, "device", "malformed CUDA device", spec,
+                  "use cuda or cuda:N");
+      std::string digits(spec.substr(5));
+      char* end = nullptr;
+      long v = std::strtol(digits.c_str(), &end, 10);
+      RHINE_CHECK(*end == '\0' && v >= 0, "device", "malformed CUDA device index", spec,
+                  "use cuda or cuda:N with N >= 0");
+      index = static_cast<int>(v);
+    }
+    RHINE_CHECK(n_cuda > 0, "device", "CUDA requested but this LibTorch sees no CUDA device", spec,
+                "use device \"cpu\" or \"auto\", or run on a machine with a CUDA build of LibTorch");
+    RHINE_CHECK(index < n_cuda, "device", "CUDA device index out of range", spec,
+                "this machine has " + std::to_string(n_cuda) + " CUDA device(s)");
+    return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  RHINE_FAIL("device", "unknown device", spec, "use auto, cpu, cuda or cuda:N");
+}
+
+void seed_everything(std::uint64_t seed) {
+  at::manual_seed(seed);  // CPU and, when present, every CUDA generator
+}
+
+RuntimeInfo init_runtime(const RuntimeOptions& options) {
+  RHINE_CHECK(options.threads >= 0, "runtime", "threads must be >= 0 (0 = automatic)",
+              options.threads, "");
+  RuntimeInfo info;
+  info.threads = set_threads(options.threads);
+  info.device = select_device(options.device);
+  info.torch_version = torch_version();
+  info.cuda_device_count = static_cast<int>(torch::cuda::device_count());
+  if (options.seed) seed_everything(*options.seed);
+  if (options.deterministic) at::globalContext().setDeterministicAlgorithms(true, false);
+  return info;
+}
+
+}  // namespace rhine

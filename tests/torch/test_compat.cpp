@@ -1,0 +1,189 @@
+#include "torch_test.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/torch/compat.h"
+
+using Catch::Matchers::Contains;
+
+namespace {
+
+// Independent oracle: attention written as loops in float64, straight from the
+// definition softmax(q k^T * scale + mask) v, with GQA head h -> h / (H / Hkv)
+// and bottom-right causal alignment j <= i + S - T.
+at::Tensor attention_loops(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           bool causal, double scale, const at::Tensor* bool_mask) {
+  auto Q = q.to(at::kDouble).contiguous(), K = k.to(at::kDouble).contiguous(),
+       V = v.to(at::kDouble).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Dv = v.size(3), G = H / Hkv;
+  auto out = at::zeros({B, H, T, Dv}, at::kDouble);
+  auto qa = Q.accessor<double, 4>(), ka = K.accessor<double, 4>(), va = V.accessor<double, 4>();
+  auto oa = out.accessor<double, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        std::vector<double> s(S, -std::numeric_limits<double>::infinity());
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < S; ++j) {
+          if (causal && j > i + S - T) continue;
+          if (bool_mask && !bool_mask->index({b, 0, i, j}).item<bool>()) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qa[b][h][i][d] * ka[b][h / G][j][d];
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        double z = 0;
+        for (int64_t j = 0; j < S; ++j) z += std::isinf(s[j]) ? 0.0 : std::exp(s[j] - mx);
+        for (int64_t j = 0; j < S; ++j) {
+          if (std::isinf(s[j])) continue;
+          double p = std::exp(s[j] - mx) / z;
+          for (int64_t d = 0; d < Dv; ++d) oa[b][h][i][d] += p * va[b][h / G][j][d];
+        }
+      }
+  return out;
+}
+
+double rel_err(const at::Tensor& a, const at::Tensor& ref) {
+  auto d = a.to(at::kDouble) - ref.to(at::kDouble);
+  double r = ref.to(at::kDouble).norm().item<double>();
+  double e = d.norm().item<double>();
+  return std::isnan(e) ? std::numeric_limits<double>::infinity() : e / r;
+}
+
+}  // namespace
+
+TEST_CASE("attention matches a float64 loop oracle for MHA, GQA, MQA, causal and masks",
+          "[compat][attention]") {
+  at::manual_seed(0);
+  struct Case {
+    int64_t H, Hkv, T, S;
+    bool causal;
+    bool mask;
+  };
+  const Case cases[] = {
+      {4, 4, 5, 5, false, false},  // MHA
+      {4, 4, 6, 6, true, false},   // causal, square: fused is_causal path on 2.x
+      {6, 2, 7, 7, true, false},   // GQA
+      {4, 1, 5, 5, true, false},   // MQA
+      {4, 2, 3, 9, true, false},   // a query block after a KV cache: bottom-right causal
+      {4, 2, 1, 9, true, false},   // one-token decode step
+      {4, 4, 6, 6, false, true},   // explicit bool mask
+      {4, 2, 6, 6, true, true},    // causal and bool mask together (packed documents)
+  };
+  for (const auto& c : cases) {
+    INFO("H=" << c.H << " Hkv=" << c.Hkv << " T=" << c.T << " S=" << c.S << " causal=" << c.causal
+              << " mask=" << c.mask);
+    const int64_t B = 2, D = 8, Dv = 6;
+    auto q = at::randn({B, c.H, c.T, D});
+    auto k = at::randn({B, c.Hkv, c.S, D});
+    auto v = at::randn({B, c.Hkv, c.S, Dv});
+    rhine::AttentionOptions o;
+    o.is_causal = c.causal;
+    at::Tensor mask;
+    if (c.mask) {
+      // Two documents packed in one row: block-diagonal visibility, plus the
+      // diagonal so no query row is fully masked.
+      mask = at::zeros({B, 1, c.T, c.S}, at::kBool);
+      for (int64_t i = 0; i < c.T; ++i)
+        for (int64_t j = 0; j < c.S; ++j) mask.index_put_({0, 0, i, j}, (i < 3) == (j < 3));
+      mask.select(0, 1).fill_(true);
+      o.mask = mask;
+    }
+    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    auto ref = attention_loops(q, k, v, c.causal, scale, c.mask ? &mask : nullptr);
+    CHECK(rel_err(rhine::attention_reference(q, k, v, o), ref) < 1e-5);
+    CHECK(rel_err(rhine::attention(q, k, v, o), ref) < 1e-5);
+  }
+}
+
+TEST_CASE("attention honours a custom scale and an additive float mask", "[compat][attention]") {
+  at::manual_seed(1);
+  auto q = at::randn({1, 2, 4, 8}), k = at::randn({1, 2, 4, 8}), v = at::randn({1, 2, 4, 8});
+  rhine::AttentionOptions o;
+  o.scale = 0.3;
+  auto ref = attention_loops(q, k, v, false, 0.3, nullptr);
+  CHECK(rel_err(rhine::attention(q, k, v, o), ref) < 1e-5);
+
+  // An additive mask of 0 / -inf is the same as the bool mask.
+  auto allowed = at::rand({1, 1, 4, 4}) > 0.4;
+  allowed.diagonal(0, 2, 3).fill_(true);
+  o.mask = at::zeros({1, 1, 4, 4}).masked_fill(allowed.logical_not(), -INFINITY);
+  auto ref_masked = attention_loops(q, k, v, false, 0.3, &allowed);
+  CHECK(rel_err(rhine::attention(q, k, v, o), ref_masked) < 1e-5);
+  o.is_causal = true;
+  auto ref_causal = attention_loops(q, k, v, true, 0.3, &allowed);
+  CHECK(rel_err(rhine::attention(q, k, v, o), ref_causal) < 1e-5);
+}
+
+TEST_CASE("attention gradients match central finite differences in float64",
+          "[compat][attention]") {
+  at::manual_seed(2);
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto q = at::randn({1, 2, 3, 4}, opts).requires_grad_(true);
+  auto k = at::randn({1, 1, 5, 4}, opts).requires_grad_(true);
+  auto v = at::randn({1, 1, 5, 3}, opts).requires_grad_(true);
+  rhine::AttentionOptions o;
+  o.is_causal = true;
+  auto w = at::randn({1, 2, 3, 3}, opts);  // random projection of the output
+  auto loss_of = [&] { return (rhine::attention(q, k, v, o) * w).sum(); };
+  loss_of().backward();
+  const double eps = 1e-6;
+  for (at::Tensor* t : {&q, &k, &v}) {
+    auto grad = t->grad().clone();
+    auto flat = t->data().view(-1);
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      double orig = flat[i].item<double>();
+      flat[i] = orig + eps;
+      double up = loss_of().item<double>();
+      flat[i] = orig - eps;
+      double down = loss_of().item<double>();
+      flat[i] = orig;
+      CHECK(grad.view(-1)[i].item<double>() == Approx((up - down) / (2 * eps)).margin(1e-7));
+    }
+  }
+}
+
+TEST_CASE("attention rejects bad shapes with clear errors", "[compat][attention]") {
+  auto q = at::randn({1, 3, 4, 8}), k = at::randn({1, 2, 4, 8}), v = at::randn({1, 2, 4, 8});
+  CHECK_THROWS_WITH(rhine::attention(q, k, v),
+                    "[attention] query heads must be a multiple of key/value heads, got [3, 2]; "
+                    "check num_key_value_heads");
+  CHECK_THROWS_WITH(rhine::attention(q.view({3, 4, 8}), k, v), Contains("q, k, v must be 4-D"));
+  CHECK_THROWS_WITH(rhine::attention(at::randn({1, 2, 4, 6}), k, v), Contains("q and k head dims differ"));
+}
+
+TEST_CASE("causal_mask is bottom-right aligned", "[compat]") {
+  auto m = rhine::causal_mask(2, 4, at::kCPU);
+  auto expected = at::tensor({1, 1, 1, 0, 1, 1, 1, 1}).to(at::kBool).view({2, 4});
+  CHECK(m.equal(expected));
+}
+
+TEST_CASE("AutocastGuard runs CPU matmuls in bf16 inside its scope only", "[compat][autocast]") {
+  auto a = at::randn({8, 8}), b = at::randn({8, 8});
+  CHECK_FALSE(rhine::autocast_enabled(at::kCPU));
+  {
+    rhine::AutocastGuard guard(at::kCPU, at::kBFloat16);
+    CHECK(rhine::autocast_enabled(at::kCPU));
+    CHECK(at::matmul(a, b).scalar_type() == at::kBFloat16);
+    {
+      rhine::AutocastGuard off(at::kCPU, at::kBFloat16, /*enabled=*/false);
+      CHECK(at::matmul(a, b).scalar_type() == at::kFloat);
+    }
+    CHECK(at::matmul(a, b).scalar_type() == at::kBFloat16);
+  }
+  CHECK_FALSE(rhine::autocast_enabled(at::kCPU));
+  CHECK(at::matmul(a, b).scalar_type() == at::kFloat);
+  CHECK_THROWS_WITH(rhine::AutocastGuard(at::kCPU, at::kHalf), Contains("[autocast] unsupported autocast dtype"));
+}
+
+TEST_CASE("version macros agree with the runtime version string", "[compat]") {
+  auto v = rhine::torch_version();
+  CHECK(v.rfind(std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + ".", 0) == 0);
+  CHECK(RHINE_TORCH_VERSION_AT_LEAST(1, 13));
+  CHECK_FALSE(RHINE_TORCH_VERSION_AT_LEAST(99, 0));
+  CHECK(rhine::has_fused_attention() == RHINE_TORCH_VERSION_AT_LEAST(2, 1));
+}

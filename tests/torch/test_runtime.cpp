@@ -1,0 +1,50 @@
+#include "torch_test.h"
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+
+#include "rhine/core/error.h"
+#include "rhine/core/threads.h"
+#include "rhine/torch/runtime.h"
+
+using Catch::Matchers::Contains;
+
+TEST_CASE("init_runtime uses all CPUs by default and the requested count otherwise", "[runtime]") {
+  ::unsetenv("OMP_NUM_THREADS");
+  auto info = rhine::init_runtime();
+  CHECK(info.threads == rhine::available_cpus());
+  CHECK(at::get_num_threads() == rhine::available_cpus());
+  CHECK(rhine::set_threads(1) == 1);
+  ::setenv("OMP_NUM_THREADS", "1", 1);
+  CHECK(rhine::init_runtime().threads == 1);
+  ::unsetenv("OMP_NUM_THREADS");
+  CHECK_THAT(info.describe(), Contains("LibTorch " + info.torch_version));
+  rhine::RuntimeOptions bad;
+  bad.threads = -1;
+  CHECK_THROWS_WITH(rhine::init_runtime(bad), Contains("[runtime] threads must be >= 0"));
+}
+
+TEST_CASE("select_device parses specs and refuses CUDA where there is none", "[runtime]") {
+  CHECK(rhine::select_device("cpu") == c10::Device(c10::DeviceType::CPU));
+  CHECK_THROWS_WITH(rhine::select_device("tpu"), "[device] unknown device, got \"tpu\"; use auto, cpu, cuda or cuda:N");
+  CHECK_THROWS_WITH(rhine::select_device("cuda:x"), Contains("malformed CUDA device index"));
+  CHECK_THROWS_WITH(rhine::select_device("cuda0"), Contains("malformed CUDA device"));
+  if (!at::hasCUDA()) {
+    CHECK(rhine::select_device("auto") == c10::Device(c10::DeviceType::CPU));
+    CHECK_THROWS_WITH(rhine::select_device("cuda"), Contains("CUDA requested but this LibTorch sees no CUDA device"));
+  } else {
+    CHECK(rhine::select_device("auto").is_cuda());
+    CHECK_THROWS_WITH(rhine::select_device("cuda:999"), Contains("CUDA device index out of range"));
+  }
+}
+
+TEST_CASE("seeding makes LibTorch's random draws repeat", "[runtime]") {
+  rhine::RuntimeOptions o;
+  o.seed = 1234;
+  rhine::init_runtime(o);
+  auto a = at::randn({16});
+  rhine::seed_everything(1234);
+  auto b = at::randn({16});
+  CHECK(a.equal(b));
+  CHECK_FALSE(at::randn({16}).equal(b));
+}

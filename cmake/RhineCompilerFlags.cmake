@@ -14,6 +14,18 @@ elseif(RHINE_SANITIZE STREQUAL "undefined")
 elseif(NOT RHINE_SANITIZE STREQUAL "")
   message(FATAL_ERROR "[cmake] RHINE_SANITIZE must be '', 'address' or 'undefined', got '${RHINE_SANITIZE}'")
 endif()
+if(RHINE_BUILD_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "[cmake] RHINE_BUILD_FUZZ needs clang, got ${CMAKE_CXX_COMPILER_ID}; "
+                        "configure with -DCMAKE_CXX_COMPILER=clang++-14")
+  endif()
+  # Coverage instrumentation for everything; the fuzzer's main comes at link
+  # time of each fuzz target (fuzz/CMakeLists.txt).
+  list(APPEND _rhine_san -fsanitize=fuzzer-no-link)
+  if(NOT RHINE_SANITIZE)
+    list(APPEND _rhine_san -fsanitize=address,undefined -fno-omit-frame-pointer)
+  endif()
+endif()
 if(_rhine_san)
   target_compile_options(rhine_build_flags INTERFACE ${_rhine_san})
   target_link_options(rhine_build_flags INTERFACE ${_rhine_san})

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# End-to-end test of the rhine-tokenizer CLI contract (issue 3 item 7):
+# train on the de/fr/nl/en sample (data/sample), then `encode` must print exactly what Debian's
+# spm_encode (libsentencepiece) prints for every line, `decode` must invert it like
+# spm_decode, and bad input must fail with a message and a non-zero exit.
+#   cli_test.sh RHINE_TOKENIZER SOURCE_DIR WORK_DIR
+set -euo pipefail
+tool=$1 src=$2 work=$3
+fx=$src/data/sample
+rm -rf "$work" && mkdir -p "$work"
+for type in bpe unigram; do
+  "$tool" train -i de=$fx/de.txt -i fr=$fx/fr.txt -i nl=$fx/nl.txt -i en=$fx/en.txt \
+    --model-type $type --vocab-size 1500 --out "$work/$type" 2>"$work/train_$type.log"
+  cat $fx/heldout/*.txt > "$work/all.txt"
+  printf '  spaces   and\ttabs  \nZahlen 12345 ①②\n😀 emoji\n\n' >> "$work/all.txt"
+  "$tool" encode -t "$work/$type.model" < "$work/all.txt" > "$work/rhine.ids"
+  spm_encode --model="$work/$type.model" --output_format=id < "$work/all.txt" > "$work/spm.ids"
+  [[ $(wc -l < "$work/rhine.ids") == $(wc -l < "$work/all.txt") ]] || { echo "FAIL: one output line per input line"; exit 1; }
+  cmp "$work/rhine.ids" "$work/spm.ids" || { echo "FAIL: $type ids differ from spm_encode"; diff "$work/rhine.ids" "$work/spm.ids" | head; exit 1; }
+  "$tool" decode -t "$work/$type.model" < "$work/rhine.ids" > "$work/rhine.txt"
+  spm_decode --model="$work/$type.model" --input_format=id < "$work/spm.ids" > "$work/spm.txt"
+  cmp "$work/rhine.txt" "$work/spm.txt" || { echo "FAIL: $type decode differs from spm_decode"; exit 1; }
+  # --add-special puts BOS (id 1 with spm's defaults) in front.
+  first=$(echo "Hallo Welt" | "$tool" encode -t "$work/$type.model" --add-special | cut -d' ' -f1)
+  [[ $first == 1 ]] || { echo "FAIL: --add-special did not add BOS, got $first"; exit 1; }
+  echo "$type: $(wc -l < "$work/all.txt") lines identical to spm_encode / spm_decode"
+done
+# Errors: message on stderr, non-zero exit, no crash (exit code < 128).
+expect_fail() {
+  local name=$1; shift
+  set +e; "$@" > /dev/null 2> "$work/err.txt"; local rc=$?; set -e
+  if [[ $rc == 0 || $rc -ge 128 ]] || ! grep -q '\[' "$work/err.txt"; then
+    echo "FAIL: $name: rc=$rc, stderr: $(cat "$work/err.txt")"; exit 1
+  fi
+}
+printf 'not a model' > "$work/bad.bin"
+head -c 100 "$work/bpe.model" > "$work/truncated.model"
+expect_fail "unknown file" "$tool" encode -t "$work/bad.bin" < /dev/null
+expect_fail "truncated model" "$tool" encode -t "$work/truncated.model" < /dev/null
+expect_fail "missing file" "$tool" encode -t "$work/missing.model" < /dev/null
+expect_fail "bad id" bash -c "echo '1 999999' | '$tool' decode -t '$work/bpe.model'"
+expect_fail "not an id" bash -c "echo '1 x' | '$tool' decode -t '$work/bpe.model'"
+"$tool" stats -t "$work/bpe.model" -i de=$fx/heldout/de.txt -i en=$fx/heldout/en.txt --json > "$work/stats.json"
+grep -q '"fertility"' "$work/stats.json" || { echo "FAIL: stats --json"; exit 1; }
+echo "cli: all checks passed"

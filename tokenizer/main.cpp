@@ -1,0 +1,384 @@
+// rhine-tokenizer: train SentencePiece tokenizers on multilingual text (with
+// libsentencepiece's trainer), encode / decode with Rhine's own encoder, and report
+// per-language statistics. Links libsentencepiece, so never LibTorch (README,
+// "The protobuf clash").
+//
+//   rhine-tokenizer train --input de=de.txt --input fr=fr.txt --input nl=nl.txt --input en=en.txt
+//       --model-type bpe --vocab-size 16000 --out build/tok/eu16k
+//   rhine-tokenizer encode --tokenizer build/tok/eu16k.model < text.txt > ids.txt
+//   rhine-tokenizer decode --tokenizer build/tok/eu16k.model < ids.txt
+//   rhine-tokenizer stats  --tokenizer build/tok/eu16k.model --input de=de.txt ... --reference en
+
+#include <CLI/CLI.hpp>
+#include <sentencepiece_trainer.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/core/file.h"
+#include "rhine/core/json.h"
+#include "rhine/core/random.h"
+#include "rhine/tokenizer/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kComponent = "rhine-tokenizer";
+
+// --- input: LANG=PATH pairs; .txt (one text per line) or .jsonl records ---------------------
+
+struct Corpus {
+  std::map<std::string, std::vector<std::string>> lines;  // language -> texts
+};
+
+void add_line(Corpus& c, const std::string& lang, std::string line) {
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  if (line.find_first_not_of(" \t") == std::string::npos) return;
+  c.lines[lang].push_back(std::move(line));
+}
+
+// `spec` is LANG=PATH (plain text, or JSONL whose records carry the text; the language
+// comes from LANG) or a bare PATH to JSONL whose records carry their own language field.
+void read_input(Corpus& c, const std::string& spec, const std::string& text_field, const std::string& lang_field) {
+  std::string lang, path = spec;
+  const auto eq = spec.find('=');
+  if (eq != std::string::npos && eq > 0 && spec.find('/') > eq) {
+    lang = spec.substr(0, eq);
+    path = spec.substr(eq + 1);
+  }
+  const bool jsonl = path.size() > 6 && (path.compare(path.size() - 6, 6, ".jsonl") == 0 ||
+                                         path.compare(path.size() - 5, 5, ".json") == 0);
+  RHINE_CHECK(jsonl || !lang.empty(), kComponent, "a plain-text input needs a language tag", spec,
+              "write LANG=PATH, e.g. de=data/sample/de.txt (JSONL records may carry \"" + lang_field + "\")");
+  std::ifstream in(path, std::ios::binary);
+  RHINE_CHECK(in.good(), kComponent, "cannot open input file", path, "check the path");
+  std::string line;
+  std::size_t line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (!jsonl) {
+      add_line(c, lang, std::move(line));
+      continue;
+    }
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    rhine::Json j = rhine::parse_json(line, kComponent, path + ":" + std::to_string(line_no));
+    RHINE_CHECK(j.is_object() && j.contains(text_field) && j[text_field].is_string(), kComponent,
+                "JSONL record without a string field \"" + text_field + "\" in " + path + ":" + std::to_string(line_no),
+                rhine::Verbatim{line.substr(0, 120)}, "each record needs {\"" + text_field + "\": \"...\"}");
+    std::string l = lang;
+    if (j.contains(lang_field) && j[lang_field].is_string()) l = j[lang_field].get<std::string>();
+    RHINE_CHECK(!l.empty(), kComponent, "JSONL record without a language in " + path + ":" + std::to_string(line_no),
+                rhine::Verbatim{line.substr(0, 120)}, "add \"" + lang_field + "\" to each record or pass LANG=PATH");
+    // Multi-line documents: each line is one training sentence.
+    std::istringstream doc(j[text_field].get<std::string>());
+    std::string part;
+    while (std::getline(doc, part)) add_line(c, l, std::move(part));
+  }
+}
+
+std::size_t bytes_of(const std::vector<std::string>& v) {
+  std::size_t n = 0;
+  for (const auto& s : v) n += s.size() + 1;
+  return n;
+}
+
+// --- train ---------------------------------------------------------------------------------
+
+struct TrainArgs {
+  std::vector<std::string> inputs;
+  std::string out, model_type = "bpe", text_field = "text", lang_field = "lang";
+  std::string user_defined, control;
+  int vocab_size = 8000;
+  double temperature = 3.0;
+  double sample_mb = 0;  // 0: as much as the largest share allows without upsampling
+  double character_coverage = 0.9995;
+  bool byte_fallback = true, split_digits = true;
+  std::string normalization = "nmt_nfkc";
+  uint64_t seed = 1;
+  int threads = 0;
+};
+
+// Language-balanced sampling: language l with n_l bytes gets the share
+// q_l = p_l^(1/T) / sum_j p_j^(1/T), p_l = n_l / sum n (T = 1: proportional, T -> inf:
+// uniform). Lines are drawn without replacement while they last, then repeated.
+std::vector<std::string> balanced_sample(const Corpus& c, double temperature, double sample_mb, uint64_t seed,
+                                         std::map<std::string, std::pair<double, double>>& shares) {
+  RHINE_CHECK(temperature > 0, kComponent, "--temperature must be positive", temperature, "1 = proportional, 3 = flatter, 100 ~ uniform");
+  double total = 0;
+  std::map<std::string, double> n;
+  for (const auto& [lang, lines] : c.lines) total += (n[lang] = static_cast<double>(bytes_of(lines)));
+  double z = 0;
+  for (const auto& [lang, b] : n) z += std::pow(b / total, 1.0 / temperature);
+  std::map<std::string, double> q;
+  for (const auto& [lang, b] : n) q[lang] = std::pow(b / total, 1.0 / temperature) / z;
+  // Budget: by default the largest budget where no language must repeat lines.
+  double budget = sample_mb * 1e6;
+  if (budget <= 0) {
+    budget = total * 100;
+    for (const auto& [lang, b] : n) budget = std::min(budget, b / q[lang]);
+  }
+  rhine::Rng rng(seed);
+  std::vector<std::string> out;
+  for (const auto& [lang, lines] : c.lines) {
+    const double want = q[lang] * budget;
+    std::vector<std::size_t> order(lines.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    double got = 0;
+    std::size_t k = 0;
+    while (got < want && !lines.empty()) {
+      if (k % order.size() == 0) std::shuffle(order.begin(), order.end(), rng);
+      const std::string& s = lines[order[k % order.size()]];
+      out.push_back(s);
+      got += static_cast<double>(s.size() + 1);
+      ++k;
+    }
+    shares[lang] = {n[lang] / total, got};
+  }
+  std::shuffle(out.begin(), out.end(), rng);
+  return out;
+}
+
+int run_train(const TrainArgs& a) {
+  Corpus c;
+  for (const auto& spec : a.inputs) read_input(c, spec, a.text_field, a.lang_field);
+  RHINE_CHECK(!c.lines.empty(), kComponent, "no training text found", a.inputs, "pass --input LANG=PATH (one or more)");
+  RHINE_CHECK(a.model_type == "bpe" || a.model_type == "unigram", kComponent, "--model-type must be bpe or unigram",
+              a.model_type, "SentencePiece BPE or Unigram");
+  std::map<std::string, std::pair<double, double>> shares;
+  const auto sample = balanced_sample(c, a.temperature, a.sample_mb, a.seed, shares);
+  double sampled = 0;
+  for (const auto& [lang, s] : shares) sampled += s.second;
+  std::fprintf(stderr, "[train] language  input share  sampled share (temperature %.2f)\n", a.temperature);
+  for (const auto& [lang, s] : shares)
+    std::fprintf(stderr, "[train] %-8s  %10.1f%%  %12.1f%%\n", lang.c_str(), 100 * s.first, 100 * s.second / sampled);
+
+  const fs::path out(a.out);
+  if (out.has_parent_path()) fs::create_directories(out.parent_path());
+  const std::string text_path = a.out + ".train.txt";
+  {
+    std::string text;
+    for (const auto& s : sample) (text += s) += '\n';
+    rhine::write_file_atomic(text_path, text);
+  }
+  std::ostringstream args;
+  args << "--input=" << text_path << " --model_prefix=" << a.out << " --model_type=" << a.model_type
+       << " --vocab_size=" << a.vocab_size << " --character_coverage=" << a.character_coverage
+       << " --byte_fallback=" << (a.byte_fallback ? "true" : "false")
+       << " --split_digits=" << (a.split_digits ? "true" : "false")
+       << " --normalization_rule_name=" << a.normalization << " --input_sentence_size=" << sample.size()
+       << " --shuffle_input_sentence=false --minloglevel=1"
+       << " --num_threads=" << (a.threads > 0 ? a.threads : 2);
+  if (!a.user_defined.empty()) args << " --user_defined_symbols=" << a.user_defined;
+  if (!a.control.empty()) args << " --control_symbols=" << a.control;
+  const auto status = sentencepiece::SentencePieceTrainer::Train(args.str());
+  fs::remove(text_path);
+  RHINE_CHECK(status.ok(), kComponent, "SentencePiece training failed", status.ToString(),
+              "check --vocab-size against the amount of text (smaller vocab or more text)");
+  // Load it back with Rhine's reader: a model Rhine cannot read must not be reported as done.
+  const auto tok = rhine::Tokenizer::load(a.out + ".model");
+  std::fprintf(stderr, "[train] wrote %s.model and %s.vocab (%s, %d pieces)\n", a.out.c_str(), a.out.c_str(),
+               tok.kind().c_str(), tok.vocab_size());
+  return 0;
+}
+
+// --- encode / decode -----------------------------------------------------------------------
+
+int run_encode(const std::string& path, bool add_special, bool parse_special, int threads) {
+  const auto tok = rhine::Tokenizer::load(path);
+  rhine::EncodeOptions o;
+  o.add_special = add_special;
+  o.parse_special = parse_special;
+  std::vector<std::string> batch;
+  std::string line, out;
+  auto flush = [&] {
+    const auto ids = tok.encode_batch(batch, o, threads);
+    for (const auto& v : ids) {
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        if (i) out.push_back(' ');
+        out += std::to_string(v[i]);
+      }
+      out.push_back('\n');
+    }
+    std::fwrite(out.data(), 1, out.size(), stdout);
+    out.clear();
+    batch.clear();
+  };
+  while (std::getline(std::cin, line)) {
+    batch.push_back(std::move(line));
+    if (batch.size() == 4096) flush();
+  }
+  flush();
+  return 0;
+}
+
+int run_decode(const std::string& path) {
+  const auto tok = rhine::Tokenizer::load(path);
+  std::string line;
+  std::size_t line_no = 0;
+  while (std::getline(std::cin, line)) {
+    ++line_no;
+    std::vector<int32_t> ids;
+    std::istringstream in(line);
+    std::string word;
+    while (in >> word) {
+      std::size_t used = 0;
+      long long v = 0;
+      try {
+        v = std::stoll(word, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      RHINE_CHECK(used == word.size() && v >= INT32_MIN && v <= INT32_MAX, kComponent,
+                  "stdin line " + std::to_string(line_no) + " holds something that is not an integer id", word,
+                  "decode reads one line of space-separated ids per output line");
+      ids.push_back(static_cast<int32_t>(v));
+    }
+    const std::string text = tok.decode(ids);
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fputc('\n', stdout);
+  }
+  return 0;
+}
+
+// --- stats ---------------------------------------------------------------------------------
+
+int run_stats(const std::string& path, const std::vector<std::string>& inputs, const std::string& reference,
+              const std::string& text_field, const std::string& lang_field, bool json, int threads) {
+  const auto tok = rhine::Tokenizer::load(path);
+  Corpus c;
+  for (const auto& spec : inputs) read_input(c, spec, text_field, lang_field);
+  RHINE_CHECK(!c.lines.empty(), kComponent, "no text to measure", inputs, "pass --input LANG=PATH (one or more)");
+  struct Row {
+    std::size_t lines = 0, words = 0, bytes = 0, tokens = 0;
+  };
+  std::map<std::string, Row> rows;
+  for (const auto& [lang, lines] : c.lines) {
+    Row& r = rows[lang];
+    r.lines = lines.size();
+    const auto ids = tok.encode_batch(lines, {}, threads);
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+      r.bytes += lines[i].size();
+      r.tokens += ids[i].size();
+      std::istringstream in(lines[i]);
+      std::string w;
+      while (in >> w) ++r.words;
+    }
+  }
+  // Parity compares total token counts, so it is meaningful when the inputs hold the same
+  // content in each language (parallel or translated text, not necessarily line-aligned).
+  const Row* ref = rows.count(reference) ? &rows[reference] : nullptr;
+  const bool parallel = ref != nullptr;
+  rhine::Json out = rhine::Json::object();
+  if (!json) {
+    std::printf("tokenizer: %s (%s, %d pieces)\n", path.c_str(), tok.kind().c_str(), tok.vocab_size());
+    std::printf("%-6s %9s %10s %11s %10s %10s %10s %8s\n", "lang", "lines", "words", "bytes", "tokens", "fertility",
+                "bytes/tok", "parity");
+  }
+  for (const auto& [lang, r] : rows) {
+    const double fertility = r.words ? static_cast<double>(r.tokens) / static_cast<double>(r.words) : 0;
+    const double bpt = r.tokens ? static_cast<double>(r.bytes) / static_cast<double>(r.tokens) : 0;
+    const double parity = parallel && ref->tokens ? static_cast<double>(r.tokens) / static_cast<double>(ref->tokens) : NAN;
+    if (json) {
+      out[lang] = {{"lines", r.lines}, {"words", r.words},         {"bytes", r.bytes}, {"tokens", r.tokens},
+                   {"fertility", fertility}, {"bytes_per_token", bpt}, {"parity", parallel ? rhine::Json(parity) : rhine::Json(nullptr)}};
+    } else {
+      std::printf("%-6s %9zu %10zu %11zu %10zu %10.3f %10.3f %8s\n", lang.c_str(), r.lines, r.words, r.bytes, r.tokens,
+                  fertility, bpt, parallel ? (std::to_string(parity).substr(0, 5)).c_str() : "-");
+    }
+  }
+  if (json) {
+    std::printf("%s\n", rhine::Json{{"tokenizer", path}, {"reference", reference}, {"parallel", parallel}, {"languages", out}}.dump().c_str());
+  } else if (!parallel) {
+    std::printf("parity: no input for the reference language '%s' (--reference)\n", reference.c_str());
+  } else {
+    std::printf("fertility = tokens per whitespace word; parity = tokens / tokens of '%s' "
+                "(meaningful when the inputs are translations of the same text)\n",
+                reference.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"rhine-tokenizer: train, run and measure tokenizers for de/fr/nl/en (and more)"};
+  app.require_subcommand(1);
+
+  TrainArgs ta;
+  auto* train = app.add_subcommand("train", "train a SentencePiece model with language-balanced sampling");
+  train->add_option("--input,-i", ta.inputs, "LANG=PATH (.txt one text per line, or .jsonl), or PATH.jsonl with a language field")
+      ->required();
+  train->add_option("--out,-o", ta.out, "output prefix: writes PREFIX.model and PREFIX.vocab")->required();
+  train->add_option("--model-type", ta.model_type, "bpe or unigram")->capture_default_str();
+  train->add_option("--vocab-size", ta.vocab_size, "number of pieces")->capture_default_str();
+  train->add_option("--temperature", ta.temperature,
+                    "language sampling temperature: share ~ p^(1/T); 1 = proportional, larger = flatter")
+      ->capture_default_str();
+  train->add_option("--sample-mb", ta.sample_mb, "MB of text to sample (0: all the smallest share allows)")->capture_default_str();
+  train->add_option("--character-coverage", ta.character_coverage)->capture_default_str();
+  train->add_option("--byte-fallback", ta.byte_fallback, "true/false")->capture_default_str();
+  train->add_option("--split-digits", ta.split_digits, "true/false")->capture_default_str();
+  train->add_option("--normalization", ta.normalization, "nmt_nfkc, nfkc, nfkc_cf, identity")->capture_default_str();
+  train->add_option("--user-defined-symbols", ta.user_defined, "comma-separated pieces kept whole");
+  train->add_option("--control-symbols", ta.control, "comma-separated control pieces");
+  train->add_option("--text-field", ta.text_field, "JSONL field with the text")->capture_default_str();
+  train->add_option("--lang-field", ta.lang_field, "JSONL field with the language")->capture_default_str();
+  train->add_option("--seed", ta.seed)->capture_default_str();
+  train->add_option("--threads", ta.threads, "trainer threads (0: 2)");
+
+  std::string tok_path;
+  bool add_special = false, parse_special = false;
+  int threads = 0;
+  auto* encode = app.add_subcommand("encode", "stdin lines -> one line of space-separated ids per input line");
+  encode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+  encode->add_flag("--add-special", add_special, "add the tokenizer's special tokens (BOS)");
+  encode->add_flag("--parse-special", parse_special, "match special-token text such as <s> in the input");
+  encode->add_option("--threads", threads, "threads (0: all CPUs)");
+
+  auto* decode = app.add_subcommand("decode", "stdin lines of ids -> one line of text each");
+  decode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+
+  std::vector<std::string> stat_inputs;
+  std::string reference = "en", text_field = "text", lang_field = "lang";
+  bool json = false;
+  auto* stats = app.add_subcommand("stats", "per-language fertility, bytes per token and parity to a reference language");
+  stats->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+  stats->add_option("--input,-i", stat_inputs, "LANG=PATH (translations of the same text give the parity ratio)")->required();
+  stats->add_option("--reference", reference, "language the parity ratio is relative to")->capture_default_str();
+  stats->add_option("--text-field", text_field)->capture_default_str();
+  stats->add_option("--lang-field", lang_field)->capture_default_str();
+  stats->add_flag("--json", json, "print one JSON object instead of a table");
+  stats->add_option("--threads", threads, "threads (0: all CPUs)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (*train) return run_train(ta);
+    if (*encode) return run_encode(tok_path, add_special, parse_special, threads);
+    if (*decode) return run_decode(tok_path);
+    if (*stats) return run_stats(tok_path, stat_inputs, reference, text_field, lang_field, json, threads);
+  } catch (const rhine::Error& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "[rhine-tokenizer] unexpected error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

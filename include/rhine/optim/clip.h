@@ -1,0 +1,23 @@
+#pragma once
+/// \file
+/// Global gradient-norm clipping, as torch.nn.utils.clip_grad_norm_ (L2):
+/// total = ||(||g_1||, ..., ||g_n||)||_2 over every defined gradient; when
+/// max_norm / (total + 1e-6) < 1 every gradient is multiplied by it.
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace rhine {
+
+/// The global L2 norm of the gradients of `params` (undefined gradients are
+/// skipped; 0 when there are none). Per-tensor norms in the gradient's dtype
+/// (fp32 or wider), combined in float64; one host sync.
+double grad_norm(const std::vector<at::Tensor>& params);
+
+/// Clips the gradients of `params` to global norm `max_norm` (> 0) and returns
+/// the norm *before* clipping. A non-finite norm leaves the gradients as they
+/// are (let SkipGuard refuse the step).
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+}  // namespace rhine

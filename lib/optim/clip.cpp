@@ -1,0 +1,40 @@
+#include "rhine/optim/clip.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "rhine/core/error.h"
+
+namespace rhine {
+
+double grad_norm(const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> norms;
+  for (const auto& p : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    // Reduce in at least fp32 (a bf16 gradient is summed in fp32).
+    const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    norms.push_back(at::linalg_vector_norm(g, 2, at::OptionalIntArrayRef{}, false, dt).to(at::kDouble));
+  }
+  if (norms.empty()) return 0.0;
+  // Different devices: gather the per-tensor norms on the first one's device.
+  for (auto& n : norms) n = n.to(norms.front().device());
+  return at::linalg_vector_norm(at::stack(norms), 2).item<double>();
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  RHINE_CHECK(max_norm > 0 && std::isfinite(max_norm), "clip", "max_norm must be finite and > 0",
+              max_norm, "e.g. 1.0");
+  at::NoGradGuard no_grad;
+  const double total = grad_norm(params);
+  if (!std::isfinite(total)) return total;
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().mul_(coef);
+  }
+  return total;
+}
+
+}  // namespace rhine

@@ -2,7 +2,8 @@
 # Rhine's own targets get them (never the consumers of an installed Rhine).
 add_library(rhine_build_flags INTERFACE)
 target_compile_options(rhine_build_flags INTERFACE
-  -Wall -Wextra -Wpedantic -Wshadow=local -Wnon-virtual-dtor -Wcast-align
+  -Wall -Wextra -Wpedantic -Wnon-virtual-dtor -Wcast-align
+  $<$<CXX_COMPILER_ID:GNU>:-Wshadow=local>
   -Wno-unused-parameter           # LibTorch headers and autograd overrides
   -Wno-missing-field-initializers # options structs are filled partially on purpose
   $<$<BOOL:${RHINE_WERROR}>:-Werror>)

@@ -14,11 +14,13 @@ packages=(
   libtorch-dev libopenblas0-openmp libgloo-dev
   # torch-free layer
   libfmt-dev libspdlog-dev nlohmann-json3-dev libeigen3-dev libcli11-dev
-  libpcre2-dev libutf8proc-dev
+  libpcre2-dev libutf8proc-dev libxxhash-dev
   # SentencePiece: training tool and test oracle (never linked with LibTorch)
   libsentencepiece-dev sentencepiece
   # tests and benchmarks
   catch2 libbenchmark-dev
+  # plain python3 (no torch): independent safetensors reader in the formats/io tests
+  python3
 )
 for arg in "$@"; do
   case "$arg" in

@@ -94,7 +94,7 @@ std::string display(const T& v) {
 /// `what` and `hint` are std::string-convertible and only built on failure.
 #define RHINE_CHECK(cond, component, what, value, hint)                                   \
   do {                                                                                    \
-    if (!(cond)) [[unlikely]]                                                             \
+    if (__builtin_expect(!(cond), 0))                                                     \
       ::rhine::detail::throw_error((component), (what), ::rhine::detail::display(value),  \
                                    (hint));                                               \
   } while (false)

@@ -1,11 +1,33 @@
 #!/usr/bin/env bash
-# Installs missing Debian packages, builds Rhine and runs the main job.
+# Installs missing Debian packages, builds Rhine and runs the main job: train a
+# de/fr/nl/en tokenizer on the bundled sample, tokenize the sample into shards,
+# pretrain a small Llama-style model on it, and print per-language held-out
+# bits per byte before/after and a generated sample per language.
 #
-# Until the trainer lands, the main job is rhine-info: it reports what this
-# machine gives Rhine (LibTorch, device, threads) and measures fp32 and bf16
-# matmul throughput. The multilingual training demo replaces it.
+#   scripts/demo.sh [CONFIG.json]     (default: examples/configs/demo-dense.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+config=${1:-examples/configs/demo-dense.json}
 scripts/build.sh
-echo "== rhine-info (the training demo replaces this once the trainer lands)"
-"${RHINE_BUILD_DIR:-build}/examples/rhine-info" "$@"
+bin=${RHINE_BUILD_DIR:-build}
+out=build/demo
+S=data/sample
+mkdir -p "$out"
+
+echo "== 1/3 train a SentencePiece BPE tokenizer on de/fr/nl/en (rhine-tokenizer)"
+"$bin/tokenizer/rhine-tokenizer" train --model-type bpe --vocab-size 4000 --temperature 3 \
+  --input de=$S/de.txt --input fr=$S/fr.txt --input nl=$S/nl.txt --input en=$S/en.txt \
+  --out "$out/tok" 2>&1 | grep '^\[train\]'
+"$bin/tokenizer/rhine-tokenizer" stats --tokenizer "$out/tok.model" --reference en \
+  --input de=$S/heldout/de.txt --input fr=$S/heldout/fr.txt --input nl=$S/heldout/nl.txt \
+  --input en=$S/heldout/en.txt
+
+echo "== 2/3 tokenize the sample into shards (rhine-prepare)"
+rm -rf "$out/shards"
+"$bin/tools/rhine-prepare" -q -t "$out/tok.model" -o "$out/shards/train" \
+  de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt
+"$bin/tools/rhine-prepare" -q -t "$out/tok.model" -o "$out/shards/heldout" \
+  de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt en=$S/heldout/en.txt >/dev/null
+
+echo "== 3/3 pretrain a small model (rhine-train $config)"
+"$bin/examples/rhine-train" "$config"

@@ -9,18 +9,12 @@
 
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 
-namespace {
-fs::path temp_dir(const char* tag) {
-  auto d = fs::temp_directory_path() / (std::string("rhine_") + tag + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-}  // namespace
+using rhine::test::temp_dir;
 
 TEST_CASE("write_file_atomic replaces contents and leaves no temporary files", "[file]") {
   auto dir = temp_dir("file");

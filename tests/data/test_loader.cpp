@@ -8,7 +8,7 @@
 #include "rhine/core/error.h"
 #include "rhine/data/loader.h"
 #include "rhine/formats/token_shard.h"
-#include "shard_test_util.h"
+#include "test_util.h"
 
 using Catch::Matchers::Contains;
 using rhine::DataLoader;

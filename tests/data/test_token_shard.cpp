@@ -12,7 +12,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
 #include "rhine/formats/token_shard.h"
-#include "shard_test_util.h"
+#include "test_util.h"
 
 using Catch::Matchers::Contains;
 using rhine::TokenShard;

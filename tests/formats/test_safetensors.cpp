@@ -18,6 +18,7 @@
 #include "rhine/core/file.h"
 #include "rhine/core/json.h"
 #include "rhine/formats/safetensors.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -25,24 +26,6 @@ using Catch::Matchers::Contains;
 namespace {
 
 const fs::path kFixtures = fs::path(RHINE_SOURCE_DIR) / "tests" / "fixtures" / "safetensors";
-
-fs::path temp_dir(const char* tag) {
-  auto d = fs::temp_directory_path() / (std::string("rhine_st_") + tag + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::string hex(const void* data, std::size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < n; ++i) {
-    out += digits[p[i] >> 4];
-    out += digits[p[i] & 15];
-  }
-  return out;
-}
 
 std::string u64le(std::uint64_t n) {
   std::string s(8, '\0');
@@ -64,7 +47,7 @@ void check_against_expected(const rhine::SafetensorsCheckpoint& c, const rhine::
     rhine::SafetensorsView v = c.at(name);
     CHECK(rhine::dtype_name(v.dtype()) == e["dtype"].get<std::string>());
     CHECK(v.shape() == e["shape"].get<std::vector<std::int64_t>>());
-    if (e.contains("hex")) CHECK(hex(v.data, v.nbytes()) == e["hex"].get<std::string>());
+    if (e.contains("hex")) CHECK(rhine::test::hex(v.data, v.nbytes()) == e["hex"].get<std::string>());
   }
 }
 
@@ -154,7 +137,7 @@ TEST_CASE("the fp8 fixture parses with every float8 dtype", "[safetensors]") {
 }
 
 TEST_CASE("the writer's files follow the spec and the independent reader agrees", "[safetensors]") {
-  auto dir = temp_dir("write");
+  auto dir = rhine::test::temp_dir("st_write");
   std::vector<float> f32{1.5f, -2.0f, 3.25f, 0.0f, 1e-30f, -7.0f};
   std::vector<std::uint16_t> bf16{0x3f80, 0xc000, 0x7f80};
   std::vector<std::int64_t> i64{-1, 1LL << 40};
@@ -190,7 +173,7 @@ TEST_CASE("the writer's files follow the spec and the independent reader agrees"
   CHECK(f->metadata() == std::map<std::string, std::string>{{"format", "pt"}, {"step", "12"}});
   for (const auto& t : ts) {
     auto v = f->at(t.name);
-    CHECK(hex(v.data, v.nbytes()) == hex(t.data, t.nbytes));
+    CHECK(rhine::test::hex(v.data, v.nbytes()) == rhine::test::hex(t.data, t.nbytes));
     CHECK(v.shape() == t.shape);
     CHECK(v.dtype() == t.dtype);
     // Every tensor is aligned to its element size inside the file.
@@ -210,7 +193,7 @@ TEST_CASE("the writer's files follow the spec and the independent reader agrees"
     const auto& e = py["tensors"][t.name];
     CHECK(e["dtype"] == std::string(rhine::dtype_name(t.dtype)));
     CHECK(e["shape"].get<std::vector<std::int64_t>>() == t.shape);
-    CHECK(e["hex"] == hex(t.data, t.nbytes));
+    CHECK(e["hex"] == rhine::test::hex(t.data, t.nbytes));
   }
   fs::remove_all(dir);
 }
@@ -235,7 +218,7 @@ TEST_CASE("the writer rejects bad input before touching the disk", "[safetensors
 }
 
 TEST_CASE("sharded checkpoints round-trip through the index", "[safetensors]") {
-  auto dir = temp_dir("shards");
+  auto dir = rhine::test::temp_dir("st_shards");
   std::vector<std::vector<float>> data;
   std::vector<rhine::SafetensorsTensor> ts;
   for (int i = 0; i < 7; ++i) {
@@ -255,7 +238,7 @@ TEST_CASE("sharded checkpoints round-trip through the index", "[safetensors]") {
   auto c = rhine::SafetensorsCheckpoint::open(dir.string());
   CHECK(c.size() == 7);
   CHECK(c.files().size() == 7);
-  for (const auto& t : ts) CHECK(hex(c.at(t.name).data, c.at(t.name).nbytes()) == hex(t.data, t.nbytes));
+  for (const auto& t : ts) CHECK(rhine::test::hex(c.at(t.name).data, c.at(t.name).nbytes()) == rhine::test::hex(t.data, t.nbytes));
   if (have_python()) {
     for (std::size_t k = 0; k + 1 < files.size(); ++k) CHECK(python_read((dir / files[k]).string())["problems"].empty());
   }
@@ -270,7 +253,7 @@ TEST_CASE("sharded checkpoints round-trip through the index", "[safetensors]") {
 }
 
 TEST_CASE("bad shard indexes are rejected naming index, shard and tensor", "[safetensors]") {
-  auto dir = temp_dir("badindex");
+  auto dir = rhine::test::temp_dir("st_badindex");
   std::vector<float> x{1, 2};
   rhine::write_safetensors((dir / "a.safetensors").string(),
                            {{"w", rhine::SafetensorsDtype::F32, {2}, x.data(), 8},
@@ -357,7 +340,7 @@ TEST_CASE("malformed files are each rejected with their own message", "[safetens
        {"nests deeper than a safetensors header can"}},
       {"top_level_array_after_brace", make_file("{}  x", 0), {"invalid JSON header"}},
   };
-  auto dir = temp_dir("malformed");
+  auto dir = rhine::test::temp_dir("st_malformed");
   const char* seed_dir = std::getenv("RHINE_SAFETENSORS_SEED_DIR");  // to refresh the fuzz seeds
   for (const auto& c : cases) {
     INFO(c.label);

@@ -18,6 +18,7 @@
 #include "rhine/core/json.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/compat.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -25,24 +26,6 @@ using Catch::Matchers::Contains;
 namespace {
 
 const fs::path kFixtures = fs::path(RHINE_SOURCE_DIR) / "tests" / "fixtures" / "safetensors";
-
-fs::path temp_dir(const char* tag) {
-  auto d = fs::temp_directory_path() / (std::string("rhine_io_") + tag + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::string hex(const void* data, std::size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < n; ++i) {
-    out += digits[p[i] >> 4];
-    out += digits[p[i] & 15];
-  }
-  return out;
-}
 
 // The tensor the fixture JSON describes, built from its decimal values.
 at::Tensor expected_tensor(const rhine::Json& e, at::ScalarType dtype) {
@@ -101,7 +84,7 @@ TEST_CASE("fixture tensors load with the values the Python writer stored", "[io]
       CHECK(t.sizes().vec() == e["shape"].get<std::vector<std::int64_t>>());
       CHECK(at::equal(t, expected_tensor(e, want)));
       if (e["dtype"] != "U16" && e["dtype"] != "U32")
-        CHECK(hex(t.data_ptr(), t.numel() * t.element_size()) == e["hex"].get<std::string>());
+        CHECK(rhine::test::hex(t.data_ptr(), t.numel() * t.element_size()) == e["hex"].get<std::string>());
     }
   }
   auto expected = rhine::read_json_file((kFixtures / "sharded.expected.json").string(), "test");
@@ -238,7 +221,7 @@ TEST_CASE("DeepSeek block-scaled FP8 weights dequantise like the reference", "[i
 }
 
 TEST_CASE("saved tensors are re-read exactly by Rhine and the independent reader", "[io][safetensors]") {
-  auto dir = temp_dir("save");
+  auto dir = rhine::test::temp_dir("io_save");
   at::manual_seed(7);
   std::map<std::string, at::Tensor> m{
       {"w.t", at::randn({5, 3}).t()},  // not contiguous
@@ -271,7 +254,7 @@ TEST_CASE("saved tensors are re-read exactly by Rhine and the independent reader
     for (const auto& [name, t] : m) {
       INFO(name);
       at::Tensor c = t.detach().contiguous();
-      CHECK(py["tensors"][name]["hex"] == hex(c.data_ptr(), c.numel() * c.element_size()));
+      CHECK(py["tensors"][name]["hex"] == rhine::test::hex(c.data_ptr(), c.numel() * c.element_size()));
       CHECK(py["tensors"][name]["dtype"] == std::string(rhine::dtype_name(rhine::to_safetensors_dtype(t.scalar_type()))));
     }
   } else {

@@ -8,7 +8,7 @@
 
 using Catch::Matchers::Equals;
 
-TEST_CASE("RHINE_CHECK message reads [component] what, got VALUE; hint", "[error]") {
+TEST_CASE("RHINE_CHECK message reads [component] what, got VALUE, hint", "[error]") {
   int heads = 7;
   try {
     RHINE_CHECK(heads % 2 == 0, "config", "num_attention_heads must be even", heads,

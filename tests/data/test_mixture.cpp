@@ -8,7 +8,7 @@
 using Catch::Matchers::Contains;
 using rhine::MixtureOptions;
 
-TEST_CASE("mixture weights are normalised; missing languages get 0", "[mixture]") {
+TEST_CASE("mixture weights are normalised and missing languages get 0", "[mixture]") {
   MixtureOptions o;
   o.kind = MixtureOptions::Kind::weights;
   o.weights = {{"de", 3}, {"fr", 1}};

@@ -261,7 +261,7 @@ TEST_CASE("finite-difference gradients per block in float64", "[nn][grad]") {
   }
 }
 
-TEST_CASE("GQA equals MHA with repeated KV heads; MQA too", "[nn][attention]") {
+TEST_CASE("GQA and MQA equal MHA with repeated KV heads", "[nn][attention]") {
   at::manual_seed(6);
   for (int64_t hkv : {2, 1}) {
     INFO("Hkv = " << hkv);

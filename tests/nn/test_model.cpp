@@ -66,7 +66,7 @@ TEST_CASE("packed documents: restarted position ids and document masks", "[nn][m
   CHECK(rel_err(packed, at::cat({a, b}, 1)) < 1e-12);
 }
 
-TEST_CASE("parameters carry the Hugging Face names; counts in closed form", "[nn][model]") {
+TEST_CASE("parameters carry the Hugging Face names and counts match the closed form", "[nn][model]") {
   Fixture fx("apertus_tiny");
   CausalLM lm(fx.config);
   auto names = lm->named_parameters().keys();

@@ -18,6 +18,7 @@
 #include "rhine/core/file.h"
 #include "rhine/core/json.h"
 #include "rhine/formats/safetensors.h"
+#include "formats/python_reader.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -49,21 +50,6 @@ void check_against_expected(const rhine::SafetensorsCheckpoint& c, const rhine::
     CHECK(v.shape() == e["shape"].get<std::vector<std::int64_t>>());
     if (e.contains("hex")) CHECK(rhine::test::hex(v.data, v.nbytes()) == e["hex"].get<std::string>());
   }
-}
-
-bool have_python() { return ::access("/usr/bin/python3", X_OK) == 0; }
-
-// Runs the independent reader on `path` and returns its JSON report.
-rhine::Json python_read(const std::string& path) {
-  std::string cmd = "/usr/bin/python3 " + (kFixtures / "read_safetensors.py").string() + " '" + path + "'";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  REQUIRE(::pclose(p) == 0);
-  return rhine::Json::parse(out);
 }
 
 }  // namespace
@@ -180,11 +166,11 @@ TEST_CASE("the writer's files follow the spec and the independent reader agrees"
     CHECK(static_cast<std::size_t>(v.data - f->mapping()) % std::max<std::size_t>(1, rhine::dtype_bits(t.dtype) / 8) == 0);
   }
 
-  if (!have_python()) {
+  if (!rhine::test::have_python()) {
     WARN("no /usr/bin/python3: skipping the independent re-read");
     return;
   }
-  auto py = python_read(path);
+  auto py = rhine::test::python_read_safetensors(path);
   CHECK(py["problems"].empty());
   INFO(py["problems"].dump());
   CHECK(py["metadata"]["step"] == "12");
@@ -239,8 +225,9 @@ TEST_CASE("sharded checkpoints round-trip through the index", "[safetensors]") {
   CHECK(c.size() == 7);
   CHECK(c.files().size() == 7);
   for (const auto& t : ts) CHECK(rhine::test::hex(c.at(t.name).data, c.at(t.name).nbytes()) == rhine::test::hex(t.data, t.nbytes));
-  if (have_python()) {
-    for (std::size_t k = 0; k + 1 < files.size(); ++k) CHECK(python_read((dir / files[k]).string())["problems"].empty());
+  if (rhine::test::have_python()) {
+    for (std::size_t k = 0; k + 1 < files.size(); ++k)
+      CHECK(rhine::test::python_read_safetensors((dir / files[k]).string())["problems"].empty());
   }
 
   // Unsharded: model.safetensors, and a stale index disappears.

@@ -18,6 +18,7 @@
 #include "rhine/core/json.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/compat.h"
+#include "formats/python_reader.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -48,20 +49,6 @@ bool inside(const at::Tensor& t, const rhine::SafetensorsFile& f) {
 float f8(rhine::SafetensorsDtype d, unsigned b) {
   std::byte x{static_cast<unsigned char>(b)};
   return rhine::decode_float8(&x, {}, d).item<float>();
-}
-
-bool have_python() { return ::access("/usr/bin/python3", X_OK) == 0; }
-
-rhine::Json python_read(const std::string& path) {
-  std::string cmd = "/usr/bin/python3 " + (kFixtures / "read_safetensors.py").string() + " '" + path + "'";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  REQUIRE(::pclose(p) == 0);
-  return rhine::Json::parse(out);
 }
 
 }  // namespace
@@ -248,8 +235,8 @@ TEST_CASE("saved tensors are re-read exactly by Rhine and the independent reader
     CHECK(back.at(name).scalar_type() == t.scalar_type());
     CHECK(at::equal(back.at(name), t.detach()));
   }
-  if (have_python()) {
-    auto py = python_read(path);
+  if (rhine::test::have_python()) {
+    auto py = rhine::test::python_read_safetensors(path);
     CHECK(py["problems"].empty());
     for (const auto& [name, t] : m) {
       INFO(name);

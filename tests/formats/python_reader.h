@@ -1,0 +1,30 @@
+#pragma once
+// Runs the independent safetensors reader (tests/fixtures/safetensors/read_safetensors.py,
+// plain python3) on a file and returns its JSON report. Include after Catch.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include "rhine/core/json.h"
+
+namespace rhine::test {
+
+inline bool have_python() { return ::access("/usr/bin/python3", X_OK) == 0; }
+
+inline rhine::Json python_read_safetensors(const std::string& path) {
+  const auto script = std::filesystem::path(RHINE_SOURCE_DIR) / "tests" / "fixtures" / "safetensors" /
+                      "read_safetensors.py";
+  const std::string cmd = "/usr/bin/python3 " + script.string() + " '" + path + "'";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  REQUIRE(::pclose(p) == 0);
+  return rhine::Json::parse(out);
+}
+
+}  // namespace rhine::test

@@ -5,6 +5,8 @@
 //
 //   rhine-tokenizer train --input de=de.txt --input fr=fr.txt --input nl=nl.txt --input en=en.txt
 //       --model-type bpe --vocab-size 16000 --out build/tok/eu16k
+//   (train writes build/tok/eu16k.model, .vocab and .tokenizer.json; encode, decode and stats
+//   take either file, or any Hugging Face tokenizer.json)
 //   rhine-tokenizer encode --tokenizer build/tok/eu16k.model < text.txt > ids.txt
 //   rhine-tokenizer decode --tokenizer build/tok/eu16k.model < ids.txt
 //   rhine-tokenizer stats  --tokenizer build/tok/eu16k.model --input de=de.txt ... --reference en
@@ -187,8 +189,19 @@ int run_train(const TrainArgs& a) {
               "check --vocab-size against the amount of text (smaller vocab or more text)");
   // Load it back with Rhine's reader: a model Rhine cannot read must not be reported as done.
   const auto tok = rhine::Tokenizer::load(a.out + ".model");
-  std::fprintf(stderr, "[train] wrote %s.model and %s.vocab (%s, %d pieces)\n", a.out.c_str(), a.out.c_str(),
-               tok.kind().c_str(), tok.vocab_size());
+  // The tokenizer.json equivalent (HF's converter layout), checked on the sample: Rhine must
+  // encode it exactly as the .model.
+  const auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(a.out + ".model", kComponent), a.out + ".model");
+  const std::string json_path = a.out + ".tokenizer.json";
+  rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, a.out + ".model").dump(1) + "\n");
+  const auto tok_json = rhine::Tokenizer::load(json_path);
+  std::size_t checked = 0;
+  for (std::size_t i = 0; i < sample.size() && checked < 2000; i += 1 + sample.size() / 2000, ++checked)
+    RHINE_CHECK(tok.encode(sample[i]) == tok_json.encode(sample[i]), kComponent,
+                "the written tokenizer.json encodes differently from the .model", sample[i].substr(0, 80),
+                "please report this line; use the .model meanwhile");
+  std::fprintf(stderr, "[train] wrote %s.model, %s.vocab and %s (%s, %d pieces; tokenizer.json checked on %zu lines)\n",
+               a.out.c_str(), a.out.c_str(), json_path.c_str(), tok.kind().c_str(), tok.vocab_size(), checked);
   return 0;
 }
 
@@ -319,7 +332,8 @@ int main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a SentencePiece model with language-balanced sampling");
   train->add_option("--input,-i", ta.inputs, "LANG=PATH (.txt one text per line, or .jsonl), or PATH.jsonl with a language field")
       ->required();
-  train->add_option("--out,-o", ta.out, "output prefix: writes PREFIX.model and PREFIX.vocab")->required();
+  train->add_option("--out,-o", ta.out, "output prefix: writes PREFIX.model, PREFIX.vocab and PREFIX.tokenizer.json")
+      ->required();
   train->add_option("--model-type", ta.model_type, "bpe or unigram")->capture_default_str();
   train->add_option("--vocab-size", ta.vocab_size, "number of pieces")->capture_default_str();
   train->add_option("--temperature", ta.temperature,
@@ -341,19 +355,19 @@ int main(int argc, char** argv) {
   bool add_special = false, parse_special = false;
   int threads = 0;
   auto* encode = app.add_subcommand("encode", "stdin lines -> one line of space-separated ids per input line");
-  encode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+  encode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model or tokenizer.json)")->required();
   encode->add_flag("--add-special", add_special, "add the tokenizer's special tokens (BOS)");
   encode->add_flag("--parse-special", parse_special, "match special-token text such as <s> in the input");
   encode->add_option("--threads", threads, "threads (0: all CPUs)");
 
   auto* decode = app.add_subcommand("decode", "stdin lines of ids -> one line of text each");
-  decode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+  decode->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model or tokenizer.json)")->required();
 
   std::vector<std::string> stat_inputs;
   std::string reference = "en", text_field = "text", lang_field = "lang";
   bool json = false;
   auto* stats = app.add_subcommand("stats", "per-language fertility, bytes per token and parity to a reference language");
-  stats->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model)")->required();
+  stats->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model or tokenizer.json)")->required();
   stats->add_option("--input,-i", stat_inputs, "LANG=PATH (translations of the same text give the parity ratio)")->required();
   stats->add_option("--reference", reference, "language the parity ratio is relative to")->capture_default_str();
   stats->add_option("--text-field", text_field)->capture_default_str();

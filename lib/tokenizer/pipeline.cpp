@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "hf_stages.h"
 #include "rhine/core/error.h"
 #include "utf8.h"
 
@@ -188,6 +189,33 @@ std::string literal_pattern(const Json& j, const std::string& type, const std::s
   return p["String"].get<std::string>();
 }
 
+std::string base64_decode(const std::string& in, const std::string& source) {
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+' || c == '-') return 62;
+    if (c == '/' || c == '_') return 63;
+    return -1;
+  };
+  std::string out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (char c : in) {
+    if (c == '=' || c == '\n' || c == '\r') continue;
+    const int v = value(c);
+    RHINE_CHECK(v >= 0, "tokenizer", "precompiled_charsmap of " + detail::quote(source) + " is not base64",
+                std::string(1, c), "the charsmap is the base64 of the SentencePiece blob");
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<char>((acc >> bits) & 0xFF));
+    }
+  }
+  return out;
+}
+
 [[noreturn]] void unknown_type(const char* stage, const std::string& type, const std::string& source,
                                const char* known) {
   RHINE_FAIL("tokenizer", std::string("unsupported ") + stage + " type in " + detail::quote(source), type,
@@ -207,18 +235,59 @@ std::unique_ptr<Normalizer> make_normalizer(const Json& j, const std::string& so
       return std::make_unique<NormalizerSequence>(std::move(stages));
     }
     if (type == "Prepend") return std::make_unique<PrependNormalizer>(j.at("prepend").get<std::string>());
-    if (type == "Replace")
+    if (type == "Replace") {
+      const Json& p = j.at("pattern");
+      if (p.is_object() && p.contains("Regex"))
+        return std::make_unique<RegexReplaceNormalizer>(p["Regex"].get<std::string>(), j.at("content").get<std::string>(),
+                                                        source);
       return std::make_unique<ReplaceNormalizer>(literal_pattern(j, type, source), j.at("content").get<std::string>());
+    }
+    if (type == "NFC") return std::make_unique<UnicodeNormalizer>(UnicodeNormalizer::Form::nfc);
+    if (type == "NFD") return std::make_unique<UnicodeNormalizer>(UnicodeNormalizer::Form::nfd);
+    if (type == "NFKC") return std::make_unique<UnicodeNormalizer>(UnicodeNormalizer::Form::nfkc);
+    if (type == "NFKD") return std::make_unique<UnicodeNormalizer>(UnicodeNormalizer::Form::nfkd);
+    if (type == "Lowercase") return std::make_unique<LowercaseNormalizer>();
+    if (type == "StripAccents") return std::make_unique<StripAccentsNormalizer>();
+    if (type == "Strip")
+      return std::make_unique<StripNormalizer>(j.value("strip_left", true), j.value("strip_right", true));
+    if (type == "BertNormalizer") {
+      const bool lowercase = j.value("lowercase", true);
+      const bool strip = j.contains("strip_accents") && !j["strip_accents"].is_null() ? j["strip_accents"].get<bool>() : lowercase;
+      return std::make_unique<BertNormalizer>(j.value("clean_text", true), j.value("handle_chinese_chars", true), strip,
+                                              lowercase);
+    }
+    if (type == "Precompiled") {
+      const Json& c = j.at("precompiled_charsmap");
+      if (c.is_null()) return nullptr;
+      return std::make_unique<PrecompiledNormalizer>(base64_decode(c.get<std::string>(), source), source);
+    }
   } catch (const Json::exception& e) {
     RHINE_FAIL("tokenizer", "malformed " + type + " normalizer in " + detail::quote(source), Verbatim{e.what()},
                "compare with a tokenizer.json written by HF tokenizers");
   }
-  unknown_type("normalizer", type, source, "Sequence, Prepend, Replace");
+  unknown_type("normalizer", type, source,
+               "Sequence, Prepend, Replace, NFC, NFD, NFKC, NFKD, Lowercase, Strip, StripAccents, BertNormalizer, Precompiled");
 }
+
+namespace {
+
+SplitBehavior behavior_of(const Json& j, const std::string& source, const char* fallback) {
+  const std::string b = j.contains("behavior") && j["behavior"].is_string() ? j["behavior"].get<std::string>() : fallback;
+  if (b == "Removed") return SplitBehavior::removed;
+  if (b == "Isolated") return SplitBehavior::isolated;
+  if (b == "MergedWithPrevious") return SplitBehavior::merged_with_previous;
+  if (b == "MergedWithNext") return SplitBehavior::merged_with_next;
+  if (b == "Contiguous") return SplitBehavior::contiguous;
+  RHINE_FAIL("tokenizer", "unknown split behavior in " + detail::quote(source), b,
+             "one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous");
+}
+
+}  // namespace
 
 std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Json& j, const std::string& source) {
   if (j.is_null()) return nullptr;
   const std::string type = type_of(j, "pre_tokenizer", source);
+  using K = CharClassPreTokenizer::Kind;
   try {
     if (type == "Sequence") {
       std::vector<std::unique_ptr<PreTokenizer>> stages;
@@ -226,11 +295,86 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Json& j, const std::strin
         if (auto p = make_pre_tokenizer(s, source)) stages.push_back(std::move(p));
       return std::make_unique<PreTokenizerSequence>(std::move(stages));
     }
+    if (type == "Split")
+      return std::make_unique<SplitPreTokenizer>(std::make_unique<Pattern>(j.at("pattern"), source),
+                                                 behavior_of(j, source, "Isolated"), j.value("invert", false));
+    if (type == "ByteLevel")
+      return std::make_unique<ByteLevelPreTokenizer>(j.value("add_prefix_space", true), j.value("use_regex", true), source);
+    if (type == "Metaspace") {
+      const std::string rep = j.value("replacement", std::string("\xE2\x96\x81"));
+      RHINE_CHECK(!rep.empty(), "tokenizer", "Metaspace replacement in " + detail::quote(source) + " is empty", rep,
+                  "usually \"\xE2\x96\x81\"");
+      std::string scheme = j.contains("prepend_scheme") && j["prepend_scheme"].is_string()
+                               ? j["prepend_scheme"].get<std::string>() : "always";
+      if (j.contains("add_prefix_space") && j["add_prefix_space"].is_boolean() && !j["add_prefix_space"].get<bool>())
+        scheme = "never";
+      using P = MetaspacePreTokenizer::Prepend;
+      const P p = scheme == "first" ? P::first : scheme == "never" ? P::never : P::always;
+      RHINE_CHECK(scheme == "first" || scheme == "never" || scheme == "always", "tokenizer",
+                  "unknown Metaspace prepend_scheme in " + detail::quote(source), scheme, "first, always or never");
+      return std::make_unique<MetaspacePreTokenizer>(rep, p, j.value("split", true));
+    }
+    if (type == "Digits")
+      return std::make_unique<CharClassPreTokenizer>(j.value("individual_digits", false) ? K::digits_individual : K::digits,
+                                                     SplitBehavior::isolated);
+    if (type == "Whitespace")
+      return std::make_unique<SplitPreTokenizer>(std::make_unique<Pattern>(Json{{"Regex", R"(\w+|[^\w\s]+)"}}, source),
+                                                 SplitBehavior::removed, true);
+    if (type == "WhitespaceSplit")
+      return std::make_unique<CharClassPreTokenizer>(K::whitespace_split, SplitBehavior::removed);
+    if (type == "Punctuation")
+      return std::make_unique<CharClassPreTokenizer>(K::punctuation, behavior_of(j, source, "Isolated"));
   } catch (const Json::exception& e) {
     RHINE_FAIL("tokenizer", "malformed " + type + " pre_tokenizer in " + detail::quote(source), Verbatim{e.what()},
                "compare with a tokenizer.json written by HF tokenizers");
   }
-  unknown_type("pre_tokenizer", type, source, "Sequence");
+  unknown_type("pre_tokenizer", type, source,
+               "Sequence, Split, ByteLevel, Metaspace, Digits, Whitespace, WhitespaceSplit, Punctuation");
+}
+
+std::unique_ptr<Model> make_model(const Json& j, const std::vector<std::string>& special_tokens, const std::string& source) {
+  RHINE_CHECK(j.is_object(), "tokenizer", "the model of " + detail::quote(source) + " is not an object",
+              Verbatim{j.dump().substr(0, 80)}, "\"model\": {\"type\": \"BPE\", ...}");
+  // Old files have no "type": infer it as HF does from the shape of the vocab.
+  std::string type = j.contains("type") && j["type"].is_string() ? j["type"].get<std::string>() : "";
+  if (type.empty() && j.contains("vocab")) {
+    if (j["vocab"].is_array()) type = "Unigram";
+    else if (j.contains("merges")) type = "BPE";
+    else if (j.contains("continuing_subword_prefix")) type = "WordPiece";
+  }
+  try {
+    if (type == "BPE") return std::make_unique<BpeModel>(j, source);
+    if (type == "Unigram") return std::make_unique<UnigramModel>(j, special_tokens, source);
+    if (type == "WordPiece") return std::make_unique<WordPieceModel>(j, source);
+  } catch (const Json::exception& e) {
+    RHINE_FAIL("tokenizer", "malformed " + type + " model in " + detail::quote(source), Verbatim{e.what()},
+               "compare with a tokenizer.json written by HF tokenizers");
+  }
+  unknown_type("model", type, source, "BPE, Unigram, WordPiece");
+}
+
+std::unique_ptr<PostProcessor> make_post_processor(const Json& j, const std::string& source) {
+  if (j.is_null()) return nullptr;
+  const std::string type = type_of(j, "post_processor", source);
+  try {
+    if (type == "Sequence") {
+      std::vector<std::unique_ptr<PostProcessor>> stages;
+      for (const auto& s : j.at("processors"))
+        if (auto p = make_post_processor(s, source)) stages.push_back(std::move(p));
+      return std::make_unique<PostProcessorSequence>(std::move(stages));
+    }
+    if (type == "TemplateProcessing") return std::make_unique<TemplateProcessor>(j, source);
+    if (type == "ByteLevel") return std::make_unique<NoOpProcessor>();
+    if (type == "BertProcessing" || type == "RobertaProcessing") {
+      const Json& cls = j.at("cls");
+      const Json& sep = j.at("sep");
+      return std::make_unique<BosEosProcessor>(cls.at(1).get<int32_t>(), sep.at(1).get<int32_t>());
+    }
+  } catch (const Json::exception& e) {
+    RHINE_FAIL("tokenizer", "malformed " + type + " post_processor in " + detail::quote(source), Verbatim{e.what()},
+               "compare with a tokenizer.json written by HF tokenizers");
+  }
+  unknown_type("post_processor", type, source, "Sequence, TemplateProcessing, ByteLevel, BertProcessing, RobertaProcessing");
 }
 
 std::unique_ptr<Decoder> make_decoder(const Json& j, const std::string& source) {
@@ -250,11 +394,21 @@ std::unique_ptr<Decoder> make_decoder(const Json& j, const std::string& source) 
     if (type == "Strip")
       return std::make_unique<StripDecoder>(j.at("content").get<std::string>(), j.at("start").get<int>(),
                                             j.at("stop").get<int>());
+    if (type == "ByteLevel") return std::make_unique<ByteLevelDecoder>();
+    if (type == "Metaspace") {
+      std::string scheme = j.contains("prepend_scheme") && j["prepend_scheme"].is_string()
+                               ? j["prepend_scheme"].get<std::string>() : "always";
+      if (j.contains("add_prefix_space") && j["add_prefix_space"].is_boolean() && !j["add_prefix_space"].get<bool>())
+        scheme = "never";
+      return std::make_unique<MetaspaceDecoder>(j.value("replacement", std::string("\xE2\x96\x81")), scheme != "never");
+    }
+    if (type == "WordPiece")
+      return std::make_unique<WordPieceDecoder>(j.value("prefix", std::string("##")), j.value("cleanup", true));
   } catch (const Json::exception& e) {
     RHINE_FAIL("tokenizer", "malformed " + type + " decoder in " + detail::quote(source), Verbatim{e.what()},
                "compare with a tokenizer.json written by HF tokenizers");
   }
-  unknown_type("decoder", type, source, "Sequence, Replace, ByteFallback, Fuse, Strip");
+  unknown_type("decoder", type, source, "Sequence, Replace, ByteFallback, Fuse, Strip, ByteLevel, Metaspace, WordPiece");
 }
 
 // --- special tokens ---------------------------------------------------------------------

@@ -23,8 +23,18 @@ for type in bpe unigram; do
   # --add-special puts BOS (id 1 with spm's defaults) in front.
   first=$(echo "Hallo Welt" | "$tool" encode -t "$work/$type.model" --add-special | cut -d' ' -f1)
   [[ $first == 1 ]] || { echo "FAIL: --add-special did not add BOS, got $first"; exit 1; }
-  echo "$type: $(wc -l < "$work/all.txt") lines identical to spm_encode / spm_decode"
+  # train also writes PREFIX.tokenizer.json; encode / decode read it with the same results.
+  "$tool" encode -t "$work/$type.tokenizer.json" < "$work/all.txt" > "$work/json.ids"
+  cmp "$work/json.ids" "$work/spm.ids" || { echo "FAIL: $type tokenizer.json ids differ from spm_encode"; diff "$work/json.ids" "$work/spm.ids" | head; exit 1; }
+  echo "$type: $(wc -l < "$work/all.txt") lines identical to spm_encode / spm_decode (.model and .tokenizer.json)"
 done
+# A hand-made tokenizer.json (tests/fixtures/tokenizer, ids worked out in test_tokenizer_json.cpp).
+got=$(printf 'the hello the\n' | "$tool" encode -t "$src/tests/fixtures/tokenizer/tiny_byte_level.json")
+[[ "$got" == '116 257 32 257 259 111 258' ]] || { echo "FAIL: tokenizer.json encode, got '$got'"; exit 1; }
+got=$(echo "the" | "$tool" encode --add-special -t "$src/tests/fixtures/tokenizer/tiny_byte_level.json")
+[[ "$got" == "262 116 257" ]] || { echo "FAIL: tokenizer.json --add-special, got '$got'"; exit 1; }
+got=$(echo "116 257 32 257 259 111 258" | "$tool" decode -t "$src/tests/fixtures/tokenizer/tiny_byte_level.json")
+[[ "$got" == "the hello the" ]] || { echo "FAIL: tokenizer.json decode, got '$got'"; exit 1; }
 # Errors: message on stderr, non-zero exit, no crash (exit code < 128).
 expect_fail() {
   local name=$1; shift
@@ -38,6 +48,12 @@ head -c 100 "$work/bpe.model" > "$work/truncated.model"
 expect_fail "unknown file" "$tool" encode -t "$work/bad.bin" < /dev/null
 expect_fail "truncated model" "$tool" encode -t "$work/truncated.model" < /dev/null
 expect_fail "missing file" "$tool" encode -t "$work/missing.model" < /dev/null
+printf '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}' > "$work/bad_merge.json"
+printf '{"model": ' > "$work/truncated.json"
+printf '{"model": {"type": "Mystery"}}' > "$work/unknown.json"
+expect_fail "tokenizer.json bad merge" "$tool" encode -t "$work/bad_merge.json" < /dev/null
+expect_fail "truncated tokenizer.json" "$tool" encode -t "$work/truncated.json" < /dev/null
+expect_fail "unknown model type" "$tool" encode -t "$work/unknown.json" < /dev/null
 expect_fail "bad id" bash -c "echo '1 999999' | '$tool' decode -t '$work/bpe.model'"
 expect_fail "not an id" bash -c "echo '1 x' | '$tool' decode -t '$work/bpe.model'"
 "$tool" stats -t "$work/bpe.model" -i de=$fx/heldout/de.txt -i en=$fx/heldout/en.txt --json > "$work/stats.json"

@@ -196,14 +196,29 @@ class BosEosProcessor final : public PostProcessor {
   int32_t bos_, eos_;
 };
 
-/// Builds a normalizer from its tokenizer.json object (null -> nullptr). Types so far:
-/// Sequence, Prepend, Replace (String pattern). Unknown types throw rhine::Error naming
+/// Builds a normalizer from its tokenizer.json object (null -> nullptr). Types: Sequence,
+/// Prepend, Replace (String or Regex pattern), NFC, NFD, NFKC, NFKD (utf8proc), Lowercase,
+/// Strip, StripAccents, BertNormalizer, Precompiled (the SentencePiece charsmap, matched by
+/// longest byte prefix as libsentencepiece does). Unknown types throw rhine::Error naming
 /// the type and `source`.
 std::unique_ptr<Normalizer> make_normalizer(const Json& j, const std::string& source);
-/// Builds a pre-tokenizer (null -> nullptr). Types so far: Sequence.
+/// Builds a pre-tokenizer (null -> nullptr). Types: Sequence, Split (String or Regex
+/// pattern, all five behaviours, invert; regexes run on PCRE2 in UTF + UCP mode), ByteLevel
+/// (add_prefix_space, use_regex with the GPT-2 pattern), Metaspace (replacement,
+/// prepend_scheme first / always / never, split), Digits, Whitespace, WhitespaceSplit,
+/// Punctuation.
 std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Json& j, const std::string& source);
-/// Builds a decoder (null -> nullptr). Types so far: Sequence, Replace (String pattern),
-/// ByteFallback, Fuse, Strip.
+/// Builds the model: BPE (merges as "a b" strings or [a, b] pairs, byte fallback, unk and
+/// fuse_unk, continuing_subword_prefix / end_of_word_suffix, ignore_merges; dropout is
+/// ignored), Unigram (run by the SentencePiece Viterbi; `special_tokens` are kept out of
+/// the lattice) or WordPiece. A missing "type" is inferred from the vocab as HF does.
+std::unique_ptr<Model> make_model(const Json& j, const std::vector<std::string>& special_tokens,
+                                  const std::string& source);
+/// Builds a post-processor (null -> nullptr). Types: Sequence, TemplateProcessing (single
+/// sequences), ByteLevel (offsets only: ids unchanged), BertProcessing, RobertaProcessing.
+std::unique_ptr<PostProcessor> make_post_processor(const Json& j, const std::string& source);
+/// Builds a decoder (null -> nullptr). Types: Sequence, Replace (String pattern),
+/// ByteFallback, Fuse, Strip, ByteLevel, Metaspace, WordPiece.
 std::unique_ptr<Decoder> make_decoder(const Json& j, const std::string& source);
 
 /// Finds special tokens (exact strings) in raw text, longest match first, so they are

@@ -14,6 +14,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "rhine/core/json.h"
+
 #include "rhine/tokenizer/pipeline.h"
 
 namespace rhine::tokenizer {
@@ -56,6 +58,17 @@ SpmModelProto parse_spm_model(std::string_view bytes, const std::string& source)
 /// Serializes the fields of `SpmModelProto` back to the wire format (used by tests to
 /// build small in-memory models and malformed variants).
 std::string serialize_spm_model(const SpmModelProto& m);
+
+/// The tokenizer.json equivalent of a SentencePiece model, in the shape of HF transformers'
+/// converters: the charsmap as a `Precompiled` normalizer, remove_extra_whitespaces as
+/// Replace regexes (leading ' ', runs of ' ', trailing ▁), the dummy prefix and whitespace escaping as
+/// Prepend("▁") + Replace(" " -> "▁") (LlamaConverter's legacy form; no pre-tokenizer),
+/// control / unknown / user-defined pieces as added tokens,
+/// BPE merges derived from the piece scores (SentencePieceExtractor), BOS via
+/// TemplateProcessing. Rhine encodes the result exactly as the `.model` (tested against
+/// libsentencepiece). Throws rhine::Error for model types or whitespace modes that have
+/// no tokenizer.json form (WORD / CHAR, treat_whitespace_as_suffix).
+Json spm_to_tokenizer_json(const SpmModelProto& m, const std::string& source);
 
 /// The precompiled_charsmap: a darts-clone double array (u32 little-endian units) whose
 /// leaves index NUL-terminated replacement strings.

@@ -6,9 +6,11 @@
 ///     std::vector<int32_t> ids = tok.encode("Grüß Gott, wie geht's?");     // [T]
 ///     std::string text = tok.decode(ids);
 ///
-/// Supported files: SentencePiece `.model` (Unigram and BPE). `tokenizer.json` is detected
-/// and rejected with a clear error until its reader lands. A loaded Tokenizer is immutable:
-/// every const member may be called from many threads at once; copies share the pipeline.
+/// Supported files: SentencePiece `.model` (Unigram and BPE) and Hugging Face
+/// `tokenizer.json` (BPE incl. byte-level and byte-fallback, Unigram, WordPiece; the stages
+/// listed in pipeline.h; added tokens matched before the model). A loaded Tokenizer is
+/// immutable: every const member may be called from many threads at once; copies share the
+/// pipeline.
 
 #include <cstdint>
 #include <memory>
@@ -28,9 +30,14 @@ struct EncodeOptions {
   bool add_special = false;
   /// Also add EOS (SentencePiece models) when add_special is on.
   bool add_eos = false;
-  /// Match the text of special tokens (control pieces such as "<s>") in the input and emit
-  /// their ids; off = special-token text is encoded as ordinary text (libsentencepiece).
+  /// Match the text of special tokens (control pieces such as "<s>", tokenizer.json added
+  /// tokens with "special": true) in the input and emit their ids; off = special-token text
+  /// is encoded as ordinary text (libsentencepiece; HF's split_special_tokens=True).
+  /// Non-special added tokens of a tokenizer.json are always matched.
   bool parse_special = false;
+  /// Use the byte-level BPE fast path when the tokenizer has one; false runs the generic
+  /// pre-tokenizer and model stages, its reference twin (tests compare the two).
+  bool fast_paths = true;
 };
 
 /// Options of one decode call.
@@ -43,9 +50,14 @@ struct DecodeOptions {
 class Tokenizer {
  public:
   /// Loads a tokenizer file; the kind is detected from the file name and contents
-  /// (`.model` / protobuf -> SentencePiece). Unknown or malformed files throw rhine::Error
-  /// naming the file.
+  /// (`.model` / protobuf -> SentencePiece, `.json` / a JSON object -> tokenizer.json, with
+  /// bos/eos/pad names read from a `tokenizer_config.json` beside it when present). Unknown
+  /// or malformed files throw rhine::Error naming the file.
   static Tokenizer load(const std::string& path);
+  /// Builds a tokenizer from a parsed tokenizer.json; `config` is the optional parsed
+  /// tokenizer_config.json (null: none); `source` names it in errors.
+  static Tokenizer from_tokenizer_json(const Json& tokenizer_json, const std::string& source,
+                                       const Json& config = Json());
   /// Builds a tokenizer from a parsed SentencePiece model; `source` names it in errors.
   static Tokenizer from_sentencepiece(const tokenizer::SpmModelProto& model, const std::string& source);
 
@@ -72,7 +84,8 @@ class Tokenizer {
   int32_t pad_id() const;
   /// True for control / special tokens.
   bool is_special(int32_t id) const;
-  /// "sentencepiece-unigram", "sentencepiece-bpe", ...
+  /// "sentencepiece-unigram", "sentencepiece-bpe", "hf-BPE-byte-level" (tokenizer.json with
+  /// the byte-level fast path), "hf-BPE", "hf-Unigram", "hf-WordPiece".
   const std::string& kind() const;
   /// The file it was loaded from.
   const std::string& source() const;
@@ -81,6 +94,7 @@ class Tokenizer {
 
  private:
   explicit Tokenizer(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+  static Tokenizer from_tokenizer_json_unchecked(const Json& j, const std::string& source, const Json& config);
   std::shared_ptr<const Impl> impl_;
 };
 

@@ -100,7 +100,7 @@ def main():
 
     only_size, only_dtype, only_threads = arg("--size"), arg("--dtype"), arg("--threads")
     B, T = 4, (64 if quick else 256)
-    runs = 2 if quick else 5
+    runs = int(arg("--runs")) if arg("--runs") else (2 if quick else 5)
     for size, d in SIZES.items():
         if only_size and size != only_size:
             continue

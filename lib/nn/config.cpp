@@ -140,30 +140,29 @@ ModelConfig ModelConfig::from_json(const Json& j) {
       (c.rope.rope_type == "llama3" || c.rope.rope_type == "yarn"))
     c.rope.original_max_position_embeddings = c.max_position_embeddings;
 
-  // DeepSeek keys: modelled for deepseek_*, kept verbatim in `extra` otherwise.
-  if (c.is_deepseek()) {
-    c.q_lora_rank = f.optional<std::int64_t>("q_lora_rank");
-    c.kv_lora_rank = f.get<std::int64_t>("kv_lora_rank", 0);
-    c.qk_nope_head_dim = f.get<std::int64_t>("qk_nope_head_dim", 0);
-    c.qk_rope_head_dim = f.get<std::int64_t>("qk_rope_head_dim", 0);
-    c.v_head_dim = f.get<std::int64_t>("v_head_dim", 0);
-    c.n_routed_experts = f.get<std::int64_t>("n_routed_experts", 0);
-    c.n_shared_experts = f.get<std::int64_t>("n_shared_experts", 0);
-    c.num_experts_per_tok = f.get<std::int64_t>("num_experts_per_tok", 0);
-    c.moe_intermediate_size = f.get<std::int64_t>("moe_intermediate_size", 0);
-    c.first_k_dense_replace = f.get<std::int64_t>("first_k_dense_replace", 0);
-    c.moe_layer_freq = f.get<std::int64_t>("moe_layer_freq", 1);
-    c.n_group = f.get<std::int64_t>("n_group", 1);
-    c.topk_group = f.get<std::int64_t>("topk_group", 1);
-    c.routed_scaling_factor = f.get("routed_scaling_factor", 1.0);
-    c.norm_topk_prob = f.get("norm_topk_prob", false);
-    c.scoring_func = f.get<std::string>("scoring_func", "softmax");
-    c.topk_method = f.get<std::string>("topk_method", "greedy");
-    c.num_nextn_predict_layers = f.get<std::int64_t>("num_nextn_predict_layers", 0);
-    // DeepSeek interleaves the rope dims in its checkpoints (section 1.5);
-    // HF's rope_interleave defaults to true for V3.
-    if (!f.has("rope_interleave")) c.rope_interleave = true;
-  }
+  // DeepSeek keys: read for every model_type (MLA / MoE / MTP in an otherwise
+  // dense config is a Rhine extension); HF defaults when absent.
+  c.q_lora_rank = f.optional<std::int64_t>("q_lora_rank");
+  c.kv_lora_rank = f.get<std::int64_t>("kv_lora_rank", 0);
+  c.qk_nope_head_dim = f.get<std::int64_t>("qk_nope_head_dim", 0);
+  c.qk_rope_head_dim = f.get<std::int64_t>("qk_rope_head_dim", 0);
+  c.v_head_dim = f.get<std::int64_t>("v_head_dim", 0);
+  c.n_routed_experts = f.optional<std::int64_t>("n_routed_experts").value_or(0);
+  c.n_shared_experts = f.optional<std::int64_t>("n_shared_experts").value_or(0);
+  c.num_experts_per_tok = f.optional<std::int64_t>("num_experts_per_tok").value_or(0);
+  c.moe_intermediate_size = f.get<std::int64_t>("moe_intermediate_size", 0);
+  c.first_k_dense_replace = f.get<std::int64_t>("first_k_dense_replace", 0);
+  c.moe_layer_freq = f.get<std::int64_t>("moe_layer_freq", 1);
+  c.n_group = f.optional<std::int64_t>("n_group").value_or(1);
+  c.topk_group = f.optional<std::int64_t>("topk_group").value_or(1);
+  c.routed_scaling_factor = f.get("routed_scaling_factor", 1.0);
+  c.norm_topk_prob = f.get("norm_topk_prob", false);
+  c.scoring_func = f.get<std::string>("scoring_func", "softmax");
+  c.topk_method = f.get<std::string>("topk_method", "greedy");
+  c.num_nextn_predict_layers = f.get<std::int64_t>("num_nextn_predict_layers", 0);
+  // DeepSeek interleaves the rope dims in its checkpoints (section 1.5);
+  // HF's rope_interleave defaults to true for V3.
+  if (c.is_deepseek() && !f.has("rope_interleave")) c.rope_interleave = true;
 
   // Checks on the raw values come before deriving from them.
   RHINE_CHECK(c.num_attention_heads > 0, kComponent, "num_attention_heads must be positive",
@@ -239,21 +238,68 @@ void ModelConfig::validate() const {
     RHINE_CHECK(rope.beta_fast > rope.beta_slow && rope.beta_slow > 0, kComponent,
                 "yarn needs beta_fast > beta_slow > 0",
                 (std::vector<double>{rope.beta_fast, rope.beta_slow}), "");
-  if (is_deepseek()) {
-    positive(kv_lora_rank, "kv_lora_rank");
+  RHINE_CHECK(!is_deepseek() || uses_mla(), kComponent,
+              "deepseek models need kv_lora_rank > 0 (MLA)", kv_lora_rank,
+              "set kv_lora_rank (512 in DeepSeek-V2/V3)");
+  if (uses_mla()) {
+    positive(qk_nope_head_dim, "qk_nope_head_dim");
     positive(qk_rope_head_dim, "qk_rope_head_dim");
     positive(v_head_dim, "v_head_dim");
+    RHINE_CHECK(qk_rope_head_dim % 2 == 0, kComponent, "qk_rope_head_dim must be even",
+                qk_rope_head_dim, "RoPE rotates pairs of dimensions");
     if (q_lora_rank) positive(*q_lora_rank, "q_lora_rank");
-    if (n_routed_experts > 0) {
-      RHINE_CHECK(num_experts_per_tok > 0 && num_experts_per_tok <= n_routed_experts, kComponent,
-                  "num_experts_per_tok must be in [1, n_routed_experts]",
-                  (std::vector<std::int64_t>{num_experts_per_tok, n_routed_experts}), "");
-      RHINE_CHECK(n_group > 0 && n_routed_experts % n_group == 0 && topk_group <= n_group,
-                  kComponent,
-                  "n_routed_experts must split evenly into n_group groups, topk_group <= n_group",
-                  (std::vector<std::int64_t>{n_routed_experts, n_group, topk_group}), "");
+  } else {
+    RHINE_CHECK(kv_lora_rank == 0, kComponent, "kv_lora_rank must be >= 0", kv_lora_rank,
+                "0 (absent) = standard attention");
+  }
+  RHINE_CHECK(n_routed_experts >= 0 && n_shared_experts >= 0, kComponent,
+              "expert counts must be >= 0",
+              (std::vector<std::int64_t>{n_routed_experts, n_shared_experts}), "");
+  if (uses_moe()) {
+    positive(moe_intermediate_size, "moe_intermediate_size");
+    RHINE_CHECK(num_experts_per_tok > 0 && num_experts_per_tok <= n_routed_experts, kComponent,
+                "num_experts_per_tok must be in [1, n_routed_experts]",
+                (std::vector<std::int64_t>{num_experts_per_tok, n_routed_experts}), "");
+    RHINE_CHECK(first_k_dense_replace >= 0 && moe_layer_freq >= 1, kComponent,
+                "need first_k_dense_replace >= 0 and moe_layer_freq >= 1",
+                (std::vector<std::int64_t>{first_k_dense_replace, moe_layer_freq}), "");
+    RHINE_CHECK(scoring_func == "softmax" || scoring_func == "sigmoid", kComponent,
+                "unsupported scoring_func", scoring_func, "use softmax (V2) or sigmoid (V3)");
+    RHINE_CHECK(topk_method == "greedy" || topk_method == "group_limited_greedy" ||
+                    topk_method == "noaux_tc",
+                kComponent, "unsupported topk_method", topk_method,
+                "use greedy, group_limited_greedy (V2) or noaux_tc (V3)");
+    RHINE_CHECK(routed_scaling_factor > 0 && std::isfinite(routed_scaling_factor), kComponent,
+                "routed_scaling_factor must be positive", routed_scaling_factor, "");
+    RHINE_CHECK(n_group > 0 && n_routed_experts % n_group == 0 && topk_group >= 1 &&
+                    topk_group <= n_group,
+                kComponent,
+                "n_routed_experts must split evenly into n_group groups, 1 <= topk_group <= n_group",
+                (std::vector<std::int64_t>{n_routed_experts, n_group, topk_group}), "");
+    if (topk_method != "greedy") {
+      const std::int64_t per_group = n_routed_experts / n_group;
+      RHINE_CHECK(num_experts_per_tok <= topk_group * per_group, kComponent,
+                  "num_experts_per_tok exceeds the experts of the kept groups",
+                  (std::vector<std::int64_t>{num_experts_per_tok, topk_group, per_group}),
+                  "raise topk_group or lower num_experts_per_tok");
+      if (topk_method == "noaux_tc")
+        RHINE_CHECK(per_group >= 2, kComponent,
+                    "noaux_tc scores a group by its top-2 experts; groups need >= 2 experts",
+                    per_group, "lower n_group");
     }
   }
+  RHINE_CHECK(num_nextn_predict_layers >= 0, kComponent,
+              "num_nextn_predict_layers must be >= 0", num_nextn_predict_layers, "0 = no MTP");
+}
+
+double ModelConfig::mla_softmax_scale() const {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
+  if (rope.rope_type == "yarn" && rope.mscale_all_dim != 0.0) {
+    const double m =
+        rope.factor <= 1.0 ? 1.0 : 0.1 * rope.mscale_all_dim * std::log(rope.factor) + 1.0;
+    scale *= m * m;
+  }
+  return scale;
 }
 
 Json ModelConfig::to_json() const {
@@ -290,7 +336,7 @@ Json ModelConfig::to_json() const {
   else
     j["eos_token_id"] = eos_token_id.empty() ? Json(nullptr) : Json(eos_token_id[0]);
   j["pad_token_id"] = pad_token_id ? Json(*pad_token_id) : Json(nullptr);
-  if (is_deepseek()) {
+  if (is_deepseek() || uses_mla() || uses_moe() || num_nextn_predict_layers > 0) {
     j["q_lora_rank"] = q_lora_rank ? Json(*q_lora_rank) : Json(nullptr);
     j["kv_lora_rank"] = kv_lora_rank;
     j["qk_nope_head_dim"] = qk_nope_head_dim;

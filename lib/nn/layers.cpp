@@ -142,6 +142,16 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return x * c + (layout == RopeLayout::HalfSplit ? rotate_half(x) : rotate_pairs(x)) * s;
 }
 
+void set_fused_kernels(torch::nn::Module& root, bool on) {
+  auto set = [on](torch::nn::Module& m) {
+    if (auto* norm = dynamic_cast<RMSNormImpl*>(&m)) norm->fused = on;
+    if (auto* attn = dynamic_cast<AttentionImpl*>(&m)) attn->fused = on;
+    if (auto* mlp = dynamic_cast<MLPImpl*>(&m)) mlp->fused = on;
+  };
+  set(root);
+  for (auto& m : root.modules(/*include_self=*/false)) set(*m);
+}
+
 // --- MLPs -------------------------------------------------------------------
 
 XIELUImpl::XIELUImpl() {
@@ -176,6 +186,7 @@ MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
   if (!gate_proj) return down_proj(act_fn(up_proj(x)));
   at::Tensor g = gate_proj(x);  // [B, T, I]
+  if (fused && act == "silu") return down_proj(fused_swiglu(g, up_proj(x)));
   if (act == "silu")
     g = at::silu(g);
   else if (act == "gelu")
@@ -217,8 +228,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
     q = q_norm(q);
     k = k_norm(k);
   }
-  q = apply_rope(q, in.cos, in.sin, layout);
-  k = apply_rope(k, in.cos, in.sin, layout);
+  q = fused ? fused_rope(q, in.cos, in.sin, layout) : apply_rope(q, in.cos, in.sin, layout);
+  k = fused ? fused_rope(k, in.cos, in.sin, layout) : apply_rope(k, in.cos, in.sin, layout);
   if (cache) {
     if (cache->k.defined()) {
       k = at::cat({cache->k, k.to(cache->k.scalar_type())}, 2);  // [B, Hkv, S, D]

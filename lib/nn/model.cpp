@@ -8,27 +8,36 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/fused.h"
+#include "rhine/nn/mtp.h"
 #include "rhine/torch/compat.h"
 
 namespace rhine::nn {
 
 // --- blocks -----------------------------------------------------------------
 
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c) {
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, std::int64_t layer) {
   // Apertus names its two norms differently; the math is the same.
   const bool apertus = c.model_type == "apertus";
   norm1 = register_module(apertus ? "attention_layernorm" : "input_layernorm",
                           RMSNorm(c.hidden_size, c.rms_norm_eps));
-  self_attn = register_module("self_attn", Attention(c));
+  if (c.uses_mla())
+    mla = register_module("self_attn", MLA(c));
+  else
+    self_attn = register_module("self_attn", Attention(c));
   norm2 = register_module(apertus ? "feedforward_layernorm" : "post_attention_layernorm",
                           RMSNorm(c.hidden_size, c.rms_norm_eps));
-  mlp = register_module("mlp", MLP(c));
+  if (c.is_moe_layer(layer))
+    moe = register_module("mlp", MoE(c));
+  else
+    mlp = register_module("mlp", MLP(c));
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in,
-                                     LayerKV* cache) {
-  at::Tensor h = x + self_attn(norm1(x), in, cache);  // [B, T, C]
-  return h + mlp(norm2(h));
+                                     LayerKV* cache, LatentKV* latent) {
+  at::Tensor a = mla ? mla(norm1(x), in, latent) : self_attn(norm1(x), in, cache);
+  at::Tensor h = x + a;  // [B, T, C]
+  return h + (moe ? moe(norm2(h)) : mlp(norm2(h)));
 }
 
 namespace {
@@ -82,8 +91,13 @@ DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    blocks.push_back(DecoderLayer(c));
+    blocks.push_back(DecoderLayer(c, i));
     layers->push_back(blocks.back());
+  }
+  // MTP modules continue the layer numbering, as DeepSeek-V3 stores them.
+  for (std::int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    mtp.push_back(std::make_shared<MTPLayerImpl>(c, c.num_hidden_layers + k));
+    layers->push_back(mtp.back());
   }
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
 }
@@ -93,18 +107,16 @@ DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) {
 CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
     : options(o), config_(c) {
   config_.validate();
-  RHINE_CHECK(!c.is_deepseek(), "causal_lm", "DeepSeek models need MLA and MoE layers",
-              c.model_type, "use the DeepSeek model (MLA + MoE) for deepseek_v2/deepseek_v3");
   model = register_module("model", DecoderModel(c));
   if (!c.tie_word_embeddings)
     lm_head = register_module(
         "lm_head",
         torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
   freqs_ = rope_frequencies(c.rope, c.head_dim, c.max_position_embeddings);
+  if (c.uses_mla())
+    mla_freqs_ = rope_frequencies(c.rope, c.qk_rope_head_dim, c.max_position_embeddings);
 
-  if (o.fused_kernels)
-    for (auto& m : modules(/*include_self=*/false))
-      if (auto* norm = dynamic_cast<RMSNormImpl*>(m.get())) norm->fused = true;
+  if (o.fused_kernels) set_fused_kernels(*this, true);  // RMSNorm, RoPE, SwiGLU
 
   // HF initialisation: N(0, initializer_range) for linear and embedding
   // weights, zero biases, ones for norms (set by RMSNorm), xIELU as built.
@@ -116,11 +128,60 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
     auto ends_with = [&](const std::string& s) {
       return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
     };
-    if (ends_with("_proj.weight") || ends_with("embed_tokens.weight") || name == "lm_head.weight")
+    if (ends_with("_proj.weight") || ends_with("embed_tokens.weight") ||
+        name == "lm_head.weight" || ends_with("mlp.gate.weight"))
       p.value().normal_(0.0, c.initializer_range, gen);
     else if (ends_with("_proj.bias"))
       p.value().zero_();
   }
+  tie_mtp_weights();
+}
+
+void CausalLMImpl::tie_mtp_weights() {
+  for (auto& m : model->mtp) {
+    m->embed_tokens->tie(model->embed_tokens->weight);
+    m->shared_head->head->tie(output_weight());
+  }
+}
+
+void CausalLMImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  tie_mtp_weights();
+}
+void CausalLMImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+  tie_mtp_weights();
+}
+void CausalLMImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  tie_mtp_weights();
+}
+
+std::vector<MoE> CausalLMImpl::moe_layers() const {
+  std::vector<MoE> out;
+  for (const auto& b : model->blocks)
+    if (b->moe) out.push_back(b->moe);
+  for (const auto& m : model->mtp)
+    if (m->moe) out.push_back(m->moe);
+  return out;
+}
+
+at::Tensor CausalLMImpl::expert_counts() const {
+  std::vector<at::Tensor> rows;
+  for (auto& m : moe_layers())
+    rows.push_back(m->last_counts.defined()
+                       ? m->last_counts
+                       : at::zeros({config_.n_routed_experts},
+                                   m->gate->weight.options().dtype(at::kLong)));
+  return rows.empty() ? at::Tensor() : at::stack(rows);
+}
+
+void CausalLMImpl::update_router_bias(const at::Tensor& counts, double gamma) {
+  auto layers = moe_layers();
+  RHINE_CHECK(counts.dim() == 2 && counts.size(0) == static_cast<std::int64_t>(layers.size()),
+              "causal_lm", "router bias update needs counts [n_moe_layers, E]",
+              counts.sizes().vec(), "pass ForwardOutput::expert_counts (summed, all-reduced)");
+  for (std::size_t l = 0; l < layers.size(); ++l) layers[l]->update_bias(counts[l], gamma);
 }
 
 at::Tensor CausalLMImpl::output_weight() const {
@@ -130,6 +191,7 @@ at::Tensor CausalLMImpl::output_weight() const {
 KVCache CausalLMImpl::make_cache() const {
   KVCache c;
   c.layers.resize(config_.num_hidden_layers);
+  if (config_.uses_mla()) c.latent.resize(config_.num_hidden_layers);
   return c;
 }
 
@@ -144,19 +206,72 @@ std::int64_t CausalLMImpl::num_parameters(bool include_embeddings) const {
   return n;
 }
 
-std::int64_t parameter_count(const ModelConfig& c, bool include_embeddings) {
-  const std::int64_t C = c.hidden_size, D = c.head_dim, H = c.num_attention_heads,
-                     Hkv = c.num_key_value_heads, I = c.intermediate_size;
-  std::int64_t attn = C * H * D + 2 * C * Hkv * D + H * D * C;  // q, k, v, o
-  if (c.attention_bias) attn += H * D + 2 * Hkv * D + C;
-  if (c.qk_norm) attn += 2 * D;
+namespace {
+
+std::int64_t mlp_params(const ModelConfig& c, std::int64_t I) {
+  const std::int64_t C = c.hidden_size;
   const std::int64_t n_mats = c.gated_mlp() ? 3 : 2;
   std::int64_t mlp = n_mats * C * I;
   if (c.mlp_bias) mlp += (n_mats - 1) * I + C;
-  if (!c.gated_mlp()) mlp += 2;                                     // xIELU alpha_p, alpha_n
-  std::int64_t n = c.num_hidden_layers * (attn + mlp + 2 * C) + C;  // + final norm
+  if (!c.gated_mlp()) mlp += 2;  // xIELU alpha_p, alpha_n
+  return mlp;
+}
+
+std::int64_t attention_params(const ModelConfig& c) {
+  const std::int64_t C = c.hidden_size, H = c.num_attention_heads;
+  if (c.uses_mla()) {
+    const std::int64_t qk = c.qk_head_dim(), R = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+    const std::int64_t b = c.attention_bias ? 1 : 0;
+    std::int64_t n = 0;
+    if (c.q_lora_rank)
+      n += C * *c.q_lora_rank + b * *c.q_lora_rank + *c.q_lora_rank + *c.q_lora_rank * H * qk;
+    else
+      n += C * H * qk;
+    n += C * (R + Dr) + b * (R + Dr) + R;                       // kv_a + kv_a_layernorm
+    n += R * H * (c.qk_nope_head_dim + c.v_head_dim);           // kv_b
+    n += H * c.v_head_dim * C + b * C;                          // o
+    return n;
+  }
+  const std::int64_t D = c.head_dim, Hkv = c.num_key_value_heads;
+  std::int64_t attn = C * H * D + 2 * C * Hkv * D + H * D * C;  // q, k, v, o
+  if (c.attention_bias) attn += H * D + 2 * Hkv * D + C;
+  if (c.qk_norm) attn += 2 * D;
+  return attn;
+}
+
+// One block (norms, attention, MLP or MoE); `active`: K routed experts only.
+std::int64_t layer_params(const ModelConfig& c, std::int64_t layer, bool active) {
+  std::int64_t ffn;
+  if (c.is_moe_layer(layer)) {
+    const std::int64_t n_exp = active ? c.num_experts_per_tok : c.n_routed_experts;
+    ffn = c.n_routed_experts * c.hidden_size + n_exp * mlp_params(c, c.moe_intermediate_size);
+    if (c.n_shared_experts > 0)
+      ffn += mlp_params(c, c.moe_intermediate_size * c.n_shared_experts);
+  } else {
+    ffn = mlp_params(c, c.intermediate_size);
+  }
+  return attention_params(c) + ffn + 2 * c.hidden_size;
+}
+
+std::int64_t count_params(const ModelConfig& c, bool include_embeddings, bool active) {
+  const std::int64_t C = c.hidden_size;
+  std::int64_t n = C;  // final norm
+  for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) n += layer_params(c, l, active);
+  if (!active)  // MTP: block + enorm, hnorm, eh_proj, shared_head.norm
+    for (std::int64_t k = 0; k < c.num_nextn_predict_layers; ++k)
+      n += layer_params(c, c.num_hidden_layers + k, false) + 3 * C + 2 * C * C;
   if (include_embeddings) n += c.vocab_size * C * (c.tie_word_embeddings ? 1 : 2);
   return n;
+}
+
+}  // namespace
+
+std::int64_t parameter_count(const ModelConfig& c, bool include_embeddings) {
+  return count_params(c, include_embeddings, false);
+}
+
+std::int64_t active_parameter_count(const ModelConfig& c, bool include_embeddings) {
+  return count_params(c, include_embeddings, true);
 }
 
 at::Tensor build_attention_mask(std::int64_t T, std::int64_t S, const at::Tensor& key_valid,
@@ -236,12 +351,14 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
   at::Tensor key_valid =
       (cache && past > 0) ? at::cat({cache->key_valid, new_valid}, 1) : new_valid;
 
-  AttentionInputs in;
+  AttentionInputs in, in_mla;
   const auto table_dtype =
       model->embed_tokens->weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::tie(in.cos, in.sin) = rope_cos_sin(
-      freqs_, pos, config_.rope_interleave ? RopeLayout::Interleaved : RopeLayout::HalfSplit,
-      table_dtype);
+  const auto layout = config_.rope_interleave ? RopeLayout::Interleaved : RopeLayout::HalfSplit;
+  if (config_.uses_mla())
+    std::tie(in_mla.cos, in_mla.sin) = rope_cos_sin(mla_freqs_, pos, layout, table_dtype);
+  else
+    std::tie(in.cos, in.sin) = rope_cos_sin(freqs_, pos, layout, table_dtype);
   const bool windowed = config_.sliding_window && S > *config_.sliding_window;
   const bool padded = !key_valid.all().item<bool>();
   if (windowed || padded || o.document_mask) {
@@ -253,17 +370,34 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
   } else {
     in.attention.is_causal = true;  // lets LibTorch 2.x pick its fused kernels
   }
+  in_mla.attention = in.attention;
+  const AttentionInputs& block_in = config_.uses_mla() ? in_mla : in;
+
+  const bool ckpt = options.activation_checkpointing && is_training() && at::GradMode::is_enabled();
+  auto moes = moe_layers();
+  const bool balance = o.moe_seq_aux_alpha != 0.0 || o.moe_expert_aux_alpha != 0.0;
+  RHINE_CHECK(!(ckpt && balance && !moes.empty()), "causal_lm",
+              "MoE balance losses are not supported with activation checkpointing",
+              o.moe_seq_aux_alpha + o.moe_expert_aux_alpha,
+              "use the aux-loss-free bias update, or turn checkpointing off");
+  for (auto& m : moes) {
+    m->seq_aux_alpha = o.moe_seq_aux_alpha;
+    m->expert_aux_alpha = o.moe_expert_aux_alpha;
+    m->last_counts = at::Tensor();
+    m->last_aux_loss = at::Tensor();
+  }
 
   at::Tensor h = model->embed_tokens(ids);  // [B, T, C]
-  const bool ckpt = options.activation_checkpointing && is_training() && at::GradMode::is_enabled();
   for (std::size_t i = 0; i < model->blocks.size(); ++i) {
     auto& block = model->blocks[i];
     if (ckpt)
-      h = BlockCheckpoint::apply(h, block.get(), &in);
+      h = BlockCheckpoint::apply(h, block.get(), &block_in);
     else
-      h = block(h, in, cache ? &cache->layers[i] : nullptr);
+      h = block(h, block_in, cache ? &cache->layers[i] : nullptr,
+                cache && !cache->latent.empty() ? &cache->latent[i] : nullptr);
   }
   h = model->norm(h);
+  const at::Tensor h_main = h;  // [B, T, C] post-norm: the input of MTP depth 1
   if (o.last_logits_only) h = h.narrow(1, T - 1, 1);
   ForwardOutput out;
   out.logits = lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
@@ -277,12 +411,48 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
                 o.last_logits_only, "drop last_logits_only when computing a loss");
     RHINE_CHECK(o.labels->sizes() == ids.sizes(), "causal_lm", "labels must have the shape of ids",
                 o.labels->sizes().vec(), "pass next-token targets [B, T]");
-    auto [ce, z, n] = lm_loss(out.logits.reshape({B * T, -1}),
-                              o.labels->reshape({B * T}).to(at::kLong), o.ignore_index, o.z_loss);
+    RHINE_CHECK(!cache || model->mtp.empty() || o.mtp_lambda == 0.0, "causal_lm",
+                "MTP losses need a forward without KV cache", o.mtp_lambda,
+                "set mtp_lambda = 0 when decoding");
+    at::Tensor labels = o.labels->to(at::kLong);
+    const auto loss_fn = options.fused_kernels ? fused_lm_loss : lm_loss;
+    auto [ce, z, n] = loss_fn(out.logits.reshape({B * T, -1}), labels.reshape({B * T}),
+                              o.ignore_index, o.z_loss);
     out.loss = ce + z;
     out.stats.ce_loss = ce.item<double>();
     out.stats.z_loss = z.item<double>();
     out.stats.n_tokens = n;
+
+    // MTP: depth k predicts t_{i+k+1} = labels[i+k] from h^{k-1}_i and t_{i+k}.
+    if (!model->mtp.empty() && o.mtp_lambda != 0.0) {
+      const auto D = static_cast<double>(model->mtp.size());
+      at::Tensor hk = h_main, total;
+      for (std::size_t k = 1; k <= model->mtp.size(); ++k) {
+        auto [hn, logits_k] = model->mtp[k - 1]->forward(
+            hk, mtp_inputs(ids, k), model->embed_tokens->weight, output_weight(), block_in);
+        hk = hn;
+        auto [ce_k, z_k, n_k] =
+            (options.fused_kernels ? fused_lm_loss : lm_loss)(logits_k.reshape({B * T, -1}),
+                    mtp_labels(labels, k, o.ignore_index).reshape({B * T}), o.ignore_index, 0.0);
+        out.stats.mtp_ce.push_back(ce_k.item<double>());
+        out.stats.mtp_tokens.push_back(n_k);
+        total = total.defined() ? total + ce_k : ce_k;
+      }
+      out.mtp_loss = total * (o.mtp_lambda / D);
+      out.stats.mtp_loss = out.mtp_loss.item<double>();
+      out.loss = out.loss + out.mtp_loss;
+    }
+  }
+  // MoE statistics and balance losses of every MoE layer that ran.
+  if (!moes.empty()) {
+    out.expert_counts = expert_counts();
+    for (auto& m : moes)
+      if (m->last_aux_loss.defined())
+        out.aux_loss = out.aux_loss.defined() ? out.aux_loss + m->last_aux_loss : m->last_aux_loss;
+    if (out.aux_loss.defined()) {
+      out.stats.aux_loss = out.aux_loss.item<double>();
+      if (out.loss.defined()) out.loss = out.loss + out.aux_loss;
+    }
   }
   return out;
 }

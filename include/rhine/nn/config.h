@@ -1,8 +1,17 @@
 #pragma once
 /// \file
 /// `ModelConfig`: one flat struct for the Hugging Face `config.json` of the
-/// decoder families Rhine builds (llama, mistral, apertus; deepseek_v2 and
-/// deepseek_v3 keys are parsed and kept for the MLA/MoE models).
+/// decoder families Rhine builds: llama, mistral, apertus, and deepseek_v2 /
+/// deepseek_v3 (MLA attention, DeepSeekMoE, multi-token prediction).
+///
+/// MLA and MoE inside an otherwise dense config: the DeepSeek keys are read
+/// for every model_type. `kv_lora_rank > 0` makes every attention layer MLA
+/// (then qk_nope_head_dim, qk_rope_head_dim, v_head_dim are required), and
+/// `n_routed_experts > 0` makes layer L an MoE layer when
+/// L >= first_k_dense_replace and L % moe_layer_freq == 0 (the rule of
+/// DeepSeek's remote code). `num_nextn_predict_layers > 0` adds MTP modules.
+/// Such a llama config writes those keys back; HF transformers would not
+/// load it as LlamaForCausalLM (it is a Rhine model).
 ///
 /// Reading accepts both RoPE spellings: transformers v4 (`rope_theta` +
 /// `rope_scaling` with `type` or `rope_type`) and v5 (`rope_parameters`).
@@ -96,25 +105,27 @@ struct ModelConfig {
   std::vector<std::int64_t> eos_token_id;
   std::optional<std::int64_t> pad_token_id;
 
-  // --- DeepSeek MLA + MoE (architectures.md sections 1-3) ---------------
+  // --- DeepSeek MLA + MoE + MTP (architectures.md sections 1-3) ---------
   std::optional<std::int64_t> q_lora_rank;  ///< null = no query compression
-  std::int64_t kv_lora_rank = 0;
-  std::int64_t qk_nope_head_dim = 0;
-  std::int64_t qk_rope_head_dim = 0;
-  std::int64_t v_head_dim = 0;
-  std::int64_t n_routed_experts = 0;
-  std::int64_t n_shared_experts = 0;
-  std::int64_t num_experts_per_tok = 0;
-  std::int64_t moe_intermediate_size = 0;
-  std::int64_t first_k_dense_replace = 0;
-  std::int64_t moe_layer_freq = 1;
-  std::int64_t n_group = 1;
-  std::int64_t topk_group = 1;
-  double routed_scaling_factor = 1.0;
-  bool norm_topk_prob = false;
-  std::string scoring_func = "softmax";
+  std::int64_t kv_lora_rank = 0;            ///< d_c; > 0 = MLA attention
+  std::int64_t qk_nope_head_dim = 0;        ///< d_h (non-rotary q/k part per head)
+  std::int64_t qk_rope_head_dim = 0;        ///< d_h^R (decoupled rotary part)
+  std::int64_t v_head_dim = 0;              ///< value head dim
+  std::int64_t n_routed_experts = 0;        ///< E; > 0 = MoE layers
+  std::int64_t n_shared_experts = 0;        ///< shared experts (one MLP of n * moe width)
+  std::int64_t num_experts_per_tok = 0;     ///< K
+  std::int64_t moe_intermediate_size = 0;   ///< per-expert FFN width
+  std::int64_t first_k_dense_replace = 0;   ///< layers below it are dense
+  std::int64_t moe_layer_freq = 1;          ///< MoE every n-th layer (remote-code rule)
+  std::int64_t n_group = 1;                 ///< expert groups (contiguous)
+  std::int64_t topk_group = 1;              ///< groups kept per token
+  double routed_scaling_factor = 1.0;       ///< multiplies the routed weights
+  bool norm_topk_prob = false;              ///< renormalise the K selected weights
+  std::string scoring_func = "softmax";     ///< "softmax" (V2) or "sigmoid" (V3)
+  /// "greedy", "group_limited_greedy" (V2: group max) or "noaux_tc" (V3:
+  /// selection bias e_score_correction_bias, group top-2 sum).
   std::string topk_method = "greedy";
-  std::int64_t num_nextn_predict_layers = 0;
+  std::int64_t num_nextn_predict_layers = 0;  ///< MTP depth D
 
   /// Keys Rhine does not model, written back unchanged.
   Json extra = Json::object();
@@ -134,6 +145,21 @@ struct ModelConfig {
 
   /// True for deepseek_v2 / deepseek_v3 (MLA attention, MoE MLP).
   bool is_deepseek() const;
+  /// True when attention layers are MLA (kv_lora_rank > 0).
+  bool uses_mla() const { return kv_lora_rank > 0; }
+  /// True when some layers are MoE (n_routed_experts > 0).
+  bool uses_moe() const { return n_routed_experts > 0; }
+  /// True when layer `layer` (0-based; MTP layers continue after
+  /// num_hidden_layers) is an MoE layer.
+  bool is_moe_layer(std::int64_t layer) const {
+    return uses_moe() && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+  }
+  /// MLA q/k head dim: qk_nope_head_dim + qk_rope_head_dim (192 for V2/V3).
+  std::int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  /// MLA softmax scale: qk_head_dim^-0.5, times mscale^2 with
+  /// mscale = yarn_get_mscale(factor, mscale_all_dim) under yarn scaling with
+  /// a non-zero mscale_all_dim (architectures.md 1.4; 0.1352338 for V3).
+  double mla_softmax_scale() const;
   /// True when the MLP is gated (SwiGLU-style): every act but xielu.
   bool gated_mlp() const { return hidden_act != "xielu"; }
 

@@ -102,6 +102,8 @@ class MLPImpl : public torch::nn::Module {
   torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   XIELU act_fn{nullptr};
   std::string act;
+  /// silu-gated MLPs use fused_swiglu (rhine/nn/fused.h) for act(gate) * up.
+  bool fused = false;
 };
 TORCH_MODULE(MLP);
 
@@ -134,7 +136,15 @@ class AttentionImpl : public torch::nn::Module {
   std::int64_t n_heads, n_kv_heads, head_dim;
   double dropout;
   RopeLayout layout;
+  /// Rotate q and k with fused_rope (rhine/nn/fused.h) instead of apply_rope.
+  bool fused = false;
 };
 TORCH_MODULE(Attention);
+
+/// Switches the fused CPU kernels (rhine/nn/fused.h) on or off in every
+/// RMSNorm, Attention (RoPE) and MLP (SwiGLU) below `root` (itself included):
+/// what CausalLMOptions::fused_kernels does. Values and gradients equal the
+/// plain ops to rounding.
+void set_fused_kernels(torch::nn::Module& root, bool on);
 
 }  // namespace rhine::nn

@@ -1,8 +1,10 @@
 #pragma once
 /// \file
-/// The decoder-only causal LM of the Llama family (llama, mistral, apertus),
-/// composed from a ModelConfig, with parameters under the HF names so that
-/// `named_parameters()` matches a checkpoint one to one:
+/// The decoder-only causal LM of the Llama family (llama, mistral, apertus)
+/// and of DeepSeek-V2/V3 (MLA attention, DeepSeekMoE, multi-token
+/// prediction), composed from a ModelConfig, with parameters under the HF
+/// names so that `named_parameters()` (plus `named_buffers()` for
+/// e_score_correction_bias and the MTP aliases) matches a checkpoint one to one:
 ///
 ///     model.embed_tokens.weight                 [V, C]
 ///     model.layers.{L}.input_layernorm.weight   [C]   (apertus: attention_layernorm)
@@ -11,6 +13,12 @@
 ///     model.layers.{L}.mlp.{gate,up,down}_proj.weight  (apertus: up/down + act_fn.alpha_{p,n})
 ///     model.norm.weight                         [C]
 ///     lm_head.weight                            [V, C]  (absent when tie_word_embeddings)
+///
+/// DeepSeek layers (rhine/nn/mla.h, rhine/nn/moe.h): `self_attn.*` is MLA when
+/// config.uses_mla(); `mlp.*` is MoE on the layers config.is_moe_layer(L)
+/// picks. MTP modules (rhine/nn/mtp.h) are the extra layers
+/// `model.layers.{num_hidden_layers + k}` for k < num_nextn_predict_layers,
+/// stored as DeepSeek-V3 checkpoints store them.
 ///
 /// Dimension letters: B batch, T new tokens, S keys (cache + new), C hidden,
 /// V vocabulary.
@@ -29,33 +37,48 @@
 #include <optional>
 #include <vector>
 
+#include <memory>
+
 #include "rhine/nn/config.h"
 #include "rhine/nn/layers.h"
+#include "rhine/nn/mla.h"
+#include "rhine/nn/moe.h"
 
 namespace rhine::nn {
 
+class MTPLayerImpl;
+
 /// One pre-norm block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
+/// attn is standard attention or MLA (config.uses_mla()), mlp a dense MLP or
+/// an MoE (config.is_moe_layer(layer)); both registered as `self_attn` / `mlp`.
 class DecoderLayerImpl : public torch::nn::Module {
  public:
-  explicit DecoderLayerImpl(const ModelConfig& config);
-  /// x [B, T, C] -> [B, T, C]
-  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache = nullptr);
+  explicit DecoderLayerImpl(const ModelConfig& config, std::int64_t layer = 0);
+  /// x [B, T, C] -> [B, T, C]. `cache` serves standard attention, `latent` MLA.
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache = nullptr,
+                     LatentKV* latent = nullptr);
   RMSNorm norm1{nullptr}, norm2{nullptr};
-  Attention self_attn{nullptr};
-  MLP mlp{nullptr};
+  Attention self_attn{nullptr};  ///< standard attention (null for MLA layers)
+  MLA mla{nullptr};              ///< MLA (null otherwise); named self_attn
+  MLP mlp{nullptr};              ///< dense MLP (null for MoE layers)
+  MoE moe{nullptr};              ///< MoE (null otherwise); named mlp
 };
 TORCH_MODULE(DecoderLayer);
 
 /// The KV cache of a whole model for incremental decoding.
 struct KVCache {
   std::vector<LayerKV> layers;  ///< one per layer; k/v [B, Hkv, S, D]
+  /// One per layer for MLA models: the latent cache (Rkv + Dr per token).
+  std::vector<LatentKV> latent;
   /// [B, S] bool: which cached key slots are real tokens (false = padding).
   at::Tensor key_valid;
   /// [B] int64: the position id the next token of each row gets.
   at::Tensor next_position;
   /// Number of cached key slots S.
   std::int64_t length() const {
-    return layers.empty() || !layers[0].k.defined() ? 0 : layers[0].k.size(2);
+    if (!layers.empty() && layers[0].k.defined()) return layers[0].k.size(2);
+    if (!latent.empty() && latent[0].ckv.defined()) return latent[0].ckv.size(1);
+    return 0;
   }
 };
 
@@ -81,6 +104,13 @@ struct ForwardOptions {
   KVCache* cache = nullptr;
   /// Return logits of the last position only ([B, 1, V]; generation).
   bool last_logits_only = false;
+  /// MTP loss weight lambda: loss += lambda / D * sum_k CE_k (0.3 then 0.1
+  /// in V3). MTP modules run only with labels and lambda > 0.
+  double mtp_lambda = 0.3;
+  /// Weight of the sequence-wise balance loss of every MoE layer (V3: 1e-4).
+  double moe_seq_aux_alpha = 0.0;
+  /// Weight of V2's expert-level balance loss of every MoE layer (V2: 0.003).
+  double moe_expert_aux_alpha = 0.0;
 };
 
 /// Numbers a training loop logs per step.
@@ -88,12 +118,27 @@ struct ForwardStats {
   double ce_loss = 0.0;       ///< mean cross-entropy over counted tokens
   double z_loss = 0.0;        ///< z-loss term (already multiplied by its weight)
   std::int64_t n_tokens = 0;  ///< tokens that carried loss
+  double aux_loss = 0.0;      ///< MoE balance losses (weighted, summed over layers)
+  double mtp_loss = 0.0;      ///< lambda / D * sum_k mtp_ce[k]
+  std::vector<double> mtp_ce;  ///< per MTP depth k: its mean cross-entropy
+  std::vector<std::int64_t> mtp_tokens;  ///< per depth: tokens that carried loss
 };
 
 /// Outputs of CausalLM::forward.
 struct ForwardOutput {
   at::Tensor logits;  ///< [B, T, V] (or [B, 1, V]) in the compute dtype
-  at::Tensor loss;    ///< scalar fp32 (ce + z), undefined without labels
+  /// Scalar fp32: ce + z + aux_loss + mtp_loss; undefined without labels.
+  at::Tensor loss;
+  /// Scalar: weighted MoE balance losses summed over MoE layers (part of
+  /// `loss`); undefined when no balance loss was asked for.
+  at::Tensor aux_loss;
+  /// Scalar: the weighted MTP loss (part of `loss`); undefined when MTP did not run.
+  at::Tensor mtp_loss;
+  /// [n_moe_layers, E] int64: tokens routed to each expert by each MoE layer
+  /// (main layers, then MTP layers; zeros for MTP layers that did not run).
+  /// Sum over micro-batches, all-reduce over data-parallel ranks, then pass
+  /// to CausalLM::update_router_bias. Undefined without MoE layers.
+  at::Tensor expert_counts;
   ForwardStats stats;
 };
 
@@ -103,7 +148,8 @@ struct CausalLMOptions {
   bool activation_checkpointing = false;
   /// Seed of the N(0, initializer_range) initialisation (LibTorch's generator).
   std::optional<std::uint64_t> init_seed;
-  /// Use Rhine's fused CPU kernels (rhine/nn/fused.h; so far RMSNorm).
+  /// Use Rhine's fused CPU kernels (rhine/nn/fused.h): RMSNorm, RoPE, SwiGLU
+  /// and the cross-entropy loss, each tested against its plain-op twin.
   bool fused_kernels = false;
 };
 
@@ -114,7 +160,9 @@ class DecoderModelImpl : public torch::nn::Module {
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  std::vector<DecoderLayer> blocks;  ///< typed views of `layers`
+  std::vector<DecoderLayer> blocks;  ///< typed views of `layers` (main blocks)
+  /// Typed views of the MTP modules: layers[num_hidden_layers + k].
+  std::vector<std::shared_ptr<MTPLayerImpl>> mtp;
 };
 TORCH_MODULE(DecoderModel);
 
@@ -132,6 +180,27 @@ class CausalLMImpl : public torch::nn::Module {
   /// The output projection [V, C]: lm_head.weight, or embed_tokens.weight when tied.
   at::Tensor output_weight() const;
 
+  /// The MoE modules in layer order (main layers, then MTP layers).
+  std::vector<MoE> moe_layers() const;
+  /// [n_moe_layers, E] int64 expert counts of the last forward (as
+  /// ForwardOutput::expert_counts).
+  at::Tensor expert_counts() const;
+  /// Aux-loss-free balancing (DeepSeek-V3): for every MoE layer l,
+  /// e_score_correction_bias += gamma * sign(mean(counts[l]) - counts[l]).
+  /// Call after each optimizer step with global counts [n_moe_layers, E]
+  /// (summed over micro-batches and ranks); gamma 1e-3 in V3. No-op for
+  /// layers without the bias (topk_method other than noaux_tc).
+  void update_router_bias(const at::Tensor& counts, double gamma);
+  /// Points the MTP modules' `embed_tokens.weight` and `shared_head.head.weight`
+  /// buffers at the storage of model.embed_tokens.weight and the output
+  /// weight again (done by the constructor and by `to`; call it after
+  /// replacing those tensors by hand).
+  void tie_mtp_weights();
+
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+
   const ModelConfig& config() const { return config_; }
   CausalLMOptions options;
   DecoderModel model{nullptr};
@@ -139,13 +208,20 @@ class CausalLMImpl : public torch::nn::Module {
 
  private:
   ModelConfig config_;
-  RopeFrequencies freqs_;
+  RopeFrequencies freqs_;      // standard attention: head_dim rotary dims
+  RopeFrequencies mla_freqs_;  // MLA: qk_rope_head_dim rotary dims
 };
 TORCH_MODULE(CausalLM);
 
 /// Parameter count of the model `config` describes, in closed form (no model
-/// is built, so it works for 70B configs); matches CausalLM::num_parameters.
+/// is built, so it works for 671B configs); matches CausalLM::num_parameters
+/// (MTP modules included, their embedding/head aliases not; buffers not).
 std::int64_t parameter_count(const ModelConfig& config, bool include_embeddings = true);
+
+/// Parameters used per token: as parameter_count, but MoE layers count the
+/// router, K routed experts and the shared experts; MTP modules excluded.
+/// Dense models: parameter_count without MTP.
+std::int64_t active_parameter_count(const ModelConfig& config, bool include_embeddings = true);
 
 /// Cross-entropy over the vocabulary with ignore_index and optional z-loss.
 /// logits [N, V] (any float dtype; computed in fp32), targets [N] int64.

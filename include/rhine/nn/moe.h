@@ -1,0 +1,115 @@
+#pragma once
+/// \file
+/// DeepSeekMoE (architectures.md section 2): fine-grained routed experts plus
+/// shared experts, V2 routing (softmax, group max, no renormalisation) and V3
+/// routing (sigmoid, selection-only bias, group top-2 sum, renormalisation,
+/// routed_scaling_factor), router math in fp32, the aux-loss-free bias
+/// update, the sequence-wise balance loss and V2's expert-level loss.
+/// Parameters under the HF names of `model.layers.{L}.mlp.`:
+///
+///     gate.weight                        [E, C]     (parameter)
+///     gate.e_score_correction_bias       [E] fp32   (noaux_tc only; a persistent
+///                                                    BUFFER: in the state dict,
+///                                                    never seen by optimizers)
+///     experts.{e}.{gate,up}_proj.weight  [I, C]     I = moe_intermediate_size
+///     experts.{e}.down_proj.weight       [C, I]
+///     shared_experts.{gate,up}_proj.weight [I*Ns, C] (when n_shared_experts > 0)
+///     shared_experts.down_proj.weight    [C, I*Ns]
+///
+/// Experts stay separate modules (the on-Hub layout). The grouped dispatch
+/// sorts the (token, slot) pairs by expert, gathers each expert's tokens with
+/// one index_select, runs every expert once on its batch and scatters the
+/// weighted outputs back with one index_add; the loop dispatch (each expert
+/// finds its tokens with a mask) is its reference twin.
+///
+/// Dimension letters: B batch, T tokens per row, N = B*T tokens, C hidden,
+/// E routed experts, K experts per token, G groups.
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/pimpl.h>
+
+#include <vector>
+
+#include "rhine/nn/config.h"
+#include "rhine/nn/layers.h"
+
+namespace rhine::nn {
+
+/// The routing decision for N tokens.
+struct Routing {
+  at::Tensor indices;  ///< [N, K] int64 selected experts
+  at::Tensor weights;  ///< [N, K] fp32 combine weights (renormalised if asked, * routed_scaling_factor)
+  at::Tensor scores;   ///< [N, E] fp32 affinities (softmax or sigmoid; unbiased)
+};
+
+/// Routes N tokens from their router logits [N, E] (computed in fp32) per the
+/// config's scoring_func / topk_method / n_group / topk_group /
+/// num_experts_per_tok / norm_topk_prob / routed_scaling_factor. `bias` [E]
+/// (noaux_tc; may be undefined) is added to the scores for selection only.
+/// Experts of dropped groups are masked with -inf (DeepSeek model.py; HF uses
+/// 0, which differs only when biased scores are negative).
+Routing route_tokens(const at::Tensor& logits, const at::Tensor& bias, const ModelConfig& config);
+
+/// V3's complementary sequence-wise balance loss, unweighted (multiply by
+/// alpha, 1e-4 in V3): mean over rows b of sum_e f_be * P_be, with
+/// f_be = E / (K T) * #{t: e selected}, P_be = mean_t s'_bte and s' the
+/// scores normalised to sum 1 per token. scores [B, T, E], indices [B, T, K].
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& indices);
+
+/// V2's expert-level balance loss, unweighted (alpha1 = 0.003 in V2): sum_e
+/// f_e * P_e over all N tokens, f_e = E / (K N) * #{t: e selected},
+/// P_e = mean_t s_te. scores [N, E], indices [N, K].
+at::Tensor expert_balance_loss(const at::Tensor& scores, const at::Tensor& indices);
+
+/// The router: `weight` [E, C] and, for noaux_tc, the buffer
+/// `e_score_correction_bias` [E] (fp32, zeros initially).
+class MoEGateImpl : public torch::nn::Module {
+ public:
+  explicit MoEGateImpl(const ModelConfig& config);
+  /// x [N, C] (any float dtype) -> routing computed in fp32 (autocast off).
+  Routing forward(const at::Tensor& x);
+  at::Tensor weight, e_score_correction_bias;
+  ModelConfig config;
+};
+TORCH_MODULE(MoEGate);
+
+/// How MoE runs the routed experts.
+enum class MoEDispatch {
+  Grouped,  ///< sort by expert, one batched call per expert (default)
+  Loop,     ///< reference twin: each expert masks out its tokens
+};
+
+/// One DeepSeekMoE layer: y = sum_k w_k FFN_{e_k}(x) + FFN_shared(x).
+class MoEImpl : public torch::nn::Module {
+ public:
+  explicit MoEImpl(const ModelConfig& config);
+  /// x [B, T, C] -> [B, T, C]. Records `last_counts` and, when an alpha is
+  /// set, `last_aux_loss`.
+  at::Tensor forward(const at::Tensor& x);
+  /// Adds the aux-loss-free update b_e += gamma * sign(mean(counts) - counts_e)
+  /// to e_score_correction_bias. counts [E] (any dtype: e.g. all-reduced over
+  /// data-parallel ranks first). No-op without the bias (not noaux_tc).
+  void update_bias(const at::Tensor& counts, double gamma);
+
+  MoEGate gate{nullptr};
+  torch::nn::ModuleList experts{nullptr};
+  std::vector<MLP> expert_list;  ///< typed views of `experts`
+  MLP shared_experts{nullptr};
+  MoEDispatch dispatch = MoEDispatch::Grouped;
+  /// Weights of the losses computed in forward (0 = not computed).
+  double seq_aux_alpha = 0.0, expert_aux_alpha = 0.0;
+  /// [E] int64: tokens routed to each expert by the last forward.
+  at::Tensor last_counts;
+  /// Scalar fp32 (differentiable): seq_aux_alpha * sequence_balance_loss +
+  /// expert_aux_alpha * expert_balance_loss of the last forward; undefined
+  /// when both alphas are 0.
+  at::Tensor last_aux_loss;
+};
+TORCH_MODULE(MoE);
+
+/// The config of one expert MLP: `config` with intermediate_size = width.
+ModelConfig expert_config(const ModelConfig& config, std::int64_t width);
+
+}  // namespace rhine::nn

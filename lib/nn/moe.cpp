@@ -1,0 +1,192 @@
+// DeepSeekMoE: routing, grouped and loop dispatch, balance losses and the
+// aux-loss-free bias update (architectures.md section 2). Dimension letters
+// as in rhine/nn/moe.h.
+#include "rhine/nn/moe.h"
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <optional>
+
+#include "rhine/core/error.h"
+#include "rhine/torch/compat.h"
+
+namespace rhine::nn {
+
+Routing route_tokens(const at::Tensor& logits, const at::Tensor& bias, const ModelConfig& c) {
+  RHINE_CHECK(logits.dim() == 2 && logits.size(1) == c.n_routed_experts, "moe",
+              "router logits must be [N, n_routed_experts]", logits.sizes().vec(), "");
+  const auto N = logits.size(0), E = c.n_routed_experts, K = c.num_experts_per_tok;
+  Routing r;
+  r.scores = c.scoring_func == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);  // [N, E]
+  // The bias steers selection only; the weights use the unbiased scores.
+  at::Tensor sel = bias.defined() ? r.scores + bias.to(r.scores.scalar_type()) : r.scores;
+  if (c.topk_method != "greedy" && c.n_group > 1) {
+    const auto G = c.n_group;
+    at::Tensor g = sel.view({N, G, E / G});                              // [N, G, E/G]
+    at::Tensor group_score = c.topk_method == "noaux_tc"
+                                 ? std::get<0>(g.topk(2, -1)).sum(-1)    // top-2 sum (V3)
+                                 : std::get<0>(g.max(-1));               // max (V2)
+    at::Tensor keep = std::get<1>(group_score.topk(c.topk_group, -1));  // [N, topk_group]
+    at::Tensor gmask = at::zeros({N, G}, sel.options().dtype(at::kBool)).scatter(1, keep, true);
+    at::Tensor emask = gmask.unsqueeze(-1).expand({N, G, E / G}).reshape({N, E});
+    sel = sel.masked_fill(emask.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  r.indices = std::get<1>(sel.topk(K, -1));  // [N, K]
+  at::Tensor w = r.scores.gather(1, r.indices);
+  if (c.norm_topk_prob) w = w / (w.sum(-1, true) + 1e-20);
+  r.weights = w * c.routed_scaling_factor;
+  return r;
+}
+
+namespace {
+// [.., E] float: per-expert selection counts of indices [.., K] (last dim summed).
+at::Tensor selection_counts(const at::Tensor& indices, std::int64_t E, at::ScalarType dt) {
+  auto shape = indices.sizes().vec();
+  shape.back() = E;
+  return at::zeros(shape, indices.options().dtype(dt))
+      .scatter_add(-1, indices, at::ones(indices.sizes(), indices.options().dtype(dt)));
+}
+}  // namespace
+
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& indices) {
+  RHINE_CHECK(scores.dim() == 3 && indices.dim() == 3 && scores.size(0) == indices.size(0) &&
+                  scores.size(1) == indices.size(1),
+              "moe", "sequence_balance_loss takes scores [B, T, E] and indices [B, T, K]",
+              (std::vector<std::vector<std::int64_t>>{scores.sizes().vec(), indices.sizes().vec()}),
+              "");
+  const auto T = scores.size(1), E = scores.size(2), K = indices.size(2);
+  at::Tensor f = selection_counts(indices, E, scores.scalar_type()).sum(1) *
+                 (static_cast<double>(E) / static_cast<double>(K * T));  // [B, E]
+  at::Tensor p = (scores / scores.sum(-1, true)).mean(1);                // [B, E]
+  return (f * p).sum(-1).mean();
+}
+
+at::Tensor expert_balance_loss(const at::Tensor& scores, const at::Tensor& indices) {
+  RHINE_CHECK(scores.dim() == 2 && indices.dim() == 2 && scores.size(0) == indices.size(0), "moe",
+              "expert_balance_loss takes scores [N, E] and indices [N, K]",
+              (std::vector<std::vector<std::int64_t>>{scores.sizes().vec(), indices.sizes().vec()}),
+              "");
+  const auto N = scores.size(0), E = scores.size(1), K = indices.size(1);
+  at::Tensor f = selection_counts(indices, E, scores.scalar_type()).sum(0) *
+                 (static_cast<double>(E) / static_cast<double>(K * N));  // [E]
+  return (f * scores.mean(0)).sum();
+}
+
+ModelConfig expert_config(const ModelConfig& c, std::int64_t width) {
+  ModelConfig e = c;
+  e.intermediate_size = width;
+  return e;
+}
+
+// --- gate -------------------------------------------------------------------
+
+MoEGateImpl::MoEGateImpl(const ModelConfig& c) : config(c) {
+  weight = register_parameter(
+      "weight", at::empty({c.n_routed_experts, c.hidden_size}).normal_(0.0, c.initializer_range));
+  if (c.topk_method == "noaux_tc")
+    e_score_correction_bias =
+        register_buffer("e_score_correction_bias", at::zeros({c.n_routed_experts}, at::kFloat));
+}
+
+Routing MoEGateImpl::forward(const at::Tensor& x) {
+  // Router math in fp32 even under autocast (bf16 logits would flip top-k choices).
+  std::optional<AutocastGuard> off;
+  if (rhine::autocast_enabled(x.device().type()))
+    off.emplace(x.device().type(), at::kBFloat16, /*enabled=*/false);
+  const auto dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor logits = at::linear(x.to(dt), weight.to(dt));  // [N, E]
+  return route_tokens(logits, e_score_correction_bias, config);
+}
+
+// --- MoE --------------------------------------------------------------------
+
+MoEImpl::MoEImpl(const ModelConfig& c) {
+  RHINE_CHECK(c.uses_moe(), "moe", "MoE needs n_routed_experts > 0", c.n_routed_experts,
+              "set the DeepSeek MoE keys in config.json");
+  gate = register_module("gate", MoEGate(c));
+  experts = register_module("experts", torch::nn::ModuleList());
+  const ModelConfig ec = expert_config(c, c.moe_intermediate_size);
+  for (std::int64_t e = 0; e < c.n_routed_experts; ++e) {
+    expert_list.push_back(MLP(ec));
+    experts->push_back(expert_list.back());
+  }
+  if (c.n_shared_experts > 0)
+    shared_experts = register_module(
+        "shared_experts", MLP(expert_config(c, c.moe_intermediate_size * c.n_shared_experts)));
+}
+
+at::Tensor MoEImpl::forward(const at::Tensor& x) {
+  RHINE_CHECK(x.dim() == 3, "moe", "x must be [B, T, C]", x.sizes().vec(), "");
+  const auto B = x.size(0), T = x.size(1), C = x.size(2), N = B * T;
+  const auto E = static_cast<std::int64_t>(expert_list.size());
+  at::Tensor x2 = x.reshape({N, C});
+  Routing r = gate(x2);
+  const auto K = r.indices.size(1);
+  at::Tensor flat = r.indices.reshape({N * K});  // [N*K] expert of each (token, slot)
+  at::Tensor counts = at::bincount(flat, {}, E);  // [E]
+  last_counts = counts.detach();
+
+  at::Tensor y;
+  if (dispatch == MoEDispatch::Grouped) {
+    // Sort the N*K (token, slot) pairs by expert: each expert's tokens become
+    // one contiguous block, gathered once and scattered back once.
+    at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));  // [N*K]
+    at::Tensor token = at::div(order, K, "floor");                              // [N*K]
+    at::Tensor xs = x2.index_select(0, token);                                  // [N*K, C]
+    at::Tensor w = r.weights.reshape({N * K}).index_select(0, order);           // [N*K]
+    at::Tensor counts_cpu = counts.cpu();
+    const std::int64_t* n_e = counts_cpu.data_ptr<std::int64_t>();
+    std::vector<at::Tensor> outs;
+    std::int64_t start = 0;
+    for (std::int64_t e = 0; e < E; ++e) {
+      if (n_e[e] == 0) continue;
+      outs.push_back(expert_list[e](xs.narrow(0, start, n_e[e])));  // [n_e, C]
+      start += n_e[e];
+    }
+    at::Tensor ys = at::cat(outs, 0);  // [N*K, C]
+    ys = ys * w.unsqueeze(1).to(ys.scalar_type());
+    y = at::zeros({N, C}, ys.options()).index_add(0, token, ys);  // [N, C]
+  } else {
+    for (std::int64_t e = 0; e < E; ++e) {
+      at::Tensor hit = r.indices == e;                          // [N, K]
+      at::Tensor rows = hit.any(1).nonzero().squeeze(1);       // tokens that chose e
+      if (rows.numel() == 0) continue;
+      // An expert appears at most once per token: its weight is the masked sum.
+      at::Tensor w = (r.weights * hit.to(r.weights.scalar_type())).sum(1).index_select(0, rows);
+      at::Tensor out = expert_list[e](x2.index_select(0, rows));  // [n_e, C]
+      out = out * w.unsqueeze(1).to(out.scalar_type());
+      y = y.defined() ? y.index_add(0, rows, out)
+                      : at::zeros({N, C}, out.options()).index_add(0, rows, out);
+    }
+  }
+  if (shared_experts) {
+    at::Tensor s = shared_experts(x2);
+    y = y.defined() ? y.to(s.scalar_type()) + s : s;
+  }
+
+  last_aux_loss = at::Tensor();
+  if (seq_aux_alpha != 0.0 || expert_aux_alpha != 0.0) {
+    at::Tensor aux = at::zeros({}, r.scores.options());
+    if (seq_aux_alpha != 0.0)
+      aux = aux + seq_aux_alpha * sequence_balance_loss(r.scores.view({B, T, E}),
+                                                        r.indices.view({B, T, K}));
+    if (expert_aux_alpha != 0.0)
+      aux = aux + expert_aux_alpha * expert_balance_loss(r.scores, r.indices);
+    last_aux_loss = aux;
+  }
+  return y.view({B, T, C});
+}
+
+void MoEImpl::update_bias(const at::Tensor& counts, double gamma) {
+  at::Tensor& b = gate->e_score_correction_bias;
+  if (!b.defined()) return;
+  RHINE_CHECK(counts.dim() == 1 && counts.size(0) == b.size(0), "moe",
+              "bias update needs counts [n_routed_experts]", counts.sizes().vec(),
+              "pass this layer's (all-reduced) expert counts");
+  at::NoGradGuard g;
+  at::Tensor c = counts.to(b.device()).to(at::kDouble);
+  b.add_((gamma * at::sign(c.mean() - c)).to(b.scalar_type()));
+}
+
+}  // namespace rhine::nn

@@ -1,0 +1,60 @@
+// Multi-token prediction modules (architectures.md section 3). Dimension
+// letters as in rhine/nn/mtp.h.
+#include "rhine/nn/mtp.h"
+
+#include <ATen/ATen.h>
+
+#include "rhine/core/error.h"
+
+namespace rhine::nn {
+
+WeightAliasImpl::WeightAliasImpl() { weight = register_buffer("weight", at::empty({0})); }
+
+void WeightAliasImpl::tie(const at::Tensor& target) {
+  // set_data swaps in target's storage and metadata while the buffer keeps
+  // its own (grad-free) autograd identity: in-place optimizer updates and
+  // checkpoint copies into either tensor are seen by both.
+  weight.set_data(target);
+}
+
+SharedHeadImpl::SharedHeadImpl(const ModelConfig& c) {
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  head = register_module("head", WeightAlias());
+}
+
+MTPLayerImpl::MTPLayerImpl(const ModelConfig& c, std::int64_t layer) : DecoderLayerImpl(c, layer) {
+  const auto C = c.hidden_size;
+  enorm = register_module("enorm", RMSNorm(C, c.rms_norm_eps));
+  hnorm = register_module("hnorm", RMSNorm(C, c.rms_norm_eps));
+  eh_proj = register_module("eh_proj",
+                            torch::nn::Linear(torch::nn::LinearOptions(2 * C, C).bias(false)));
+  shared_head = register_module("shared_head", SharedHead(c));
+  embed_tokens = register_module("embed_tokens", WeightAlias());
+}
+
+std::pair<at::Tensor, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_prev,
+                                                        const at::Tensor& ids_ahead,
+                                                        const at::Tensor& embedding,
+                                                        const at::Tensor& head,
+                                                        const AttentionInputs& in) {
+  at::Tensor e = enorm(at::embedding(embedding, ids_ahead));  // [B, T, C]
+  at::Tensor hh = hnorm(h_prev);                             // [B, T, C]
+  // Embedding first, as the released weights and every implementation do.
+  at::Tensor x = eh_proj(at::cat({e, hh.to(e.scalar_type())}, -1));  // [B, T, C]
+  at::Tensor h = DecoderLayerImpl::forward(x, in);                  // [B, T, C]
+  at::Tensor logits = at::linear(shared_head->norm(h), head);       // [B, T, V]
+  return {h, logits};
+}
+
+at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index) {
+  RHINE_CHECK(labels.dim() == 2 && k >= 1, "mtp", "labels must be [B, T] and depth k >= 1",
+              (std::vector<std::int64_t>{labels.dim(), k}), "");
+  const auto T = labels.size(1);
+  at::Tensor out = at::full_like(labels, ignore_index);
+  if (k < T) out.narrow(1, 0, T - k).copy_(labels.narrow(1, k, T - k));
+  return out;
+}
+
+at::Tensor mtp_inputs(const at::Tensor& ids, std::int64_t k) { return ids.roll(-k, 1); }
+
+}  // namespace rhine::nn

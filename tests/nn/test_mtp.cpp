@@ -1,0 +1,276 @@
+// Multi-token prediction and the DeepSeek model as a whole: MTP loss against
+// the float64 PyTorch reference (tests/fixtures/nn/make_deepseek_fixtures.py)
+// and against a direct computation from the model's own modules, label
+// shifting, HF/DeepSeek-V3 weight names (MTP layers, buffers, aliases),
+// parameter counts (published 671B / 37B), aux losses and expert counts in
+// ForwardOutput, MLA + MoE inside a llama config, and the config round trip
+// on the published DeepSeek-V2-Lite and DeepSeek-V3 config.json.
+#include "deepseek_fixtures.h"
+
+#include "rhine/nn/mtp.h"
+
+using namespace rhine::nn;
+using Catch::Matchers::Contains;
+using nn_test::Fixture;
+using nn_test::rel_err;
+
+TEST_CASE("MTP label and input shifting", "[nn][mtp]") {
+  auto labels = at::tensor({1, 2, 3, 4, 5, 6, 7, 8}, at::kLong).view({2, 4});
+  auto l2 = mtp_labels(labels, 2, -100);
+  CHECK(at::equal(l2, at::tensor({3, 4, -100, -100, 7, 8, -100, -100}, at::kLong).view({2, 4})));
+  auto ids = at::tensor({10, 11, 12, 13}, at::kLong).view({1, 4});
+  CHECK(at::equal(mtp_inputs(ids, 1), at::tensor({11, 12, 13, 10}, at::kLong).view({1, 4})));
+}
+
+TEST_CASE("MTP loss matches the float64 reference and a direct computation", "[nn][mtp]") {
+  Fixture fx("deepseek_v3_tiny");
+  CausalLM lm = nn_test::deepseek_model(fx);
+  const auto& c = fx.meta["cases"][0];
+  auto ids = fx.ids(0);
+  ForwardOptions o;
+  o.labels = Fixture::as_tensor(c["labels"]);
+  o.mtp_lambda = 0.3;
+  auto out = lm->forward(ids, o);
+  const double ce = c["ce_loss"].get<double>(), mtp = c["mtp_ce"][0].get<double>();
+  CHECK(out.stats.ce_loss == Approx(ce).epsilon(1e-12));
+  REQUIRE(out.stats.mtp_ce.size() == 1);
+  CHECK(out.stats.mtp_ce[0] == Approx(mtp).epsilon(1e-12));
+  CHECK(out.stats.mtp_loss == Approx(0.3 / 1 * mtp).epsilon(1e-12));
+  CHECK(out.loss.item<double>() == Approx(ce + 0.3 * mtp).epsilon(1e-12));
+  // Depth 1 has one target fewer per row than the main loss: 8+7 main, 7+6 MTP.
+  CHECK(out.stats.n_tokens == 15);
+  CHECK(out.stats.mtp_tokens == std::vector<std::int64_t>{13});
+  // The MTP layer's MoE routed tokens: counts equal the reference's.
+  auto want = c["expert_counts"];
+  REQUIRE(out.expert_counts.size(0) == 2);
+  for (std::int64_t e = 0; e < 8; ++e)
+    CHECK(out.expert_counts[1][e].item<std::int64_t>() == want[1][e].get<std::int64_t>());
+
+  // Direct computation from the modules: h0 = norm(main blocks), then
+  // [enorm(emb(t_{i+1})); hnorm(h0)] -> eh_proj -> block -> norm -> head.
+  {
+    at::NoGradGuard g;
+    auto& mtp_layer = lm->model->mtp.at(0);
+    auto h0 = lm->model->embed_tokens(ids);
+    AttentionInputs in;
+    auto pos = at::arange(9, at::kLong).unsqueeze(0).expand({2, 9});
+    std::tie(in.cos, in.sin) = rope_cos_sin(
+        rope_frequencies(fx.config.rope, 4, fx.config.max_position_embeddings), pos,
+        RopeLayout::Interleaved, at::kDouble);
+    in.attention.is_causal = true;
+    for (auto& b : lm->model->blocks) h0 = b(h0, in);
+    h0 = lm->model->norm(h0);
+    auto e = mtp_layer->enorm(lm->model->embed_tokens(ids.roll(-1, 1)));
+    auto x = mtp_layer->eh_proj(at::cat({e, mtp_layer->hnorm(h0)}, -1));
+    auto h1 = mtp_layer->DecoderLayerImpl::forward(x, in);
+    auto logits = lm->lm_head(mtp_layer->shared_head->norm(h1));  // [2, 9, V]
+    auto [ce1, z1, n1] = lm_loss(logits.narrow(1, 0, 8).reshape({16, -1}),
+                                 o.labels->narrow(1, 1, 8).reshape({16}), -100, 0.0);
+    CHECK(ce1.item<double>() == Approx(out.stats.mtp_ce[0]).epsilon(1e-12));
+    CHECK(n1 == 13);
+  }
+
+  // lambda = 0: no MTP; gradients reach every parameter with MTP on.
+  o.mtp_lambda = 0.0;
+  auto plain = lm->forward(ids, o);
+  CHECK_FALSE(plain.mtp_loss.defined());
+  CHECK(plain.loss.item<double>() == Approx(ce).epsilon(1e-12));
+  CHECK(plain.expert_counts[1].sum().item<std::int64_t>() == 0);  // MTP layer did not run
+  o.mtp_lambda = 0.1;
+  lm->train();
+  auto trained = lm->forward(ids, o);
+  trained.loss.backward();
+  for (auto& p : lm->named_parameters()) {
+    INFO(p.key());
+    auto gr = p.value().grad();
+    bool ok = gr.defined();
+    // Experts no token chose this time have no gradient.
+    if (!ok) ok = p.key().find(".experts.") != std::string::npos;
+    CHECK(ok);
+  }
+}
+
+TEST_CASE("DeepSeek models carry the HF/DeepSeek-V3 names and MTP copies alias the shared weights",
+          "[nn][mtp][names]") {
+  Fixture fx("deepseek_v3_tiny");
+  CausalLM lm(fx.config);
+  auto params = lm->named_parameters();
+  auto buffers = lm->named_buffers();
+  for (std::string n :
+       {"model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_a_proj.bias",
+        "model.layers.0.self_attn.q_a_layernorm.weight", "model.layers.0.self_attn.q_b_proj.weight",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.7.down_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.2.enorm.weight",
+        "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight",
+        "model.layers.2.shared_head.norm.weight", "model.layers.2.mlp.experts.0.gate_proj.weight",
+        "model.layers.2.input_layernorm.weight"}) {
+    INFO(n);
+    CHECK(params.contains(n));
+  }
+  CHECK(params["model.layers.2.eh_proj.weight"].sizes().vec() == std::vector<std::int64_t>{32, 64});
+  for (std::string n : {"model.layers.1.mlp.gate.e_score_correction_bias",
+                        "model.layers.2.mlp.gate.e_score_correction_bias",
+                        "model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight"}) {
+    INFO(n);
+    CHECK(buffers.contains(n));
+    CHECK_FALSE(params.contains(n));
+  }
+  CHECK(buffers["model.layers.1.mlp.gate.e_score_correction_bias"].scalar_type() == at::kFloat);
+  // The aliases share storage with the trained tensors, also after a dtype change.
+  for (int pass = 0; pass < 2; ++pass) {
+    auto b = lm->named_buffers();
+    CHECK(b["model.layers.2.embed_tokens.weight"].data_ptr() ==
+          lm->model->embed_tokens->weight.data_ptr());
+    CHECK(b["model.layers.2.shared_head.head.weight"].data_ptr() == lm->lm_head->weight.data_ptr());
+    lm->to(at::kDouble);
+  }
+  // Parameter count: closed form == built model; MTP aliases are not counted twice.
+  CHECK(lm->num_parameters() == parameter_count(fx.config));
+  Fixture v2("deepseek_v2_tiny");
+  CausalLM l2(v2.config);
+  CHECK(l2->num_parameters() == parameter_count(v2.config));
+  CHECK(l2->num_parameters(false) == parameter_count(v2.config, false));
+  CHECK(l2->named_buffers().size() == 0);  // no bias outside noaux_tc
+  CHECK(l2->named_parameters().contains("model.layers.0.self_attn.q_proj.weight"));
+  CHECK(l2->named_parameters().contains("model.layers.1.mlp.gate_proj.weight"));  // freq 2: dense
+  CHECK(l2->named_parameters().contains("model.layers.2.mlp.gate.weight"));
+}
+
+TEST_CASE("published DeepSeek sizes from the closed-form count", "[nn][mtp][count]") {
+  auto v3 = ModelConfig::from_file(nn_test::fixture_path("configs/deepseek-v3.json"));
+  // V3: 671B total and 37B activated per token (paper), 685B on the Hub with
+  // the MTP module (its embedding/head copies included: 2 * V * C more).
+  ModelConfig main_only = v3;
+  main_only.num_nextn_predict_layers = 0;
+  CHECK(parameter_count(main_only) / 1e9 == Approx(671).margin(1.0));
+  // "Activated" counts what runs matmuls per token: all but the input
+  // embedding lookup (V3 36.6B ~ 37B; V2-Lite 2.45B ~ 2.4B).
+  const double emb3 = double(v3.vocab_size) * v3.hidden_size;
+  CHECK((active_parameter_count(v3) - emb3) / 1e9 == Approx(37).margin(0.5));
+  const double hub = (parameter_count(v3) + 2.0 * v3.vocab_size * v3.hidden_size) / 1e9;
+  CHECK(hub == Approx(685).margin(1.0));
+  // V2-Lite: 15.7B total, 2.4B activated (model card).
+  auto lite = ModelConfig::from_file(nn_test::fixture_path("configs/deepseek-v2-lite.json"));
+  CHECK(parameter_count(lite) / 1e9 == Approx(15.7).margin(0.1));
+  const double emb2 = double(lite.vocab_size) * lite.hidden_size;
+  CHECK((active_parameter_count(lite) - emb2) / 1e9 == Approx(2.4).margin(0.1));
+}
+
+TEST_CASE("config round trip of the published DeepSeek-V2-Lite and V3 config.json",
+          "[nn][mtp][config]") {
+  for (std::string file : {"deepseek-v2-lite.json", "deepseek-v3.json"}) {
+    INFO(file);
+    auto raw = rhine::read_json_file(nn_test::fixture_path("configs/" + file), "test");
+    auto c = ModelConfig::from_json(raw);
+    auto j = c.to_json();
+    for (auto& [key, value] : raw.items()) {
+      INFO("key " << key);
+      REQUIRE(j.contains(key));
+      if (key == "rope_scaling") {
+        for (auto& [k2, v2] : value.items()) CHECK(j[key][k2] == v2);
+        CHECK(j[key]["rope_type"] == "yarn");
+      } else {
+        CHECK(j[key] == value);
+      }
+    }
+    CHECK(ModelConfig::from_json(j) == c);
+    CHECK(c.uses_mla());
+    CHECK(c.rope_interleave);
+    CHECK(c.head_dim == 64);
+  }
+  auto v3 = ModelConfig::from_file(nn_test::fixture_path("configs/deepseek-v3.json"));
+  CHECK(v3.is_moe_layer(3));
+  CHECK_FALSE(v3.is_moe_layer(2));
+  CHECK(v3.is_moe_layer(61));  // the MTP layer is an MoE layer
+  CHECK(v3.extra.contains("quantization_config"));
+}
+
+TEST_CASE("MLA and MoE layers inside a llama config", "[nn][mtp][llama]") {
+  auto j = rhine::Json::parse(R"({"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+      "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 2,
+      "num_key_value_heads": 1, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+      "v_head_dim": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 8, "n_shared_experts": 1, "first_k_dense_replace": 1,
+      "moe_layer_freq": 2, "num_nextn_predict_layers": 1, "tie_word_embeddings": true})");
+  auto c = ModelConfig::from_json(j);
+  CHECK(ModelConfig::from_json(c.to_json()) == c);
+  CHECK(c.to_json()["n_routed_experts"] == 4);
+  CHECK_FALSE(c.rope_interleave);  // llama keeps rotate_half unless rope_interleave is set
+  CausalLM lm(c);
+  auto p = lm->named_parameters();
+  CHECK(p.contains("model.layers.0.self_attn.kv_b_proj.weight"));
+  CHECK(p.contains("model.layers.0.mlp.gate_proj.weight"));   // dense: L < 1
+  CHECK(p.contains("model.layers.1.mlp.gate_proj.weight"));   // dense: 1 % 2 != 0
+  CHECK(p.contains("model.layers.2.mlp.experts.3.up_proj.weight"));
+  CHECK(p.contains("model.layers.3.eh_proj.weight"));
+  CHECK(lm->num_parameters() == parameter_count(c));
+  // Tied embeddings: the MTP head aliases the embedding.
+  CHECK(lm->named_buffers()["model.layers.3.shared_head.head.weight"].data_ptr() ==
+        lm->model->embed_tokens->weight.data_ptr());
+  auto ids = at::randint(0, 32, {2, 6}, at::kLong);
+  ForwardOptions o;
+  o.labels = ids.roll(-1, 1);
+  o.moe_seq_aux_alpha = 1e-2;
+  o.moe_expert_aux_alpha = 1e-2;
+  auto out = lm->forward(ids, o);
+  CHECK(out.logits.sizes().vec() == std::vector<std::int64_t>{2, 6, 32});
+  REQUIRE(out.aux_loss.defined());
+  CHECK(out.aux_loss.requires_grad());
+  // One MoE layer: 2 (the MTP layer 3 is dense: 3 % 2 != 0) -> one row.
+  CHECK(out.expert_counts.sizes().vec() == std::vector<std::int64_t>{1, 4});
+  CHECK(out.loss.item<double>() ==
+        Approx(out.stats.ce_loss + out.stats.mtp_loss + out.stats.aux_loss).epsilon(1e-6));
+  // Router bias update API: counts [n_moe_layers, E]; no bias outside noaux_tc.
+  lm->update_router_bias(out.expert_counts, 1e-3);
+  CHECK_THROWS_WITH(lm->update_router_bias(at::zeros({2, 4}), 1e-3),
+                    Contains("[causal_lm]") && Contains("n_moe_layers"));
+}
+
+TEST_CASE("router bias update through CausalLM for a V3 model", "[nn][mtp][bias]") {
+  Fixture fx("deepseek_v3_tiny");
+  CausalLM lm = nn_test::deepseek_model(fx);
+  auto before = lm->moe_layers()[0]->gate->e_score_correction_bias.clone();
+  ForwardOptions o;
+  o.labels = Fixture::as_tensor(fx.meta["cases"][0]["labels"]);
+  auto out = lm->forward(fx.ids(0), o);
+  lm->update_router_bias(out.expert_counts, 0.25);
+  auto cnt = out.expert_counts[0].to(at::kDouble);
+  auto expect = before + 0.25 * at::sign(cnt.mean() - cnt);
+  CHECK(rel_err(lm->moe_layers()[0]->gate->e_score_correction_bias, expect) < 1e-15);
+}
+
+TEST_CASE("the example DeepSeek configs build and train a step", "[nn][mtp][examples]") {
+  for (std::string name : {"deepseek-tiny", "deepseek-small"}) {
+    INFO(name);
+    auto j = rhine::read_json_file(std::string(RHINE_SOURCE_DIR) + "/examples/configs/" + name +
+                                       ".json",
+                                   "test");
+    auto model = j["model"];
+    model["vocab_size"] = 4000;  // the demo tokenizer's vocabulary (scripts/demo.sh)
+    auto c = ModelConfig::from_json(model);
+    CHECK(c.uses_mla());
+    CHECK(c.uses_moe());
+    CHECK(c.num_nextn_predict_layers == 1);
+    if (name == "deepseek-small") {
+      // ~10-20M parameters in total, a third of them active per token.
+      CHECK(parameter_count(c) > 10'000'000);
+      CHECK(parameter_count(c) < 20'000'000);
+      CHECK(active_parameter_count(c) < parameter_count(c) / 3);
+      continue;
+    }
+    CausalLMOptions lo;
+    lo.init_seed = 1;
+    CausalLM lm(c, lo);
+    auto ids = at::randint(0, 4000, {2, 16}, at::kLong);
+    ForwardOptions o;
+    o.labels = ids.roll(-1, 1);
+    auto out = lm->forward(ids, o);
+    out.loss.backward();
+    CHECK(std::isfinite(out.loss.item<double>()));
+    CHECK(out.stats.mtp_ce.size() == 1);
+    CHECK(out.expert_counts.size(0) == 2);  // layer 1 and the MTP layer
+  }
+}

@@ -1,0 +1,224 @@
+// rhine-convert: Hugging Face model directories <-> Rhine training checkpoints,
+// dtype changes, and the porter's question "do my logits match?".
+//
+//   rhine-convert hf-to-rhine --model HF_DIR --out RUN_DIR [--step N]
+//   rhine-convert rhine-to-hf --checkpoint RUN_DIR|STEP_DIR --out HF_DIR [--dtype bf16] [--tokenizer-from DIR]
+//   rhine-convert dtype --model HF_DIR --out HF_DIR --to bf16|f16|f32
+//   rhine-convert logits --model HF_DIR --ids FILE --out OUT.safetensors
+//
+// A training checkpoint written here is a complete `step-N` directory of
+// rhine/io/checkpoint.h holding config.json, model.safetensors (the float32
+// weights under their HF names), generation_config.json and the tokenizer
+// files; optimizer and loader state start fresh. rhine-to-hf reads
+// config.json + model.safetensors of the newest complete checkpoint of a run
+// directory (or of the given step directory).
+//
+// logits: runs the model in float32 on the token ids in FILE (one sequence
+// per line, space-separated) and writes each sequence's logits as a float32
+// tensor `logits.N` [T, vocab], N counting lines from 0.
+#include <CLI/CLI.hpp>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/core/file.h"
+#include "rhine/core/log.h"
+#include "rhine/io/checkpoint.h"
+#include "rhine/io/hf.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/torch/runtime.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kTool = "rhine-convert";
+const char* const kSideFiles[] = {"tokenizer.json",          "tokenizer.model",   "tokenizer_config.json",
+                                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                                  "generation_config.json"};
+
+std::vector<std::vector<std::int64_t>> read_ids(const std::string& path, std::int64_t vocab) {
+  const std::string text = rhine::read_file(path, kTool);
+  std::vector<std::vector<std::int64_t>> rows;
+  std::istringstream in(text);
+  std::string line;
+  std::size_t n = 0;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    std::vector<std::int64_t> row;
+    std::istringstream ls(line);
+    std::string tok;
+    while (ls >> tok) {
+      std::size_t used = 0;
+      long long v = 0;
+      try {
+        v = std::stoll(tok, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      RHINE_CHECK(used == tok.size(), kTool, "not a token id on line " + std::to_string(n) + " of " + path, tok,
+                  "one sequence per line, ids separated by spaces");
+      RHINE_CHECK(v >= 0 && v < vocab, kTool, "token id out of range on line " + std::to_string(n) + " of " + path,
+                  v, "ids must be in [0, " + std::to_string(vocab) + ")");
+      row.push_back(v);
+    }
+    RHINE_CHECK(!row.empty(), kTool, "empty line in " + path, "line " + std::to_string(n),
+                "every line is one sequence of at least one id");
+    rows.push_back(std::move(row));
+    ++n;
+  }
+  RHINE_CHECK(!rows.empty(), kTool, "no sequences in", path, "one sequence per line");
+  return rows;
+}
+
+int cmd_logits(const std::string& model, const std::string& ids_file, const std::string& out, bool fp8) {
+  rhine::io::ImportOptions io;
+  io.dtype = at::kFloat;
+  io.dequantize_fp8 = fp8;
+  auto lm = rhine::io::load_hf_model(model, io);
+  lm->eval();
+  const auto rows = read_ids(ids_file, lm->config().vocab_size);
+  std::map<std::string, at::Tensor> logits;
+  at::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    at::Tensor ids = at::tensor(rows[i], at::kLong).view({1, -1});  // [1, T]
+    logits["logits." + std::to_string(i)] = lm->forward(ids).logits[0].to(at::kFloat).contiguous();  // [T, V]
+  }
+  rhine::save_safetensors(out, logits);
+  std::printf("wrote %zu sequences of logits [T, %lld] to %s\n", rows.size(),
+              static_cast<long long>(lm->config().vocab_size), out.c_str());
+  return 0;
+}
+
+int cmd_dtype(const std::string& model, const std::string& out, const std::string& to, bool overwrite,
+              std::uint64_t shard) {
+  const at::ScalarType dt = rhine::io::parse_hf_dtype(to);
+  rhine::io::ImportOptions io;
+  io.dtype = dt;
+  auto lm = rhine::io::load_hf_model(model, io);
+  rhine::io::ExportOptions eo;
+  eo.dtype = dt;
+  eo.overwrite = overwrite;
+  eo.max_shard_bytes = shard;
+  eo.tokenizer_from = model;
+  auto files = rhine::io::save_hf_model(lm, out, eo);
+  std::printf("wrote %s (%s, %zu files)\n", out.c_str(), rhine::io::hf_dtype_name(dt).c_str(), files.size());
+  return 0;
+}
+
+int cmd_hf_to_rhine(const std::string& model, const std::string& out, std::int64_t step, bool fp8) {
+  rhine::io::ImportOptions io;
+  io.dequantize_fp8 = fp8;
+  auto lm = rhine::io::load_hf_model(model, io);  // float32 master weights
+  rhine::io::CheckpointOptions co;
+  co.dir = out;
+  co.keep_last = 0;
+  rhine::io::CheckpointManager mgr(co);
+  auto w = mgr.begin(step);
+  std::map<std::string, at::Tensor> tensors;
+  for (auto& [name, t] : rhine::io::hf_state_dict(*lm)) tensors[name] = t;
+  rhine::save_safetensors(w.path("model.safetensors"), tensors);
+  lm->config().save(w.path("config.json"));
+  for (const char* f : kSideFiles)
+    if (fs::is_regular_file(fs::path(model) / f))
+      rhine::write_file_atomic(w.path(f), rhine::read_file((fs::path(model) / f).string(), kTool));
+  const fs::path done = w.commit();
+  std::printf("wrote %s (%zu tensors)\n", done.c_str(), tensors.size());
+  return 0;
+}
+
+int cmd_rhine_to_hf(const std::string& checkpoint, const std::string& out, const std::string& dtype,
+                    const std::string& tokenizer_from, bool overwrite, std::uint64_t shard) {
+  fs::path step_dir = checkpoint;
+  if (!fs::exists(step_dir / "config.json")) {
+    rhine::io::CheckpointOptions co;
+    co.dir = checkpoint;
+    RHINE_CHECK(fs::is_directory(checkpoint), kTool, "no such checkpoint directory", checkpoint,
+                "pass a run directory (its newest checkpoint is used) or a step-N directory");
+    auto latest = rhine::io::CheckpointManager(co).latest();
+    RHINE_CHECK(latest.has_value(), kTool, "no complete checkpoint in", checkpoint,
+                "pass a run directory with step-N checkpoints, or a step directory holding config.json");
+    step_dir = latest->path;
+  } else {
+    const std::string why = rhine::io::CheckpointManager::check(step_dir, /*verify_checksums=*/true);
+    RHINE_CHECK(why.empty(), kTool, "incomplete or damaged checkpoint " + step_dir.string(), why,
+                "use another step");
+  }
+  RHINE_CHECK(fs::exists(step_dir / "model.safetensors"), kTool, "the checkpoint holds no model.safetensors",
+              step_dir.string(), "rhine-to-hf reads config.json + model.safetensors of a checkpoint");
+  auto lm = rhine::io::load_hf_model(step_dir);
+  rhine::io::ExportOptions eo;
+  if (!dtype.empty()) eo.dtype = rhine::io::parse_hf_dtype(dtype);
+  eo.overwrite = overwrite;
+  eo.max_shard_bytes = shard;
+  eo.tokenizer_from = tokenizer_from.empty() ? step_dir : fs::path(tokenizer_from);
+  auto files = rhine::io::save_hf_model(lm, out, eo);
+  std::printf("wrote %s from %s (%zu files)\n", out.c_str(), step_dir.c_str(), files.size());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"rhine-convert: HF model directories <-> Rhine checkpoints, dtypes, logits"};
+  app.require_subcommand(1);
+  int threads = 0;
+  app.add_option("--threads", threads, "LibTorch threads (0: default)");
+
+  std::string model, out, ids, checkpoint, dtype, to, tokenizer_from;
+  std::int64_t step = 0;
+  bool overwrite = false, fp8 = false;
+  std::uint64_t shard = 5'000'000'000;
+
+  auto* h2r = app.add_subcommand("hf-to-rhine", "HF directory -> Rhine training checkpoint (step-N)");
+  h2r->add_option("--model", model, "HF model directory")->required();
+  h2r->add_option("--out", out, "run directory of checkpoints")->required();
+  h2r->add_option("--step", step, "step number of the checkpoint")->capture_default_str();
+  h2r->add_flag("--dequantize-fp8", fp8, "decode float8 block-scaled weights");
+
+  auto* r2h = app.add_subcommand("rhine-to-hf", "Rhine training checkpoint -> HF directory");
+  r2h->add_option("--checkpoint", checkpoint, "run directory (newest checkpoint) or step-N directory")->required();
+  r2h->add_option("--out", out, "HF output directory")->required();
+  r2h->add_option("--dtype", dtype, "float32, bfloat16/bf16, float16/f16 (default: as stored)");
+  r2h->add_option("--tokenizer-from", tokenizer_from, "copy tokenizer files from here (default: the checkpoint)");
+  r2h->add_flag("--overwrite", overwrite, "replace an existing output directory");
+  r2h->add_option("--max-shard-bytes", shard, "shard above this many bytes (0: one file)")->capture_default_str();
+
+  auto* dt = app.add_subcommand("dtype", "HF directory -> HF directory in another dtype");
+  dt->add_option("--model", model, "HF model directory")->required();
+  dt->add_option("--out", out, "HF output directory")->required();
+  dt->add_option("--to", to, "bf16, f16 or f32")->required();
+  dt->add_flag("--overwrite", overwrite, "replace an existing output directory");
+  dt->add_option("--max-shard-bytes", shard, "shard above this many bytes (0: one file)")->capture_default_str();
+
+  auto* lg = app.add_subcommand("logits", "float32 logits of token id sequences (one per line)");
+  lg->add_option("--model", model, "HF model directory")->required();
+  lg->add_option("--ids", ids, "token ids: one sequence per line, space-separated")->required();
+  lg->add_option("--out", out, "output .safetensors (tensors logits.N [T, vocab])")->required();
+  lg->add_flag("--dequantize-fp8", fp8, "decode float8 block-scaled weights");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    rhine::init_logging();
+    rhine::set_threads(threads);
+    if (*h2r) return cmd_hf_to_rhine(model, out, step, fp8);
+    if (*r2h) return cmd_rhine_to_hf(checkpoint, out, dtype, tokenizer_from, overwrite, shard);
+    if (*dt) return cmd_dtype(model, out, to, overwrite, shard);
+    return cmd_logits(model, ids, out, fp8);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}

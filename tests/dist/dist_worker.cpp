@@ -1,0 +1,269 @@
+// One rank of the data-parallel tests (test_dist.cpp starts 1 or 2 of these).
+// It trains a tiny Llama-style CausalLM with AdamW on a fixed batch of B rows:
+// rank r of N uses rows [r*B/N, (r+1)*B/N), split into `accum` micro-batches.
+// It reads its place from the environment like any Rhine program
+// (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or nothing for one process).
+//
+//   dist_worker --out PREFIX [--steps 3] [--batch 4] [--seq 8] [--accum 1]
+//               [--sync bucketed|reference] [--bucket-bytes N] [--no-overlap]
+//               [--zero1] [--timeout-ms 20000] [--no-broadcast] [--collectives]
+//               [--forget-no-sync]   accumulate without no_sync (must throw)
+//               [--unwind]           on an error, destroy the World normally
+//                                    (instead of _Exit) before exiting with 3
+//               [--resume-at K]      ZeRO-1: before step K, rebuild the optimizer
+//                                    from its state_dict (a per-rank resume)
+//               [--die-rank R --die-after K]    rank R exits after K steps
+//               [--sleep-rank R --sleep-after K] rank R sleeps 60 s after K steps
+//
+// Writes PREFIX.rank<r>.params (every parameter as float64, in named order),
+// PREFIX.rank<r>.json (buckets, overlapped buckets per step, losses, hash) or,
+// on a rhine::Error, PREFIX.rank<r>.err with its message (exit code 3).
+#include <ATen/ops/arange.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/nn/module.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/core/json.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/sharded_optimizer.h"
+#include "rhine/dist/world.h"
+#include "rhine/nn/model.h"
+#include "rhine/optim/adamw.h"
+#include "rhine/torch/runtime.h"
+
+namespace {
+
+struct Args {
+  std::string out;
+  int steps = 3, batch = 4, seq = 8, accum = 1;
+  std::string sync = "bucketed";
+  long bucket_bytes = 25l << 20;
+  bool overlap = true, zero1 = false, broadcast = true, collectives = false, forget_no_sync = false;
+  int resume_at = -1;
+  bool unwind = false;
+  long timeout_ms = 20000;
+  int die_rank = -1, die_after = 0, sleep_rank = -1, sleep_after = 0;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto next = [&]() -> std::string {
+      RHINE_CHECK(i + 1 < argc, "dist_worker", "missing value for", k, "");
+      return argv[++i];
+    };
+    if (k == "--out") a.out = next();
+    else if (k == "--steps") a.steps = std::stoi(next());
+    else if (k == "--batch") a.batch = std::stoi(next());
+    else if (k == "--seq") a.seq = std::stoi(next());
+    else if (k == "--accum") a.accum = std::stoi(next());
+    else if (k == "--sync") a.sync = next();
+    else if (k == "--bucket-bytes") a.bucket_bytes = std::stol(next());
+    else if (k == "--no-overlap") a.overlap = false;
+    else if (k == "--zero1") a.zero1 = true;
+    else if (k == "--no-broadcast") a.broadcast = false;
+    else if (k == "--collectives") a.collectives = true;
+    else if (k == "--forget-no-sync") a.forget_no_sync = true;
+    else if (k == "--unwind") a.unwind = true;
+    else if (k == "--resume-at") a.resume_at = std::stoi(next());
+    else if (k == "--timeout-ms") a.timeout_ms = std::stol(next());
+    else if (k == "--die-rank") a.die_rank = std::stoi(next());
+    else if (k == "--die-after") a.die_after = std::stoi(next());
+    else if (k == "--sleep-rank") a.sleep_rank = std::stoi(next());
+    else if (k == "--sleep-after") a.sleep_after = std::stoi(next());
+    else RHINE_FAIL("dist_worker", "unknown argument", k, "");
+  }
+  RHINE_CHECK(!a.out.empty(), "dist_worker", "--out is required", "", "");
+  return a;
+}
+
+rhine::nn::ModelConfig tiny_config() {
+  rhine::nn::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 32;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 64;
+  return c;
+}
+
+/// Token t of row i of the fixed global batch (B rows of T + 1 tokens).
+int64_t token(int64_t i, int64_t t, int64_t vocab) {
+  uint64_t x = static_cast<uint64_t>(i) * 1000003u + static_cast<uint64_t>(t) * 7919u + 12345u;
+  x ^= x >> 13;
+  x *= 0x9E3779B97F4A7C15ull;
+  x ^= x >> 29;
+  return static_cast<int64_t>(x % static_cast<uint64_t>(vocab));
+}
+
+/// Checks each World collective against values every rank can compute.
+void check_collectives(rhine::dist::World& world) {
+  const int n = world.world_size(), r = world.rank();
+  auto filled = [&](double v) { return at::arange(3, at::kFloat).add(v); };  // [v, v+1, v+2]
+  const double sum = n * (n + 1) / 2.0;  // of r + 1 over ranks
+  struct Case { rhine::dist::ReduceOp op; double expect; };
+  for (const Case c : {Case{rhine::dist::ReduceOp::kSum, sum}, Case{rhine::dist::ReduceOp::kAvg, sum / n},
+                       Case{rhine::dist::ReduceOp::kMax, double(n)}, Case{rhine::dist::ReduceOp::kMin, 1.0}}) {
+    at::Tensor t = filled(r + 1);
+    world.all_reduce_(t, c.op);
+    at::Tensor want = at::arange(3, at::kFloat)
+                          .mul(c.op == rhine::dist::ReduceOp::kSum ? n : 1)
+                          .add(c.expect);
+    RHINE_CHECK(t.equal(want), "dist_worker", "all_reduce result", static_cast<int>(c.op), "");
+  }
+  at::Tensor b = filled(r * 10);
+  world.broadcast_(b, n - 1);
+  RHINE_CHECK(b.equal(filled((n - 1) * 10)), "dist_worker", "broadcast result", r, "");
+  auto g = world.all_gather(filled(r));
+  RHINE_CHECK(static_cast<int>(g.size()) == n, "dist_worker", "all_gather size", g.size(), "");
+  for (int k = 0; k < n; ++k)
+    RHINE_CHECK(g[static_cast<size_t>(k)].equal(filled(k)), "dist_worker", "all_gather part", k, "");
+  world.barrier();
+}
+
+int run(const Args& a) {
+  rhine::set_threads(1);
+  rhine::dist::DistOptions dopt;
+  dopt.backend = "gloo";
+  dopt.timeout = std::chrono::milliseconds(a.timeout_ms);
+  rhine::dist::World world = rhine::dist::init_from_env(dopt);
+  const int rank = world.rank(), n = world.world_size();
+  const std::string prefix = a.out + ".rank" + std::to_string(rank);
+  try {
+    const auto cfg = tiny_config();
+    rhine::nn::CausalLMOptions mo;
+    mo.init_seed = 1234 + static_cast<uint64_t>(rank);  // differ on purpose: broadcast fixes it
+    rhine::nn::CausalLM lm(cfg, mo);
+    rhine::NamedParameters params;
+    for (const auto& p : lm->named_parameters()) params.push_back({p.key(), p.value()});
+    std::vector<at::Tensor> tensors;
+    for (const auto& p : params) tensors.push_back(p.tensor);
+    if (a.collectives) check_collectives(world);
+    if (a.broadcast) rhine::dist::broadcast_parameters(world, tensors);
+    rhine::dist::check_same_across_ranks(world, tensors);
+
+    // This rank's rows of the global batch.
+    RHINE_CHECK(a.batch % (n * a.accum) == 0, "dist_worker", "batch must split over ranks and micro-steps",
+                a.batch, "");
+    const int64_t b = a.batch / n, T = a.seq;
+    std::vector<int64_t> rows(static_cast<size_t>(b * (T + 1)));
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t t = 0; t <= T; ++t) rows[static_cast<size_t>(i * (T + 1) + t)] = token(rank * b + i, t, cfg.vocab_size);
+    at::Tensor data = at::from_blob(rows.data(), {b, T + 1}, at::kLong).clone();  // [b, T+1]
+
+    rhine::AdamWOptions ao;
+    ao.lr = 1e-2;
+    ao.weight_decay = 0.1;
+    std::unique_ptr<rhine::AdamW> plain;
+    std::unique_ptr<rhine::dist::ShardedOptimizer> sharded;
+    auto factory = [&](const rhine::NamedParameters& shard) -> std::unique_ptr<rhine::Optimizer> {
+      return std::make_unique<rhine::AdamW>(rhine::decay_groups(shard, ao));
+    };
+    if (a.zero1) {
+      sharded = std::make_unique<rhine::dist::ShardedOptimizer>(world, params, factory);
+    } else {
+      plain = std::make_unique<rhine::AdamW>(rhine::decay_groups(params, ao));
+    }
+    rhine::dist::GradientSyncOptions so;
+    so.bucket_bytes = a.bucket_bytes;
+    so.overlap = a.overlap;
+    // The per-parameter twin needs no hooks: build the bucketed sync only when used.
+    std::unique_ptr<rhine::dist::GradientSync> sync;
+    if (a.sync == "bucketed") sync = std::make_unique<rhine::dist::GradientSync>(world, params, so);
+
+    rhine::Json report;
+    report["rank"] = rank;
+    report["world_size"] = n;
+    report["buckets"] = sync ? sync->buckets().size() : params.size();
+    report["overlapped"] = rhine::Json::array();
+    report["losses"] = rhine::Json::array();
+    const int64_t mb = b / a.accum;
+    for (int step = 0; step < a.steps; ++step) {
+      if (rank == a.die_rank && step == a.die_after) std::_Exit(0);
+      if (rank == a.sleep_rank && step == a.sleep_after) std::this_thread::sleep_for(std::chrono::seconds(60));
+      if (sharded && step == a.resume_at) {
+        // Round trip through copies of this rank's state, as a checkpoint would.
+        rhine::OptimizerState saved = sharded->state_dict();
+        for (auto& [k, t] : saved.tensors) t = t.clone();
+        sharded = std::make_unique<rhine::dist::ShardedOptimizer>(world, params, factory);
+        sharded->load_state_dict(saved);
+      }
+      double loss_sum = 0;
+      for (int micro = 0; micro < a.accum; ++micro) {
+        auto guard = (sync && micro + 1 < a.accum && !a.forget_no_sync) ? sync->no_sync()
+                                                                         : rhine::dist::NoSyncGuard{};
+        at::Tensor chunk = data.slice(0, micro * mb, (micro + 1) * mb);  // [mb, T+1]
+        rhine::nn::ForwardOptions fo;
+        fo.labels = chunk.slice(1, 1, T + 1).contiguous();
+        auto out = lm->forward(chunk.slice(1, 0, T).contiguous(), fo);
+        at::Tensor loss = out.loss / static_cast<double>(a.accum);
+        loss.backward();
+        loss_sum += loss.item<double>();
+      }
+      if (sync) {
+        sync->finish();
+        report["overlapped"].push_back(sync->last_overlapped_buckets());
+      } else {
+        RHINE_CHECK(a.sync == "reference", "dist_worker", "unknown --sync", a.sync, "");
+        rhine::dist::sync_gradients_reference(world, params);
+      }
+      report["losses"].push_back(loss_sum);
+      if (sharded) {
+        sharded->step();
+        sharded->zero_grad();
+      } else {
+        plain->step();
+        plain->zero_grad();
+      }
+    }
+    rhine::dist::check_same_across_ranks(world, tensors);
+    char hash[32];
+    std::snprintf(hash, sizeof hash, "%016llx",
+                  static_cast<unsigned long long>(rhine::dist::tensors_hash(tensors)));
+    report["hash"] = hash;
+    std::ofstream f(prefix + ".params", std::ios::binary);
+    for (const auto& t : tensors) {
+      at::Tensor d = t.detach().to(at::kDouble).contiguous();
+      f.write(static_cast<const char*>(d.data_ptr()), static_cast<std::streamsize>(d.numel() * 8));
+    }
+    std::ofstream(prefix + ".json") << report.dump() << "\n";
+    world.barrier();
+    return 0;
+  } catch (const rhine::Error& e) {
+    std::ofstream(prefix + ".err") << e.what() << "\n";
+    std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+    std::fflush(stderr);
+    // Default: leave at once, as a launcher would kill us anyway. --unwind
+    // checks that destroying a failed World does not hang either.
+    if (a.unwind) throw;
+    std::_Exit(3);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const rhine::Error& e) {
+    return 3;  // already reported by run()
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dist_worker: %s\n", e.what());
+    return 2;
+  }
+}

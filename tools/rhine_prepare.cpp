@@ -7,9 +7,11 @@
 // Inputs: LANG=PATH or PATH, where PATH is a file, a directory (its .txt and
 // .jsonl files) or a glob. `.txt`: documents separated by blank lines (or one
 // document per file with --doc-per-file). `.jsonl`: one document per line with
-// a text field and an optional lang field (other fields are ignored; the
-// source recorded per document is the input file's name). The language of a
-// document comes from the JSONL field, else LANG=, else --lang.
+// a text field and optional lang, source and licence (or license) fields
+// (others are ignored). The source recorded per document is the JSONL source,
+// else the input file's name; manifest.json lists per source its documents,
+// tokens and the licences its records named. The language of a document comes
+// from the JSONL field, else LANG=, else --lang.
 //
 // Invalid UTF-8 is repaired (each bad byte becomes U+FFFD) and counted.
 // Output: OUT/<lang>-NNNNN.tokens (see rhine/formats/token_shard.h), at most
@@ -26,6 +28,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -53,6 +56,8 @@ struct Options {
 
 struct Document {
   std::string text, lang;
+  std::string source;   // JSONL source field, else the input file's name
+  std::string licence;  // JSONL licence (or license) field, else ""
 };
 
 // Replaces invalid UTF-8 sequences by U+FFFD; returns the number replaced.
@@ -123,13 +128,16 @@ std::vector<Document> read_documents(const std::string& lang, const std::string&
                                      std::size_t& repaired, std::size_t& skipped) {
   std::string text = rhine::read_file(path, "rhine-prepare");
   std::vector<Document> docs;
-  auto push = [&](std::string t, std::string l) {
+  const std::string file_name = fs::path(path).filename().string();
+  auto push = [&](std::string t, std::string l, std::string source = {}, std::string licence = {}) {
     if (t.empty()) return;
     repaired += repair_utf8(t);
+    repair_utf8(source);
+    repair_utf8(licence);
     if (l.empty()) l = lang.empty() ? o.default_lang : lang;
     RHINE_CHECK(!l.empty(), "rhine-prepare", "document without a language", path,
                 "give LANG=PATH, a JSONL lang field, or --lang");
-    docs.push_back({std::move(t), std::move(l)});
+    docs.push_back({std::move(t), std::move(l), source.empty() ? file_name : std::move(source), std::move(licence)});
   };
   if (fs::path(path).extension() == ".jsonl") {
     std::size_t line_no = 0, pos = 0;
@@ -151,8 +159,12 @@ std::vector<Document> read_documents(const std::string& lang, const std::string&
         ++skipped;
         continue;
       }
-      std::string l = j.contains(o.lang_field) && j[o.lang_field].is_string() ? j[o.lang_field].get<std::string>() : "";
-      push(j[o.text_field].get<std::string>(), l);
+      auto field = [&](const char* key) {
+        return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+      };
+      std::string licence = field("licence");
+      if (licence.empty()) licence = field("license");
+      push(j[o.text_field].get<std::string>(), field(o.lang_field.c_str()), field("source"), licence);
     }
   } else if (o.doc_per_file) {
     push(std::move(text), "");
@@ -183,8 +195,6 @@ std::vector<Document> read_documents(const std::string& lang, const std::string&
 struct LangOutput {
   std::unique_ptr<rhine::TokenShardWriter> writer;
   int index = 0;
-  std::vector<std::string> sources;
-  std::map<std::string, std::uint16_t> source_ids;
   std::uint64_t tokens = 0, docs = 0;
 };
 
@@ -272,30 +282,23 @@ int prepare(const Options& o) {
     if (final) std::fprintf(stderr, "\n");
   };
 
+  // Per source: documents, tokens and the licence records named (manifest.json).
+  struct SourceInfo {
+    std::uint64_t docs = 0, tokens = 0;
+    std::set<std::string> licences;
+  };
+  std::map<std::string, SourceInfo> source_info;
   auto writer_for = [&](const std::string& lang, const std::string& source) -> std::pair<LangOutput*, std::uint16_t> {
     auto& lo = outs[lang];
     if (!lo.writer || lo.writer->n_tokens() >= o.shard_tokens) {
       if (lo.writer) lo.writer->finish(), ++lo.index;
-      lo.source_ids.clear();
-      lo.sources.clear();
       rhine::TokenShardMeta m;
       m.vocab_size = static_cast<std::uint32_t>(tok.vocab_size());
       m.tokenizer = fs::path(o.tokenizer).filename().string();
       m.languages = {lang};
-      // Sources are declared up front; list every input file (a shard's
-      // documents refer to them by index).
-      for (const auto& f : files) {
-        auto name = fs::path(f.second).filename().string();
-        if (!lo.source_ids.count(name)) {
-          lo.source_ids[name] = static_cast<std::uint16_t>(lo.sources.size());
-          lo.sources.push_back(name);
-        }
-      }
-      m.sources = lo.sources;
       lo.writer = std::make_unique<rhine::TokenShardWriter>((fs::path(o.out) / shard_name(lang, lo.index)).string(), m);
     }
-    auto it = lo.source_ids.find(source);
-    return {&lo, it == lo.source_ids.end() ? std::uint16_t{0} : it->second};
+    return {&lo, lo.writer->source_id(source)};
   };
 
   for (const auto& [lang, path] : files) {
@@ -306,8 +309,12 @@ int prepare(const Options& o) {
       for (std::size_t i = begin; i < end; ++i) texts.push_back(docs[i].text);
       auto ids = tok.encode_batch(texts, {}, threads);
       for (std::size_t i = begin; i < end; ++i) {
-        auto [lo, src] = writer_for(docs[i].lang, fs::path(path).filename().string());
+        auto [lo, src] = writer_for(docs[i].lang, docs[i].source);
         lo->writer->add(ids[i - begin], 0, src);
+        auto& si = source_info[docs[i].source];
+        ++si.docs;
+        si.tokens += ids[i - begin].size();
+        if (!docs[i].licence.empty()) si.licences.insert(docs[i].licence);
         lo->tokens += ids[i - begin].size();
         ++lo->docs;
         ++n_docs;
@@ -327,6 +334,10 @@ int prepare(const Options& o) {
     std::printf("%s: %llu docs, %llu tokens, %d shard(s)\n", lang.c_str(), static_cast<unsigned long long>(lo.docs),
                 static_cast<unsigned long long>(lo.tokens), lo.index + 1);
   }
+  manifest["sources"] = rhine::Json::object();
+  for (const auto& [name, si] : source_info)
+    manifest["sources"][name] = {{"docs", si.docs}, {"tokens", si.tokens},
+                                 {"licences", std::vector<std::string>(si.licences.begin(), si.licences.end())}};
   rhine::write_json_file((fs::path(o.out) / "manifest.json").string(), manifest);
   if (repaired) std::printf("repaired %zu invalid UTF-8 bytes\n", repaired);
   if (skipped) std::printf("skipped %zu JSONL records without a text field or with broken JSON\n", skipped);

@@ -27,7 +27,7 @@ namespace fs = std::filesystem;
 constexpr std::int64_t kIgnore = -100;
 
 // Expands files, directories and glob patterns into a sorted list of shards.
-std::vector<std::string> find_shards(const std::vector<std::string>& specs) {
+std::vector<std::string> expand_shard_paths_impl(const std::vector<std::string>& specs) {
   std::vector<std::string> out;
   for (const auto& spec : specs) {
     std::error_code ec;
@@ -356,7 +356,7 @@ DataLoader::DataLoader(DataLoaderOptions options) : impl_(new Impl) {
   // Open shards and group documents by language.
   std::map<std::string, Stream> by_lang;
   std::uint32_t vocab = 0;
-  for (const auto& path : find_shards(o.shards)) {
+  for (const auto& path : expand_shard_paths_impl(o.shards)) {
     auto shard = TokenShard::open(path, o.verify);
     vocab = std::max(vocab, shard->meta().vocab_size);
     for (const auto& d : shard->docs()) {
@@ -467,6 +467,10 @@ void apply_goldfish(const at::Tensor& input_ids, at::Tensor& labels, const Goldf
       if (XXH64(ctx.data(), ctx.size() * sizeof(std::uint32_t), o.seed) % static_cast<std::uint64_t>(o.k) == 0)
         lab[r][i] = kIgnore;
     }
+}
+
+std::vector<std::string> expand_shard_paths(const std::vector<std::string>& specs) {
+  return expand_shard_paths_impl(specs);
 }
 
 }  // namespace rhine

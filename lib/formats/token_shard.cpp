@@ -119,6 +119,16 @@ TokenShardWriter::~TokenShardWriter() {
   XXH3_freeState(impl_->hash);
 }
 
+std::uint16_t TokenShardWriter::source_id(const std::string& name) {
+  auto& srcs = impl_->meta.sources;
+  for (std::size_t i = 0; i < srcs.size(); ++i)
+    if (srcs[i] == name) return static_cast<std::uint16_t>(i);
+  RHINE_CHECK(srcs.size() < 65536, "token_shard", "too many sources in one shard", srcs.size(),
+              "use fewer distinct source names or smaller shards (--shard-tokens)");
+  srcs.push_back(name);
+  return static_cast<std::uint16_t>(srcs.size() - 1);
+}
+
 void TokenShardWriter::add(const std::int32_t* ids, std::size_t n, std::uint16_t lang,
                            std::uint16_t source) {
   auto& s = *impl_;

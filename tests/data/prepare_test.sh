@@ -20,8 +20,11 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # a broken line, a record without text, and a line with an invalid byte.
 head -n 300 "$src/data/sample/fr.txt" | grep -v '^$' | python3 -c '
 import json, sys
-for line in sys.stdin:
-    print(json.dumps({"text": line.rstrip("\n"), "lang": "fr"}, ensure_ascii=False))
+for i, line in enumerate(sys.stdin):
+    r = {"text": line.rstrip("\n"), "lang": "fr"}
+    if i % 2:  # every other record names its source and licence
+        r.update(source="wiki-fr", licence="CC-BY-SA-4.0")
+    print(json.dumps(r, ensure_ascii=False))
 print("{broken json")
 print(json.dumps({"lang": "fr"}))
 ' > fr.jsonl
@@ -46,6 +49,16 @@ for line in open("fr.jsonl"):
 [[ $(wc -l < want.txt) -gt 100 ]] || fail "too few documents compared"
 cmp -s got.txt want.txt || fail "ids differ from rhine-tokenizer encode: $(diff got.txt want.txt | head -5)"
 [[ $("$prep" --dump shards | awk -F'\t' '$1 == "de"' | wc -l) == 2 ]] || fail "blank-line documents"
+# JSONL source fields become the documents' sources; licences go to the manifest.
+[[ $("$prep" --dump shards | awk -F'\t' '$1 == "fr" { print $2 }' | sort -u | tr '\n' ' ') == "fr.jsonl wiki-fr " ]] \
+  || fail "sources: $("$prep" --dump shards | awk -F'\t' '{ print $2 }' | sort -u | tr '\n' ' ')"
+python3 -c '
+import json, sys
+s = json.load(open("shards/manifest.json"))["sources"]
+assert s["wiki-fr"]["licences"] == ["CC-BY-SA-4.0"], s
+assert s["fr.jsonl"]["licences"] == [] and s["de.txt"]["docs"] == 2, s
+' || fail "manifest sources/licences"
+
 
 # A run killed mid-way leaves only complete shards; a new run restarts cleanly.
 for i in $(seq 1 40); do cat fr.jsonl; done > big.jsonl

@@ -124,6 +124,10 @@ class DataLoader {
   std::unique_ptr<Impl> impl_;
 };
 
+/// Expands shard specs (files, directories: every *.tokens inside, glob
+/// patterns) into a sorted, de-duplicated list; throws when nothing is found.
+std::vector<std::string> expand_shard_paths(const std::vector<std::string>& specs);
+
 /// The attention mask for packed rows: [b, 1, T, T] bool, true where query i
 /// may see key j (same document and j <= i). doc_ids: [b, T].
 at::Tensor document_causal_mask(const at::Tensor& doc_ids);

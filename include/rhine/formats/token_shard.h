@@ -66,6 +66,10 @@ class TokenShardWriter {
     add(ids.data(), ids.size(), lang, source);
   }
 
+  /// The index of source `name` in this shard's source table, appending it
+  /// when new (sources need not all be declared up front). Throws past 65,536.
+  std::uint16_t source_id(const std::string& name);
+
   /// Writes index, metadata and header, fsyncs and renames into place.
   void finish();
 

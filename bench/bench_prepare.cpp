@@ -1,0 +1,96 @@
+// rhine-prepare throughput: end-to-end MB/s of text (read, repair, tokenize on
+// all cores, write shards) next to the tokenizer alone on the same documents,
+// so the ratio shows whether prepare is limited by the tokenizer or by I/O.
+//
+//   bench_prepare TOKENIZER [TEXT ...]     (default text: data/sample/*.txt)
+//
+// Both sides see the same blank-line separated documents, repeated to at
+// least 8 MB so a run is long enough to time.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench.h"
+#include "rhine/core/threads.h"
+#include "rhine/tokenizer/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<std::string> split_docs(const std::string& text) {
+  std::vector<std::string> docs;
+  std::string doc;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) {
+      if (!doc.empty()) docs.push_back(std::move(doc));
+      doc.clear();
+    } else {
+      if (!doc.empty()) doc += '\n';
+      doc += line;
+    }
+  }
+  if (!doc.empty()) docs.push_back(std::move(doc));
+  return docs;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: bench_prepare TOKENIZER [TEXT ...]\n");
+    return 2;
+  }
+  const std::string tokenizer = argv[1];
+  std::vector<std::string> inputs(argv + 2, argv + argc);
+  if (inputs.empty())
+    for (const char* l : {"de", "en", "fr", "nl"}) inputs.push_back(std::string(RHINE_SOURCE_DIR) + "/data/sample/" + l + ".txt");
+
+  std::string text;
+  for (const auto& p : inputs) {
+    std::ifstream f(p);
+    std::stringstream s;
+    s << f.rdbuf();
+    text += s.str() + "\n\n";
+  }
+  const std::string one = text;
+  while (text.size() < (8u << 20)) text += one;
+  const auto tmp = fs::temp_directory_path() / ("rhine-bench-prepare-" + std::to_string(::getpid()));
+  fs::create_directories(tmp);
+  const auto input = tmp / "input.txt";
+  std::ofstream(input) << text;
+  const double mb = static_cast<double>(text.size()) / 1e6;
+  const int threads = rhine::default_thread_count();
+  const nlohmann::json params = {{"tokenizer", fs::path(tokenizer).filename().string()},
+                                 {"mb", mb},
+                                 {"threads", threads}};
+
+  auto tok = rhine::Tokenizer::load(tokenizer);
+  const auto docs = split_docs(text);
+  auto s_tok = rhine::bench::time_runs([&] { tok.encode_batch(docs, {}, threads); }, 5, 1);
+  rhine::bench::report_rate("prepare.tokenizer_only", params, s_tok, mb, "MB/s");
+
+  const std::string cmd = std::string(RHINE_PREPARE) + " -q --lang xx -t " + tokenizer + " -o " +
+                          (tmp / "shards").string() + " " + input.string() + " > /dev/null";
+  auto s_prep = rhine::bench::time_runs(
+      [&] {
+        if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "rhine-prepare failed: %s\n", cmd.c_str());
+      },
+      5, 1);
+  rhine::bench::report_rate("prepare.end_to_end", params, s_prep, mb, "MB/s");
+  std::printf("%s\n", nlohmann::json({{"name", "prepare.end_to_end_vs_tokenizer"},
+                                      {"params", params},
+                                      {"median", s_tok.median / s_prep.median},
+                                      {"unit", "ratio (1 = limited by the tokenizer)"}})
+                          .dump()
+                          .c_str());
+  fs::remove_all(tmp);
+  return 0;
+}

@@ -1,0 +1,81 @@
+#pragma once
+/// \file
+/// Per-language held-out evaluation: cross-entropy and bits per byte.
+///
+/// Bits per byte = (sum of token cross-entropies in nats) / ln 2 / (UTF-8
+/// bytes of the text those tokens encode). It does not depend on the
+/// tokenizer, so runs with different tokenizers (or vocabulary sizes)
+/// compare, and it is the number multilingual model reports quote per
+/// language. Each held-out document is scored as `[bos] tokens`, chunked into
+/// windows of `seq_len` predictions without overlap; every token after the
+/// first of a document is predicted exactly once.
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "rhine/core/json.h"
+#include "rhine/nn/model.h"
+
+namespace rhine {
+class Tokenizer;
+}
+
+namespace rhine::train {
+
+/// Options of HeldoutSet::from_shards.
+struct HeldoutOptions {
+  /// Token shards (files, directories or globs as DataLoaderOptions::shards).
+  std::vector<std::string> shards;
+  /// Stop adding documents of a language once it has this many tokens.
+  std::int64_t max_tokens_per_language = 20000;
+  /// Tokens predicted per forward pass.
+  std::int64_t seq_len = 256;
+};
+
+/// Held-out documents grouped by language, with the byte count bpb divides by.
+struct HeldoutSet {
+  struct Language {
+    std::vector<std::vector<std::int64_t>> docs;  ///< [bos] tokens, per document
+    std::uint64_t bytes = 0;                      ///< UTF-8 bytes the documents decode to
+  };
+  std::map<std::string, Language> languages;
+  std::int64_t seq_len = 256;
+
+  /// Reads shards written by rhine-prepare; bytes come from decoding each
+  /// document with `tokenizer` (the one the shards were made with).
+  static HeldoutSet from_shards(const HeldoutOptions& options, const Tokenizer& tokenizer);
+};
+
+/// One language's numbers.
+struct LanguageEval {
+  double loss = 0.0;            ///< mean cross-entropy per predicted token (nats)
+  double bits_per_byte = 0.0;   ///< tokenizer-independent
+  std::int64_t tokens = 0;      ///< predicted tokens
+  std::uint64_t bytes = 0;
+  /// MoE models: [n_moe_layers, E] tokens routed to each expert while scoring
+  /// this language (undefined for dense models). Shows how routing differs
+  /// between languages.
+  at::Tensor expert_counts;
+};
+
+/// Per-language results of one evaluation.
+struct EvalResult {
+  std::int64_t step = 0;
+  std::map<std::string, LanguageEval> languages;
+  /// {"de": {"loss":..., "bpb":..., "tokens":..., "bytes":...,
+  ///         "moe_imbalance": mean over layers of max/mean expert load (MoE only)}, ...}
+  Json to_json() const;
+};
+
+/// max(expert load) / mean(expert load), averaged over MoE layers, of
+/// counts [n_moe_layers, E]: 1 is perfectly balanced, E is one expert taking
+/// everything. 0 for an undefined tensor.
+double moe_imbalance(const at::Tensor& counts);
+
+/// Scores `heldout` with `model` in eval mode (no grad), under bf16 autocast
+/// when asked; the model is put back in train mode.
+EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16);
+
+}  // namespace rhine::train

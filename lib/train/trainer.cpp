@@ -1,0 +1,515 @@
+#include "rhine/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/Generator.h>
+#include <c10/core/GradMode.h>
+#include <fmt/format.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "rhine/core/error.h"
+#include "rhine/core/file.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/world.h"
+#include "rhine/io/checkpoint.h"
+#include "rhine/io/lora.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/optim/clip.h"
+#include "rhine/torch/compat.h"
+#include "rhine/train/plot.h"
+
+namespace rhine::train {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr const char* kComponent = "trainer";
+using Clock = std::chrono::steady_clock;
+
+// --- signals: SIGINT/SIGTERM ask the loop to checkpoint and return ----------
+volatile std::sig_atomic_t g_signal = 0;
+extern "C" void rhine_trainer_on_signal(int sig) { g_signal = sig; }
+
+// Installs the handlers for the lifetime of fit() and restores the old ones.
+struct SignalScope {
+  explicit SignalScope(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+    g_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = rhine_trainer_on_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~SignalScope() {
+    if (!enabled_) return;
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  bool enabled_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::string human_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const auto t = static_cast<long long>(s + 0.5);
+  if (t >= 3600) return fmt::format("{}h{:02d}m", t / 3600, static_cast<int>(t % 3600 / 60));
+  if (t >= 60) return fmt::format("{}m{:02d}s", t / 60, static_cast<int>(t % 60));
+  return fmt::format("{}s", t);
+}
+
+std::string human_count(double v) {
+  if (v >= 1e6) return fmt::format("{:.2f}M", v / 1e6);
+  if (v >= 1e3) return fmt::format("{:.1f}k", v / 1e3);
+  return fmt::format("{:.0f}", v);
+}
+
+at::Tensor cpu_rng_state() {
+  auto gen = at::globalContext().defaultGenerator(c10::DeviceType::CPU);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& state) {
+  auto gen = at::globalContext().defaultGenerator(c10::DeviceType::CPU);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+}  // namespace
+
+void TrainerOptions::validate() const {
+  RHINE_CHECK(max_steps > 0, kComponent, "max_steps must be positive", max_steps, "");
+  RHINE_CHECK(grad_accum >= 1, kComponent, "grad_accum must be >= 1", grad_accum, "1 = no accumulation");
+  RHINE_CHECK(grad_clip >= 0 && std::isfinite(grad_clip), kComponent, "grad_clip must be >= 0", grad_clip,
+              "0 disables clipping");
+  RHINE_CHECK(checkpoint_every >= 0, kComponent, "checkpoint_every must be >= 0", checkpoint_every, "");
+  RHINE_CHECK(eval_every >= 0, kComponent, "eval_every must be >= 0", eval_every, "");
+  RHINE_CHECK(log_every >= 1, kComponent, "log_every must be >= 1", log_every, "");
+  RHINE_CHECK(keep_last >= 0, kComponent, "keep_last must be >= 0", keep_last, "0 keeps all");
+  RHINE_CHECK(max_consecutive_skips >= 1, kComponent, "max_consecutive_skips must be >= 1",
+              max_consecutive_skips, "");
+  RHINE_CHECK(router_bias_update_rate >= 0, kComponent, "router_bias_update_rate must be >= 0",
+              router_bias_update_rate, "0 turns the update off");
+  skip.validate();
+}
+
+// --- model state -------------------------------------------------------------
+
+std::map<std::string, at::Tensor> model_state(const nn::CausalLM& model) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : model->named_parameters()) out[p.key()] = p.value().detach();
+  for (const auto& b : model->named_buffers()) out[b.key()] = b.value().detach();
+  return out;
+}
+
+void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tensor>& state) {
+  std::map<std::string, at::Tensor> targets;
+  for (const auto& p : model->named_parameters()) targets[p.key()] = p.value();
+  for (const auto& b : model->named_buffers()) targets[b.key()] = b.value();
+  std::vector<std::string> missing, unexpected, shapes;
+  for (const auto& [name, t] : targets)
+    if (!state.count(name)) missing.push_back(name);
+  for (const auto& [name, t] : state) {
+    auto it = targets.find(name);
+    if (it == targets.end())
+      unexpected.push_back(name);
+    else if (it->second.sizes() != t.sizes())
+      shapes.push_back(fmt::format("{} {} vs model {}", name, fmt::join(t.sizes(), "x"),
+                                   fmt::join(it->second.sizes(), "x")));
+  }
+  RHINE_CHECK(missing.empty() && unexpected.empty() && shapes.empty(), kComponent,
+              "model state does not match the model",
+              fmt::format("missing {}, unexpected {}, shape mismatches {}", fmt::join(missing, ", "),
+                          fmt::join(unexpected, ", "), fmt::join(shapes, ", ")),
+              "the checkpoint was written for another model config");
+  at::NoGradGuard no_grad;
+  for (auto& [name, t] : targets) t.copy_(state.at(name));
+}
+
+// --- files of a run: checkpoints, metrics, progress line ----------------------
+
+struct Trainer::Files {
+  std::unique_ptr<io::CheckpointManager> ckpt;
+  fs::path metrics_path, svg_path;
+  std::ofstream metrics;
+  bool tty = ::isatty(STDERR_FILENO) != 0;
+  bool progress_drawn = false;
+  std::int64_t last_checkpoint_step = -1;
+};
+
+Trainer::Trainer(nn::CausalLM model, Optimizer& optimizer, Schedule schedule, DataLoader& loader,
+                 TrainerOptions options)
+    : model_(std::move(model)),
+      optimizer_(optimizer),
+      schedule_(std::move(schedule)),
+      loader_(loader),
+      o_(std::move(options)),
+      guard_(o_.skip),
+      files_(std::make_unique<Files>()) {
+  o_.validate();
+  has_lora_ = io::lora_options(*model_).has_value();
+  if (!o_.out_dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(o_.out_dir, ec);
+    RHINE_CHECK(!ec, kComponent, "cannot create the run directory", o_.out_dir, ec.message());
+    io::CheckpointOptions co;
+    co.dir = (fs::path(o_.out_dir) / "checkpoints").string();
+    co.keep_last = o_.keep_last;
+    files_->ckpt = std::make_unique<io::CheckpointManager>(co);
+    files_->metrics_path = fs::path(o_.out_dir) / "metrics.jsonl";
+    files_->svg_path = fs::path(o_.out_dir) / "training.svg";
+  }
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::set_heldout(const HeldoutSet* heldout) { heldout_ = heldout; }
+
+void Trainer::set_data_parallel(dist::World* world, dist::GradientSync* sync) {
+  RHINE_CHECK((world == nullptr) == (sync == nullptr), kComponent, "set_data_parallel needs both world and sync",
+              world == nullptr ? "world null" : "sync null", "pass both, or both nullptr for one process");
+  world_ = world;
+  sync_ = sync;
+}
+
+bool Trainer::is_main() const { return world_ == nullptr || world_->is_main(); }
+int Trainer::world_size() const { return world_ == nullptr ? 1 : world_->world_size(); }
+
+void Trainer::sum_over_ranks(std::vector<double>& values) {
+  if (world_size() == 1) return;
+  auto t = at::tensor(values, at::kDouble);
+  world_->all_reduce_(t, dist::ReduceOp::kSum);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = t[static_cast<std::int64_t>(i)].item<double>();
+}
+
+void Trainer::barrier() {
+  if (world_size() > 1) world_->barrier();
+}
+
+// --- checkpoints -------------------------------------------------------------
+
+fs::path Trainer::save_checkpoint() {
+  RHINE_CHECK(files_->ckpt != nullptr, kComponent, "cannot checkpoint without a run directory", o_.out_dir,
+              "set TrainerOptions::out_dir");
+  const auto final_path = fs::path(files_->ckpt->options().dir) / io::CheckpointManager::dir_name(step_);
+  if (!is_main()) {  // rank 0 writes; the others wait until it is durable
+    barrier();
+    files_->last_checkpoint_step = step_;
+    return final_path;
+  }
+  auto w = files_->ckpt->begin(step_);
+  model_->config().save(w.path("config.json"));
+  save_safetensors(w.path("model.safetensors"), model_state(model_));
+  auto opt = optimizer_.state_dict();
+  opt.tensors["rng/cpu"] = cpu_rng_state();
+  save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
+  Json langs = Json::object();
+  for (const auto& [l, n] : tokens_per_language_) langs[l] = n;
+  Json state = {{"step", step_},
+                {"optimizer", opt.meta},
+                {"loader", loader_.state()},
+                {"skip_guard", guard_.state()},
+                {"elapsed_seconds", elapsed_before_},
+                {"tokens_per_language", langs},
+                {"max_steps", o_.max_steps},
+                {"grad_accum", o_.grad_accum}};
+  write_json_file(w.path("trainer.json"), state);
+  if (callbacks_.save_extra) callbacks_.save_extra(w);
+  const auto path = w.commit();
+  barrier();
+  files_->last_checkpoint_step = step_;
+  if (callbacks_.on_checkpoint) callbacks_.on_checkpoint(path);
+  return path;
+}
+
+void Trainer::load_checkpoint(const fs::path& dir) {
+  const auto why = io::CheckpointManager::check(dir, false);
+  RHINE_CHECK(why.empty(), kComponent, "not a complete checkpoint", dir.string(), why);
+  const auto saved_config = read_json_file((dir / "config.json").string(), kComponent);
+  RHINE_CHECK(nn::ModelConfig::from_json(saved_config).to_json() == model_->config().to_json(), kComponent,
+              "the checkpoint was written for another model config", dir.string(),
+              "resume with the config of that run, or start in a new out_dir");
+  load_model_state(model_, load_safetensors((dir / "model.safetensors").string()));
+  const auto state = read_json_file((dir / "trainer.json").string(), kComponent);
+  OptimizerState opt;
+  opt.tensors = load_safetensors((dir / "optimizer.safetensors").string());
+  auto rng = opt.tensors.find("rng/cpu");
+  RHINE_CHECK(rng != opt.tensors.end(), kComponent, "optimizer.safetensors has no rng/cpu", dir.string(),
+              "the checkpoint was not written by rhine::train::Trainer");
+  set_cpu_rng_state(rng->second);
+  opt.tensors.erase(rng);
+  const auto device = model_->output_weight().device();
+  for (auto& [name, t] : opt.tensors) t = t.to(device);
+  opt.meta = state.at("optimizer");
+  optimizer_.load_state_dict(opt);
+  loader_.load_state(state.at("loader").get<std::string>());
+  guard_.load_state(state.at("skip_guard"));
+  step_ = state.at("step").get<std::int64_t>();
+  elapsed_before_ = state.at("elapsed_seconds").get<double>();
+  tokens_per_language_.clear();
+  for (const auto& [l, n] : state.at("tokens_per_language").items()) tokens_per_language_[l] = n.get<std::int64_t>();
+  consecutive_skips_ = 0;
+  files_->last_checkpoint_step = step_;
+  if (callbacks_.load_extra) callbacks_.load_extra(dir);
+}
+
+// --- one optimizer step ------------------------------------------------------
+
+StepMetrics Trainer::train_step() {
+  const auto t0 = Clock::now();
+  const auto device = model_->output_weight().device();
+  const auto& langs = loader_.languages();
+  std::vector<Batch> micro;
+  micro.reserve(static_cast<std::size_t>(o_.grad_accum));
+  // [counted tokens, input tokens, tokens per language...], summed over ranks.
+  std::vector<double> counts(2 + langs.size(), 0.0);
+  for (int i = 0; i < o_.grad_accum; ++i) {
+    micro.push_back(loader_.next());
+    auto& b = micro.back();
+    if (callbacks_.on_batch) callbacks_.on_batch(b);
+    counts[0] += static_cast<double>(b.labels.ne(-100).sum().item<std::int64_t>());
+    counts[1] += static_cast<double>(b.input_ids.numel());
+    for (std::size_t l = 0; l < b.tokens_per_language.size(); ++l)
+      counts[2 + l] += static_cast<double>(b.tokens_per_language[l]);
+  }
+  sum_over_ranks(counts);
+  const double counted = counts[0];
+  StepMetrics m;
+  m.tokens = static_cast<std::int64_t>(counts[1]);
+  for (std::size_t l = 0; l < langs.size(); ++l)
+    if (counts[2 + l] > 0) m.tokens_per_language[langs[l]] = static_cast<std::int64_t>(counts[2 + l]);
+
+  optimizer_.zero_grad();
+  std::vector<double> losses = {0.0, 0.0, 0.0, 0.0};  // this rank's share of [loss, ce, aux, mtp]
+  at::Tensor expert_counts;                            // [n_moe_layers, E], summed over micro-batches
+  for (std::size_t i = 0; i < micro.size(); ++i) {
+    auto& b = micro[i];
+    // Accumulation micro-steps communicate nothing; the last one launches the buckets.
+    auto no_sync = sync_ != nullptr && i + 1 < micro.size() ? sync_->no_sync() : dist::NoSyncGuard{};
+    nn::ForwardOptions fo;
+    fo.labels = b.labels.to(device);
+    fo.position_ids = b.position_ids.to(device);
+    fo.document_mask = o_.document_mask;
+    fo.z_loss = o_.z_loss;
+    fo.mtp_lambda = o_.mtp_lambda;
+    fo.moe_seq_aux_alpha = o_.moe_seq_aux_alpha;
+    fo.moe_expert_aux_alpha = o_.moe_expert_aux_alpha;
+    nn::ForwardOutput out;
+    if (has_lora_) io::refresh_lora(*model_);  // W + s B A from the current adapters
+    {
+      AutocastGuard autocast(device.type(), at::kBFloat16, o_.bf16);
+      out = model_->forward(b.input_ids.to(device), fo);
+    }
+    // Token-weighted: the step's loss is the mean over all counted tokens of
+    // all micro-batches of all ranks. GradientSync averages over ranks, hence
+    // the factor world_size.
+    const double w = counted > 0 ? static_cast<double>(out.stats.n_tokens) / counted : 0.0;
+    (out.loss * (w * world_size())).backward();
+    losses[0] += out.loss.item<double>() * w;
+    losses[1] += out.stats.ce_loss * w;
+    losses[2] += out.stats.aux_loss * w;
+    losses[3] += out.stats.mtp_loss * w;
+    if (out.expert_counts.defined())
+      expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts.cpu() : out.expert_counts.cpu();
+  }
+  if (sync_ != nullptr) sync_->finish();
+  sum_over_ranks(losses);
+  m.loss = losses[0];
+  m.ce_loss = losses[1];
+  m.aux_loss = losses[2];
+  m.mtp_loss = losses[3];
+  if (expert_counts.defined()) {  // global counts drive the bias update
+    expert_counts = expert_counts.to(at::kDouble).contiguous();
+    if (world_size() > 1) world_->all_reduce_(expert_counts, dist::ReduceOp::kSum);
+    m.moe_imbalance = moe_imbalance(expert_counts);
+  }
+  if (counted == 0) m.loss = m.ce_loss = std::nan("");
+
+  const auto params = optimizer_.parameters();
+  m.grad_norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+  const auto decision = guard_.check(m.loss, m.grad_norm);
+  m.lr = schedule_(step_);
+  if (decision.accept) {
+    optimizer_.set_lr_scale(m.lr);
+    optimizer_.step();
+    if (expert_counts.defined() && o_.router_bias_update_rate > 0)
+      model_->update_router_bias(expert_counts.to(at::kLong), o_.router_bias_update_rate);
+    consecutive_skips_ = 0;
+  } else {
+    m.skipped = true;
+    m.skip_reason = decision.reason;
+    ++consecutive_skips_;
+    spdlog::warn("[trainer] step {} skipped: {}", step_ + 1, decision.reason);
+  }
+  optimizer_.zero_grad();
+  ++step_;
+  m.step = step_;
+  m.tokens_per_second = static_cast<double>(m.tokens) / std::max(1e-9, seconds_since(t0));
+  for (const auto& [l, n] : m.tokens_per_language) tokens_per_language_[l] += n;
+  RHINE_CHECK(consecutive_skips_ < o_.max_consecutive_skips, kComponent,
+              fmt::format("{} consecutive steps skipped, stopping (last: {})", consecutive_skips_, decision.reason),
+              step_,
+              files_->last_checkpoint_step >= 0
+                  ? fmt::format("the last checkpoint (step {}) is intact; check the data and lower the learning rate",
+                                files_->last_checkpoint_step)
+                  : std::string("check the data and lower the learning rate"));
+  return m;
+}
+
+// --- evaluation and logging ---------------------------------------------------
+
+EvalResult Trainer::run_eval() {
+  auto r = evaluate(model_, *heldout_, o_.bf16);
+  r.step = step_;
+  log_eval(r);
+  if (callbacks_.on_eval) callbacks_.on_eval(step_, r);
+  return r;
+}
+
+void Trainer::log_step(const StepMetrics& m) {
+  if (!is_main()) return;
+  if (files_->metrics.is_open() && (m.step % o_.log_every == 0 || m.skipped || m.step == o_.max_steps)) {
+    Json langs = Json::object();
+    for (const auto& [l, n] : m.tokens_per_language) langs[l] = n;
+    Json j = {{"type", "step"},       {"step", m.step},           {"loss", m.loss},
+              {"ce", m.ce_loss},      {"grad_norm", m.grad_norm}, {"lr", m.lr},
+              {"aux", m.aux_loss},    {"mtp", m.mtp_loss},        {"moe_imbalance", m.moe_imbalance},
+              {"tokens", m.tokens},   {"tok_s", m.tokens_per_second},
+              {"skipped", m.skipped}, {"elapsed", m.elapsed_seconds}, {"languages", langs}};
+    if (!std::isfinite(m.loss)) j["loss"] = nullptr;
+    if (!std::isfinite(m.grad_norm)) j["grad_norm"] = nullptr;
+    files_->metrics << j.dump() << '\n' << std::flush;
+  }
+  if (!o_.progress) return;
+  const bool redraw = files_->tty || m.step % o_.log_every == 0 || m.step == o_.max_steps;
+  if (!redraw) return;
+  constexpr int kBar = 24;
+  const double frac = static_cast<double>(m.step) / static_cast<double>(o_.max_steps);
+  const int filled = static_cast<int>(frac * kBar);
+  std::string bar(static_cast<std::size_t>(filled), '=');
+  if (filled < kBar) bar += '>', bar.append(static_cast<std::size_t>(kBar - filled - 1), ' ');
+  const double eta = m.elapsed_seconds / std::max<double>(1.0, static_cast<double>(m.step)) *
+                     static_cast<double>(o_.max_steps - m.step);
+  const auto line = fmt::format("step {:>6}/{} [{}] {:3.0f}%  loss {:.4f}  gnorm {:.2f}  lr {:.2e}  {} tok/s  ETA {}",
+                                m.step, o_.max_steps, bar, 100 * frac, m.loss, m.grad_norm, m.lr,
+                                human_count(m.tokens_per_second), human_duration(eta));
+  if (files_->tty) {
+    std::fprintf(stderr, "\r%s\x1b[K", line.c_str());
+    files_->progress_drawn = true;
+  } else {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+}
+
+void Trainer::log_eval(const EvalResult& r) {
+  if (!is_main()) return;
+  if (files_->progress_drawn) std::fprintf(stderr, "\n"), files_->progress_drawn = false;
+  std::string text;
+  for (const auto& [l, e] : r.languages) text += fmt::format(" {} {:.3f}", l, e.bits_per_byte);
+  spdlog::info("[trainer] eval at step {}: bits per byte{}", r.step, text);
+  if (files_->metrics.is_open())
+    files_->metrics << Json{{"type", "eval"}, {"step", r.step}, {"languages", r.to_json()}}.dump() << '\n'
+                    << std::flush;
+}
+
+// --- the loop -----------------------------------------------------------------
+
+TrainResult Trainer::fit() {
+  SignalScope signals(o_.checkpoint_on_signal);
+  TrainResult result;
+  const auto t_start = Clock::now();
+
+  if (files_->ckpt) {
+    if (is_main()) files_->ckpt->remove_leftovers();
+    barrier();
+    if (o_.resume)
+      if (auto last = files_->ckpt->latest()) {
+        load_checkpoint(last->path);
+        result.resumed_from = step_;
+        spdlog::info("[trainer] resumed from {} (step {})", last->path.string(), step_);
+      }
+    if (world_size() > 1) {  // every rank must resume from the same step
+      std::vector<double> v = {static_cast<double>(step_), static_cast<double>(step_) * step_};
+      sum_over_ranks(v);
+      const double n = world_size(), mean = v[0] / n;
+      RHINE_CHECK(v[1] / n - mean * mean < 0.5, kComponent, "ranks resumed from different steps", step_,
+                  "all ranks need the same out_dir on a shared filesystem");
+    }
+  }
+  if (files_->ckpt && is_main()) {
+    // Metrics after the resumed step belong to the killed run: drop them.
+    if (fs::exists(files_->metrics_path)) {
+      std::ifstream in(files_->metrics_path);
+      std::string line, kept;
+      while (std::getline(in, line)) {
+        try {
+          const auto j = Json::parse(line);
+          if (j.value("step", std::int64_t{0}) <= step_) kept += line + "\n";
+        } catch (const std::exception&) {
+        }
+      }
+      write_file_atomic(files_->metrics_path.string(), kept);
+    }
+    files_->metrics.open(files_->metrics_path, std::ios::app);
+    RHINE_CHECK(files_->metrics.good(), kComponent, "cannot open metrics file", files_->metrics_path.string(),
+                "check permissions of out_dir");
+  }
+  model_->train();
+  if (heldout_ && o_.eval_at_start && step_ == 0) result.first_eval = run_eval();
+
+  const std::int64_t first_step = step_;
+  while (step_ < o_.max_steps) {
+    std::vector<double> stop = {g_signal != 0 ? 1.0 : 0.0};
+    sum_over_ranks(stop);  // a signal on any rank stops all of them at the same step
+    if (stop[0] > 0) {
+      result.interrupted = true;
+      break;
+    }
+    auto m = train_step();
+    m.elapsed_seconds = elapsed_before_ + seconds_since(t_start);
+    result.tokens += m.tokens;
+    log_step(m);
+    if (callbacks_.on_step) callbacks_.on_step(m);
+    if (heldout_ && o_.eval_every > 0 && step_ % o_.eval_every == 0) {
+      result.last_eval = run_eval();
+      if (files_->ckpt && is_main()) plot_metrics(files_->metrics_path.string(), files_->svg_path.string());
+    }
+    if (files_->ckpt && o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0) {
+      const auto elapsed = elapsed_before_;
+      elapsed_before_ = m.elapsed_seconds;
+      save_checkpoint();
+      elapsed_before_ = elapsed;
+    }
+  }
+  if (files_->progress_drawn) std::fprintf(stderr, "\n"), files_->progress_drawn = false;
+  result.seconds = seconds_since(t_start);
+  if (result.interrupted && is_main()) spdlog::warn("[trainer] interrupted by signal {} at step {}", int(g_signal), step_);
+  if (heldout_ && !result.interrupted && (!result.last_eval || result.last_eval->step != step_))
+    result.last_eval = run_eval();
+  if (files_->ckpt) {
+    elapsed_before_ += result.seconds;
+    if ((result.interrupted || o_.checkpoint_at_end) && files_->last_checkpoint_step != step_) {
+      const auto path = save_checkpoint();
+      spdlog::info("[trainer] checkpoint {}", path.string());
+    }
+    if (is_main() && (step_ > first_step || result.last_eval))
+      plot_metrics(files_->metrics_path.string(), files_->svg_path.string());
+  }
+  result.step = step_;
+  result.skipped_steps = guard_.n_skipped();
+  result.tokens_per_language = tokens_per_language_;
+  return result;
+}
+
+}  // namespace rhine::train

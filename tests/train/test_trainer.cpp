@@ -1,0 +1,356 @@
+// Trainer: exact resume after kill -9, gradient accumulation, NaN handling,
+// signals, per-language evaluation, the metrics plot.
+#include "torch_test.h"  // first: LibTorch's glog macros vs Catch
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "rhine/core/error.h"
+#include "rhine/io/checkpoint.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/torch/runtime.h"
+#include "rhine/train/plot.h"
+#include "test_util.h"
+#include "trainer_fixture.h"
+
+namespace fs = std::filesystem;
+using rhine::train::Trainer;
+using rhine::train::TrainerOptions;
+
+namespace {
+
+// Starts the worker binary with extra environment variables; returns its pid.
+pid_t start_worker(const std::vector<std::string>& args, const std::map<std::string, std::string>& env = {}) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    std::vector<char*> argv{const_cast<char*>(RHINE_TRAINER_WORKER)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(RHINE_TRAINER_WORKER, argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+int wait_worker(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+// Runs the worker binary; returns its wait status.
+int run_worker(const std::vector<std::string>& args) { return wait_worker(start_worker(args)); }
+
+// A TCP port nobody listens on right now.
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t n = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// step -> loss of the "step" records in metrics.jsonl.
+std::map<std::int64_t, double> losses(const fs::path& metrics) {
+  std::map<std::int64_t, double> out;
+  std::ifstream in(metrics);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = rhine::Json::parse(line);
+    if (j["type"] == "step") {
+      REQUIRE_FALSE(out.count(j["step"].get<std::int64_t>()));  // no duplicates after resume
+      out[j["step"].get<std::int64_t>()] = j["loss"].get<double>();
+    }
+  }
+  return out;
+}
+
+TrainerOptions quiet_options(std::int64_t steps) {
+  TrainerOptions o;
+  o.max_steps = steps;
+  o.progress = false;
+  o.bf16 = false;
+  o.log_every = 1;
+  return o;
+}
+
+std::vector<at::Tensor> params_of(const rhine::nn::CausalLM& m) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : m->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("trainer: kill -9 and resume gives bitwise the uninterrupted run", "[trainer][slow]") {
+  rhine::test::TempDir tmp("trainer-resume");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  const auto shards = (tmp.path / "shards").string();
+  const auto a = tmp.path / "uninterrupted", b = tmp.path / "killed";
+  REQUIRE(run_worker({shards, a.string(), "9"}) == 0);
+  const int killed = run_worker({shards, b.string(), "9", "4"});
+  REQUIRE(WIFSIGNALED(killed));
+  REQUIRE(WTERMSIG(killed) == SIGKILL);
+  {
+    rhine::io::CheckpointManager m({(b / "checkpoints").string(), 2, 0, true});
+    REQUIRE(m.latest());
+    CHECK(m.latest()->step == 4);
+  }
+  REQUIRE(run_worker({shards, b.string(), "9"}) == 0);  // resumes from step 4
+
+  const auto la = losses(a / "metrics.jsonl"), lb = losses(b / "metrics.jsonl");
+  REQUIRE(la.size() == 9);
+  REQUIRE(lb.size() == 9);
+  for (const auto& [step, loss] : la) {
+    INFO("step " << step);
+    CHECK(lb.at(step) == loss);  // bitwise
+  }
+  const auto pa = rhine::load_safetensors((a / "final.safetensors").string());
+  const auto pb = rhine::load_safetensors((b / "final.safetensors").string());
+  REQUIRE(pa.size() == pb.size());
+  for (const auto& [name, t] : pa) {
+    INFO(name);
+    CHECK(at::equal(t, pb.at(name)));
+  }
+  CHECK(la.rbegin()->second < la.begin()->second);  // it did learn something
+  CHECK(fs::exists(b / "training.svg"));
+}
+
+TEST_CASE("trainer: two data-parallel ranks (Gloo) equal one process with the whole batch", "[trainer][slow]") {
+  rhine::test::TempDir tmp("trainer-dp");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  const auto shards = (tmp.path / "shards").string();
+  const auto one = tmp.path / "one", two = tmp.path / "two";
+  REQUIRE(run_worker({shards, one.string(), "6"}) == 0);
+  const std::string port = std::to_string(free_port());
+  std::vector<pid_t> ranks;
+  for (int r = 0; r < 2; ++r)
+    ranks.push_back(start_worker({shards, two.string(), "6"}, {{"RANK", std::to_string(r)},
+                                                              {"WORLD_SIZE", "2"},
+                                                              {"MASTER_ADDR", "127.0.0.1"},
+                                                              {"MASTER_PORT", port}}));
+  for (auto pid : ranks) CHECK(wait_worker(pid) == 0);
+  const auto la = losses(one / "metrics.jsonl"), lb = losses(two / "metrics.jsonl");
+  REQUIRE(la.size() == 6);
+  REQUIRE(lb.size() == 6);
+  for (const auto& [step, loss] : la) CHECK(lb.at(step) == Approx(loss).epsilon(1e-5));
+  const auto pa = rhine::load_safetensors((one / "final.safetensors").string());
+  const auto pb = rhine::load_safetensors((two / "final.safetensors").string());
+  for (const auto& [name, t] : pa) {
+    INFO(name);
+    const double rel = (t - pb.at(name)).norm().item<double>() / (t.norm().item<double>() + 1e-12);
+    CHECK(rel < 1e-5);
+  }
+}
+
+TEST_CASE("trainer: accumulating 2 micro-batches equals one doubled batch", "[trainer]") {
+  rhine::set_threads(1);
+  rhine::test::TempDir tmp("trainer-accum");
+  rhine::test::write_tiny_shards(tmp.path);
+  rhine::test::TinyRun small(tmp.path, 4), big(tmp.path, 8);
+  auto o = quiet_options(5);
+  o.grad_accum = 2;
+  Trainer t1(small.model, *small.optimizer, small.schedule, *small.loader, o);
+  o.grad_accum = 1;
+  Trainer t2(big.model, *big.optimizer, big.schedule, *big.loader, o);
+  std::vector<double> l1, l2;
+  t1.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l1.push_back(m.loss); };
+  t2.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l2.push_back(m.loss); };
+  const auto r1 = t1.fit();
+  t2.fit();
+  REQUIRE(l1.size() == 5);
+  for (std::size_t i = 0; i < l1.size(); ++i) CHECK(l1[i] == Approx(l2[i]).epsilon(1e-5));
+  const auto p1 = params_of(small.model), p2 = params_of(big.model);
+  for (std::size_t i = 0; i < p1.size(); ++i) {
+    const double rel = (p1[i] - p2[i]).norm().item<double>() / p2[i].norm().item<double>();
+    CHECK(rel < 1e-5);
+  }
+  CHECK(r1.tokens == 5 * 8 * 16);
+  std::int64_t per_lang = 0;
+  for (const auto& [l, n] : r1.tokens_per_language) per_lang += n;
+  CHECK(per_lang == r1.tokens);
+}
+
+TEST_CASE("trainer: a NaN batch is skipped and counted; repeated NaNs stop with an intact checkpoint",
+          "[trainer]") {
+  rhine::test::TempDir tmp("trainer-nan");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  // Token kVocab never occurs in the data; its embedding row is NaN, so a
+  // batch that contains it has a NaN loss and NaN gradients.
+  rhine::test::TinyRun run(tmp.path / "shards", 4, 3, rhine::test::kVocab + 1);
+  {
+    at::NoGradGuard g;
+    run.model->model->embed_tokens->weight[rhine::test::kVocab].fill_(std::nan(""));
+  }
+  auto o = quiet_options(12);
+  o.out_dir = (tmp.path / "run").string();
+  o.checkpoint_every = 2;
+  o.max_consecutive_skips = 3;
+  Trainer t(run.model, *run.optimizer, run.schedule, *run.loader, o);
+  std::set<std::int64_t> poison = {3};  // trainer.step() when the batch is drawn
+  t.callbacks().on_batch = [&](rhine::Batch& b) {
+    if (poison.count(t.step())) b.input_ids[0][5] = rhine::test::kVocab;
+  };
+  auto before = params_of(run.model);
+  std::int64_t skipped_at = -1;
+  t.callbacks().on_step = [&](const rhine::train::StepMetrics& m) {
+    if (m.skipped) {
+      skipped_at = m.step;
+      // A skipped step changes nothing.
+      const auto now = params_of(run.model);
+      for (std::size_t i = 0; i < now.size(); ++i) CHECK(at::allclose(now[i], before[i], 0, 0, /*equal_nan=*/true));
+    }
+    before = params_of(run.model);
+  };
+  auto r = t.fit();
+  CHECK(r.step == 12);
+  CHECK(r.skipped_steps == 1);
+  CHECK(skipped_at == 4);
+  for (const auto& p : run.model->named_parameters())
+    if (p.key() != "model.embed_tokens.weight") CHECK(at::isfinite(p.value()).all().item<bool>());
+
+  // Now NaN batches from step 14 on: stop after 3 skipped steps, last good checkpoint intact.
+  auto o2 = o;
+  o2.max_steps = 30;
+  Trainer t2(run.model, *run.optimizer, run.schedule, *run.loader, o2);
+  t2.callbacks().on_batch = [&](rhine::Batch& b) {
+    if (t2.step() >= 13) b.input_ids[0][5] = rhine::test::kVocab;
+  };
+  CHECK_THROWS_WITH(t2.fit(), Catch::Contains("[trainer] 3 consecutive steps skipped") &&
+                                  Catch::Contains("the last checkpoint (step 14) is intact"));
+  rhine::io::CheckpointManager m({(tmp.path / "run" / "checkpoints").string(), 3, 0, true});
+  REQUIRE(m.latest());
+  CHECK(m.latest()->step == 14);
+  const auto state = rhine::load_safetensors((m.latest()->path / "model.safetensors").string());
+  for (const auto& [name, tensor] : state)
+    if (name != "model.embed_tokens.weight") CHECK(at::isfinite(tensor).all().item<bool>());
+}
+
+TEST_CASE("trainer: SIGINT checkpoints and returns; the next fit() resumes", "[trainer]") {
+  rhine::test::TempDir tmp("trainer-signal");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  rhine::test::TinyRun run(tmp.path / "shards", 4);
+  auto o = quiet_options(8);
+  o.out_dir = (tmp.path / "run").string();
+  std::int64_t raised = 0;
+  {
+    Trainer t(run.model, *run.optimizer, run.schedule, *run.loader, o);
+    t.callbacks().on_step = [&](const rhine::train::StepMetrics& m) {
+      if (m.step == 3) ::raise(SIGINT), ++raised;
+    };
+    const auto r = t.fit();
+    CHECK(r.interrupted);
+    CHECK(r.step == 3);
+    CHECK(r.resumed_from == -1);
+  }
+  CHECK(raised == 1);
+  rhine::test::TinyRun again(tmp.path / "shards", 4);
+  Trainer t(again.model, *again.optimizer, again.schedule, *again.loader, o);
+  const auto r = t.fit();
+  CHECK(r.resumed_from == 3);
+  CHECK(r.step == 8);
+  CHECK_FALSE(r.interrupted);
+  CHECK(losses(tmp.path / "run" / "metrics.jsonl").size() == 8);
+
+  // A checkpoint of another model config is refused.
+  rhine::test::TinyRun other(tmp.path / "shards", 4, 3, rhine::test::kVocab + 1);
+  Trainer t3(other.model, *other.optimizer, other.schedule, *other.loader, o);
+  CHECK_THROWS_WITH(t3.fit(), Catch::Contains("written for another model config"));
+}
+
+TEST_CASE("trainer: per-language evaluation is the direct cross-entropy in bits per byte", "[trainer]") {
+  rhine::test::TempDir tmp("trainer-eval");
+  rhine::test::write_tiny_shards(tmp.path);
+  rhine::test::TinyRun run(tmp.path, 4);  // the loader is not used
+  rhine::train::HeldoutSet h;
+  h.seq_len = 64;
+  h.languages["de"].docs = {{1, 5, 9, 2, 7, 7, 3}, {4, 4, 8}};
+  h.languages["de"].bytes = 23;
+  h.languages["nl"].docs = {{10, 11, 12, 13, 14}};
+  h.languages["nl"].bytes = 9;
+  const auto r = rhine::train::evaluate(run.model, h, false);
+  REQUIRE(r.languages.size() == 2);
+  for (const auto& [lang, l] : h.languages) {
+    double nats = 0;
+    std::int64_t n = 0;
+    for (const auto& doc : l.docs) {
+      auto ids = at::tensor(doc).view({1, -1});
+      auto logits = run.model->forward(ids.slice(1, 0, ids.size(1) - 1)).logits.to(at::kDouble);
+      auto logp = at::log_softmax(logits[0], -1);
+      for (std::int64_t t = 0; t + 1 < ids.size(1); ++t, ++n) nats -= logp[t][doc[t + 1]].item<double>();
+    }
+    const auto& e = r.languages.at(lang);
+    CHECK(e.tokens == n);
+    CHECK(e.loss == Approx(nats / n).epsilon(1e-5));
+    CHECK(e.bits_per_byte == Approx(nats / std::log(2.0) / l.bytes).epsilon(1e-5));
+  }
+  // Chunking: with seq_len 2 every token after the first is still predicted once.
+  h.seq_len = 2;
+  const auto chunked = rhine::train::evaluate(run.model, h, false);
+  CHECK(chunked.languages.at("de").tokens == 6 + 2);
+  CHECK(chunked.languages.at("nl").tokens == 4);
+  CHECK(run.model->is_training());
+}
+
+TEST_CASE("trainer: bad options are clear errors", "[trainer]") {
+  TrainerOptions o;
+  o.max_steps = 0;
+  CHECK_THROWS_WITH(o.validate(), Catch::Contains("[trainer] max_steps must be positive"));
+  o.max_steps = 1;
+  o.grad_accum = 0;
+  CHECK_THROWS_WITH(o.validate(), Catch::Contains("grad_accum"));
+  o.grad_accum = 1;
+  o.grad_clip = -1;
+  CHECK_THROWS_WITH(o.validate(), Catch::Contains("grad_clip"));
+}
+
+TEST_CASE("plot: metrics.jsonl becomes an SVG with a line per series", "[trainer]") {
+  rhine::test::TempDir tmp("trainer-plot");
+  {
+    std::ofstream f(tmp.file("metrics.jsonl"));
+    for (int s = 1; s <= 20; ++s) f << rhine::Json{{"type", "step"}, {"step", s}, {"loss", 5.0 - 0.1 * s}}.dump() << "\n";
+    f << R"({"type":"step","step":21,"loss":null})" << "\n";  // a skipped NaN step
+    f << "{\"type\": \"st" << "\n";                              // a line torn by a crash
+    for (int s : {0, 10, 20})
+      f << rhine::Json{{"type", "eval"}, {"step", s},
+                       {"languages", {{"de", {{"bpb", 3.0 - 0.05 * s}}}, {"<fr&>", {{"bpb", 3.1 - 0.05 * s}}}}}}
+                  .dump()
+        << "\n";
+  }
+  CHECK(rhine::train::plot_metrics(tmp.file("metrics.jsonl"), tmp.file("plot.svg")) == 20);
+  std::ifstream in(tmp.file("plot.svg"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto svg = ss.str();
+  auto count = [&](const std::string& what) {
+    std::size_t n = 0;
+    for (auto p = svg.find(what); p != std::string::npos; p = svg.find(what, p + 1)) ++n;
+    return n;
+  };
+  CHECK(svg.rfind("<?xml", 0) == 0);
+  CHECK(svg.find("</svg>") != std::string::npos);
+  CHECK(count("<polyline") == 4);  // loss, moving average, de, fr
+  CHECK(svg.find("&lt;fr&amp;&gt;") != std::string::npos);
+  CHECK(svg.find("<fr&>") == std::string::npos);
+  CHECK(count("<svg") == 1);
+
+  CHECK(rhine::train::nice_ticks(0, 1, 6) == std::vector<double>{0, 0.2, 0.4, 0.6000000000000001, 0.8, 1});
+  const auto t = rhine::train::nice_ticks(2.31, 3.57, 5);
+  CHECK(t.front() <= 2.31);
+  CHECK(t.back() >= 3.57);
+  CHECK_THROWS_WITH(rhine::train::plot_metrics(tmp.file("missing.jsonl"), tmp.file("x.svg")),
+                    Catch::Contains("[plot] cannot open metrics file"));
+}

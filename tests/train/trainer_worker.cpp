@@ -1,0 +1,63 @@
+// Runs the tiny training setup of trainer_fixture.h with checkpoints, for the
+// kill -9 resume and data-parallel tests:
+//
+//   rhine_trainer_worker SHARDS OUT_DIR MAX_STEPS [KILL_AFTER_STEP]
+//
+// With KILL_AFTER_STEP the process SIGKILLs itself right after that step's
+// checkpoint (checkpoint_every = 1), like a crash between steps. With the
+// torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) it trains
+// data-parallel over Gloo. At the end rank 0 writes OUT_DIR/final.safetensors.
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/world.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/torch/runtime.h"
+#include "trainer_fixture.h"
+
+int main(int argc, char** argv) try {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: rhine_trainer_worker SHARDS OUT_DIR MAX_STEPS [KILL_AFTER_STEP]\n");
+    return 2;
+  }
+  rhine::RuntimeOptions ro;
+  ro.threads = 1;
+  ro.seed = 11;
+  ro.device = "cpu";
+  rhine::init_runtime(ro);
+  rhine::dist::DistOptions dopt;
+  dopt.timeout = std::chrono::seconds(60);
+  auto world = rhine::dist::init_from_env(dopt);
+  rhine::test::TinyRun run(argv[1], 4, 3, rhine::test::kVocab, world.rank(), world.world_size());
+  rhine::NamedParameters params;
+  for (const auto& p : run.model->named_parameters()) params.push_back({p.key(), p.value()});
+  rhine::dist::broadcast_parameters(world, run.model->parameters());
+  rhine::dist::GradientSync sync(world, params);
+
+  rhine::train::TrainerOptions o;
+  o.max_steps = std::atoll(argv[3]);
+  o.out_dir = argv[2];
+  o.checkpoint_every = 1;
+  o.keep_last = 2;
+  o.log_every = 1;
+  o.progress = false;
+  o.bf16 = false;
+  rhine::train::Trainer trainer(run.model, *run.optimizer, run.schedule, *run.loader, o);
+  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
+  if (argc > 4) {
+    const long long kill_after = std::atoll(argv[4]);
+    trainer.callbacks().on_checkpoint = [&](const std::filesystem::path&) {
+      if (trainer.step() == kill_after) ::raise(SIGKILL);
+    };
+  }
+  trainer.fit();
+  if (world.is_main())
+    rhine::save_safetensors(std::string(argv[2]) + "/final.safetensors", rhine::train::model_state(run.model));
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "%s\n", e.what());
+  return 1;
+}

@@ -1,19 +1,25 @@
-// rhine-train: pretrain a small multilingual model on token shards and report
-// what a European team watches: per-language held-out bits per byte before and
-// after, and a generated sample per language.
+// rhine-train: pretrain a dense or a DeepSeek-style (MLA + MoE) model on token
+// shards and report what a European team watches: per-language held-out bits
+// per byte before and after, tokens seen per language, a generated sample per
+// language, and a plot of the run.
 //
 //   rhine-train examples/configs/demo-dense.json
+//   rhine-train examples/configs/demo-moe.json
 //
 // The config (strict JSON: unknown keys are errors) names the tokenizer, the
 // train and held-out shard directories (rhine-prepare), the model (Hugging Face
 // config.json keys; vocab_size defaults to the tokenizer's) and the schedule.
-// This is the first version of the trainer example; checkpointing, data
-// parallelism and MoE/MLA models come with the Trainer (see README, Status).
+// The run directory (`out_dir`) receives checkpoints/, metrics.jsonl and
+// training.svg; running the same command again resumes from the newest
+// complete checkpoint, and Ctrl-C checkpoints before it exits.
+//
+// Data parallel: started by torchrun or srun (RANK, WORLD_SIZE, MASTER_ADDR,
+// MASTER_PORT; see README "Data parallel"), every rank trains on its share of
+// each global batch (`batch_size` stays the global row count) over Gloo or
+// NCCL; rank 0 prints, evaluates into the log and writes checkpoints.
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
-#include <torch/nn/module.h>
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -23,27 +29,29 @@
 #include "rhine/core/json.h"
 #include "rhine/core/log.h"
 #include "rhine/data/loader.h"
-#include "rhine/formats/token_shard.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/world.h"
 #include "rhine/nn/generate.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/adamw.h"
-#include "rhine/optim/clip.h"
 #include "rhine/optim/schedule.h"
-#include "rhine/optim/skip_guard.h"
 #include "rhine/tokenizer/tokenizer.h"
-#include "rhine/torch/compat.h"
 #include "rhine/torch/runtime.h"
+#include "rhine/train/evaluate.h"
+#include "rhine/train/trainer.h"
 
 namespace {
 
 struct TrainConfig {
-  std::string tokenizer, train_shards, heldout_shards;
+  std::string tokenizer, train_shards, heldout_shards, out_dir = "build/demo/run";
   rhine::Json model;
-  std::int64_t seq_len = 256, batch_size = 16, steps = 300, warmup = 30;
+  std::int64_t seq_len = 256, batch_size = 16, grad_accum = 1, steps = 300, warmup = 30;
   double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0, mixture_temperature = 1.0;
+  double z_loss = 0.0, router_bias_update_rate = 1e-3, moe_seq_aux_alpha = 0.0, mtp_lambda = 0.3;
   std::uint64_t seed = 1;
-  std::int64_t eval_tokens = 20000, log_every = 10, sample_tokens = 40;
-  bool bf16 = true;
+  std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
+  std::int64_t sample_tokens = 40;
+  bool bf16 = true, resume = true, fused_kernels = true;
   int threads = 0;
 
   static TrainConfig from_file(const std::string& path) {
@@ -53,9 +61,11 @@ struct TrainConfig {
     c.tokenizer = f.require<std::string>("tokenizer");
     c.train_shards = f.require<std::string>("train_shards");
     c.heldout_shards = f.require<std::string>("heldout_shards");
+    c.out_dir = f.get("out_dir", c.out_dir);
     c.model = *f.raw("model");
     c.seq_len = f.get("seq_len", c.seq_len);
     c.batch_size = f.get("batch_size", c.batch_size);
+    c.grad_accum = f.get("grad_accum", c.grad_accum);
     c.steps = f.get("steps", c.steps);
     c.warmup = f.get("warmup", c.warmup);
     c.lr = f.get("lr", c.lr);
@@ -63,11 +73,20 @@ struct TrainConfig {
     c.weight_decay = f.get("weight_decay", c.weight_decay);
     c.grad_clip = f.get("grad_clip", c.grad_clip);
     c.mixture_temperature = f.get("mixture_temperature", c.mixture_temperature);
+    c.z_loss = f.get("z_loss", c.z_loss);
+    c.router_bias_update_rate = f.get("router_bias_update_rate", c.router_bias_update_rate);
+    c.moe_seq_aux_alpha = f.get("moe_seq_aux_alpha", c.moe_seq_aux_alpha);
+    c.mtp_lambda = f.get("mtp_lambda", c.mtp_lambda);
     c.seed = f.get("seed", c.seed);
     c.eval_tokens = f.get("eval_tokens", c.eval_tokens);
+    c.eval_every = f.get("eval_every", c.eval_every);
+    c.checkpoint_every = f.get("checkpoint_every", c.checkpoint_every);
+    c.keep_last = f.get("keep_last", c.keep_last);
     c.log_every = f.get("log_every", c.log_every);
     c.sample_tokens = f.get("sample_tokens", c.sample_tokens);
     c.bf16 = f.get("bf16", c.bf16);
+    c.fused_kernels = f.get("fused_kernels", c.fused_kernels);
+    c.resume = f.get("resume", c.resume);
     c.threads = f.get("threads", c.threads);
     f.reject_unknown();
     RHINE_CHECK(c.steps > c.warmup && c.warmup >= 0, "rhine-train", "steps must exceed warmup",
@@ -76,61 +95,7 @@ struct TrainConfig {
   }
 };
 
-// Held-out documents of one language, as [bos] tokens, up to a token budget.
-struct Heldout {
-  std::vector<std::vector<std::int64_t>> docs;
-  std::uint64_t bytes = 0;  // UTF-8 bytes of the decoded documents
-};
-
-std::map<std::string, Heldout> load_heldout(const std::string& dir, const rhine::Tokenizer& tok,
-                                            std::int64_t budget) {
-  std::map<std::string, Heldout> out;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
-    if (e.path().extension() != ".tokens") continue;
-    auto shard = rhine::TokenShard::open(e.path().string(), true);
-    for (const auto& d : shard->docs()) {
-      auto& h = out[shard->meta().languages[d.lang]];
-      std::int64_t have = 0;
-      for (const auto& doc : h.docs) have += static_cast<std::int64_t>(doc.size());
-      if (have >= budget || d.n_tokens == 0) continue;
-      std::vector<std::int32_t> ids(d.n_tokens);
-      for (std::uint32_t i = 0; i < d.n_tokens; ++i) ids[i] = shard->token(d.first_token + i);
-      h.bytes += tok.decode(ids).size();
-      std::vector<std::int64_t> doc;
-      if (tok.bos_id() >= 0) doc.push_back(tok.bos_id());
-      doc.insert(doc.end(), ids.begin(), ids.end());
-      h.docs.push_back(std::move(doc));
-    }
-  }
-  RHINE_CHECK(!out.empty(), "rhine-train", "no held-out shards", dir, "run rhine-prepare on held-out text");
-  return out;
-}
-
-// Bits per byte of each language: total cross-entropy (nats) / ln 2 / bytes.
-// Tokenizer-independent, so runs with different tokenizers compare.
-std::map<std::string, double> evaluate(rhine::nn::CausalLM& lm, const std::map<std::string, Heldout>& heldout,
-                                       std::int64_t T, bool bf16) {
-  at::NoGradGuard no_grad;
-  lm->eval();
-  std::map<std::string, double> bpb;
-  for (const auto& [lang, h] : heldout) {
-    double nats = 0;
-    for (const auto& doc : h.docs)
-      for (std::size_t start = 0; start + 1 < doc.size(); start += static_cast<std::size_t>(T)) {
-        const auto end = std::min(doc.size(), start + static_cast<std::size_t>(T) + 1);
-        auto chunk = at::tensor(std::vector<std::int64_t>(doc.begin() + start, doc.begin() + end)).view({1, -1});
-        const auto n = chunk.size(1) - 1;
-        rhine::nn::ForwardOptions fo;
-        fo.labels = chunk.slice(1, 1, n + 1);
-        rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16, bf16);
-        auto out = lm->forward(chunk.slice(1, 0, n), fo);
-        nats += out.stats.ce_loss * static_cast<double>(out.stats.n_tokens);
-      }
-    bpb[lang] = nats / std::log(2.0) / static_cast<double>(h.bytes);
-  }
-  lm->train();
-  return bpb;
-}
+std::vector<std::int32_t> ids32(const std::vector<std::int64_t>& v) { return {v.begin(), v.end()}; }
 
 }  // namespace
 
@@ -142,10 +107,14 @@ int main(int argc, char** argv) try {
   rhine::RuntimeOptions ro;
   ro.threads = cfg.threads;
   ro.seed = cfg.seed;
-  ro.device = "cpu";
+  auto world = rhine::dist::init_from_env();
+  if (world.world_size() > 1 && ro.device == "auto") ro.device = world.backend() == "nccl"
+                                                                     ? "cuda:" + std::to_string(world.local_rank())
+                                                                     : "cpu";
   auto rt = rhine::init_runtime(ro);
-  spdlog::info("{}", rt.describe());
+  if (world.is_main()) spdlog::info("{}; {} rank(s), backend {}", rt.describe(), world.world_size(), world.backend());
 
+  // Tokenizer and model.
   auto tok = rhine::Tokenizer::load(cfg.tokenizer);
   rhine::Json model_json = cfg.model;
   if (!model_json.contains("vocab_size")) model_json["vocab_size"] = tok.vocab_size();
@@ -156,87 +125,93 @@ int main(int argc, char** argv) try {
               mcfg.vocab_size, "remove vocab_size from the model config to take the tokenizer's");
   rhine::nn::CausalLMOptions mo;
   mo.init_seed = cfg.seed;
+  mo.fused_kernels = cfg.fused_kernels;
   rhine::nn::CausalLM lm(mcfg, mo);
-  spdlog::info("model: {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings)",
-               mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6,
-               lm->num_parameters(false) / 1e6);
+  lm->to(rt.device);
+  if (world.is_main()) spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings)", mcfg.model_type,
+               mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6);
 
+  // Data: training mixture and per-language held-out sets.
   rhine::DataLoaderOptions lo;
   lo.shards = {cfg.train_shards};
   lo.batch_size = cfg.batch_size;
   lo.seq_len = cfg.seq_len;
   lo.seed = cfg.seed;
+  lo.rank = world.rank();
+  lo.world_size = world.world_size();
   if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
   if (tok.eos_id() >= 0) lo.eos_id = tok.eos_id();
   lo.mixture[0].second.temperature = cfg.mixture_temperature;
   rhine::DataLoader loader(lo);
-  const auto heldout = load_heldout(cfg.heldout_shards, tok, cfg.eval_tokens);
+  rhine::train::HeldoutOptions ho;
+  ho.shards = {cfg.heldout_shards};
+  ho.max_tokens_per_language = cfg.eval_tokens;
+  ho.seq_len = cfg.seq_len;
+  const auto heldout = rhine::train::HeldoutSet::from_shards(ho, tok);
 
+  // Optimizer and schedule.
   rhine::NamedParameters params;
-  for (const auto& p : lm->named_parameters()) params.push_back({p.key(), p.value()});
+  for (const auto& p : lm->named_parameters())
+    if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
   rhine::AdamWOptions ao;
   ao.lr = cfg.lr;
   ao.beta2 = 0.95;
   ao.weight_decay = cfg.weight_decay;
   rhine::AdamW opt(params, ao);
   const auto schedule = rhine::warmup_cosine(cfg.warmup, cfg.steps, 1.0, cfg.min_lr_ratio);
-  rhine::SkipGuard guard;
-  spdlog::info("lr {} x {}; mixture {}", cfg.lr, schedule.describe(),
-               rhine::describe(lo.mixture[0].second));
+  if (world.is_main())
+    spdlog::info("lr {} x {}; mixture {}", cfg.lr, schedule.describe(), rhine::describe(lo.mixture[0].second));
+  rhine::dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
+  rhine::dist::GradientSync sync(world, params);
 
-  const auto before = evaluate(lm, heldout, cfg.seq_len, cfg.bf16);
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::int64_t> lang_tokens(loader.languages().size(), 0);
-  double loss_ema = 0;
-  for (std::int64_t step = 0; step < cfg.steps; ++step) {
-    auto batch = loader.next();
-    for (std::size_t l = 0; l < lang_tokens.size(); ++l) lang_tokens[l] += batch.tokens_per_language[l];
-    opt.zero_grad();
-    rhine::nn::ForwardOptions fo;
-    fo.labels = batch.labels;
-    fo.position_ids = batch.position_ids;
-    fo.document_mask = true;
-    rhine::nn::ForwardOutput out;
-    {
-      rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16, cfg.bf16);
-      out = lm->forward(batch.input_ids, fo);
-    }
-    out.loss.backward();
-    const double norm = rhine::clip_grad_norm(opt.parameters(), cfg.grad_clip);
-    const double loss = out.loss.item<double>();
-    if (guard.check(loss, norm).accept) {
-      opt.set_lr_scale(schedule(step));
-      opt.step();
-    }
-    loss_ema = step == 0 ? loss : 0.9 * loss_ema + 0.1 * loss;
-    if ((step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps) {
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double tps = double(step + 1) * cfg.batch_size * cfg.seq_len / s;
-      std::fprintf(stderr, "\rstep %5lld/%lld  loss %.3f  grad-norm %.2f  lr %.2e  %.0f tok/s  ETA %.0fs   ",
-                   static_cast<long long>(step + 1), static_cast<long long>(cfg.steps), loss_ema, norm,
-                   cfg.lr * schedule(step), tps, s / (step + 1) * (cfg.steps - step - 1));
-    }
+  rhine::train::TrainerOptions to;
+  to.max_steps = cfg.steps;
+  to.grad_accum = static_cast<int>(cfg.grad_accum);
+  to.grad_clip = cfg.grad_clip;
+  to.bf16 = cfg.bf16;
+  to.z_loss = cfg.z_loss;
+  to.router_bias_update_rate = cfg.router_bias_update_rate;
+  to.moe_seq_aux_alpha = cfg.moe_seq_aux_alpha;
+  to.mtp_lambda = cfg.mtp_lambda;
+  to.out_dir = cfg.out_dir;
+  to.resume = cfg.resume;
+  to.eval_every = cfg.eval_every;
+  to.checkpoint_every = cfg.checkpoint_every;
+  to.keep_last = static_cast<int>(cfg.keep_last);
+  to.log_every = cfg.log_every;
+  rhine::train::Trainer trainer(lm, opt, schedule, loader, to);
+  trainer.set_heldout(&heldout);
+  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
+  const auto r = trainer.fit();
+  if (!world.is_main()) return r.interrupted ? 130 : 0;
+  if (r.interrupted) {
+    std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));
+    return 130;
   }
-  std::fprintf(stderr, "\n");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const auto after = evaluate(lm, heldout, cfg.seq_len, cfg.bf16);
 
   std::printf("\nPer-language held-out bits per byte (lower is better; tokenizer-independent)\n");
   std::printf("%-6s %14s %10s %10s %8s\n", "lang", "train tokens", "before", "after", "change");
-  for (std::size_t l = 0; l < loader.languages().size(); ++l) {
-    const auto& lang = loader.languages()[l];
-    if (!before.count(lang)) continue;
-    std::printf("%-6s %14lld %10.3f %10.3f %7.1f%%\n", lang.c_str(), static_cast<long long>(lang_tokens[l]),
-                before.at(lang), after.at(lang), 100.0 * (after.at(lang) / before.at(lang) - 1));
+  for (const auto& [lang, after] : r.last_eval->languages) {
+    const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
+    if (r.first_eval) {
+      const double before = r.first_eval->languages.at(lang).bits_per_byte;
+      std::printf("%-6s %14lld %10.3f %10.3f %7.1f%%\n", lang.c_str(), static_cast<long long>(seen), before,
+                  after.bits_per_byte, 100.0 * (after.bits_per_byte / before - 1));
+    } else {
+      std::printf("%-6s %14lld %10s %10.3f   (resumed at step %lld)\n", lang.c_str(), static_cast<long long>(seen),
+                  "-", after.bits_per_byte, static_cast<long long>(r.resumed_from));
+    }
   }
-  std::printf("(%lld steps in %.0f s, %.0f tokens/s, %s, %lld skipped steps)\n",
-              static_cast<long long>(cfg.steps), seconds, double(cfg.steps) * cfg.batch_size * cfg.seq_len / seconds,
-              cfg.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(guard.n_skipped()));
+  std::printf("(%lld steps, %.0f s in this run, %.0f tokens/s, %s, %lld skipped steps)\n",
+              static_cast<long long>(r.step), r.seconds, r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0,
+              cfg.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
 
   std::printf("\nSamples (prompt in [brackets], sampled with temperature 0.7, top-p 0.9)\n");
-  for (const auto& [lang, h] : heldout) {
+  rhine::DecodeOptions dec;
+  dec.skip_special = true;
+  for (const auto& [lang, h] : heldout.languages) {
     const auto& doc = h.docs.front();
-    std::vector<std::int64_t> prompt(doc.begin(), doc.begin() + std::min<std::size_t>(doc.size(), 6));
+    std::vector<std::int64_t> prompt(doc.begin(), doc.begin() + std::min<std::ptrdiff_t>(doc.size(), 6));
     rhine::nn::GenerateOptions g;
     g.max_new_tokens = cfg.sample_tokens;
     g.temperature = 0.7;
@@ -245,14 +220,13 @@ int main(int argc, char** argv) try {
     g.seed = cfg.seed;
     if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
     auto res = rhine::nn::generate(lm, {prompt}, g);
-    auto ids32 = [](const std::vector<std::int64_t>& v) { return std::vector<std::int32_t>(v.begin(), v.end()); };
-    rhine::DecodeOptions dec;
-    dec.skip_special = true;
     std::string text = tok.decode(ids32(res.tokens[0]), dec);
     for (auto& ch : text)
       if (ch == '\n') ch = ' ';
     std::printf("%s: [%s] %s\n", lang.c_str(), tok.decode(ids32(prompt), dec).c_str(), text.c_str());
   }
+  std::printf("\nRun directory %s: metrics.jsonl, training.svg (loss and per-language bpb), checkpoints/\n",
+              cfg.out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "\n%s\n", e.what());

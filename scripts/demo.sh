@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs missing Debian packages, builds Rhine and runs the main job: train a
 # de/fr/nl/en tokenizer on the bundled sample, tokenize the sample into shards,
-# pretrain a small Llama-style model on it, and print per-language held-out
-# bits per byte before/after and a generated sample per language.
+# pretrain a small DeepSeek-style model (MLA + MoE + MTP) on it, and print
+# per-language held-out bits per byte before/after, a generated sample per
+# language, and where the plot of the run is.
 #
-#   scripts/demo.sh [CONFIG.json]     (default: examples/configs/demo-dense.json)
+#   scripts/demo.sh [CONFIG.json]     (default: examples/configs/demo-moe.json;
+#                                      examples/configs/demo-dense.json: a Llama-style model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:-examples/configs/demo-dense.json}
+config=${1:-examples/configs/demo-moe.json}
 scripts/build.sh
 bin=${RHINE_BUILD_DIR:-build}
 out=build/demo
@@ -30,4 +32,7 @@ rm -rf "$out/shards"
   de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt en=$S/heldout/en.txt >/dev/null
 
 echo "== 3/3 pretrain a small model (rhine-train $config)"
+# A fresh run each time (rhine-train itself resumes from out_dir when it can).
+run_dir=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("out_dir", ""))' "$config")
+[[ -n "$run_dir" ]] && rm -rf "$run_dir"
 "$bin/examples/rhine-train" "$config"

@@ -349,7 +349,12 @@ StepMetrics Trainer::train_step() {
   } else {
     m.skipped = true;
     m.skip_reason = decision.reason;
-    ++consecutive_skips_;
+    // Only non-finite steps count towards stopping: SkipGuard itself accepts an
+    // outlier after max_consecutive_outliers, so a level shift cannot stall a run.
+    if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm))
+      ++consecutive_skips_;
+    else
+      consecutive_skips_ = 0;
     spdlog::warn("[trainer] step {} skipped: {}", step_ + 1, decision.reason);
   }
   optimizer_.zero_grad();
@@ -358,7 +363,8 @@ StepMetrics Trainer::train_step() {
   m.tokens_per_second = static_cast<double>(m.tokens) / std::max(1e-9, seconds_since(t0));
   for (const auto& [l, n] : m.tokens_per_language) tokens_per_language_[l] += n;
   RHINE_CHECK(consecutive_skips_ < o_.max_consecutive_skips, kComponent,
-              fmt::format("{} consecutive steps skipped, stopping (last: {})", consecutive_skips_, decision.reason),
+              fmt::format("{} consecutive steps with a non-finite loss or gradient, stopping (last: {})",
+                          consecutive_skips_, decision.reason),
               step_,
               files_->last_checkpoint_step >= 0
                   ? fmt::format("the last checkpoint (step {}) is intact; check the data and lower the learning rate",
@@ -383,7 +389,7 @@ void Trainer::log_step(const StepMetrics& m) {
     Json langs = Json::object();
     for (const auto& [l, n] : m.tokens_per_language) langs[l] = n;
     Json j = {{"type", "step"},       {"step", m.step},           {"loss", m.loss},
-              {"ce", m.ce_loss},      {"grad_norm", m.grad_norm}, {"lr", m.lr},
+              {"ce", m.ce_loss},      {"grad_norm", m.grad_norm}, {"lr_scale", m.lr},
               {"aux", m.aux_loss},    {"mtp", m.mtp_loss},        {"moe_imbalance", m.moe_imbalance},
               {"tokens", m.tokens},   {"tok_s", m.tokens_per_second},
               {"skipped", m.skipped}, {"elapsed", m.elapsed_seconds}, {"languages", langs}};
@@ -399,10 +405,12 @@ void Trainer::log_step(const StepMetrics& m) {
   const int filled = static_cast<int>(frac * kBar);
   std::string bar(static_cast<std::size_t>(filled), '=');
   if (filled < kBar) bar += '>', bar.append(static_cast<std::size_t>(kBar - filled - 1), ' ');
-  const double eta = m.elapsed_seconds / std::max<double>(1.0, static_cast<double>(m.step)) *
+  // ETA from the mean step time of this run (evaluations and checkpoints excluded).
+  const double eta = step_seconds_ / std::max<double>(1.0, static_cast<double>(steps_this_run_)) *
                      static_cast<double>(o_.max_steps - m.step);
-  const auto line = fmt::format("step {:>6}/{} [{}] {:3.0f}%  loss {:.4f}  gnorm {:.2f}  lr {:.2e}  {} tok/s  ETA {}",
-                                m.step, o_.max_steps, bar, 100 * frac, m.loss, m.grad_norm, m.lr,
+  // ce: the language-model loss alone (comparable between dense, MoE and MTP models).
+  const auto line = fmt::format("step {:>6}/{} [{}] {:3.0f}%  ce {:.4f}  gnorm {:.2f}  lr x{:.3f}  {} tok/s  ETA {}",
+                                m.step, o_.max_steps, bar, 100 * frac, m.ce_loss, m.grad_norm, m.lr,
                                 human_count(m.tokens_per_second), human_duration(eta));
   if (files_->tty) {
     std::fprintf(stderr, "\r%s\x1b[K", line.c_str());
@@ -476,7 +484,10 @@ TrainResult Trainer::fit() {
       result.interrupted = true;
       break;
     }
+    const auto t_step = Clock::now();
     auto m = train_step();
+    step_seconds_ += seconds_since(t_step);
+    ++steps_this_run_;
     m.elapsed_seconds = elapsed_before_ + seconds_since(t_start);
     result.tokens += m.tokens;
     log_step(m);

@@ -104,8 +104,10 @@ struct TrainerOptions {
 
   /// Skip-step guard (non-finite and spiking loss / grad norm).
   SkipGuardOptions skip;
-  /// Stop with an error after this many consecutive skipped steps (the last
-  /// checkpoint stays intact; nothing is saved from the bad state).
+  /// Stop with an error after this many consecutive steps with a non-finite
+  /// loss or gradient norm (the last checkpoint stays intact; nothing is saved
+  /// from the bad state). Outlier skips do not count: SkipGuard accepts an
+  /// outlier after SkipGuardOptions::max_consecutive_outliers.
   std::int64_t max_consecutive_skips = 5;
 
   /// MoE aux-loss-free balancing: gamma of `b += gamma * sign(mean_load - load)`
@@ -133,7 +135,7 @@ struct StepMetrics {
   /// this step (1 = perfectly balanced; 0 for dense models).
   double moe_imbalance = 0.0;
   double grad_norm = 0.0;       ///< global norm before clipping
-  double lr = 0.0;              ///< learning-rate scale from the schedule
+  double lr = 0.0;              ///< learning-rate scale from the schedule (multiplies each group's lr)
   bool skipped = false;         ///< the guard refused the update
   std::string skip_reason;
   std::int64_t tokens = 0;      ///< input tokens of the step (all micro-batches, this rank)
@@ -232,6 +234,8 @@ class Trainer {
   std::int64_t step_ = 0;
   std::int64_t consecutive_skips_ = 0;
   double elapsed_before_ = 0.0;  // seconds of earlier (resumed) runs
+  double step_seconds_ = 0.0;    // time inside train_step() in this fit() (for the ETA)
+  std::int64_t steps_this_run_ = 0;
   std::map<std::string, std::int64_t> tokens_per_language_;
 
   struct Files;

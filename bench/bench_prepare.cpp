@@ -5,7 +5,8 @@
 //   bench_prepare TOKENIZER [TEXT ...]     (default text: data/sample/*.txt)
 //
 // Both sides see the same blank-line separated documents, repeated to at
-// least 8 MB so a run is long enough to time.
+// least 48 MB so that the tool's fixed costs (process start, tokenizer load,
+// manifest) do not dominate the run.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
     text += s.str() + "\n\n";
   }
   const std::string one = text;
-  while (text.size() < (8u << 20)) text += one;
+  while (text.size() < (48u << 20)) text += one;
   const auto tmp = fs::temp_directory_path() / ("rhine-bench-prepare-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   const auto input = tmp / "input.txt";
@@ -74,7 +75,7 @@ int main(int argc, char** argv) {
 
   auto tok = rhine::Tokenizer::load(tokenizer);
   const auto docs = split_docs(text);
-  auto s_tok = rhine::bench::time_runs([&] { tok.encode_batch(docs, {}, threads); }, 5, 1);
+  auto s_tok = rhine::bench::time_runs([&] { tok.encode_batch(docs, {}, threads); }, 3, 1);
   rhine::bench::report_rate("prepare.tokenizer_only", params, s_tok, mb, "MB/s");
 
   const std::string cmd = std::string(RHINE_PREPARE) + " -q --lang xx -t " + tokenizer + " -o " +
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
       [&] {
         if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "rhine-prepare failed: %s\n", cmd.c_str());
       },
-      5, 1);
+      3, 1);
   rhine::bench::report_rate("prepare.end_to_end", params, s_prep, mb, "MB/s");
   std::printf("%s\n", nlohmann::json({{"name", "prepare.end_to_end_vs_tokenizer"},
                                       {"params", params},

@@ -64,20 +64,7 @@ struct Tokenizer::Impl {
       append(ns, scratch, e);
       return;
     }
-    if (!pre_tokenizer) {
-      scratch.clear();
-      model->tokenize(ns.text, scratch);
-      append(ns, scratch, e);
-      return;
-    }
-    PreTokenizedString pts;
-    pts.splits.push_back(std::move(ns));
-    pre_tokenizer->pre_tokenize(pts);
-    for (const auto& split : pts.splits) {
-      scratch.clear();
-      model->tokenize(split.text, scratch);
-      append(split, scratch, e);
-    }
+    pre_tokenize_and_tokenize(std::move(ns), e, scratch);
   }
 
   // Normalizes one segment between raw added-token matches, then splits it at the added
@@ -171,6 +158,11 @@ struct Tokenizer::Impl {
                       std::vector<Token>& scratch) const {
     NormalizedString ns(text.substr(begin, end - begin), begin);
     if (normalizer) normalizer->normalize(ns);
+    pre_tokenize_and_tokenize(std::move(ns), e, scratch);
+  }
+
+  // The generic stages after normalization: pre-tokenizer (if any), then the model.
+  void pre_tokenize_and_tokenize(NormalizedString ns, Encoding& e, std::vector<Token>& scratch) const {
     if (!pre_tokenizer) {
       scratch.clear();
       model->tokenize(ns.text, scratch);

@@ -7,6 +7,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/data/loader.h"
+#include "rhine/data/sft.h"
 #include "rhine/formats/token_shard.h"
 #include "rhine/io/lora.h"
 #include "rhine/tokenizer/tokenizer.h"
@@ -42,6 +43,24 @@ HeldoutSet HeldoutSet::from_shards(const HeldoutOptions& options, const Tokenize
   return set;
 }
 
+HeldoutSet HeldoutSet::from_sft(const SftExamples& examples, std::int64_t seq_len,
+                                std::int64_t max_tokens_per_language) {
+  RHINE_CHECK(seq_len > 0, "heldout", "seq_len must be positive", seq_len, "");
+  HeldoutSet set;
+  set.seq_len = seq_len;
+  std::map<std::string, std::int64_t> have;
+  for (const auto& ex : examples.examples) {
+    const auto& lang = examples.languages.at(static_cast<std::size_t>(ex.language));
+    if (have[lang] >= max_tokens_per_language) continue;
+    auto& l = set.languages[lang];
+    l.docs.emplace_back(ex.tokens.begin(), ex.tokens.end());
+    l.targets.push_back(ex.target);
+    l.bytes += ex.target_bytes;
+    have[lang] += static_cast<std::int64_t>(ex.tokens.size());
+  }
+  return set;
+}
+
 double moe_imbalance(const at::Tensor& counts) {
   if (!counts.defined() || counts.numel() == 0) return 0.0;
   auto c = counts.to(at::kDouble);
@@ -69,7 +88,8 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16) {
     double nats = 0.0;
     std::int64_t n_tokens = 0;
     at::Tensor counts;
-    for (const auto& doc : l.docs) {
+    for (std::size_t d = 0; d < l.docs.size(); ++d) {
+      const auto& doc = l.docs[d];
       const auto T = static_cast<std::size_t>(heldout.seq_len);
       for (std::size_t start = 0; start + 1 < doc.size(); start += T) {
         const auto end = std::min(doc.size(), start + T + 1);
@@ -80,6 +100,16 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16) {
         const auto n = chunk.size(1) - 1;
         nn::ForwardOptions fo;
         fo.labels = chunk.slice(1, 1, n + 1);
+        if (!l.targets.empty()) {  // score the targets only
+          const auto& tg = l.targets[d];
+          auto keep = at::tensor(std::vector<std::uint8_t>(tg.begin() + static_cast<std::ptrdiff_t>(start + 1),
+                                                           tg.begin() + static_cast<std::ptrdiff_t>(end)))
+                          .to(at::kBool)
+                          .view({1, -1})
+                          .to(device);
+          fo.labels = fo.labels->masked_fill(keep.logical_not(), -100);
+          if (!keep.any().item<bool>()) continue;
+        }
         AutocastGuard autocast(device.type(), at::kBFloat16, bf16);
         auto out = model->forward(chunk.slice(1, 0, n), fo);
         nats += out.stats.ce_loss * static_cast<double>(out.stats.n_tokens);

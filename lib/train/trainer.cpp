@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -19,6 +20,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
 #include "rhine/dist/grad_sync.h"
+#include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/lora.h"
@@ -148,10 +150,19 @@ struct Trainer::Files {
   std::int64_t last_checkpoint_step = -1;
 };
 
-Trainer::Trainer(nn::CausalLM model, Optimizer& optimizer, Schedule schedule, DataLoader& loader,
+Trainer::Trainer(nn::CausalLM model, Optimizer& optimizer, Schedule schedule, BatchSource& loader,
                  TrainerOptions options)
+    : Trainer(std::move(model), &optimizer, nullptr, std::move(schedule), loader, std::move(options)) {}
+
+Trainer::Trainer(nn::CausalLM model, dist::ShardedOptimizer& optimizer, Schedule schedule, BatchSource& loader,
+                 TrainerOptions options)
+    : Trainer(std::move(model), nullptr, &optimizer, std::move(schedule), loader, std::move(options)) {}
+
+Trainer::Trainer(nn::CausalLM model, Optimizer* optimizer, dist::ShardedOptimizer* sharded, Schedule schedule,
+                 BatchSource& loader, TrainerOptions options)
     : model_(std::move(model)),
       optimizer_(optimizer),
+      sharded_(sharded),
       schedule_(std::move(schedule)),
       loader_(loader),
       o_(std::move(options)),
@@ -197,12 +208,78 @@ void Trainer::barrier() {
   if (world_size() > 1) world_->barrier();
 }
 
+void Trainer::optimizer_zero_grad() {
+  if (sharded_ != nullptr) {
+    sharded_->zero_grad();
+  } else {
+    optimizer_->zero_grad();
+  }
+}
+
+void Trainer::optimizer_step(double lr_scale) {
+  if (sharded_ != nullptr) {
+    sharded_->set_lr_scale(lr_scale);
+    sharded_->step();  // steps this rank's shard, then broadcasts every shard
+  } else {
+    optimizer_->set_lr_scale(lr_scale);
+    optimizer_->step();
+  }
+}
+
+std::vector<at::Tensor> Trainer::trained_parameters() const {
+  if (sharded_ == nullptr) return optimizer_->parameters();
+  std::vector<at::Tensor> out;
+  for (const auto& np : sharded_->parameters()) out.push_back(np.tensor);
+  return out;
+}
+
+OptimizerState Trainer::gather_optimizer_state() {
+  if (sharded_ == nullptr) return is_main() ? optimizer_->state_dict() : OptimizerState{};
+  RHINE_CHECK(world_ != nullptr, kComponent, "a ShardedOptimizer needs set_data_parallel()", "no world",
+              "call trainer.set_data_parallel(&world, &sync) before fit()");
+  auto mine = sharded_->state_dict();
+  // 1. Every rank's meta and tensor list (name, dtype, shape), all-gathered as JSON bytes.
+  Json desc = {{"meta", mine.meta}, {"tensors", Json::array()}};
+  for (const auto& [name, t] : mine.tensors)
+    desc["tensors"].push_back({name, static_cast<int>(t.scalar_type()), t.sizes().vec()});
+  const std::string text = desc.dump();
+  auto len = at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(text.size())}, at::kLong);
+  std::int64_t max_len = 0;
+  for (const auto& l : world_->all_gather(len)) max_len = std::max(max_len, l.item<std::int64_t>());
+  auto bytes = at::zeros({max_len}, at::kByte);
+  std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  std::vector<Json> descs;
+  for (const auto& b : world_->all_gather(bytes)) {
+    const auto* p = static_cast<const char*>(b.data_ptr());
+    descs.push_back(Json::parse(std::string(p, strnlen(p, static_cast<std::size_t>(max_len)))));
+  }
+  // 2. Each owner broadcasts its tensors, one at a time; rank 0 keeps them.
+  OptimizerState all;
+  all.meta = {{"zero1_shards", Json::array()}};
+  const auto device = model_->output_weight().device();
+  for (int r = 0; r < world_->world_size(); ++r) {
+    all.meta["zero1_shards"].push_back(descs[static_cast<std::size_t>(r)]["meta"]);
+    for (const auto& t : descs[static_cast<std::size_t>(r)]["tensors"]) {
+      const auto name = t[0].get<std::string>();
+      at::Tensor x = r == world_->rank()
+                         ? mine.tensors.at(name).contiguous()
+                         : at::empty(t[2].get<std::vector<std::int64_t>>(),
+                                     at::TensorOptions().dtype(static_cast<at::ScalarType>(t[1].get<int>())).device(device));
+      if (r != 0) world_->broadcast_(x, r);
+      if (is_main()) all.tensors[name] = x;
+    }
+  }
+  if (!is_main()) return {};
+  return all;
+}
+
 // --- checkpoints -------------------------------------------------------------
 
 fs::path Trainer::save_checkpoint() {
   RHINE_CHECK(files_->ckpt != nullptr, kComponent, "cannot checkpoint without a run directory", o_.out_dir,
               "set TrainerOptions::out_dir");
   const auto final_path = fs::path(files_->ckpt->options().dir) / io::CheckpointManager::dir_name(step_);
+  auto opt = gather_optimizer_state();  // collective under ZeRO-1
   if (!is_main()) {  // rank 0 writes; the others wait until it is durable
     barrier();
     files_->last_checkpoint_step = step_;
@@ -211,7 +288,6 @@ fs::path Trainer::save_checkpoint() {
   auto w = files_->ckpt->begin(step_);
   model_->config().save(w.path("config.json"));
   save_safetensors(w.path("model.safetensors"), model_state(model_));
-  auto opt = optimizer_.state_dict();
   opt.tensors["rng/cpu"] = cpu_rng_state();
   save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
   Json langs = Json::object();
@@ -252,7 +328,26 @@ void Trainer::load_checkpoint(const fs::path& dir) {
   const auto device = model_->output_weight().device();
   for (auto& [name, t] : opt.tensors) t = t.to(device);
   opt.meta = state.at("optimizer");
-  optimizer_.load_state_dict(opt);
+  const bool saved_sharded = opt.meta.contains("zero1_shards");
+  RHINE_CHECK(saved_sharded == (sharded_ != nullptr), kComponent,
+              saved_sharded ? "the checkpoint holds ZeRO-1 optimizer shards" : "the checkpoint holds an unsharded optimizer",
+              dir.string(), "resume with the optimizer setup (sharded or not) of the run that wrote it");
+  if (sharded_ != nullptr) {
+    const auto& shards = opt.meta["zero1_shards"];
+    RHINE_CHECK(static_cast<int>(shards.size()) == world_size(), kComponent,
+                "the checkpoint's ZeRO-1 state was written by another number of ranks", shards.size(),
+                fmt::format("resume with {} ranks", shards.size()));
+    OptimizerState mine;
+    mine.meta = shards[static_cast<std::size_t>(world_->rank())];
+    for (const auto& np : sharded_->shard())
+      for (auto& [name, t] : opt.tensors)
+        if (name.size() > np.name.size() && name.compare(0, np.name.size(), np.name) == 0 &&
+            name[np.name.size()] == '/')
+          mine.tensors[name] = t;
+    sharded_->load_state_dict(mine);
+  } else {
+    optimizer_->load_state_dict(opt);
+  }
   loader_.load_state(state.at("loader").get<std::string>());
   guard_.load_state(state.at("skip_guard"));
   step_ = state.at("step").get<std::int64_t>();
@@ -290,7 +385,7 @@ StepMetrics Trainer::train_step() {
   for (std::size_t l = 0; l < langs.size(); ++l)
     if (counts[2 + l] > 0) m.tokens_per_language[langs[l]] = static_cast<std::int64_t>(counts[2 + l]);
 
-  optimizer_.zero_grad();
+  optimizer_zero_grad();
   std::vector<double> losses = {0.0, 0.0, 0.0, 0.0};  // this rank's share of [loss, ce, aux, mtp]
   at::Tensor expert_counts;                            // [n_moe_layers, E], summed over micro-batches
   for (std::size_t i = 0; i < micro.size(); ++i) {
@@ -336,13 +431,12 @@ StepMetrics Trainer::train_step() {
   }
   if (counted == 0) m.loss = m.ce_loss = std::nan("");
 
-  const auto params = optimizer_.parameters();
+  const auto params = trained_parameters();
   m.grad_norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
   const auto decision = guard_.check(m.loss, m.grad_norm);
   m.lr = schedule_(step_);
   if (decision.accept) {
-    optimizer_.set_lr_scale(m.lr);
-    optimizer_.step();
+    optimizer_step(m.lr);
     if (expert_counts.defined() && o_.router_bias_update_rate > 0)
       model_->update_router_bias(expert_counts.to(at::kLong), o_.router_bias_update_rate);
     consecutive_skips_ = 0;
@@ -357,7 +451,7 @@ StepMetrics Trainer::train_step() {
       consecutive_skips_ = 0;
     spdlog::warn("[trainer] step {} skipped: {}", step_ + 1, decision.reason);
   }
-  optimizer_.zero_grad();
+  optimizer_zero_grad();
   ++step_;
   m.step = step_;
   m.tokens_per_second = static_cast<double>(m.tokens) / std::max(1e-9, seconds_since(t0));

@@ -3,7 +3,10 @@
 # prepares shards from .txt and .jsonl inputs (with broken JSON lines and
 # invalid UTF-8), checks the ids of every document against
 # `rhine-tokenizer encode`, checks shard rotation, and that a run killed with
-# SIGKILL leaves only complete shards and restarts cleanly.
+# SIGKILL leaves only complete shards and restarts cleanly. The read / encode /
+# write pipeline must give the same bytes whatever the batching and thread
+# count, and an error in the read or the write stage must end the run with its
+# message and exit status 1 (no hang, no abort).
 # Usage: prepare_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -59,14 +62,42 @@ assert s["wiki-fr"]["licences"] == ["CC-BY-SA-4.0"], s
 assert s["fr.jsonl"]["licences"] == [] and s["de.txt"]["docs"] == 2, s
 ' || fail "manifest sources/licences"
 
+# The same shards and manifest, byte for byte, when every document is its own
+# batch on one thread and with odd-sized batches on two (pipeline schedules differ).
+"$prep" -q -t tok.model -o shards_b1 --shard-tokens 2000 --batch-docs 1 --threads 1 fr.jsonl de=de.txt >/dev/null \
+  || fail "rhine-prepare --batch-docs 1"
+"$prep" -q -t tok.model -o shards_b7 --shard-tokens 2000 --batch-docs 7 --threads 2 fr.jsonl de=de.txt >/dev/null \
+  || fail "rhine-prepare --batch-docs 7"
+for d in shards_b1 shards_b7; do
+  diff -r shards "$d" >/dev/null || fail "$d differs from the default batching: $(diff -rq shards "$d" | head -3)"
+done
+# The progress bar reaches 100%.
+"$prep" -t tok.model -o shards_p fr.jsonl de=de.txt 2>progress.txt >/dev/null || fail "rhine-prepare with progress"
+grep -q "100.0%" progress.txt || fail "progress bar: $(tr '\r' '\n' < progress.txt | tail -2)"
 
 # A run killed mid-way leaves only complete shards; a new run restarts cleanly.
-for i in $(seq 1 40); do cat fr.jsonl; done > big.jsonl
+for i in $(seq 1 60); do cat fr.jsonl; done > big.jsonl
 "$prep" -q -t tok.model -o killed --shard-tokens 5000 --threads 1 big.jsonl & pid=$!
-sleep 0.5; kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+sleep 0.2; kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 [[ ! -f killed/manifest.json ]] || echo "note: the run finished before it was killed"
 if ls killed/*.tokens >/dev/null 2>&1; then "$prep" --verify killed >/dev/null || fail "a killed run left a bad shard"; fi
 "$prep" -q -t tok.model -o killed --shard-tokens 5000 big.jsonl >/dev/null || fail "restart"
 [[ -z $(ls -A killed | grep partial || true) ]] || fail "temporary files left after restart"
 "$prep" --verify killed >/dev/null || fail "verify after restart"
+
+# Errors in the read stage (a document without a language, after many batches
+# of another file) and in the write stage (a shard cannot be renamed into place
+# at rotation) end the run with the message and status 1, and leave no manifest.
+printf 'Ein Dokument ohne Sprache\n' > nolang.txt
+rc=0; timeout 120 "$prep" -q -t tok.model -o err_read --batch-docs 16 big.jsonl nolang.txt >/dev/null 2>err.txt || rc=$?
+[[ $rc == 1 ]] || fail "read-stage error: exit status $rc (want 1): $(cat err.txt)"
+grep -q "\[rhine-prepare\] document without a language.*nolang.txt" err.txt || fail "read-stage error message: $(cat err.txt)"
+[[ ! -f err_read/manifest.json ]] || fail "manifest written after a read-stage error"
+mkdir -p err_write/fr-00000.tokens/blocker
+rc=0; timeout 120 "$prep" -q -t tok.model -o err_write --shard-tokens 2000 --batch-docs 16 big.jsonl >/dev/null 2>err.txt \
+  || rc=$?
+[[ $rc == 1 ]] || fail "write-stage error: exit status $rc (want 1): $(cat err.txt)"
+grep -q "\[token_shard\] cannot rename the finished shard into place" err.txt || fail "write-stage error message: $(cat err.txt)"
+[[ ! -f err_write/manifest.json ]] || fail "manifest written after a write-stage error"
+[[ -z $(ls -A err_write | grep partial || true) ]] || fail "temporary files left after a write-stage error"
 echo "prepare test ok: $(tail -n 1 verify.txt), $(wc -l < want.txt) documents compared"

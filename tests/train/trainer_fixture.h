@@ -57,6 +57,13 @@ inline nn::ModelConfig tiny_config(std::int64_t vocab = kVocab) {
   return c;
 }
 
+/// The AdamW options of TinyRun.
+inline AdamWOptions tiny_adamw_options() {
+  AdamWOptions ao;
+  ao.lr = 3e-3;
+  return ao;
+}
+
 /// Everything a Trainer needs, owned together.
 struct TinyRun {
   nn::CausalLM model{nullptr};
@@ -71,9 +78,7 @@ struct TinyRun {
     model = nn::CausalLM(tiny_config(vocab), mo);
     NamedParameters params;
     for (const auto& p : model->named_parameters()) params.push_back({p.key(), p.value()});
-    AdamWOptions ao;
-    ao.lr = 3e-3;
-    optimizer = std::make_unique<AdamW>(params, ao);
+    optimizer = std::make_unique<AdamW>(params, tiny_adamw_options());
     DataLoaderOptions lo;
     lo.shards = {shards.string()};
     lo.batch_size = batch_size;

@@ -6,13 +6,16 @@
 // With KILL_AFTER_STEP the process SIGKILLs itself right after that step's
 // checkpoint (checkpoint_every = 1), like a crash between steps. With the
 // torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) it trains
-// data-parallel over Gloo. At the end rank 0 writes OUT_DIR/final.safetensors.
+// data-parallel over Gloo (RHINE_TEST_ZERO1=1: with the optimizer state
+// sharded, ZeRO-1). At the end rank 0 writes OUT_DIR/final.safetensors.
 #include <signal.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 
 #include "rhine/dist/grad_sync.h"
+#include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/runtime.h"
@@ -45,15 +48,25 @@ int main(int argc, char** argv) try {
   o.log_every = 1;
   o.progress = false;
   o.bf16 = false;
-  rhine::train::Trainer trainer(run.model, *run.optimizer, run.schedule, *run.loader, o);
-  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
+  // RHINE_TEST_ZERO1=1: the optimizer state sharded over the ranks (same AdamW options).
+  std::unique_ptr<rhine::dist::ShardedOptimizer> zero1;
+  std::unique_ptr<rhine::train::Trainer> trainer;
+  if (std::getenv("RHINE_TEST_ZERO1") != nullptr) {
+    zero1 = std::make_unique<rhine::dist::ShardedOptimizer>(world, params, [](const rhine::NamedParameters& shard) {
+      return std::make_unique<rhine::AdamW>(shard, rhine::test::tiny_adamw_options());
+    });
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *zero1, run.schedule, *run.loader, o);
+  } else {
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *run.optimizer, run.schedule, *run.loader, o);
+  }
+  if (world.world_size() > 1) trainer->set_data_parallel(&world, &sync);
   if (argc > 4) {
     const long long kill_after = std::atoll(argv[4]);
-    trainer.callbacks().on_checkpoint = [&](const std::filesystem::path&) {
-      if (trainer.step() == kill_after) ::raise(SIGKILL);
+    trainer->callbacks().on_checkpoint = [&](const std::filesystem::path&) {
+      if (trainer->step() == kill_after) ::raise(SIGKILL);
     };
   }
-  trainer.fit();
+  trainer->fit();
   if (world.is_main())
     rhine::save_safetensors(std::string(argv[2]) + "/final.safetensors", rhine::train::model_state(run.model));
   return 0;

@@ -44,6 +44,7 @@
 #include <utility>
 #include <vector>
 
+#include "rhine/data/batch.h"
 #include "rhine/data/mixture.h"
 
 namespace rhine {
@@ -86,38 +87,28 @@ struct DataLoaderOptions {
   bool verify = false;
 };
 
-/// One step's batch for this rank.
-struct Batch {
-  at::Tensor input_ids;     ///< [b, T] int64
-  at::Tensor labels;        ///< [b, T] int64: next token, or -100 (no loss)
-  at::Tensor position_ids;  ///< [b, T] int64: restart at row and document starts
-  at::Tensor doc_ids;       ///< [b, T] int64: document number within the row
-  std::vector<int> row_language;                 ///< [b] index into DataLoader::languages()
-  std::vector<std::int64_t> tokens_per_language; ///< input tokens per language (this rank)
-  std::int64_t step = 0;                         ///< 0 for the first batch
-};
-
-class DataLoader {
+/// The shard loader (a BatchSource; see the file comment).
+class DataLoader : public BatchSource {
  public:
   explicit DataLoader(DataLoaderOptions options);
-  ~DataLoader();
+  ~DataLoader() override;
   DataLoader(const DataLoader&) = delete;
   DataLoader& operator=(const DataLoader&) = delete;
 
   /// The next batch.
-  Batch next();
+  Batch next() override;
 
   /// Languages found in the shards, sorted; Batch fields index this list.
-  const std::vector<std::string>& languages() const;
+  const std::vector<std::string>& languages() const override;
   /// Tokens per language in the shards (counting bos/eos), indexed like languages().
   const std::vector<std::uint64_t>& tokens_per_language() const;
   /// Mixture probabilities in effect at `step`, indexed like languages().
   std::vector<double> probabilities(std::int64_t step) const;
 
   /// JSON text of the position after the last batch returned by next().
-  std::string state() const;
+  std::string state() const override;
   /// Continues from a state(); throws when it was taken with other data or options.
-  void load_state(const std::string& state);
+  void load_state(const std::string& state) override;
 
  private:
   struct Impl;

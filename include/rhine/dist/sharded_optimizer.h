@@ -27,7 +27,8 @@
 ///
 /// Checkpoints are per rank: state_dict() holds this rank's shard (with the
 /// partition it was made with); load it on the same rank of a run with the
-/// same world size and parameters.
+/// same world size and parameters. rhine::train::Trainer takes a
+/// ShardedOptimizer directly and collects the shards into one checkpoint.
 
 #include <cstdint>
 #include <functional>
@@ -63,6 +64,8 @@ class ShardedOptimizer {
 
   /// Owner rank of each parameter, in `params` order.
   const std::vector<int>& owners() const { return owners_; }
+  /// All parameters (every rank's), in the order given.
+  const NamedParameters& parameters() const { return params_; }
   /// The parameters this rank owns.
   const NamedParameters& shard() const { return shard_; }
   /// The optimizer over shard(); nullptr when this rank owns nothing.

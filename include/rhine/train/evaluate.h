@@ -20,6 +20,7 @@
 
 namespace rhine {
 class Tokenizer;
+struct SftExamples;
 }
 
 namespace rhine::train {
@@ -38,7 +39,10 @@ struct HeldoutOptions {
 struct HeldoutSet {
   struct Language {
     std::vector<std::vector<std::int64_t>> docs;  ///< [bos] tokens, per document
-    std::uint64_t bytes = 0;                      ///< UTF-8 bytes the documents decode to
+    /// Per document, 1 where a token is predicted and scored (SFT: the
+    /// replies); empty = every token after the first.
+    std::vector<std::vector<std::uint8_t>> targets;
+    std::uint64_t bytes = 0;                      ///< UTF-8 bytes of the scored text
   };
   std::map<std::string, Language> languages;
   std::int64_t seq_len = 256;
@@ -46,6 +50,11 @@ struct HeldoutSet {
   /// Reads shards written by rhine-prepare; bytes come from decoding each
   /// document with `tokenizer` (the one the shards were made with).
   static HeldoutSet from_shards(const HeldoutOptions& options, const Tokenizer& tokenizer);
+  /// SFT conversations (rhine/data/sft.h): only the replies are scored, and
+  /// bits per byte divide by the replies' bytes. At most
+  /// `max_tokens_per_language` tokens per language.
+  static HeldoutSet from_sft(const SftExamples& examples, std::int64_t seq_len,
+                             std::int64_t max_tokens_per_language = 20000);
 };
 
 /// One language's numbers.

@@ -16,7 +16,7 @@
 ///     trainer.set_heldout(&heldout);    // per-language loss and bits per byte
 ///     auto result = trainer.fit();      // resumes from runs/demo/checkpoints if present
 ///
-/// One optimizer step = `grad_accum` micro-batches (each one DataLoader::next()).
+/// One optimizer step = `grad_accum` micro-batches (each one BatchSource::next()).
 /// The loss of a step is the mean cross-entropy over all counted tokens of its
 /// micro-batches (micro-batch losses weighted by their token counts), so
 /// accumulating k batches of b rows equals one batch of k*b rows.
@@ -46,7 +46,7 @@
 #include <vector>
 
 #include "rhine/core/json.h"
-#include "rhine/data/loader.h"
+#include "rhine/data/batch.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/optimizer.h"
 #include "rhine/optim/schedule.h"
@@ -59,6 +59,7 @@ class CheckpointWriter;
 namespace rhine::dist {
 class World;
 class GradientSync;
+class ShardedOptimizer;
 }
 
 namespace rhine::train {
@@ -67,7 +68,7 @@ namespace rhine::train {
 struct TrainerOptions {
   /// Optimizer steps to reach (a resumed run continues up to it).
   std::int64_t max_steps = 1000;
-  /// Micro-batches (DataLoader::next() calls) per optimizer step.
+  /// Micro-batches (BatchSource::next() calls) per optimizer step.
   int grad_accum = 1;
   /// Global gradient-norm clip; 0 disables clipping (the norm is still logged).
   double grad_clip = 1.0;
@@ -175,9 +176,18 @@ struct Callbacks {
 
 class Trainer {
  public:
-  /// The trainer keeps references to `optimizer` and `loader`: they must
-  /// outlive it. `model` is a shared holder.
-  Trainer(nn::CausalLM model, Optimizer& optimizer, Schedule schedule, DataLoader& loader,
+  /// The trainer keeps references to `optimizer` and `loader` (a DataLoader,
+  /// an SftLoader or your own BatchSource): they must outlive it. `model` is a
+  /// shared holder.
+  Trainer(nn::CausalLM model, Optimizer& optimizer, Schedule schedule, BatchSource& loader,
+          TrainerOptions options);
+  /// ZeRO-1: the optimizer state is sharded over the ranks
+  /// (rhine/dist/sharded_optimizer.h). Call set_data_parallel() with the same
+  /// World before fit(). Checkpoints stay one directory: at save time every
+  /// rank's shard is collected on rank 0 into optimizer.safetensors (the
+  /// same "<param>/<slot>" names as without sharding), and trainer.json keeps
+  /// each rank's optimizer scalars; resume needs the same world size.
+  Trainer(nn::CausalLM model, dist::ShardedOptimizer& optimizer, Schedule schedule, BatchSource& loader,
           TrainerOptions options);
   ~Trainer();
   Trainer(const Trainer&) = delete;
@@ -209,7 +219,16 @@ class Trainer {
   const TrainerOptions& options() const { return o_; }
 
  private:
+  Trainer(nn::CausalLM model, Optimizer* optimizer, dist::ShardedOptimizer* sharded, Schedule schedule,
+          BatchSource& loader, TrainerOptions options);
   StepMetrics train_step();
+  // The optimizer calls, plain or sharded.
+  void optimizer_zero_grad();
+  void optimizer_step(double lr_scale);
+  std::vector<at::Tensor> trained_parameters() const;
+  /// Collective under ZeRO-1: rank 0 gets every rank's state (tensors merged,
+  /// meta {"zero1_shards": [...]}); the others get an empty state.
+  OptimizerState gather_optimizer_state();
   bool is_main() const;
   int world_size() const;
   /// Sums `values` over ranks in place (no-op for one process).
@@ -220,9 +239,10 @@ class Trainer {
   void log_eval(const EvalResult& r);
 
   nn::CausalLM model_;
-  Optimizer& optimizer_;
+  Optimizer* optimizer_ = nullptr;             // exactly one of these two is set
+  dist::ShardedOptimizer* sharded_ = nullptr;
   Schedule schedule_;
-  DataLoader& loader_;
+  BatchSource& loader_;
   TrainerOptions o_;
   Callbacks callbacks_;
   const HeldoutSet* heldout_ = nullptr;

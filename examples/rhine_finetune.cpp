@@ -1,0 +1,336 @@
+// rhine-finetune: adapt an existing Hugging Face model (EuroLLM, Salamandra,
+// Teuken, Mistral, Apertus, DeepSeek ... or any Rhine checkpoint) to German,
+// French or Dutch, and hand the result back as an HF directory.
+//
+//   rhine-finetune examples/configs/finetune-sft-de.json
+//
+// Two modes (config key "mode"):
+//  - "sft": supervised fine-tuning on JSONL (prompt/response pairs or chat
+//    messages, rendered with a chat template; the loss covers the assistant's
+//    replies only; rhine/data/sft.h);
+//  - "pretrain": continued pretraining on token shards written by rhine-prepare.
+// Full fine-tuning, or LoRA (config key "lora") where only the adapters train.
+//
+// It prints the held-out loss and bits per byte per language before and after
+// (for SFT: on the held-out replies), a sample answer per language, and writes:
+//   out_dir/checkpoints/ ...   resumable Trainer checkpoints (run again to resume)
+//   out_dir/metrics.jsonl, training.svg
+//   export_dir/                the fine-tuned model as an HF directory (LoRA merged)
+//   out_dir/adapter/           with LoRA: the adapter in PEFT's layout
+//
+// Data parallel exactly as rhine-train (torchrun / srun variables).
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+
+#include "rhine/core/error.h"
+#include "rhine/core/json.h"
+#include "rhine/core/log.h"
+#include "rhine/data/loader.h"
+#include "rhine/data/sft.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/world.h"
+#include "rhine/io/hf.h"
+#include "rhine/io/lora.h"
+#include "rhine/nn/generate.h"
+#include "rhine/optim/adamw.h"
+#include "rhine/optim/schedule.h"
+#include "rhine/tokenizer/tokenizer.h"
+#include "rhine/torch/runtime.h"
+#include "rhine/train/evaluate.h"
+#include "rhine/train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kTool = "rhine-finetune";
+
+struct FinetuneConfig {
+  std::string base_model, tokenizer, mode = "sft", out_dir = "runs/finetune", export_dir;
+  std::vector<std::string> train, heldout;
+  rhine::ChatTemplate chat_template;
+  std::optional<rhine::io::LoraOptions> lora;
+  std::int64_t seq_len = 512, batch_size = 8, grad_accum = 1, steps = 200, warmup = 20;
+  double lr = 2e-5, min_lr_ratio = 0.1, weight_decay = 0.0, grad_clip = 1.0;
+  std::uint64_t seed = 1;
+  std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
+  std::int64_t max_tokens = 2048, sample_tokens = 40;
+  bool bf16 = true, resume = true, pack = true, fused_kernels = true;
+  int threads = 0;
+
+  static std::vector<std::string> paths(const rhine::Json& j, const char* key) {
+    RHINE_CHECK(j.is_string() || j.is_array(), kTool, fmt::format("\"{}\" must be a path or a list of paths", key),
+                j.dump(), "");
+    if (j.is_string()) return {j.get<std::string>()};
+    return j.get<std::vector<std::string>>();
+  }
+
+  static FinetuneConfig from_file(const std::string& path) {
+    auto j = rhine::read_json_file(path, kTool);
+    rhine::JsonFields f(j, kTool);
+    FinetuneConfig c;
+    c.base_model = f.require<std::string>("base_model");
+    c.tokenizer = f.get("tokenizer", c.tokenizer);
+    c.mode = f.get("mode", c.mode);
+    RHINE_CHECK(c.mode == "sft" || c.mode == "pretrain", kTool, "unknown mode", c.mode, "use \"sft\" or \"pretrain\"");
+    c.train = paths(*f.raw("train"), "train");
+    c.heldout = paths(*f.raw("heldout"), "heldout");
+    c.out_dir = f.get("out_dir", c.out_dir);
+    c.export_dir = f.get("export_dir", (fs::path(c.out_dir) / "export").string());
+    if (const auto* t = f.raw("chat_template")) {
+      if (t->is_string()) {
+        c.chat_template = rhine::ChatTemplate::named(t->get<std::string>());
+      } else {
+        rhine::JsonFields tf(*t, "rhine-finetune chat_template");
+        c.chat_template.system = tf.get("system", c.chat_template.system);
+        c.chat_template.user = tf.get("user", c.chat_template.user);
+        c.chat_template.assistant = tf.get("assistant", c.chat_template.assistant);
+        c.chat_template.prefix = tf.get("prefix", c.chat_template.prefix);
+        c.chat_template.append_eos = tf.get("append_eos", c.chat_template.append_eos);
+        tf.reject_unknown();
+      }
+    }
+    if (const auto* l = f.raw("lora"); l != nullptr && !l->is_null()) {
+      rhine::JsonFields lf(*l, "rhine-finetune lora");
+      rhine::io::LoraOptions lo;
+      lo.rank = lf.get("rank", lo.rank);
+      lo.alpha = lf.get("alpha", lo.alpha);
+      lo.dropout = lf.get("dropout", lo.dropout);
+      lo.target_modules = lf.get("target_modules", lo.target_modules);
+      lo.target_regex = lf.get("target_regex", lo.target_regex);
+      lf.reject_unknown();
+      c.lora = lo;
+    }
+    c.seq_len = f.get("seq_len", c.seq_len);
+    c.batch_size = f.get("batch_size", c.batch_size);
+    c.grad_accum = f.get("grad_accum", c.grad_accum);
+    c.steps = f.get("steps", c.steps);
+    c.warmup = f.get("warmup", c.warmup);
+    c.lr = f.get("lr", c.lr);
+    c.min_lr_ratio = f.get("min_lr_ratio", c.min_lr_ratio);
+    c.weight_decay = f.get("weight_decay", c.weight_decay);
+    c.grad_clip = f.get("grad_clip", c.grad_clip);
+    c.seed = f.get("seed", c.seed);
+    c.eval_tokens = f.get("eval_tokens", c.eval_tokens);
+    c.eval_every = f.get("eval_every", c.eval_every);
+    c.checkpoint_every = f.get("checkpoint_every", c.checkpoint_every);
+    c.keep_last = f.get("keep_last", c.keep_last);
+    c.log_every = f.get("log_every", c.log_every);
+    c.max_tokens = f.get("max_tokens", c.max_tokens);
+    c.sample_tokens = f.get("sample_tokens", c.sample_tokens);
+    c.bf16 = f.get("bf16", c.bf16);
+    c.resume = f.get("resume", c.resume);
+    c.pack = f.get("pack", c.pack);
+    c.fused_kernels = f.get("fused_kernels", c.fused_kernels);
+    c.threads = f.get("threads", c.threads);
+    f.reject_unknown();
+    RHINE_CHECK(c.steps > c.warmup && c.warmup >= 0, kTool, "steps must exceed warmup",
+                (std::vector<std::int64_t>{c.steps, c.warmup}), "");
+    return c;
+  }
+};
+
+/// The tokenizer: the config's, else the base model's tokenizer.json, else its tokenizer.model.
+std::string tokenizer_path(const FinetuneConfig& c) {
+  if (!c.tokenizer.empty()) return c.tokenizer;
+  for (const char* name : {"tokenizer.json", "tokenizer.model"})
+    if (fs::exists(fs::path(c.base_model) / name)) return (fs::path(c.base_model) / name).string();
+  RHINE_FAIL(kTool, "the base model directory has no tokenizer.json or tokenizer.model", c.base_model,
+             "set \"tokenizer\" in the config");
+}
+
+std::vector<std::int32_t> ids32(const std::vector<std::int64_t>& v) { return {v.begin(), v.end()}; }
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  rhine::init_logging();
+  RHINE_CHECK(argc == 2, kTool, "expected one argument, the config file", argc - 1,
+              "usage: rhine-finetune CONFIG.json (see examples/configs/finetune-*.json)");
+  const auto cfg = FinetuneConfig::from_file(argv[1]);
+  rhine::RuntimeOptions ro;
+  ro.threads = cfg.threads;
+  ro.seed = cfg.seed;
+  auto world = rhine::dist::init_from_env();
+  if (world.world_size() > 1 && ro.device == "auto")
+    ro.device = world.backend() == "nccl" ? "cuda:" + std::to_string(world.local_rank()) : "cpu";
+  auto rt = rhine::init_runtime(ro);
+  const bool main_rank = world.is_main();
+
+  // The base model (fp32 master weights) and its tokenizer.
+  const auto tok_path = tokenizer_path(cfg);
+  auto tok = rhine::Tokenizer::load(tok_path);
+  rhine::io::ImportOptions io;
+  io.device = rt.device;
+  io.model.fused_kernels = cfg.fused_kernels;
+  auto lm = rhine::io::load_hf_model(cfg.base_model, io);
+  const auto& mcfg = lm->config();
+  RHINE_CHECK(mcfg.vocab_size >= tok.vocab_size(), kTool, "the tokenizer has more tokens than the model's vocabulary",
+              tok.vocab_size(), fmt::format("model vocab_size {}; use the base model's own tokenizer", mcfg.vocab_size));
+  if (cfg.lora) {
+    auto lo = *cfg.lora;
+    lo.init_seed = cfg.seed;
+    lo.base_model_name_or_path = cfg.base_model;
+    const auto adapted = rhine::io::apply_lora(*lm, lo);
+    if (main_rank) spdlog::info("LoRA r={} alpha={} on {} modules", lo.rank, lo.alpha, adapted.size());
+  }
+  rhine::NamedParameters params;
+  std::int64_t trainable = 0;
+  for (const auto& p : lm->named_parameters())
+    if (p.value().requires_grad()) {
+      params.push_back({p.key(), p.value()});
+      trainable += p.value().numel();
+    }
+  if (main_rank)
+    spdlog::info("{} ({} layers, hidden {}): {:.2f}M parameters, {:.2f}M trained; tokenizer {}", cfg.base_model,
+                 mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, trainable / 1e6, tok_path);
+
+  // Data: the training stream and the per-language held-out set.
+  std::unique_ptr<rhine::BatchSource> source;
+  rhine::SftExamples sft_train, sft_heldout;
+  rhine::train::HeldoutSet heldout;
+  if (cfg.mode == "sft") {
+    rhine::SftOptions so;
+    so.chat_template = cfg.chat_template;
+    so.max_tokens = cfg.seq_len + 1;
+    so.files = cfg.train;
+    sft_train = rhine::load_sft_examples(so, tok);
+    so.files = cfg.heldout;
+    sft_heldout = rhine::load_sft_examples(so, tok);
+    if (main_rank)
+      spdlog::info("SFT: {} examples ({} tokens, {} of them targets; {} cut to seq_len+1, {} dropped), languages {}",
+                   sft_train.examples.size(), sft_train.tokens, sft_train.target_tokens, sft_train.truncated,
+                   sft_train.dropped, fmt::join(sft_train.languages, ", "));
+    rhine::SftLoaderOptions lo;
+    lo.batch_size = cfg.batch_size;
+    lo.seq_len = cfg.seq_len;
+    lo.pack = cfg.pack;
+    lo.pad_id = tok.eos_id() >= 0 ? tok.eos_id() : 0;
+    lo.seed = cfg.seed;
+    lo.rank = world.rank();
+    lo.world_size = world.world_size();
+    source = std::make_unique<rhine::SftLoader>(sft_train, lo);
+    heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, cfg.seq_len, cfg.eval_tokens);
+  } else {
+    rhine::DataLoaderOptions lo;
+    lo.shards = cfg.train;
+    lo.batch_size = cfg.batch_size;
+    lo.seq_len = cfg.seq_len;
+    lo.seed = cfg.seed;
+    lo.rank = world.rank();
+    lo.world_size = world.world_size();
+    if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
+    if (tok.eos_id() >= 0) lo.eos_id = tok.eos_id();
+    source = std::make_unique<rhine::DataLoader>(lo);
+    rhine::train::HeldoutOptions ho;
+    ho.shards = cfg.heldout;
+    ho.max_tokens_per_language = cfg.eval_tokens;
+    ho.seq_len = cfg.seq_len;
+    heldout = rhine::train::HeldoutSet::from_shards(ho, tok);
+  }
+
+  // Optimizer, schedule, trainer.
+  rhine::AdamWOptions ao;
+  ao.lr = cfg.lr;
+  ao.beta2 = 0.95;
+  ao.weight_decay = cfg.weight_decay;
+  rhine::AdamW opt(params, ao);
+  const auto schedule = rhine::warmup_cosine(cfg.warmup, cfg.steps, 1.0, cfg.min_lr_ratio);
+  rhine::dist::broadcast_parameters(world, lm->parameters());
+  rhine::dist::GradientSync sync(world, params);
+  rhine::train::TrainerOptions to;
+  to.max_steps = cfg.steps;
+  to.grad_accum = static_cast<int>(cfg.grad_accum);
+  to.grad_clip = cfg.grad_clip;
+  to.bf16 = cfg.bf16;
+  to.out_dir = cfg.out_dir;
+  to.resume = cfg.resume;
+  to.eval_every = cfg.eval_every;
+  to.checkpoint_every = cfg.checkpoint_every;
+  to.keep_last = static_cast<int>(cfg.keep_last);
+  to.log_every = cfg.log_every;
+  to.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
+  rhine::train::Trainer trainer(lm, opt, schedule, *source, to);
+  trainer.set_heldout(&heldout);
+  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
+  const auto r = trainer.fit();
+  if (!main_rank) return r.interrupted ? 130 : 0;
+  if (r.interrupted) {
+    std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));
+    return 130;
+  }
+
+  std::printf("\nHeld-out %s per language (lower is better)\n",
+              cfg.mode == "sft" ? "loss on the replies" : "loss");
+  std::printf("%-6s %14s %10s %10s %10s %10s\n", "lang", "train tokens", "loss", "after", "bpb", "after");
+  for (const auto& [lang, after] : r.last_eval->languages) {
+    const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
+    if (r.first_eval) {
+      const auto& before = r.first_eval->languages.at(lang);
+      std::printf("%-6s %14lld %10.4f %10.4f %10.4f %10.4f\n", lang.c_str(), static_cast<long long>(seen), before.loss,
+                  after.loss, before.bits_per_byte, after.bits_per_byte);
+    } else {
+      std::printf("%-6s %14lld %10s %10.4f %10s %10.4f   (resumed at step %lld)\n", lang.c_str(),
+                  static_cast<long long>(seen), "-", after.loss, "-", after.bits_per_byte,
+                  static_cast<long long>(r.resumed_from));
+    }
+  }
+  std::printf("(%lld steps, %.0f s in this run, %.0f tokens/s)\n", static_cast<long long>(r.step), r.seconds,
+              r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0);
+
+  // One sample per language: the prompt of the first held-out example (SFT) or a document's start.
+  std::printf("\nSamples (prompt in [brackets], greedy)\n");
+  rhine::DecodeOptions dec;
+  dec.skip_special = cfg.mode != "sft";
+  for (const auto& [lang, h] : heldout.languages) {
+    const auto& doc = h.docs.front();
+    std::size_t n = std::min<std::size_t>(doc.size() - 1, 8);
+    if (!h.targets.empty()) {  // up to the first reply token
+      n = 0;
+      while (n + 1 < doc.size() && !h.targets.front()[n]) ++n;
+    }
+    std::vector<std::int64_t> prompt(doc.begin(), doc.begin() + static_cast<std::ptrdiff_t>(n));
+    rhine::nn::GenerateOptions g;
+    g.max_new_tokens = cfg.sample_tokens;
+    g.temperature = 0.0;
+    g.repetition_penalty = 1.1;
+    if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
+    if (auto end = tok.token_to_id("<|im_end|>"); end >= 0) g.stop_tokens.push_back(end);
+    auto res = rhine::nn::generate(lm, {prompt}, g);
+    std::string p = tok.decode(ids32(prompt), dec), text = tok.decode(ids32(res.tokens[0]), dec);
+    for (auto* s : {&p, &text})
+      for (auto& ch : *s)
+        if (ch == '\n') ch = ' ';
+    std::printf("%s: [%s] %s\n", lang.c_str(), p.c_str(), text.c_str());
+  }
+
+  // Export: the HF directory (LoRA merged into the weights) and, with LoRA, the PEFT adapter.
+  if (cfg.lora) {
+    const auto adapter = fs::path(cfg.out_dir) / "adapter";
+    rhine::io::PeftSaveOptions po;
+    po.overwrite = true;
+    rhine::io::save_peft_adapter(*lm, adapter, po);
+    std::printf("\nLoRA adapter (PEFT layout): %s\n", adapter.c_str());
+    rhine::io::merge_lora(*lm);
+  }
+  rhine::io::ExportOptions eo;
+  eo.overwrite = true;
+  eo.tokenizer_from = fs::path(cfg.base_model);
+  rhine::io::save_hf_model(lm, cfg.export_dir, eo);
+  // A tokenizer given separately travels with the export under its HF name.
+  const auto ext = fs::path(tok_path).extension();
+  const auto hf_name = ext == ".model" ? "tokenizer.model" : "tokenizer.json";
+  if (!fs::exists(fs::path(cfg.export_dir) / hf_name))
+    fs::copy_file(tok_path, fs::path(cfg.export_dir) / hf_name);
+  std::printf("Fine-tuned model (HF directory): %s\nRun directory %s: metrics.jsonl, training.svg, checkpoints/\n",
+              cfg.export_dir.c_str(), cfg.out_dir.c_str());
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "\n%s\n", e.what());
+  return 1;
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# rhine-finetune end to end on a tiny imported HF-format model:
+#  1. a tokenizer (rhine-tokenizer) and shards (rhine-prepare) of the bundled
+#     de/fr/nl/en sample; a tiny Llama-style base model pretrained briefly by
+#     rhine-train on all four languages (its checkpoint directory is an HF
+#     model directory: config.json + model.safetensors under HF names);
+#  2. continued pretraining on Dutch alone lowers the Dutch held-out loss, and
+#     the export passes the independent HF-directory checker;
+#  3. SFT (full) on German prompt/response pairs lowers the held-out loss on
+#     the replies;
+#  4. LoRA SFT lowers it too and trains only the adapters: in the merged
+#     export exactly the adapted q/v/down_proj weights differ from the base,
+#     every other tensor is bitwise equal (independent python reader); the
+#     PEFT adapter directory is written;
+#  5. a bad config fails with exit code 1 and names the key.
+# Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
+set -euo pipefail
+build=$1 src=$2
+tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare
+train=$build/examples/rhine-train ft=$build/examples/rhine-finetune
+check="/usr/bin/python3 $src/tests/fixtures/hf/check_hf_dir.py"
+work=$(mktemp -d /tmp/rhine_finetune_test.XXXXXX)
+[[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
+cd "$work"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+S=$src/data/sample
+export OMP_NUM_THREADS=2
+
+# 1. Tokenizer, shards, base model.
+"$tok" train --model-type bpe --vocab-size 800 -i de=$S/de.txt -i fr=$S/fr.txt -i nl=$S/nl.txt -i en=$S/en.txt \
+  --out tok >/dev/null 2>&1 || fail "training the tokenizer"
+"$prep" -q -t tok.model -o shards/all de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt >/dev/null
+"$prep" -q -t tok.model -o shards/nl nl=$S/nl.txt >/dev/null
+"$prep" -q -t tok.model -o shards/heldout de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt \
+  en=$S/heldout/en.txt >/dev/null
+cat > base.json <<EOF
+{"tokenizer": "tok.model", "train_shards": "shards/all", "heldout_shards": "shards/heldout", "out_dir": "base",
+ "model": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+           "tie_word_embeddings": false},
+ "seq_len": 64, "batch_size": 8, "steps": 60, "warmup": 5, "lr": 0.005, "eval_tokens": 3000,
+ "sample_tokens": 4, "log_every": 100, "bf16": false}
+EOF
+"$train" base.json > base.txt 2>&1 || fail "rhine-train: $(tail -5 base.txt)"
+base=base/checkpoints/step-00000060
+[[ -f $base/config.json && -f $base/model.safetensors ]] || fail "no base checkpoint: $(ls base/checkpoints)"
+
+# after LANG OUTPUT: "before after" held-out loss of LANG from rhine-finetune's table.
+losses() { awk -v l="$1" '$1 == l && NF >= 6 { print $3, $4 }' "$2"; }
+lower() {  # lower LANG OUTPUT: the loss after is below the loss before
+  read -r before after <<<"$(losses "$1" "$2")"
+  [[ -n "$before" ]] || fail "no $1 row in $2: $(cat "$2")"
+  python3 -c "import sys; b, a = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if a < b else 1)" "$before" "$after" \
+    || fail "$1 held-out loss did not go down: $before -> $after"
+  echo "$1 held-out loss $before -> $after"
+}
+
+# 2. Continued pretraining on Dutch.
+cat > cpt.json <<EOF
+{"base_model": "$base", "tokenizer": "tok.model", "mode": "pretrain", "train": "shards/nl",
+ "heldout": "shards/heldout", "out_dir": "cpt", "export_dir": "cpt-hf", "seq_len": 64, "batch_size": 8,
+ "steps": 40, "warmup": 4, "lr": 0.003, "eval_tokens": 3000, "sample_tokens": 4, "log_every": 100, "bf16": false}
+EOF
+"$ft" cpt.json > cpt.txt 2>&1 || fail "rhine-finetune pretrain: $(tail -5 cpt.txt)"
+lower nl cpt.txt
+r=$($check model cpt-hf)
+python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
+[[ -f cpt-hf/tokenizer.model ]] || fail "the export has no tokenizer"
+
+# 3. SFT on German "continue the text" pairs: prompt = a line, response = the next line.
+pairs() {  # pairs FILE N
+  python3 -c '
+import json, sys
+lines = [l.strip() for l in open(sys.argv[1], encoding="utf-8") if l.strip()]
+for a, b in list(zip(lines[0::2], lines[1::2]))[:int(sys.argv[2])]:
+    print(json.dumps({"prompt": a[:200], "response": b[:200], "lang": "de"}, ensure_ascii=False))
+' "$1" "$2"
+}
+pairs $S/de.txt 600 > sft-train.jsonl
+pairs $S/heldout/de.txt 60 > sft-heldout.jsonl
+sft_config() {  # sft_config OUT_DIR LORA_JSON
+  cat <<EOF
+{"base_model": "$base", "tokenizer": "tok.model", "mode": "sft", "train": "sft-train.jsonl",
+ "heldout": "sft-heldout.jsonl", "chat_template": "plain", "out_dir": "$1", "export_dir": "$1-hf", "lora": $2,
+ "seq_len": 64, "batch_size": 8, "steps": 30, "warmup": 3, "lr": $3, "eval_tokens": 3000, "sample_tokens": 4,
+ "log_every": 100, "bf16": false}
+EOF
+}
+sft_config sft null 0.003 > sft.json
+"$ft" sft.json > sft.txt 2>&1 || fail "rhine-finetune sft: $(tail -5 sft.txt)"
+lower de sft.txt
+grep -q "loss on the replies" sft.txt || fail "sft table header"
+
+# 4. LoRA: only the adapters train.
+sft_config lora '{"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}' 0.02 > lora.json
+"$ft" lora.json > lora.txt 2>&1 || fail "rhine-finetune lora: $(tail -5 lora.txt)"
+lower de lora.txt
+[[ -f lora/adapter/adapter_config.json && -f lora/adapter/adapter_model.safetensors ]] || fail "no PEFT adapter"
+/usr/bin/python3 - "$base/model.safetensors" lora-hf/model.safetensors <<'EOF' || fail "LoRA changed more than the adapted weights"
+# Independent safetensors reader: 8-byte header length, JSON header, raw bytes.
+import json, struct, sys
+def read(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in header.items()}
+base, tuned = read(sys.argv[1]), read(sys.argv[2])
+assert base.keys() == tuned.keys(), (sorted(base.keys() ^ tuned.keys()))
+changed = sorted(k for k in base if base[k] != tuned[k])
+adapted = sorted(k for k in base if k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")))
+print("changed:", changed)
+assert changed == adapted, (changed, adapted)
+EOF
+echo "LoRA: only the adapted q_proj/v_proj/down_proj weights changed"
+
+# 5. Bad config.
+sed 's/"steps"/"stepz"/' sft.json > bad.json
+if "$ft" bad.json > bad.txt 2>&1; then fail "a bad config was accepted"; fi
+grep -q "stepz" bad.txt || fail "the error does not name the key: $(cat bad.txt)"
+echo "PASS"

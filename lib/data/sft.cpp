@@ -88,9 +88,11 @@ void ChatTemplate::validate() const {
   }
 }
 
-SftExample tokenize_sft_example(const std::string& json_line, const SftOptions& options, const Tokenizer& tokenizer) {
-  const Json j = Json::parse(json_line);
-  RHINE_CHECK(j.is_object(), kComponent, "a line must be a JSON object", json_line.substr(0, 200), "");
+namespace {
+
+/// Renders and tokenizes one parsed line (see tokenize_sft_example).
+SftExample tokenize_object(const Json& j, const SftOptions& options, const Tokenizer& tokenizer) {
+  RHINE_CHECK(j.is_object(), kComponent, "a line must be a JSON object", j.dump().substr(0, 200), "");
   std::string text = options.chat_template.prefix;
   std::vector<Span> spans;
   if (!text.empty()) spans.push_back({0, text.size(), false});
@@ -118,7 +120,7 @@ SftExample tokenize_sft_example(const std::string& json_line, const SftOptions& 
       if (target && options.chat_template.append_eos) eos_after.push_back(text.size());
     }
     RHINE_CHECK(has_reply, kComponent, "a conversation without an assistant message has nothing to learn",
-                json_line.substr(0, 200), "add the reply as {\"role\": \"assistant\", ...}");
+                j.dump().substr(0, 200), "add the reply as {\"role\": \"assistant\", ...}");
   }
 
   auto is_target = [&](std::size_t byte) {
@@ -163,6 +165,12 @@ SftExample tokenize_sft_example(const std::string& json_line, const SftOptions& 
   for (const auto& s : spans)
     if (s.target) ex.target_bytes += s.end - s.begin;
   return ex;
+}
+
+}  // namespace
+
+SftExample tokenize_sft_example(const std::string& json_line, const SftOptions& options, const Tokenizer& tokenizer) {
+  return tokenize_object(Json::parse(json_line), options, tokenizer);
 }
 
 SftExamples load_sft_examples(const SftOptions& options, const Tokenizer& tokenizer) {
@@ -214,8 +222,8 @@ SftExamples load_sft_examples(const SftOptions& options, const Tokenizer& tokeni
       const std::size_t hi = lines.size() * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(n_threads);
       for (std::size_t i = lo; i < hi; ++i) {
         try {
-          out[i] = tokenize_sft_example(lines[i].text, options, tokenizer);
           const Json j = Json::parse(lines[i].text);
+          out[i] = tokenize_object(j, options, tokenizer);
           lang[i] = j.contains("lang") && j.at("lang").is_string() ? j.at("lang").get<std::string>()
                                                                    : options.default_language;
         } catch (const std::exception& e) {

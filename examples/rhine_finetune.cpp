@@ -43,6 +43,7 @@
 #include "rhine/torch/runtime.h"
 #include "rhine/train/evaluate.h"
 #include "rhine/train/trainer.h"
+#include "run_config.h"
 
 namespace fs = std::filesystem;
 
@@ -51,23 +52,22 @@ namespace {
 constexpr const char* kTool = "rhine-finetune";
 
 struct FinetuneConfig {
-  std::string base_model, tokenizer, mode = "sft", out_dir = "runs/finetune", export_dir;
+  std::string base_model, tokenizer, mode = "sft", export_dir;
   std::vector<std::string> train, heldout;
   rhine::ChatTemplate chat_template;
   std::optional<rhine::io::LoraOptions> lora;
-  std::int64_t seq_len = 512, batch_size = 8, grad_accum = 1, steps = 200, warmup = 20;
-  double lr = 2e-5, min_lr_ratio = 0.1, weight_decay = 0.0, grad_clip = 1.0;
-  std::uint64_t seed = 1;
-  std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
-  std::int64_t max_tokens = 2048, sample_tokens = 40;
-  bool bf16 = true, resume = true, pack = true, fused_kernels = true;
-  int threads = 0;
+  bool pack = true;
+  rhine::examples::RunConfig run;  // schedule, batch, evaluation, checkpoints (run_config.h)
 
-  static std::vector<std::string> paths(const rhine::Json& j, const char* key) {
-    RHINE_CHECK(j.is_string() || j.is_array(), kTool, fmt::format("\"{}\" must be a path or a list of paths", key),
-                j.dump(), "");
-    if (j.is_string()) return {j.get<std::string>()};
-    return j.get<std::vector<std::string>>();
+  /// A required key holding a path or a list of paths.
+  static std::vector<std::string> paths(rhine::JsonFields& f, const char* key) {
+    const auto* j = f.raw(key);
+    RHINE_CHECK(j != nullptr, kTool, fmt::format("required key \"{}\" is missing", key), "",
+                "give a file, a directory or a list of them");
+    RHINE_CHECK(j->is_string() || j->is_array(), kTool, fmt::format("\"{}\" must be a path or a list of paths", key),
+                j->dump(), "");
+    if (j->is_string()) return {j->get<std::string>()};
+    return j->get<std::vector<std::string>>();
   }
 
   static FinetuneConfig from_file(const std::string& path) {
@@ -78,10 +78,8 @@ struct FinetuneConfig {
     c.tokenizer = f.get("tokenizer", c.tokenizer);
     c.mode = f.get("mode", c.mode);
     RHINE_CHECK(c.mode == "sft" || c.mode == "pretrain", kTool, "unknown mode", c.mode, "use \"sft\" or \"pretrain\"");
-    c.train = paths(*f.raw("train"), "train");
-    c.heldout = paths(*f.raw("heldout"), "heldout");
-    c.out_dir = f.get("out_dir", c.out_dir);
-    c.export_dir = f.get("export_dir", (fs::path(c.out_dir) / "export").string());
+    c.train = paths(f, "train");
+    c.heldout = paths(f, "heldout");
     if (const auto* t = f.raw("chat_template")) {
       if (t->is_string()) {
         c.chat_template = rhine::ChatTemplate::named(t->get<std::string>());
@@ -106,31 +104,18 @@ struct FinetuneConfig {
       lf.reject_unknown();
       c.lora = lo;
     }
-    c.seq_len = f.get("seq_len", c.seq_len);
-    c.batch_size = f.get("batch_size", c.batch_size);
-    c.grad_accum = f.get("grad_accum", c.grad_accum);
-    c.steps = f.get("steps", c.steps);
-    c.warmup = f.get("warmup", c.warmup);
-    c.lr = f.get("lr", c.lr);
-    c.min_lr_ratio = f.get("min_lr_ratio", c.min_lr_ratio);
-    c.weight_decay = f.get("weight_decay", c.weight_decay);
-    c.grad_clip = f.get("grad_clip", c.grad_clip);
-    c.seed = f.get("seed", c.seed);
-    c.eval_tokens = f.get("eval_tokens", c.eval_tokens);
-    c.eval_every = f.get("eval_every", c.eval_every);
-    c.checkpoint_every = f.get("checkpoint_every", c.checkpoint_every);
-    c.keep_last = f.get("keep_last", c.keep_last);
-    c.log_every = f.get("log_every", c.log_every);
-    c.max_tokens = f.get("max_tokens", c.max_tokens);
-    c.sample_tokens = f.get("sample_tokens", c.sample_tokens);
-    c.bf16 = f.get("bf16", c.bf16);
-    c.resume = f.get("resume", c.resume);
     c.pack = f.get("pack", c.pack);
-    c.fused_kernels = f.get("fused_kernels", c.fused_kernels);
-    c.threads = f.get("threads", c.threads);
+    // Fine-tuning defaults: small learning rate, no weight decay, 512-token rows.
+    c.run.out_dir = "runs/finetune";
+    c.run.seq_len = 512;
+    c.run.batch_size = 8;
+    c.run.steps = 200;
+    c.run.warmup = 20;
+    c.run.lr = 2e-5;
+    c.run.weight_decay = 0.0;
+    c.run.read(f, kTool);
+    c.export_dir = f.get("export_dir", (fs::path(c.run.out_dir) / "export").string());
     f.reject_unknown();
-    RHINE_CHECK(c.steps > c.warmup && c.warmup >= 0, kTool, "steps must exceed warmup",
-                (std::vector<std::int64_t>{c.steps, c.warmup}), "");
     return c;
   }
 };
@@ -153,13 +138,8 @@ int main(int argc, char** argv) try {
   RHINE_CHECK(argc == 2, kTool, "expected one argument, the config file", argc - 1,
               "usage: rhine-finetune CONFIG.json (see examples/configs/finetune-*.json)");
   const auto cfg = FinetuneConfig::from_file(argv[1]);
-  rhine::RuntimeOptions ro;
-  ro.threads = cfg.threads;
-  ro.seed = cfg.seed;
-  auto world = rhine::dist::init_from_env();
-  if (world.world_size() > 1 && ro.device == "auto")
-    ro.device = world.backend() == "nccl" ? "cuda:" + std::to_string(world.local_rank()) : "cpu";
-  auto rt = rhine::init_runtime(ro);
+  const auto& run = cfg.run;
+  auto [world, rt] = rhine::examples::start_process(run);
   const bool main_rank = world.is_main();
 
   // The base model (fp32 master weights) and its tokenizer.
@@ -167,14 +147,14 @@ int main(int argc, char** argv) try {
   auto tok = rhine::Tokenizer::load(tok_path);
   rhine::io::ImportOptions io;
   io.device = rt.device;
-  io.model.fused_kernels = cfg.fused_kernels;
+  io.model.fused_kernels = run.fused_kernels;
   auto lm = rhine::io::load_hf_model(cfg.base_model, io);
   const auto& mcfg = lm->config();
   RHINE_CHECK(mcfg.vocab_size >= tok.vocab_size(), kTool, "the tokenizer has more tokens than the model's vocabulary",
               tok.vocab_size(), fmt::format("model vocab_size {}; use the base model's own tokenizer", mcfg.vocab_size));
   if (cfg.lora) {
     auto lo = *cfg.lora;
-    lo.init_seed = cfg.seed;
+    lo.init_seed = run.seed;
     lo.base_model_name_or_path = cfg.base_model;
     const auto adapted = rhine::io::apply_lora(*lm, lo);
     if (main_rank) spdlog::info("LoRA r={} alpha={} on {} modules", lo.rank, lo.alpha, adapted.size());
@@ -197,7 +177,7 @@ int main(int argc, char** argv) try {
   if (cfg.mode == "sft") {
     rhine::SftOptions so;
     so.chat_template = cfg.chat_template;
-    so.max_tokens = cfg.seq_len + 1;
+    so.max_tokens = run.seq_len + 1;
     so.files = cfg.train;
     sft_train = rhine::load_sft_examples(so, tok);
     so.files = cfg.heldout;
@@ -207,21 +187,21 @@ int main(int argc, char** argv) try {
                    sft_train.examples.size(), sft_train.tokens, sft_train.target_tokens, sft_train.truncated,
                    sft_train.dropped, fmt::join(sft_train.languages, ", "));
     rhine::SftLoaderOptions lo;
-    lo.batch_size = cfg.batch_size;
-    lo.seq_len = cfg.seq_len;
+    lo.batch_size = run.batch_size;
+    lo.seq_len = run.seq_len;
     lo.pack = cfg.pack;
     lo.pad_id = tok.eos_id() >= 0 ? tok.eos_id() : 0;
-    lo.seed = cfg.seed;
+    lo.seed = run.seed;
     lo.rank = world.rank();
     lo.world_size = world.world_size();
     source = std::make_unique<rhine::SftLoader>(sft_train, lo);
-    heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, cfg.seq_len, cfg.eval_tokens);
+    heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, run.seq_len, run.eval_tokens);
   } else {
     rhine::DataLoaderOptions lo;
     lo.shards = cfg.train;
-    lo.batch_size = cfg.batch_size;
-    lo.seq_len = cfg.seq_len;
-    lo.seed = cfg.seed;
+    lo.batch_size = run.batch_size;
+    lo.seq_len = run.seq_len;
+    lo.seed = run.seed;
     lo.rank = world.rank();
     lo.world_size = world.world_size();
     if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
@@ -229,31 +209,17 @@ int main(int argc, char** argv) try {
     source = std::make_unique<rhine::DataLoader>(lo);
     rhine::train::HeldoutOptions ho;
     ho.shards = cfg.heldout;
-    ho.max_tokens_per_language = cfg.eval_tokens;
-    ho.seq_len = cfg.seq_len;
+    ho.max_tokens_per_language = run.eval_tokens;
+    ho.seq_len = run.seq_len;
     heldout = rhine::train::HeldoutSet::from_shards(ho, tok);
   }
 
   // Optimizer, schedule, trainer.
-  rhine::AdamWOptions ao;
-  ao.lr = cfg.lr;
-  ao.beta2 = 0.95;
-  ao.weight_decay = cfg.weight_decay;
-  rhine::AdamW opt(params, ao);
-  const auto schedule = rhine::warmup_cosine(cfg.warmup, cfg.steps, 1.0, cfg.min_lr_ratio);
+  rhine::AdamW opt(params, run.adamw_options());
+  const auto schedule = run.schedule();
   rhine::dist::broadcast_parameters(world, lm->parameters());
   rhine::dist::GradientSync sync(world, params);
-  rhine::train::TrainerOptions to;
-  to.max_steps = cfg.steps;
-  to.grad_accum = static_cast<int>(cfg.grad_accum);
-  to.grad_clip = cfg.grad_clip;
-  to.bf16 = cfg.bf16;
-  to.out_dir = cfg.out_dir;
-  to.resume = cfg.resume;
-  to.eval_every = cfg.eval_every;
-  to.checkpoint_every = cfg.checkpoint_every;
-  to.keep_last = static_cast<int>(cfg.keep_last);
-  to.log_every = cfg.log_every;
+  auto to = run.trainer_options();
   to.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
   rhine::train::Trainer trainer(lm, opt, schedule, *source, to);
   trainer.set_heldout(&heldout);
@@ -296,7 +262,7 @@ int main(int argc, char** argv) try {
     }
     std::vector<std::int64_t> prompt(doc.begin(), doc.begin() + static_cast<std::ptrdiff_t>(n));
     rhine::nn::GenerateOptions g;
-    g.max_new_tokens = cfg.sample_tokens;
+    g.max_new_tokens = run.sample_tokens;
     g.temperature = 0.0;
     g.repetition_penalty = 1.1;
     if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
@@ -311,7 +277,7 @@ int main(int argc, char** argv) try {
 
   // Export: the HF directory (LoRA merged into the weights) and, with LoRA, the PEFT adapter.
   if (cfg.lora) {
-    const auto adapter = fs::path(cfg.out_dir) / "adapter";
+    const auto adapter = fs::path(run.out_dir) / "adapter";
     rhine::io::PeftSaveOptions po;
     po.overwrite = true;
     rhine::io::save_peft_adapter(*lm, adapter, po);
@@ -328,7 +294,7 @@ int main(int argc, char** argv) try {
   if (!fs::exists(fs::path(cfg.export_dir) / hf_name))
     fs::copy_file(tok_path, fs::path(cfg.export_dir) / hf_name);
   std::printf("Fine-tuned model (HF directory): %s\nRun directory %s: metrics.jsonl, training.svg, checkpoints/\n",
-              cfg.export_dir.c_str(), cfg.out_dir.c_str());
+              cfg.export_dir.c_str(), run.out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "\n%s\n", e.what());

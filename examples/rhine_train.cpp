@@ -39,20 +39,16 @@
 #include "rhine/torch/runtime.h"
 #include "rhine/train/evaluate.h"
 #include "rhine/train/trainer.h"
+#include "run_config.h"
 
 namespace {
 
 struct TrainConfig {
-  std::string tokenizer, train_shards, heldout_shards, out_dir = "build/demo/run";
+  std::string tokenizer, train_shards, heldout_shards;
   rhine::Json model;
-  std::int64_t seq_len = 256, batch_size = 16, grad_accum = 1, steps = 300, warmup = 30;
-  double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0, mixture_temperature = 1.0;
+  double mixture_temperature = 1.0;
   double z_loss = 0.0, router_bias_update_rate = 1e-3, moe_seq_aux_alpha = 0.0, mtp_lambda = 0.3;
-  std::uint64_t seed = 1;
-  std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
-  std::int64_t sample_tokens = 40;
-  bool bf16 = true, resume = true, fused_kernels = true;
-  int threads = 0;
+  rhine::examples::RunConfig run;  // schedule, batch, evaluation, checkpoints (run_config.h)
 
   static TrainConfig from_file(const std::string& path) {
     auto j = rhine::read_json_file(path, "rhine-train");
@@ -61,36 +57,15 @@ struct TrainConfig {
     c.tokenizer = f.require<std::string>("tokenizer");
     c.train_shards = f.require<std::string>("train_shards");
     c.heldout_shards = f.require<std::string>("heldout_shards");
-    c.out_dir = f.get("out_dir", c.out_dir);
     c.model = *f.raw("model");
-    c.seq_len = f.get("seq_len", c.seq_len);
-    c.batch_size = f.get("batch_size", c.batch_size);
-    c.grad_accum = f.get("grad_accum", c.grad_accum);
-    c.steps = f.get("steps", c.steps);
-    c.warmup = f.get("warmup", c.warmup);
-    c.lr = f.get("lr", c.lr);
-    c.min_lr_ratio = f.get("min_lr_ratio", c.min_lr_ratio);
-    c.weight_decay = f.get("weight_decay", c.weight_decay);
-    c.grad_clip = f.get("grad_clip", c.grad_clip);
     c.mixture_temperature = f.get("mixture_temperature", c.mixture_temperature);
     c.z_loss = f.get("z_loss", c.z_loss);
     c.router_bias_update_rate = f.get("router_bias_update_rate", c.router_bias_update_rate);
     c.moe_seq_aux_alpha = f.get("moe_seq_aux_alpha", c.moe_seq_aux_alpha);
     c.mtp_lambda = f.get("mtp_lambda", c.mtp_lambda);
-    c.seed = f.get("seed", c.seed);
-    c.eval_tokens = f.get("eval_tokens", c.eval_tokens);
-    c.eval_every = f.get("eval_every", c.eval_every);
-    c.checkpoint_every = f.get("checkpoint_every", c.checkpoint_every);
-    c.keep_last = f.get("keep_last", c.keep_last);
-    c.log_every = f.get("log_every", c.log_every);
-    c.sample_tokens = f.get("sample_tokens", c.sample_tokens);
-    c.bf16 = f.get("bf16", c.bf16);
-    c.fused_kernels = f.get("fused_kernels", c.fused_kernels);
-    c.resume = f.get("resume", c.resume);
-    c.threads = f.get("threads", c.threads);
+    c.run.out_dir = "build/demo/run";
+    c.run.read(f, "rhine-train");
     f.reject_unknown();
-    RHINE_CHECK(c.steps > c.warmup && c.warmup >= 0, "rhine-train", "steps must exceed warmup",
-                (std::vector<std::int64_t>{c.steps, c.warmup}), "");
     return c;
   }
 };
@@ -104,15 +79,8 @@ int main(int argc, char** argv) try {
   RHINE_CHECK(argc == 2, "rhine-train", "expected one argument, the config file", argc - 1,
               "usage: rhine-train CONFIG.json (see examples/configs/)");
   const auto cfg = TrainConfig::from_file(argv[1]);
-  rhine::RuntimeOptions ro;
-  ro.threads = cfg.threads;
-  ro.seed = cfg.seed;
-  auto world = rhine::dist::init_from_env();
-  if (world.world_size() > 1 && ro.device == "auto") ro.device = world.backend() == "nccl"
-                                                                     ? "cuda:" + std::to_string(world.local_rank())
-                                                                     : "cpu";
-  auto rt = rhine::init_runtime(ro);
-  if (world.is_main()) spdlog::info("{}; {} rank(s), backend {}", rt.describe(), world.world_size(), world.backend());
+  const auto& run = cfg.run;
+  auto [world, rt] = rhine::examples::start_process(run);
 
   // Tokenizer and model.
   auto tok = rhine::Tokenizer::load(cfg.tokenizer);
@@ -124,8 +92,8 @@ int main(int argc, char** argv) try {
   RHINE_CHECK(mcfg.vocab_size >= tok.vocab_size(), "rhine-train", "model vocab_size is smaller than the tokenizer's",
               mcfg.vocab_size, "remove vocab_size from the model config to take the tokenizer's");
   rhine::nn::CausalLMOptions mo;
-  mo.init_seed = cfg.seed;
-  mo.fused_kernels = cfg.fused_kernels;
+  mo.init_seed = run.seed;
+  mo.fused_kernels = run.fused_kernels;
   rhine::nn::CausalLM lm(mcfg, mo);
   lm->to(rt.device);
   if (world.is_main()) spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings)", mcfg.model_type,
@@ -134,9 +102,9 @@ int main(int argc, char** argv) try {
   // Data: training mixture and per-language held-out sets.
   rhine::DataLoaderOptions lo;
   lo.shards = {cfg.train_shards};
-  lo.batch_size = cfg.batch_size;
-  lo.seq_len = cfg.seq_len;
-  lo.seed = cfg.seed;
+  lo.batch_size = run.batch_size;
+  lo.seq_len = run.seq_len;
+  lo.seed = run.seed;
   lo.rank = world.rank();
   lo.world_size = world.world_size();
   if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
@@ -145,40 +113,26 @@ int main(int argc, char** argv) try {
   rhine::DataLoader loader(lo);
   rhine::train::HeldoutOptions ho;
   ho.shards = {cfg.heldout_shards};
-  ho.max_tokens_per_language = cfg.eval_tokens;
-  ho.seq_len = cfg.seq_len;
+  ho.max_tokens_per_language = run.eval_tokens;
+  ho.seq_len = run.seq_len;
   const auto heldout = rhine::train::HeldoutSet::from_shards(ho, tok);
 
   // Optimizer and schedule.
   rhine::NamedParameters params;
   for (const auto& p : lm->named_parameters())
     if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
-  rhine::AdamWOptions ao;
-  ao.lr = cfg.lr;
-  ao.beta2 = 0.95;
-  ao.weight_decay = cfg.weight_decay;
-  rhine::AdamW opt(params, ao);
-  const auto schedule = rhine::warmup_cosine(cfg.warmup, cfg.steps, 1.0, cfg.min_lr_ratio);
+  rhine::AdamW opt(params, run.adamw_options());
+  const auto schedule = run.schedule();
   if (world.is_main())
-    spdlog::info("lr {} x {}; mixture {}", cfg.lr, schedule.describe(), rhine::describe(lo.mixture[0].second));
+    spdlog::info("lr {} x {}; mixture {}", run.lr, schedule.describe(), rhine::describe(lo.mixture[0].second));
   rhine::dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
   rhine::dist::GradientSync sync(world, params);
 
-  rhine::train::TrainerOptions to;
-  to.max_steps = cfg.steps;
-  to.grad_accum = static_cast<int>(cfg.grad_accum);
-  to.grad_clip = cfg.grad_clip;
-  to.bf16 = cfg.bf16;
+  auto to = run.trainer_options();
   to.z_loss = cfg.z_loss;
   to.router_bias_update_rate = cfg.router_bias_update_rate;
   to.moe_seq_aux_alpha = cfg.moe_seq_aux_alpha;
   to.mtp_lambda = cfg.mtp_lambda;
-  to.out_dir = cfg.out_dir;
-  to.resume = cfg.resume;
-  to.eval_every = cfg.eval_every;
-  to.checkpoint_every = cfg.checkpoint_every;
-  to.keep_last = static_cast<int>(cfg.keep_last);
-  to.log_every = cfg.log_every;
   rhine::train::Trainer trainer(lm, opt, schedule, loader, to);
   trainer.set_heldout(&heldout);
   if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
@@ -204,7 +158,7 @@ int main(int argc, char** argv) try {
   }
   std::printf("(%lld steps, %.0f s in this run, %.0f tokens/s, %s, %lld skipped steps)\n",
               static_cast<long long>(r.step), r.seconds, r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0,
-              cfg.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
+              run.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
 
   std::printf("\nSamples (prompt in [brackets], sampled with temperature 0.7, top-p 0.9)\n");
   rhine::DecodeOptions dec;
@@ -213,11 +167,11 @@ int main(int argc, char** argv) try {
     const auto& doc = h.docs.front();
     std::vector<std::int64_t> prompt(doc.begin(), doc.begin() + std::min<std::ptrdiff_t>(doc.size(), 6));
     rhine::nn::GenerateOptions g;
-    g.max_new_tokens = cfg.sample_tokens;
+    g.max_new_tokens = run.sample_tokens;
     g.temperature = 0.7;
     g.top_p = 0.9;
     g.repetition_penalty = 1.2;
-    g.seed = cfg.seed;
+    g.seed = run.seed;
     if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
     auto res = rhine::nn::generate(lm, {prompt}, g);
     std::string text = tok.decode(ids32(res.tokens[0]), dec);
@@ -226,7 +180,7 @@ int main(int argc, char** argv) try {
     std::printf("%s: [%s] %s\n", lang.c_str(), tok.decode(ids32(prompt), dec).c_str(), text.c_str());
   }
   std::printf("\nRun directory %s: metrics.jsonl, training.svg (loss and per-language bpb), checkpoints/\n",
-              cfg.out_dir.c_str());
+              run.out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "\n%s\n", e.what());

@@ -250,6 +250,10 @@ SftExamples load_sft_examples(const SftOptions& options, const Tokenizer& tokeni
       ex.target.resize(static_cast<std::size_t>(options.max_tokens));
       ++r.truncated;
     }
+    if (ex.tokens.size() < 2) {  // nothing to predict from
+      ++r.dropped;
+      continue;
+    }
     // Targets are predicted from what precedes them: the first token cannot be one.
     ex.target[0] = 0;
     const auto n_target = std::count(ex.target.begin(), ex.target.end(), std::uint8_t{1});

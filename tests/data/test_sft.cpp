@@ -157,6 +157,17 @@ TEST_CASE("sft: bad lines fail with the file and line named", "[sft]") {
   CHECK_THROWS_WITH(rhine::load_sft_examples(o, tok), Catch::Contains("a.jsonl:3") && Catch::Contains("[sft]"));
   std::ofstream(dir / "a.jsonl") << R"({"prompt": "p", "response": "r"})" << "\n{not json\n";
   CHECK_THROWS_WITH(rhine::load_sft_examples(o, tok), Catch::Contains("a.jsonl:2"));
+  {  // an empty text has nothing to learn: dropped and counted, never an out-of-range access
+     // (an empty reply still teaches the end-of-turn marker and is kept)
+    std::ofstream(dir / "b.jsonl") << R"({"text": ""})" << "\n" << R"({"prompt": "", "response": ""})" << "\n"
+                                   << R"({"prompt": "p", "response": "r"})" << "\n";
+    auto e = o;
+    e.files = {(dir / "b.jsonl").string()};
+    e.add_bos = false;
+    const auto r = rhine::load_sft_examples(e, tok);
+    CHECK(r.examples.size() == 2);
+    CHECK(r.dropped == 1);
+  }
   o.files = {(dir / "missing.jsonl").string()};
   CHECK_THROWS_WITH(rhine::load_sft_examples(o, tok), Catch::Contains("not found"));
 }

@@ -1,0 +1,109 @@
+#pragma once
+// What rhine-train and rhine-finetune share: the config keys of a training run
+// (schedule, batch, evaluation, checkpoints), the process setup (threads,
+// seed, data-parallel world from torchrun/srun variables) and the
+// TrainerOptions and AdamW those keys describe. Each program reads its own
+// keys (model, data) and then RunConfig::read for the rest.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/core/json.h"
+#include "rhine/dist/world.h"
+#include "rhine/optim/adamw.h"
+#include "rhine/optim/schedule.h"
+#include "rhine/torch/runtime.h"
+#include "rhine/train/trainer.h"
+
+namespace rhine::examples {
+
+struct RunConfig {
+  std::string out_dir;
+  std::int64_t seq_len = 256, batch_size = 16, grad_accum = 1, steps = 300, warmup = 30;
+  double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0;
+  std::uint64_t seed = 1;
+  std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
+  std::int64_t sample_tokens = 40;
+  bool bf16 = true, resume = true, fused_kernels = true;
+  int threads = 0;
+
+  /// Reads the keys above that `f` holds (the current values are the defaults).
+  void read(JsonFields& f, const char* component) {
+    out_dir = f.get("out_dir", out_dir);
+    seq_len = f.get("seq_len", seq_len);
+    batch_size = f.get("batch_size", batch_size);
+    grad_accum = f.get("grad_accum", grad_accum);
+    steps = f.get("steps", steps);
+    warmup = f.get("warmup", warmup);
+    lr = f.get("lr", lr);
+    min_lr_ratio = f.get("min_lr_ratio", min_lr_ratio);
+    weight_decay = f.get("weight_decay", weight_decay);
+    grad_clip = f.get("grad_clip", grad_clip);
+    seed = f.get("seed", seed);
+    eval_tokens = f.get("eval_tokens", eval_tokens);
+    eval_every = f.get("eval_every", eval_every);
+    checkpoint_every = f.get("checkpoint_every", checkpoint_every);
+    keep_last = f.get("keep_last", keep_last);
+    log_every = f.get("log_every", log_every);
+    sample_tokens = f.get("sample_tokens", sample_tokens);
+    bf16 = f.get("bf16", bf16);
+    resume = f.get("resume", resume);
+    fused_kernels = f.get("fused_kernels", fused_kernels);
+    threads = f.get("threads", threads);
+    RHINE_CHECK(steps > warmup && warmup >= 0, component, "steps must exceed warmup",
+                (std::vector<std::int64_t>{steps, warmup}), "");
+  }
+
+  /// The Trainer's options for these keys.
+  train::TrainerOptions trainer_options() const {
+    train::TrainerOptions to;
+    to.max_steps = steps;
+    to.grad_accum = static_cast<int>(grad_accum);
+    to.grad_clip = grad_clip;
+    to.bf16 = bf16;
+    to.out_dir = out_dir;
+    to.resume = resume;
+    to.eval_every = eval_every;
+    to.checkpoint_every = checkpoint_every;
+    to.keep_last = static_cast<int>(keep_last);
+    to.log_every = log_every;
+    return to;
+  }
+
+  /// AdamW (beta2 0.95) over `params` and a linear-warmup cosine schedule to min_lr_ratio.
+  AdamWOptions adamw_options() const {
+    AdamWOptions ao;
+    ao.lr = lr;
+    ao.beta2 = 0.95;
+    ao.weight_decay = weight_decay;
+    return ao;
+  }
+  Schedule schedule() const { return warmup_cosine(warmup, steps, 1.0, min_lr_ratio); }
+};
+
+/// The process: the data-parallel world (one process when no torchrun/srun
+/// variables are set), then threads, seed and device (a CUDA device per local
+/// rank under NCCL).
+struct Process {
+  dist::World world;
+  RuntimeInfo runtime;
+};
+
+inline Process start_process(const RunConfig& c) {
+  RuntimeOptions ro;
+  ro.threads = c.threads;
+  ro.seed = c.seed;
+  Process p{dist::init_from_env(), {}};
+  if (p.world.world_size() > 1 && ro.device == "auto")
+    ro.device = p.world.backend() == "nccl" ? "cuda:" + std::to_string(p.world.local_rank()) : "cpu";
+  p.runtime = init_runtime(ro);
+  if (p.world.is_main())
+    spdlog::info("{}; {} rank(s), backend {}", p.runtime.describe(), p.world.world_size(), p.world.backend());
+  return p;
+}
+
+}  // namespace rhine::examples

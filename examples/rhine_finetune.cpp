@@ -215,16 +215,11 @@ int main(int argc, char** argv) try {
   }
 
   // Optimizer, schedule, trainer.
-  rhine::AdamW opt(params, run.adamw_options());
-  const auto schedule = run.schedule();
-  rhine::dist::broadcast_parameters(world, lm->parameters());
-  rhine::dist::GradientSync sync(world, params);
   auto to = run.trainer_options();
   to.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
-  rhine::train::Trainer trainer(lm, opt, schedule, *source, to);
-  trainer.set_heldout(&heldout);
-  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
-  const auto r = trainer.fit();
+  auto parts = rhine::examples::make_trainer(run, world, lm, params, *source, to);
+  parts.trainer->set_heldout(&heldout);
+  const auto r = parts.trainer->fit();
   if (!main_rank) return r.interrupted ? 130 : 0;
   if (r.interrupted) {
     std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));

@@ -121,22 +121,17 @@ int main(int argc, char** argv) try {
   rhine::NamedParameters params;
   for (const auto& p : lm->named_parameters())
     if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
-  rhine::AdamW opt(params, run.adamw_options());
-  const auto schedule = run.schedule();
   if (world.is_main())
-    spdlog::info("lr {} x {}; mixture {}", run.lr, schedule.describe(), rhine::describe(lo.mixture[0].second));
-  rhine::dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
-  rhine::dist::GradientSync sync(world, params);
-
+    spdlog::info("lr {} x {}; mixture {}{}", run.lr, run.schedule().describe(), rhine::describe(lo.mixture[0].second),
+                 run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "");
   auto to = run.trainer_options();
   to.z_loss = cfg.z_loss;
   to.router_bias_update_rate = cfg.router_bias_update_rate;
   to.moe_seq_aux_alpha = cfg.moe_seq_aux_alpha;
   to.mtp_lambda = cfg.mtp_lambda;
-  rhine::train::Trainer trainer(lm, opt, schedule, loader, to);
-  trainer.set_heldout(&heldout);
-  if (world.world_size() > 1) trainer.set_data_parallel(&world, &sync);
-  const auto r = trainer.fit();
+  auto parts = rhine::examples::make_trainer(run, world, lm, params, loader, to);
+  parts.trainer->set_heldout(&heldout);
+  const auto r = parts.trainer->fit();
   if (!world.is_main()) return r.interrupted ? 130 : 0;
   if (r.interrupted) {
     std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));

@@ -2,17 +2,20 @@
 // What rhine-train and rhine-finetune share: the config keys of a training run
 // (schedule, batch, evaluation, checkpoints), the process setup (threads,
 // seed, data-parallel world from torchrun/srun variables) and the
-// TrainerOptions and AdamW those keys describe. Each program reads its own
+// TrainerOptions, AdamW (optionally ZeRO-1 sharded) and Trainer those keys describe. Each program reads its own
 // keys (model, data) and then RunConfig::read for the rest.
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "rhine/core/error.h"
 #include "rhine/core/json.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/optim/adamw.h"
 #include "rhine/optim/schedule.h"
@@ -29,6 +32,8 @@ struct RunConfig {
   std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
   std::int64_t sample_tokens = 40;
   bool bf16 = true, resume = true, fused_kernels = true;
+  /// Data parallel: shard AdamW's state over the ranks (ZeRO-1).
+  bool zero1 = false;
   int threads = 0;
 
   /// Reads the keys above that `f` holds (the current values are the defaults).
@@ -54,6 +59,7 @@ struct RunConfig {
     resume = f.get("resume", resume);
     fused_kernels = f.get("fused_kernels", fused_kernels);
     threads = f.get("threads", threads);
+    zero1 = f.get("zero1", zero1);
     RHINE_CHECK(steps > warmup && warmup >= 0, component, "steps must exceed warmup",
                 (std::vector<std::int64_t>{steps, warmup}), "");
   }
@@ -84,6 +90,35 @@ struct RunConfig {
   }
   Schedule schedule() const { return warmup_cosine(warmup, steps, 1.0, min_lr_ratio); }
 };
+
+/// The optimizer, gradient sync and Trainer of a run (kept together: the
+/// Trainer refers to the others).
+struct TrainerParts {
+  std::unique_ptr<AdamW> adamw;                     // one of these two
+  std::unique_ptr<dist::ShardedOptimizer> sharded;  // (RunConfig::zero1 with several ranks)
+  std::unique_ptr<dist::GradientSync> sync;
+  std::unique_ptr<train::Trainer> trainer;
+};
+
+/// Broadcasts rank 0's weights, then builds AdamW over `params` (sharded
+/// when zero1 and several ranks), the gradient sync and the Trainer.
+inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const nn::CausalLM& lm,
+                                 const NamedParameters& params, BatchSource& source, const train::TrainerOptions& to) {
+  TrainerParts t;
+  dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
+  t.sync = std::make_unique<dist::GradientSync>(world, params);
+  if (run.zero1 && world.world_size() > 1) {
+    const auto ao = run.adamw_options();
+    t.sharded = std::make_unique<dist::ShardedOptimizer>(
+        world, params, [ao](const NamedParameters& shard) { return std::make_unique<AdamW>(shard, ao); });
+    t.trainer = std::make_unique<train::Trainer>(lm, *t.sharded, run.schedule(), source, to);
+  } else {
+    t.adamw = std::make_unique<AdamW>(params, run.adamw_options());
+    t.trainer = std::make_unique<train::Trainer>(lm, *t.adamw, run.schedule(), source, to);
+  }
+  if (world.world_size() > 1) t.trainer->set_data_parallel(&world, t.sync.get());
+  return t;
+}
 
 /// The process: the data-parallel world (one process when no torchrun/srun
 /// variables are set), then threads, seed and device (a CUDA device per local

@@ -12,7 +12,9 @@
 #     export exactly the adapted q/v/down_proj weights differ from the base,
 #     every other tensor is bitwise equal (independent python reader); the
 #     PEFT adapter directory is written;
-#  5. a bad config fails with exit code 1 and names the key.
+#  5. a bad config fails with exit code 1 and names the key;
+#  6. rhine-train on two Gloo ranks with "zero1": true (optimizer state
+#     sharded) gives the losses of two ranks without it.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -119,4 +121,29 @@ echo "LoRA: only the adapted q_proj/v_proj/down_proj weights changed"
 sed 's/"steps"/"stepz"/' sft.json > bad.json
 if "$ft" bad.json > bad.txt 2>&1; then fail "a bad config was accepted"; fi
 grep -q "stepz" bad.txt || fail "the error does not name the key: $(cat bad.txt)"
+# 6. rhine-train data parallel, with and without ZeRO-1.
+two_ranks() {  # two_ranks CONFIG LOG
+  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  local pids=()
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 \
+      "$train" "$1" > "$2.$r" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || fail "rank of $1 failed: $(tail -3 "$2".*)"; done
+}
+for z in false true; do
+  sed "s/\"out_dir\": \"base\"/\"out_dir\": \"dp-$z\", \"zero1\": $z/; s/\"steps\": 60/\"steps\": 8/; s/\"log_every\": 100/\"log_every\": 1/" base.json > dp-$z.json
+  two_ranks dp-$z.json dp-$z.log
+done
+grep -q "ZeRO-1" dp-true.log.0 || fail "zero1 was not used: $(head -5 dp-true.log.0)"
+python3 - dp-false/metrics.jsonl dp-true/metrics.jsonl <<'PY' || fail "ZeRO-1 changed the losses"
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(a) == 8 and a.keys() == b.keys(), (a, b)
+for k in a:
+    assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
+print("ZeRO-1 losses equal plain data parallel over", len(a), "steps")
+PY
 echo "PASS"

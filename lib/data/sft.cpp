@@ -123,9 +123,12 @@ SftExample tokenize_object(const Json& j, const SftOptions& options, const Token
                 j.dump().substr(0, 200), "add the reply as {\"role\": \"assistant\", ...}");
   }
 
-  auto is_target = [&](std::size_t byte) {
+  // A token is a target when any of its bytes is: a token that merges the
+  // separator before a reply with the reply's first characters (SentencePiece's
+  // "\n" -> "▁") belongs to the reply.
+  auto is_target = [&](std::size_t b, std::size_t e) {
     for (const auto& s : spans)
-      if (byte >= s.begin && byte < s.end) return s.target;
+      if (s.target && s.begin < e && b < s.end) return true;
     return false;
   };
   SftExample ex;
@@ -150,7 +153,7 @@ SftExample tokenize_object(const Json& j, const SftOptions& options, const Token
       for (std::size_t i = 0; i < enc.ids.size(); ++i) {
         const auto [b, e] = enc.offsets[i];
         // Tokens without a surface (byte-fallback continuations) follow their predecessor.
-        const std::uint8_t t = e > b ? static_cast<std::uint8_t>(is_target(begin + b)) : prev;
+        const std::uint8_t t = e > b ? static_cast<std::uint8_t>(is_target(begin + b, begin + e)) : prev;
         ex.tokens.push_back(enc.ids[i]);
         ex.target.push_back(t);
         prev = t;

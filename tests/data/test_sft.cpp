@@ -24,7 +24,9 @@ namespace {
 // can be written down by hand.
 constexpr int kImStart = 200, kImEnd = 201, kBos = 202, kEos = 203;
 
-rhine::Tokenizer char_tokenizer() {
+// With `merge_newline_b`, BPE also merges "\n" + "B" into one token (id 300),
+// like SentencePiece folding a newline into the next word's "▁".
+rhine::Tokenizer char_tokenizer(bool merge_newline_b = false) {
   rhine::Json vocab = rhine::Json::object();
   vocab["\n"] = 10;
   for (int c = 32; c < 127; ++c) vocab[std::string(1, static_cast<char>(c))] = c;
@@ -34,6 +36,11 @@ rhine::Tokenizer char_tokenizer() {
   };
   for (auto [id, t] : {std::pair{kImStart, "<|im_start|>"}, {kImEnd, "<|im_end|>"}, {kBos, "<s>"}, {kEos, "</s>"}})
     vocab[t] = id;
+  rhine::Json merges = rhine::Json::array();
+  if (merge_newline_b) {
+    vocab["\nB"] = 300;
+    merges.push_back({"\n", "B"});
+  }
   rhine::Json j = {{"version", "1.0"},
                    {"truncation", nullptr},
                    {"padding", nullptr},
@@ -53,7 +60,7 @@ rhine::Tokenizer char_tokenizer() {
                      {"fuse_unk", false},
                      {"byte_fallback", false},
                      {"vocab", vocab},
-                     {"merges", rhine::Json::array()}}}};
+                     {"merges", merges}}}};
   return rhine::Tokenizer::from_tokenizer_json(j, "test", {{"bos_token", "<s>"}, {"eos_token", "</s>"}});
 }
 
@@ -126,6 +133,12 @@ TEST_CASE("sft: plain template with EOS after the reply; prompt/response and tex
         expect({{"<s>", 0}, {"a\n", 0}, {"b", 1}, {"</s>", 1}, {"c\n", 0}, {"d", 1}, {"</s>", 1}});
     CHECK(ex.tokens == ids);
     CHECK(ex.target == target);
+  }
+  {  // a token merging the separator with the reply's first character belongs to the reply
+    const auto merging = char_tokenizer(true);
+    const auto ex = rhine::tokenize_sft_example(R"({"prompt": "a", "response": "Bc"})", o, merging);
+    CHECK(ex.tokens == std::vector<std::int32_t>{kBos, 'a', 300, 'c', kEos});
+    CHECK(ex.target == std::vector<std::uint8_t>{0, 0, 1, 1, 1});
   }
   {
     o.add_bos = false;

@@ -25,9 +25,11 @@
 /// string (special tokens such as "<|im_start|>" are parsed, as HF's
 /// apply_chat_template followed by tokenization does), so the model sees
 /// exactly the token sequence it will see at inference. A token is a target
-/// when its first byte lies in an assistant message's content or in the part
+/// when any of its bytes lies in an assistant message's content or in the part
 /// of the assistant template after "{content}" (e.g. "<|im_end|>\n"): the
-/// model learns to answer and to stop, never to predict the user's words.
+/// model learns to answer and to stop, never to predict the user's words (a
+/// token merging the separator before a reply with its first characters, such
+/// as SentencePiece's "▁Änder" for "\nÄnder", counts as the reply's).
 /// With `append_eos` the tokenizer's EOS id follows every assistant message
 /// (a target too). Text lines are targets throughout.
 ///

@@ -7,6 +7,12 @@
 // Both sides see the same blank-line separated documents, repeated to at
 // least 48 MB so that the tool's fixed costs (process start, tokenizer load,
 // manifest) do not dominate the run.
+//
+// Also reported: the CPU seconds (user + system, all threads) per run of each
+// side and their ratio. On a shared machine the wall-clock ratio moves with
+// the load; the CPU ratio shows how much work prepare adds to the tokenizer
+// (reading, UTF-8 repair, shard writing), the wall ratio how well it hides it.
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,6 +30,14 @@
 namespace fs = std::filesystem;
 
 namespace {
+
+// User + system CPU seconds of this process (RUSAGE_SELF) or of its waited-for children.
+double cpu_seconds(int who) {
+  rusage u{};
+  ::getrusage(who, &u);
+  auto sec = [](const timeval& t) { return t.tv_sec + t.tv_usec * 1e-6; };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
 
 std::vector<std::string> split_docs(const std::string& text) {
   std::vector<std::string> docs;
@@ -75,23 +89,31 @@ int main(int argc, char** argv) {
 
   auto tok = rhine::Tokenizer::load(tokenizer);
   const auto docs = split_docs(text);
-  auto s_tok = rhine::bench::time_runs([&] { tok.encode_batch(docs, {}, threads); }, 3, 1);
+  const int runs = 3, warmup = 1;
+  const double cpu_tok0 = cpu_seconds(RUSAGE_SELF);
+  auto s_tok = rhine::bench::time_runs([&] { tok.encode_batch(docs, {}, threads); }, runs, warmup);
+  const double cpu_tok = (cpu_seconds(RUSAGE_SELF) - cpu_tok0) / (runs + warmup);
   rhine::bench::report_rate("prepare.tokenizer_only", params, s_tok, mb, "MB/s");
 
   const std::string cmd = std::string(RHINE_PREPARE) + " -q --lang xx -t " + tokenizer + " -o " +
                           (tmp / "shards").string() + " " + input.string() + " > /dev/null";
+  const double cpu_prep0 = cpu_seconds(RUSAGE_CHILDREN);
   auto s_prep = rhine::bench::time_runs(
       [&] {
         if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "rhine-prepare failed: %s\n", cmd.c_str());
       },
-      3, 1);
+      runs, warmup);
+  const double cpu_prep = (cpu_seconds(RUSAGE_CHILDREN) - cpu_prep0) / (runs + warmup);
   rhine::bench::report_rate("prepare.end_to_end", params, s_prep, mb, "MB/s");
-  std::printf("%s\n", nlohmann::json({{"name", "prepare.end_to_end_vs_tokenizer"},
-                                      {"params", params},
-                                      {"median", s_tok.median / s_prep.median},
-                                      {"unit", "ratio (1 = limited by the tokenizer)"}})
-                          .dump()
-                          .c_str());
+  auto line = [&](const char* name, double value, const char* unit) {
+    std::printf("%s\n", nlohmann::json({{"name", name}, {"params", params}, {"median", value}, {"unit", unit}})
+                            .dump()
+                            .c_str());
+  };
+  line("prepare.end_to_end_vs_tokenizer", s_tok.median / s_prep.median, "ratio (1 = limited by the tokenizer)");
+  line("prepare.cpu_tokenizer_only", cpu_tok, "CPU s per run (mean)");
+  line("prepare.cpu_end_to_end", cpu_prep, "CPU s per run (mean)");
+  line("prepare.cpu_tokenizer_vs_end_to_end", cpu_tok / cpu_prep, "ratio (1 = no work beyond the tokenizer)");
   fs::remove_all(tmp);
   return 0;
 }

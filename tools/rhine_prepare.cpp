@@ -19,17 +19,40 @@
 // temporary files and renamed when complete; a run that is killed leaves only
 // complete shards and no manifest. Running again restarts cleanly: stale
 // temporary files are removed and the shards are written anew.
+//
+// Three stages run at once, connected by bounded queues, so that the cores do
+// not idle while files are read or shards written:
+//   read   (a thread)       streams the input files line by line, splits them
+//                           into documents, repairs UTF-8, and groups the
+//                           documents into batches of --batch-docs;
+//   encode (the main thread) tokenizes batch i on --threads threads;
+//   write  (a thread)       appends the ids of batch i-1 to the shards, keeps
+//                           the counts and draws the progress bar.
+// Batches keep their order, so the shards and the manifest are the same bytes
+// as when the stages run one after the other. Each queue holds one batch, so
+// at most five batches exist at once (one per stage, one per queue). An error
+// in any stage stops the other two and is reported by main.
 #include <CLI/CLI.hpp>
 #include <glob.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "rhine/core/error.h"
@@ -49,6 +72,7 @@ struct Options {
   std::vector<std::string> inputs;
   std::uint64_t shard_tokens = 100'000'000;
   std::size_t batch_docs = 2048;
+  std::size_t batch_bytes = 64u << 20;  // a batch also ends at this much text (bounds memory)
   int threads = 0;
   bool doc_per_file = false;
   bool quiet = false;
@@ -60,26 +84,46 @@ struct Document {
   std::string licence;  // JSONL licence (or license) field, else ""
 };
 
-// Replaces invalid UTF-8 sequences by U+FFFD; returns the number replaced.
+// Length (1..4) of the valid UTF-8 sequence at p[i], or 0 when the byte at i
+// starts none: truncated or stray continuation bytes, overlong forms,
+// surrogates and values above U+10FFFF are invalid.
+std::size_t utf8_sequence(const unsigned char* p, std::size_t i, std::size_t n) {
+  const unsigned char c = p[i];
+  const std::size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (len <= 1) return len;
+  if (i + len > n) return 0;
+  for (std::size_t k = 1; k < len; ++k)
+    if ((p[i + k] & 0xc0) != 0x80) return 0;
+  std::uint32_t cp = c & (0x7f >> len);
+  for (std::size_t k = 1; k < len; ++k) cp = (cp << 6) | (p[i + k] & 0x3f);
+  const bool ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && cp < 0x10000) &&
+                  !(cp >= 0xd800 && cp <= 0xdfff) && cp <= 0x10ffff;
+  return ok ? len : 0;
+}
+
+// Replaces invalid UTF-8 sequences by U+FFFD (one per bad byte); returns the
+// number replaced. Valid text, the common case, is only scanned, not copied.
 std::size_t repair_utf8(std::string& s) {
-  std::size_t bad = 0;
-  std::string out;
-  out.reserve(s.size());
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   const std::size_t n = s.size();
-  for (std::size_t i = 0; i < n;) {
-    unsigned char c = p[i];
-    std::size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    bool ok = len > 0 && i + len <= n;
-    for (std::size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xc0) == 0x80;
-    if (ok && len > 1) {
-      std::uint32_t cp = c & (0x7f >> len);
-      for (std::size_t k = 1; k < len; ++k) cp = (cp << 6) | (p[i + k] & 0x3f);
-      // Overlong forms, surrogates and values above U+10FFFF are invalid too.
-      ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && cp < 0x10000) &&
-           !(cp >= 0xd800 && cp <= 0xdfff) && cp <= 0x10ffff;
+  std::size_t i = 0;
+  while (i < n) {
+    std::uint64_t word;  // eight ASCII bytes at a time
+    if (i + 8 <= n && (std::memcpy(&word, p + i, 8), (word & 0x8080808080808080ull) == 0)) {
+      i += 8;
+      continue;
     }
-    if (ok) {
+    const std::size_t len = utf8_sequence(p, i, n);
+    if (len == 0) break;
+    i += len;
+  }
+  if (i == n) return 0;
+  std::size_t bad = 0;
+  std::string out(s, 0, i);
+  out.reserve(n + 16);
+  while (i < n) {
+    const std::size_t len = utf8_sequence(p, i, n);
+    if (len > 0) {
       out.append(s, i, len);
       i += len;
     } else {
@@ -88,7 +132,7 @@ std::size_t repair_utf8(std::string& s) {
       ++i;
     }
   }
-  if (bad) s.swap(out);
+  s.swap(out);
   return bad;
 }
 
@@ -123,40 +167,78 @@ std::vector<std::pair<std::string, std::string>> expand_input(const std::string&
   return out;
 }
 
-// Reads the documents of one file.
-std::vector<Document> read_documents(const std::string& lang, const std::string& path, const Options& o,
-                                     std::size_t& repaired, std::size_t& skipped) {
-  std::string text = rhine::read_file(path, "rhine-prepare");
-  std::vector<Document> docs;
+// Hands out the lines of a file (without their '\n'), reading it in blocks so
+// that files larger than memory stream through.
+class LineReader {
+ public:
+  explicit LineReader(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "rbe")) {
+    RHINE_CHECK(f_ != nullptr, "rhine-prepare", "cannot open input file", path,
+                std::string(std::strerror(errno)) + "; check the path and its permissions");
+  }
+  ~LineReader() {
+    std::fclose(f_);
+    std::free(buf_);
+  }
+  LineReader(const LineReader&) = delete;
+  LineReader& operator=(const LineReader&) = delete;
+
+  /// The next line, valid until the next call; false at the end of the file.
+  bool next(std::string_view& line) {
+    errno = 0;
+    const ssize_t n = ::getline(&buf_, &cap_, f_);
+    if (n < 0) {
+      RHINE_CHECK(!std::ferror(f_), "rhine-prepare", "read error", path_, std::strerror(errno));
+      return false;
+    }
+    offset_ += static_cast<std::uint64_t>(n);
+    line = std::string_view(buf_, static_cast<std::size_t>(n));
+    if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
+    return true;
+  }
+  /// Bytes of the file handed out so far.
+  std::uint64_t offset() const { return offset_; }
+
+ private:
+  std::string path_;
+  std::FILE* f_;
+  char* buf_ = nullptr;
+  std::size_t cap_ = 0;
+  std::uint64_t offset_ = 0;
+};
+
+struct ReadCounts {
+  std::size_t repaired = 0;  // invalid UTF-8 bytes replaced
+  std::size_t skipped = 0;   // JSONL records without text or with broken JSON
+};
+
+// Streams the documents of one file to `emit(doc, bytes)`, where `bytes` is how
+// far into the file reading has got. Stops early (returning false) when emit
+// returns false.
+bool read_documents(const std::string& lang, const std::string& path, const Options& o, ReadCounts& counts,
+                    const std::function<bool(Document&&, std::uint64_t)>& emit) {
   const std::string file_name = fs::path(path).filename().string();
-  auto push = [&](std::string t, std::string l, std::string source = {}, std::string licence = {}) {
-    if (t.empty()) return;
-    repaired += repair_utf8(t);
+  auto make = [&](std::string t, std::string l, std::string source = {}, std::string licence = {}) {
+    counts.repaired += repair_utf8(t);
     repair_utf8(source);
     repair_utf8(licence);
     if (l.empty()) l = lang.empty() ? o.default_lang : lang;
     RHINE_CHECK(!l.empty(), "rhine-prepare", "document without a language", path,
                 "give LANG=PATH, a JSONL lang field, or --lang");
-    docs.push_back({std::move(t), std::move(l), source.empty() ? file_name : std::move(source), std::move(licence)});
+    return Document{std::move(t), std::move(l), source.empty() ? file_name : std::move(source), std::move(licence)};
   };
   if (fs::path(path).extension() == ".jsonl") {
-    std::size_t line_no = 0, pos = 0;
-    while (pos < text.size()) {
-      std::size_t end = text.find('\n', pos);
-      if (end == std::string::npos) end = text.size();
-      std::string_view line(text.data() + pos, end - pos);
-      pos = end + 1;
-      ++line_no;
+    LineReader in(path);
+    for (std::string_view line; in.next(line);) {
       if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
       rhine::Json j;
       try {
         j = rhine::Json::parse(line);
       } catch (const rhine::Json::exception&) {
-        ++skipped;  // a broken line is skipped and counted, never fatal
+        ++counts.skipped;  // a broken line is skipped and counted, never fatal
         continue;
       }
       if (!j.is_object() || !j.contains(o.text_field) || !j[o.text_field].is_string()) {
-        ++skipped;
+        ++counts.skipped;
         continue;
       }
       auto field = [&](const char* key) {
@@ -164,32 +246,88 @@ std::vector<Document> read_documents(const std::string& lang, const std::string&
       };
       std::string licence = field("licence");
       if (licence.empty()) licence = field("license");
-      push(j[o.text_field].get<std::string>(), field(o.lang_field.c_str()), field("source"), licence);
+      std::string text = j[o.text_field].get<std::string>();
+      if (text.empty()) continue;
+      if (!emit(make(std::move(text), field(o.lang_field.c_str()), field("source"), licence), in.offset()))
+        return false;
     }
   } else if (o.doc_per_file) {
-    push(std::move(text), "");
+    std::string text = rhine::read_file(path, "rhine-prepare");
+    const std::uint64_t size = text.size();
+    if (!text.empty() && !emit(make(std::move(text), ""), size)) return false;
   } else {
     // Blank-line separated documents.
+    LineReader in(path);
     std::string doc;
-    std::size_t pos = 0;
-    while (pos <= text.size()) {
-      std::size_t end = text.find('\n', pos);
-      if (end == std::string::npos) end = text.size();
-      std::string_view line(text.data() + pos, end - pos);
+    for (std::string_view line; in.next(line);) {
       if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      if (line.find_first_not_of(" \t") == std::string_view::npos) {
-        push(std::move(doc), "");
-        doc.clear();
-      } else {
+      if (line.find_first_not_of(" \t") != std::string_view::npos) {
         if (!doc.empty()) doc += '\n';
         doc += line;
+      } else if (!doc.empty()) {
+        if (!emit(make(std::move(doc), ""), in.offset())) return false;
+        doc.clear();
       }
-      pos = end + 1;
     }
-    push(std::move(doc), "");
+    if (!doc.empty() && !emit(make(std::move(doc), ""), in.offset())) return false;
   }
-  return docs;
+  return true;
 }
+
+// A bounded FIFO between two pipeline stages (one producer, one consumer).
+template <class T>
+class Channel {
+ public:
+  explicit Channel(std::size_t capacity) : capacity_(capacity) {}
+
+  /// Blocks while full; false when the channel was cancelled (the item is dropped).
+  bool push(T item) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return cancelled_ || items_.size() < capacity_; });
+    if (cancelled_) return false;
+    items_.push_back(std::move(item));
+    cv_.notify_all();
+    return true;
+  }
+  /// Blocks while empty; false once closed and drained, or cancelled.
+  bool pop(T& item) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return cancelled_ || closed_ || !items_.empty(); });
+    if (cancelled_ || items_.empty()) return false;
+    item = std::move(items_.front());
+    items_.pop_front();
+    cv_.notify_all();
+    return true;
+  }
+  /// The producer is done: pop drains what is queued, then returns false.
+  void close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    cv_.notify_all();
+  }
+  /// Stops both ends now (after an error): push and pop return false.
+  void cancel() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    items_.clear();
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<T> items_;
+  std::size_t capacity_;
+  bool closed_ = false, cancelled_ = false;
+};
+
+// Documents on their way through the pipeline, in input order.
+struct Batch {
+  std::vector<std::string> texts;               // [n], released once encoded
+  std::vector<Document> docs;                   // [n] lang, source, licence (text moved to texts)
+  std::vector<std::vector<std::int32_t>> ids;   // [n][tokens], filled by the encode stage
+  std::uint64_t input_bytes = 0;                // input read up to the end of this batch (progress)
+};
 
 // Shards of one language, rotated at --shard-tokens.
 struct LangOutput {
@@ -262,8 +400,9 @@ int prepare(const Options& o) {
       files.push_back(std::move(f));
     }
 
+  // Owned by the write stage while the pipeline runs (read by main after it ends).
   std::map<std::string, LangOutput> outs;
-  std::size_t repaired = 0, skipped = 0, n_docs = 0;
+  std::size_t n_docs = 0;
   std::uint64_t done_bytes = 0;
   const auto t0 = std::chrono::steady_clock::now();
   auto last_print = t0;
@@ -273,9 +412,10 @@ int prepare(const Options& o) {
     if (!final && now - last_print < std::chrono::milliseconds(500)) return;
     last_print = now;
     const double s = std::max(1e-9, std::chrono::duration<double>(now - t0).count());
-    const double mbs = done_bytes / s / 1e6;
-    const double eta = mbs > 0 ? (total_bytes - done_bytes) / 1e6 / mbs : 0;
-    const double frac = total_bytes ? double(done_bytes) / total_bytes : 1;
+    const std::uint64_t done = std::min(done_bytes, total_bytes);  // a file may grow while read
+    const double mbs = done / s / 1e6;
+    const double eta = mbs > 0 ? (total_bytes - done) / 1e6 / mbs : 0;
+    const double frac = total_bytes ? double(done) / total_bytes : 1;
     const int w = 30, filled = static_cast<int>(frac * w);
     std::fprintf(stderr, "\r[%.*s%*s] %5.1f%%  %zu docs  %.0f docs/s  %.2f MB/s  ETA %.0fs   ", filled,
                  "##############################", w - filled, "", 100 * frac, n_docs, n_docs / s, mbs, eta);
@@ -301,29 +441,90 @@ int prepare(const Options& o) {
     return {&lo, lo.writer->source_id(source)};
   };
 
-  for (const auto& [lang, path] : files) {
-    auto docs = read_documents(lang, path, o, repaired, skipped);
-    for (std::size_t begin = 0; begin < docs.size(); begin += o.batch_docs) {
-      const std::size_t end = std::min(docs.size(), begin + o.batch_docs);
-      std::vector<std::string> texts;
-      for (std::size_t i = begin; i < end; ++i) texts.push_back(docs[i].text);
-      auto ids = tok.encode_batch(texts, {}, threads);
-      for (std::size_t i = begin; i < end; ++i) {
-        auto [lo, src] = writer_for(docs[i].lang, docs[i].source);
-        lo->writer->add(ids[i - begin], 0, src);
-        auto& si = source_info[docs[i].source];
-        ++si.docs;
-        si.tokens += ids[i - begin].size();
-        if (!docs[i].licence.empty()) si.licences.insert(docs[i].licence);
-        lo->tokens += ids[i - begin].size();
-        ++lo->docs;
-        ++n_docs;
-      }
-      progress(false);
+  // The three stages (see the top of the file). The first error stops all of them.
+  ReadCounts counts;  // owned by the read stage
+  Channel<Batch> to_encode(1), to_write(1);
+  std::mutex error_mu;
+  std::exception_ptr error;
+  auto fail = [&](std::exception_ptr e) {
+    {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = e;
     }
-    done_bytes += fs::file_size(path);
-    progress(false);
+    to_encode.cancel();
+    to_write.cancel();
+  };
+
+  auto read_stage = [&] {
+    try {
+      Batch batch;
+      std::size_t text_bytes = 0;
+      std::uint64_t files_bytes = 0;  // of the files read completely
+      auto send = [&](std::uint64_t input_bytes) {
+        batch.input_bytes = input_bytes;
+        text_bytes = 0;
+        return to_encode.push(std::exchange(batch, Batch()));
+      };
+      for (const auto& [lang, path] : files) {
+        const bool more = read_documents(lang, path, o, counts, [&](Document&& d, std::uint64_t offset) {
+          text_bytes += d.text.size();
+          batch.texts.push_back(std::move(d.text));
+          batch.docs.push_back(std::move(d));
+          if (batch.texts.size() < o.batch_docs && text_bytes < o.batch_bytes) return true;
+          return send(files_bytes + offset);
+        });
+        if (!more) return;  // cancelled
+        files_bytes += fs::file_size(path);
+      }
+      if (!batch.texts.empty() && !send(files_bytes)) return;
+      to_encode.close();
+    } catch (...) {
+      fail(std::current_exception());
+    }
+  };
+
+  auto write_stage = [&] {
+    try {
+      for (Batch b; to_write.pop(b);) {
+        for (std::size_t i = 0; i < b.docs.size(); ++i) {
+          const Document& d = b.docs[i];
+          const auto& ids = b.ids[i];
+          auto [lo, src] = writer_for(d.lang, d.source);
+          lo->writer->add(ids, 0, src);
+          auto& si = source_info[d.source];
+          ++si.docs;
+          si.tokens += ids.size();
+          if (!d.licence.empty()) si.licences.insert(d.licence);
+          lo->tokens += ids.size();
+          ++lo->docs;
+          ++n_docs;
+        }
+        done_bytes = b.input_bytes;
+        progress(false);
+      }
+    } catch (...) {
+      fail(std::current_exception());
+    }
+  };
+
+  std::thread reader, writer;
+  try {
+    reader = std::thread(read_stage);
+    writer = std::thread(write_stage);
+    for (Batch b; to_encode.pop(b);) {  // the encode stage
+      b.ids = tok.encode_batch(b.texts, {}, threads);
+      std::vector<std::string>().swap(b.texts);
+      if (!to_write.push(std::move(b))) break;
+    }
+    to_write.close();
+  } catch (...) {
+    fail(std::current_exception());
   }
+  if (reader.joinable()) reader.join();
+  if (writer.joinable()) writer.join();
+  if (error) std::rethrow_exception(error);
+  const std::size_t repaired = counts.repaired, skipped = counts.skipped;
+  done_bytes = total_bytes;
   progress(true);
 
   rhine::Json manifest = {{"tokenizer", o.tokenizer}, {"vocab_size", tok.vocab_size()}, {"languages", rhine::Json::object()},
@@ -356,6 +557,9 @@ int main(int argc, char** argv) {
   app.add_option("--lang", o.default_lang, "language of documents that name none");
   app.add_option("--shard-tokens", o.shard_tokens, "tokens per shard before starting a new one")->capture_default_str();
   app.add_option("--threads", o.threads, "encoding threads (0: all CPUs)");
+  app.add_option("--batch-docs", o.batch_docs, "documents encoded per batch (the output does not depend on it)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--text-field", o.text_field, "JSONL text field")->capture_default_str();
   app.add_option("--lang-field", o.lang_field, "JSONL language field")->capture_default_str();
   app.add_flag("--doc-per-file", o.doc_per_file, ".txt files are one document each (default: blank-line separated)");

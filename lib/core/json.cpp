@@ -36,6 +36,9 @@ Json parse_json(std::string_view text, std::string_view component, std::string_v
     RHINE_FAIL(std::string(component).c_str(), "invalid JSON in " + where,
                std::string(text.substr(lo, 40)),
                "fix the syntax there (parser said: " + std::string(e.what()) + ")");
+  } catch (const nlohmann::json::exception& e) {  // e.g. out_of_range: a number like 1e999
+    RHINE_FAIL(std::string(component).c_str(), "invalid JSON in " + std::string(source_name),
+               std::string(text.substr(0, 40)), std::string(e.what()));
   }
 }
 

@@ -76,6 +76,11 @@ TEST_CASE("parse_json reports file, line and column", "[json]") {
   }
 }
 
+TEST_CASE("parse_json turns an overflowing number into rhine::Error (found by fuzz_chat)", "[json]") {
+  CHECK_THROWS_AS(rhine::parse_json(R"({"text": 900e900})", "cfg", "x.json"), rhine::Error);
+  CHECK_THROWS_WITH(rhine::parse_json(R"({"text": 900e900})", "cfg", "x.json"), Contains("x.json"));
+}
+
 TEST_CASE("JSON files round trip and missing files are named", "[json]") {
   auto dir = std::filesystem::temp_directory_path() / ("rhine_json_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);

@@ -197,16 +197,7 @@ int main(int argc, char** argv) try {
     source = std::make_unique<rhine::SftLoader>(sft_train, lo);
     heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, run.seq_len, run.eval_tokens);
   } else {
-    rhine::DataLoaderOptions lo;
-    lo.shards = cfg.train;
-    lo.batch_size = run.batch_size;
-    lo.seq_len = run.seq_len;
-    lo.seed = run.seed;
-    lo.rank = world.rank();
-    lo.world_size = world.world_size();
-    if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
-    if (tok.eos_id() >= 0) lo.eos_id = tok.eos_id();
-    source = std::make_unique<rhine::DataLoader>(lo);
+    source = std::make_unique<rhine::DataLoader>(rhine::examples::loader_options(run, cfg.train, world, tok));
     rhine::train::HeldoutOptions ho;
     ho.shards = cfg.heldout;
     ho.max_tokens_per_language = run.eval_tokens;

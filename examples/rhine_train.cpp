@@ -100,15 +100,7 @@ int main(int argc, char** argv) try {
                mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6);
 
   // Data: training mixture and per-language held-out sets.
-  rhine::DataLoaderOptions lo;
-  lo.shards = {cfg.train_shards};
-  lo.batch_size = run.batch_size;
-  lo.seq_len = run.seq_len;
-  lo.seed = run.seed;
-  lo.rank = world.rank();
-  lo.world_size = world.world_size();
-  if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
-  if (tok.eos_id() >= 0) lo.eos_id = tok.eos_id();
+  auto lo = rhine::examples::loader_options(run, {cfg.train_shards}, world, tok);
   lo.mixture[0].second.temperature = cfg.mixture_temperature;
   rhine::DataLoader loader(lo);
   rhine::train::HeldoutOptions ho;

@@ -14,11 +14,13 @@
 
 #include "rhine/core/error.h"
 #include "rhine/core/json.h"
+#include "rhine/data/loader.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/optim/adamw.h"
 #include "rhine/optim/schedule.h"
+#include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/runtime.h"
 #include "rhine/train/trainer.h"
 
@@ -90,6 +92,21 @@ struct RunConfig {
   }
   Schedule schedule() const { return warmup_cosine(warmup, steps, 1.0, min_lr_ratio); }
 };
+
+/// Shard-loader options for this run on this rank (BOS/EOS from the tokenizer).
+inline DataLoaderOptions loader_options(const RunConfig& run, std::vector<std::string> shards,
+                                        const dist::World& world, const Tokenizer& tok) {
+  DataLoaderOptions lo;
+  lo.shards = std::move(shards);
+  lo.batch_size = run.batch_size;
+  lo.seq_len = run.seq_len;
+  lo.seed = run.seed;
+  lo.rank = world.rank();
+  lo.world_size = world.world_size();
+  if (tok.bos_id() >= 0) lo.bos_id = tok.bos_id();
+  if (tok.eos_id() >= 0) lo.eos_id = tok.eos_id();
+  return lo;
+}
 
 /// The optimizer, gradient sync and Trainer of a run (kept together: the
 /// Trainer refers to the others).

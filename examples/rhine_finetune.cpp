@@ -171,8 +171,8 @@ int main(int argc, char** argv) try {
                  mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, trainable / 1e6, tok_path);
 
   // Data: the training stream and the per-language held-out set.
+  rhine::SftExamples sft_train, sft_heldout;  // before `source`: an SftLoader refers to sft_train
   std::unique_ptr<rhine::BatchSource> source;
-  rhine::SftExamples sft_train, sft_heldout;
   rhine::train::HeldoutSet heldout;
   if (cfg.mode == "sft") {
     rhine::SftOptions so;

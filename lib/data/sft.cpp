@@ -101,8 +101,9 @@ void SftLoader::load_state(const std::string& state) {
   const Json j = Json::parse(state);
   RHINE_CHECK(j.value("type", "") == "sft", kComponent, "not an SftLoader state", state.substr(0, 100),
               "resume with the data source of the original run");
+  const Json current = Json::parse(this->state());
   for (const char* k : {"seed", "examples", "batch_size", "seq_len", "pack"}) {
-    const Json mine = Json::parse(this->state()).at(k);
+    const Json& mine = current.at(k);
     RHINE_CHECK(j.at(k) == mine, kComponent, fmt::format("the state was taken with another {}", k), j.at(k).dump(),
                 fmt::format("this loader has {}; resume with the original data and options", mine.dump()));
   }

@@ -6,6 +6,11 @@
 #   cli_test.sh RHINE_TOKENIZER SOURCE_DIR WORK_DIR
 set -euo pipefail
 tool=$1 src=$2 work=$3
+source "$src/tests/skip.sh"
+for ref in spm_encode spm_decode; do
+  command -v $ref >/dev/null 2>&1 ||
+    rhine_skip "$ref (libsentencepiece's command-line tools, the reference of this test) is not on PATH; install Debian's sentencepiece package (scripts/setup.sh does)"
+done
 fx=$src/data/sample
 rm -rf "$work" && mkdir -p "$work"
 for type in bpe unigram; do

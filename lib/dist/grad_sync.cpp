@@ -157,7 +157,7 @@ GradientSync::GradientSync(World& world, const NamedParameters& params,
   for (auto& b : s.buckets) {
     const at::Tensor& first = params[b.members.front()].tensor;
     const std::int64_t total = b.offsets.back() + params[b.members.back()].tensor.numel();
-    b.flat = at::empty({total}, first.options().requires_grad(false));
+    b.flat = world.device_zeros(total, first.scalar_type());  // on the device group's device
   }
   s.reset_step();
 
@@ -268,7 +268,7 @@ void sync_gradients_reference(World& world, const NamedParameters& params) {
   for (const auto& np : params) {
     at::Tensor p = np.tensor;
     at::Tensor& g = p.mutable_grad();
-    at::Tensor buf = g.defined() ? g.contiguous().clone() : at::zeros_like(p);
+    at::Tensor buf = world.to_device(g.defined() ? g.contiguous().clone() : at::zeros_like(p));
     world.all_reduce_(buf, ReduceOp::kSum);
     buf.div_(static_cast<double>(world.world_size()));
     g = buf;

@@ -72,7 +72,7 @@ void ShardedOptimizer::step() {
     for (const auto& g : groups) {
       std::vector<at::Tensor> parts;
       for (std::size_t i : g) parts.push_back(params_[i].tensor.detach().reshape({-1}));
-      at::Tensor flat = at::cat(parts);
+      at::Tensor flat = world_->to_device(at::cat(parts));
       world_->broadcast_(flat, owner);
       if (owner == world_->rank()) continue;  // the owner already holds these values
       std::int64_t offset = 0;

@@ -3,7 +3,9 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef USE_C10D_NCCL
@@ -178,7 +180,36 @@ Rendezvous rendezvous_from_env() {
 
 struct World::Impl {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<C10dGroup> group;
+  /// Takes tensors on World::device(): NCCL, or Gloo on CPU runs.
+  c10::intrusive_ptr<C10dGroup> device_group;
+  /// Takes CPU tensors: Gloo; the device group itself when that is Gloo
+  /// (unless the strict device check asks for two).
+  c10::intrusive_ptr<C10dGroup> host_group;
+  /// Whether the device group serves _allgather_base / _reduce_scatter_base;
+  /// cleared at the first "does not support" (Gloo in LibTorch 1.13).
+  bool native_all_gather = RHINE_TORCH_VERSION_AT_LEAST(2, 0);
+  bool native_reduce_scatter = RHINE_TORCH_VERSION_AT_LEAST(2, 0);
+  /// Strict device check: storages handed out by to_device / device_zeros.
+  bool strict = false;
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> device_storages;
+  std::size_t prune_at = 64;
+
+  void remember(const at::Tensor& t) {
+    if (!strict) return;
+    if (device_storages.size() >= prune_at) {  // forget freed storages now and then
+      device_storages.erase(std::remove_if(device_storages.begin(), device_storages.end(),
+                                           [](const auto& w) { return w.expired(); }),
+                            device_storages.end());
+      prune_at = std::max<std::size_t>(64, 2 * device_storages.size());
+    }
+    device_storages.push_back(t.storage().getWeakStorageImpl());
+  }
+  bool remembered(const at::Tensor& t) const {
+    const c10::StorageImpl* mine = t.storage().unsafeGetStorageImpl();
+    return std::any_of(device_storages.begin(), device_storages.end(), [&](const auto& w) {
+      return !w.expired() && w._unsafe_get_target() == mine;
+    });
+  }
 };
 
 struct PendingOp::Impl {
@@ -213,6 +244,10 @@ void check_collective_tensor(const at::Tensor& t, const std::string& op) {
               t.sizes(), "pass tensor.contiguous() and copy the result back");
 }
 
+bool unsupported(const std::exception& e) {
+  return std::string(e.what()).find("does not support") != std::string::npos;
+}
+
 }  // namespace
 
 void PendingOp::wait() {
@@ -222,23 +257,50 @@ void PendingOp::wait() {
   if (impl->divide.defined()) impl->divide.div_(impl->world_size);
 }
 
-void World::barrier() {
-  if (!impl_) return;
-  c10::intrusive_ptr<c10d::Work> work;
-  try {
-    work = impl_->group->barrier();
-  } catch (const std::exception& e) {
-    throw_collective_error("barrier", rank_, world_size_, options_.timeout, e);
-  }
-  wait_work(work, "barrier", rank_, world_size_, options_.timeout);
+at::Tensor World::to_device(const at::Tensor& tensor) {
+  RHINE_CHECK(tensor.defined(), kComponent, "to_device needs a defined tensor", "undefined", "");
+  at::Tensor t = tensor.to(device_).contiguous();
+  if (impl_) impl_->remember(t);
+  return t;
 }
 
-PendingOp World::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
-  check_collective_tensor(tensor, "all_reduce");
+at::Tensor World::device_zeros(int64_t numel, c10::ScalarType dtype) {
+  at::Tensor t = at::zeros({numel}, at::TensorOptions().dtype(dtype).device(device_));
+  if (impl_) impl_->remember(t);
+  return t;
+}
+
+void World::check_device_tensor(const at::Tensor& t, const std::string& op) const {
+  check_collective_tensor(t, op);
+  if (!impl_) return;
+  RHINE_CHECK(t.device() == device_ || (device_.is_cpu() && t.is_cpu()), kComponent,
+              op + " runs on the " + backend_ + " device group, which takes tensors on " +
+                  device_.str() + "; got a tensor on",
+              t.device().str(),
+              "move buffers with World::to_device; host scalars (sums, counts, votes) go through "
+              "World::host_*");
+  RHINE_CHECK(!impl_->strict || impl_->remembered(t), kComponent,
+              op + " got a tensor the device group did not hand out (strict device check: under "
+                   "NCCL a host tensor here fails), sizes",
+              t.sizes(),
+              "build device buffers with World::to_device / World::device_zeros, and send host "
+              "scalars through World::host_*");
+}
+
+void World::check_host_tensor(const at::Tensor& t, const std::string& op) const {
+  check_collective_tensor(t, op);
+  RHINE_CHECK(t.is_cpu(), kComponent, op + " runs on the host group, which takes CPU tensors; got a tensor on",
+              t.device().str(), "use the device collectives (all_reduce_, ...) for device tensors");
+}
+
+// Each collective below: a single process returns at once; otherwise launch on
+// the group (a c10d exception becomes a [dist] error) and wait.
+
+PendingOp World::launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, const char* name) {
   PendingOp pending;
   if (!impl_) return pending;
   auto p = std::make_shared<PendingOp::Impl>();
-  p->op = "all_reduce";
+  p->op = name;
   p->rank = rank_;
   p->world_size = world_size_;
   p->timeout = options_.timeout;
@@ -247,47 +309,185 @@ PendingOp World::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
   c10d::AllreduceOptions opts;
   opts.reduceOp = to_c10d(op);
   try {
-    p->work = impl_->group->allreduce(tensors, opts);
+    p->work = (host ? impl_->host_group : impl_->device_group)->allreduce(tensors, opts);
   } catch (const std::exception& e) {
-    throw_collective_error("all_reduce", rank_, world_size_, options_.timeout, e);
+    throw_collective_error(name, rank_, world_size_, options_.timeout, e);
   }
   pending.impl_ = std::move(p);
   return pending;
 }
 
-void World::all_reduce_(at::Tensor& tensor, ReduceOp op) { all_reduce_async(tensor, op).wait(); }
-
-void World::broadcast_(at::Tensor& tensor, int root) {
-  check_collective_tensor(tensor, "broadcast");
-  RHINE_CHECK(root >= 0 && root < world_size_, kComponent, "broadcast root out of range", root,
-              "use a rank in [0, world_size)");
+void World::run_broadcast(bool host, at::Tensor& tensor, int root, const char* name) {
+  RHINE_CHECK(root >= 0 && root < world_size_, kComponent, std::string(name) + " root out of range",
+              root, "use a rank in [0, world_size)");
   if (!impl_) return;
   std::vector<at::Tensor> tensors{tensor};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   c10::intrusive_ptr<c10d::Work> work;
   try {
-    work = impl_->group->broadcast(tensors, opts);
+    work = (host ? impl_->host_group : impl_->device_group)->broadcast(tensors, opts);
   } catch (const std::exception& e) {
-    throw_collective_error("broadcast", rank_, world_size_, options_.timeout, e);
+    throw_collective_error(name, rank_, world_size_, options_.timeout, e);
   }
-  wait_work(work, "broadcast", rank_, world_size_, options_.timeout);
+  wait_work(work, name, rank_, world_size_, options_.timeout);
 }
 
-std::vector<at::Tensor> World::all_gather(const at::Tensor& tensor) {
-  check_collective_tensor(tensor, "all_gather");
+std::vector<at::Tensor> World::run_all_gather(bool host, const at::Tensor& tensor, const char* name) {
   if (!impl_) return {tensor.clone()};
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < world_size_; ++r) out[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> in{tensor};
   c10::intrusive_ptr<c10d::Work> work;
   try {
-    work = impl_->group->allgather(out, in);
+    work = (host ? impl_->host_group : impl_->device_group)->allgather(out, in);
   } catch (const std::exception& e) {
-    throw_collective_error("all_gather", rank_, world_size_, options_.timeout, e);
+    throw_collective_error(name, rank_, world_size_, options_.timeout, e);
   }
-  wait_work(work, "all_gather", rank_, world_size_, options_.timeout);
+  wait_work(work, name, rank_, world_size_, options_.timeout);
   return out[0];
+}
+
+void World::barrier() {
+  if (!impl_) return;
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = impl_->host_group->barrier();
+  } catch (const std::exception& e) {
+    throw_collective_error("barrier", rank_, world_size_, options_.timeout, e);
+  }
+  wait_work(work, "barrier", rank_, world_size_, options_.timeout);
+}
+
+PendingOp World::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
+  check_device_tensor(tensor, "all_reduce");
+  return launch_all_reduce(false, tensor, op, "all_reduce");
+}
+
+void World::all_reduce_(at::Tensor& tensor, ReduceOp op) { all_reduce_async(tensor, op).wait(); }
+
+void World::broadcast_(at::Tensor& tensor, int root) {
+  check_device_tensor(tensor, "broadcast");
+  run_broadcast(false, tensor, root, "broadcast");
+}
+
+std::vector<at::Tensor> World::all_gather(const at::Tensor& tensor) {
+  check_device_tensor(tensor, "all_gather");
+  return run_all_gather(false, tensor, "all_gather");
+}
+
+void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
+  check_device_tensor(out, "all_gather_into_tensor");
+  check_device_tensor(input, "all_gather_into_tensor");
+  RHINE_CHECK(out.numel() == input.numel() * world_size_ && out.scalar_type() == input.scalar_type(),
+              kComponent, "all_gather_into_tensor needs out of world_size x input's elements and dtype, got",
+              std::to_string(out.numel()) + " vs " + std::to_string(world_size_) + " x " +
+                  std::to_string(input.numel()),
+              "allocate out as [world_size * input.numel()]");
+  if (!impl_) {
+    out.view({-1}).copy_(input.reshape({-1}));
+    return;
+  }
+  at::Tensor flat_out = out.view({-1}), flat_in = input.view({-1});
+  c10::intrusive_ptr<c10d::Work> work;
+  if (impl_->native_all_gather) {
+    try {
+      work = impl_->device_group->_allgather_base(flat_out, flat_in);
+    } catch (const std::exception& e) {
+      if (!unsupported(e)) throw_collective_error("all_gather_into_tensor", rank_, world_size_, options_.timeout, e);
+      impl_->native_all_gather = false;  // this backend lacks it: emulate from now on
+    }
+  }
+  if (!work) {  // list all-gather straight into out's chunks
+    std::vector<std::vector<at::Tensor>> outs(1);
+    for (const auto& c : flat_out.chunk(world_size_)) outs[0].push_back(c);
+    std::vector<at::Tensor> in{flat_in};
+    try {
+      work = impl_->device_group->allgather(outs, in);
+    } catch (const std::exception& e) {
+      throw_collective_error("all_gather_into_tensor", rank_, world_size_, options_.timeout, e);
+    }
+  }
+  wait_work(work, "all_gather_into_tensor", rank_, world_size_, options_.timeout);
+}
+
+void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, ReduceOp op) {
+  check_device_tensor(out, "reduce_scatter_tensor");
+  check_device_tensor(input, "reduce_scatter_tensor");
+  RHINE_CHECK(input.numel() == out.numel() * world_size_ && out.scalar_type() == input.scalar_type(),
+              kComponent, "reduce_scatter_tensor needs input of world_size x out's elements and dtype, got",
+              std::to_string(input.numel()) + " vs " + std::to_string(world_size_) + " x " +
+                  std::to_string(out.numel()),
+              "allocate input as [world_size * out.numel()]");
+  at::Tensor flat_out = out.view({-1}), flat_in = input.view({-1});
+  if (!impl_) {
+    flat_out.copy_(flat_in);
+    return;
+  }
+  c10::intrusive_ptr<c10d::Work> work;
+  if (impl_->native_reduce_scatter) {
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = to_c10d(op);
+    try {
+      work = impl_->device_group->_reduce_scatter_base(flat_out, flat_in, opts);
+    } catch (const std::exception& e) {
+      if (!unsupported(e)) throw_collective_error("reduce_scatter_tensor", rank_, world_size_, options_.timeout, e);
+      impl_->native_reduce_scatter = false;
+    }
+  }
+  if (work) {
+    wait_work(work, "reduce_scatter_tensor", rank_, world_size_, options_.timeout);
+  } else {  // all-reduce a copy, keep this rank's chunk
+    at::Tensor all = flat_in.clone();
+    launch_all_reduce(false, all, op == ReduceOp::kAvg ? ReduceOp::kSum : op, "reduce_scatter_tensor").wait();
+    flat_out.copy_(all.chunk(world_size_)[static_cast<std::size_t>(rank_)]);
+  }
+  if (op == ReduceOp::kAvg) flat_out.div_(world_size_);
+}
+
+void World::host_all_reduce_(at::Tensor& tensor, ReduceOp op) {
+  check_host_tensor(tensor, "host_all_reduce");
+  launch_all_reduce(true, tensor, op, "host_all_reduce").wait();
+}
+
+void World::host_broadcast_(at::Tensor& tensor, int root) {
+  check_host_tensor(tensor, "host_broadcast");
+  run_broadcast(true, tensor, root, "host_broadcast");
+}
+
+std::vector<at::Tensor> World::host_all_gather(const at::Tensor& tensor) {
+  check_host_tensor(tensor, "host_all_gather");
+  return run_all_gather(true, tensor, "host_all_gather");
+}
+
+std::vector<double> World::host_sum(const std::vector<double>& values) {
+  if (!impl_ || values.empty()) return values;
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::memcpy(t.data_ptr(), values.data(), values.size() * sizeof(double));
+  host_all_reduce_(t, ReduceOp::kSum);
+  std::vector<double> out(values.size());
+  std::memcpy(out.data(), t.data_ptr(), out.size() * sizeof(double));
+  return out;
+}
+
+std::vector<std::string> World::host_all_gather_bytes(const std::string& bytes) {
+  if (!impl_) return {bytes};
+  at::Tensor len = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  len.data_ptr<int64_t>()[0] = static_cast<int64_t>(bytes.size());
+  std::vector<int64_t> lens;
+  int64_t max_len = 0;
+  for (const auto& l : host_all_gather(len)) {
+    lens.push_back(l.data_ptr<int64_t>()[0]);
+    max_len = std::max(max_len, lens.back());
+  }
+  at::Tensor buf = at::zeros({std::max<int64_t>(max_len, 1)}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(buf.data_ptr(), bytes.data(), bytes.size());
+  std::vector<std::string> out;
+  auto parts = host_all_gather(buf);
+  for (std::size_t r = 0; r < parts.size(); ++r) {
+    out.emplace_back(static_cast<const char*>(parts[r].data_ptr()), static_cast<std::size_t>(lens[r]));
+  }
+  return out;
 }
 
 World init(const Rendezvous& rv, const DistOptions& options) {
@@ -300,7 +500,7 @@ World init(const Rendezvous& rv, const DistOptions& options) {
   world.world_size_ = rv.world_size;
   world.local_rank_ = rv.local_rank;
   world.options_ = options;
-  if (rv.world_size == 1) return world;
+  if (rv.world_size == 1 && !options.group_for_one_rank) return world;
 
   std::string backend = options.backend;
   if (backend == "auto") {
@@ -314,8 +514,12 @@ World init(const Rendezvous& rv, const DistOptions& options) {
   RHINE_CHECK(backend != "nccl", kComponent, "this Rhine was built without NCCL, backend",
               backend, "use \"gloo\" (CPU tensors), or rebuild with -DRHINE_WITH_NCCL=ON");
 #endif
+  RHINE_CHECK(!(options.strict_device_group && backend == "nccl"), kComponent,
+              "strict_device_group is a CPU test mode for Gloo, backend", backend,
+              "under NCCL the device group checks tensor devices itself");
 
   auto impl = std::make_unique<World::Impl>();
+  impl->strict = options.strict_device_group;
   c10d::TCPStoreOptions so;
   so.port = static_cast<std::uint16_t>(rv.master_port);
   so.isServer = rv.rank == 0;
@@ -335,33 +539,42 @@ World init(const Rendezvous& rv, const DistOptions& options) {
                             : "is rank 0 running and MASTER_ADDR/MASTER_PORT reachable from here?");
   }
 
+  // Each group gets its own key space on the store, as c10d's own groups do.
+  auto gloo_group = [&](const std::string& prefix) -> c10::intrusive_ptr<C10dGroup> {
+    auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
+    std::string iface = options.gloo_interface;
+    if (iface.empty()) {
+      if (const char* e = std::getenv("GLOO_SOCKET_IFNAME")) iface = e;
+    }
+    if (!iface.empty()) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (is_loopback(rv.master_addr)) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>(prefix, impl->store), rv.rank, rv.world_size, opts);
+  };
+  std::string group_name = backend;
   try {
     if (backend == "gloo") {
-      auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
-      std::string iface = options.gloo_interface;
-      if (iface.empty()) {
-        if (const char* e = std::getenv("GLOO_SOCKET_IFNAME")) iface = e;
-      }
-      if (!iface.empty()) {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
-      } else if (is_loopback(rv.master_addr)) {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-      } else {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      }
-      impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, rv.rank,
-                                                                rv.world_size, opts);
+      impl->device_group = gloo_group("device/");
+      impl->host_group = options.strict_device_group ? gloo_group("host/") : impl->device_group;
     } else {
 #ifdef USE_C10D_NCCL
+      world.device_ = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(rv.local_rank));
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = options.timeout;
-      impl->group = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl->store, rv.rank,
-                                                                rv.world_size, opts);
+      impl->device_group = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("device/", impl->store), rv.rank, rv.world_size, opts);
+      group_name = "gloo (host)";
+      impl->host_group = gloo_group("host/");
 #endif
     }
   } catch (const std::exception& e) {
     RHINE_FAIL(kComponent,
-               "creating the " + backend + " process group at " + where + " failed on rank " +
+               "creating the " + group_name + " process group at " + where + " failed on rank " +
                    std::to_string(rv.rank) + " of " + std::to_string(rv.world_size) +
                    " (timeout " + fmt_seconds(options.timeout) + " s)",
                Verbatim{first_line(e)},
@@ -372,7 +585,13 @@ World init(const Rendezvous& rv, const DistOptions& options) {
   return world;
 }
 
-World init_from_env(const DistOptions& options) { return init(rendezvous_from_env(), options); }
+World init_from_env(const DistOptions& options) {
+  DistOptions o = options;
+  if (const char* e = std::getenv("RHINE_DIST_STRICT_DEVICE"); e && std::string(e) == "1") {
+    o.strict_device_group = true;
+  }
+  return init(rendezvous_from_env(), o);
+}
 
 // --- parameter helpers ----------------------------------------------------
 
@@ -397,7 +616,7 @@ void broadcast_parameters(World& world, const std::vector<at::Tensor>& tensors, 
   for (auto& g : groups) {
     std::vector<at::Tensor> flat_parts;
     for (const auto& t : g) flat_parts.push_back(t.detach().reshape({-1}));
-    at::Tensor flat = at::cat(flat_parts);
+    at::Tensor flat = world.to_device(at::cat(flat_parts));
     world.broadcast_(flat, root);
     int64_t offset = 0;
     for (auto& t : g) {
@@ -434,15 +653,12 @@ std::uint64_t tensors_hash(const std::vector<at::Tensor>& tensors) {
 std::vector<std::uint64_t> gather_hashes(World& world, const std::vector<at::Tensor>& tensors) {
   const std::uint64_t h = tensors_hash(tensors);
   if (world.world_size() == 1) return {h};
-  at::Tensor mine = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor mine = at::empty({1}, at::TensorOptions().dtype(at::kLong));  // a host scalar
   std::memcpy(mine.data_ptr(), &h, sizeof h);
-  // NCCL gathers CUDA tensors only; the hash travels on the tensors' device.
-  if (!tensors.empty() && tensors[0].defined()) mine = mine.to(tensors[0].device());
   std::vector<std::uint64_t> out;
-  for (const auto& t : world.all_gather(mine)) {
-    at::Tensor c = t.to(at::kCPU);
+  for (const auto& t : world.host_all_gather(mine)) {
     std::uint64_t v;
-    std::memcpy(&v, c.data_ptr(), sizeof v);
+    std::memcpy(&v, t.data_ptr(), sizeof v);
     out.push_back(v);
   }
   return out;

@@ -199,9 +199,7 @@ int Trainer::world_size() const { return world_ == nullptr ? 1 : world_->world_s
 
 void Trainer::sum_over_ranks(std::vector<double>& values) {
   if (world_size() == 1) return;
-  auto t = at::tensor(values, at::kDouble);
-  world_->all_reduce_(t, dist::ReduceOp::kSum);
-  for (std::size_t i = 0; i < values.size(); ++i) values[i] = t[static_cast<std::int64_t>(i)].item<double>();
+  values = world_->host_sum(values);  // host scalars: the host group, never NCCL
 }
 
 void Trainer::barrier() {
@@ -242,17 +240,8 @@ OptimizerState Trainer::gather_optimizer_state() {
   Json desc = {{"meta", mine.meta}, {"tensors", Json::array()}};
   for (const auto& [name, t] : mine.tensors)
     desc["tensors"].push_back({name, static_cast<int>(t.scalar_type()), t.sizes().vec()});
-  const std::string text = desc.dump();
-  auto len = at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(text.size())}, at::kLong);
-  std::int64_t max_len = 0;
-  for (const auto& l : world_->all_gather(len)) max_len = std::max(max_len, l.item<std::int64_t>());
-  auto bytes = at::zeros({max_len}, at::kByte);
-  std::memcpy(bytes.data_ptr(), text.data(), text.size());
   std::vector<Json> descs;
-  for (const auto& b : world_->all_gather(bytes)) {
-    const auto* p = static_cast<const char*>(b.data_ptr());
-    descs.push_back(Json::parse(std::string(p, strnlen(p, static_cast<std::size_t>(max_len)))));
-  }
+  for (const auto& text : world_->host_all_gather_bytes(desc.dump())) descs.push_back(Json::parse(text));
   // 2. Each owner broadcasts its tensors, one at a time; rank 0 keeps them.
   OptimizerState all;
   all.meta = {{"zero1_shards", Json::array()}};
@@ -261,10 +250,10 @@ OptimizerState Trainer::gather_optimizer_state() {
     all.meta["zero1_shards"].push_back(descs[static_cast<std::size_t>(r)]["meta"]);
     for (const auto& t : descs[static_cast<std::size_t>(r)]["tensors"]) {
       const auto name = t[0].get<std::string>();
-      at::Tensor x = r == world_->rank()
-                         ? mine.tensors.at(name).contiguous()
-                         : at::empty(t[2].get<std::vector<std::int64_t>>(),
-                                     at::TensorOptions().dtype(static_cast<at::ScalarType>(t[1].get<int>())).device(device));
+      at::Tensor x = world_->to_device(
+          r == world_->rank() ? mine.tensors.at(name)
+                              : at::empty(t[2].get<std::vector<std::int64_t>>(),
+                                          at::TensorOptions().dtype(static_cast<at::ScalarType>(t[1].get<int>())).device(device)));
       if (r != 0) world_->broadcast_(x, r);
       if (is_main()) all.tensors[name] = x;
     }
@@ -426,7 +415,7 @@ StepMetrics Trainer::train_step() {
   m.mtp_loss = losses[3];
   if (expert_counts.defined()) {  // global counts drive the bias update
     expert_counts = expert_counts.to(at::kDouble).contiguous();
-    if (world_size() > 1) world_->all_reduce_(expert_counts, dist::ReduceOp::kSum);
+    if (world_size() > 1) world_->host_all_reduce_(expert_counts, dist::ReduceOp::kSum);
     m.moe_imbalance = moe_imbalance(expert_counts);
   }
   if (counted == 0) m.loss = m.ce_loss = std::nan("");

@@ -114,17 +114,28 @@ int64_t token(int64_t i, int64_t t, int64_t vocab) {
 /// Checks each World collective against values every rank can compute.
 void check_collectives(rhine::dist::World& world) {
   const int n = world.world_size(), r = world.rank();
-  auto filled = [&](double v) { return at::arange(3, at::kFloat).add(v); };  // [v, v+1, v+2]
+  // [v, v+1, v+2], as a device-group buffer
+  auto filled = [&](double v) { return world.to_device(at::arange(3, at::kFloat).add(v)); };
   const double sum = n * (n + 1) / 2.0;  // of r + 1 over ranks
   struct Case { rhine::dist::ReduceOp op; double expect; };
   for (const Case c : {Case{rhine::dist::ReduceOp::kSum, sum}, Case{rhine::dist::ReduceOp::kAvg, sum / n},
                        Case{rhine::dist::ReduceOp::kMax, double(n)}, Case{rhine::dist::ReduceOp::kMin, 1.0}}) {
+    const auto scale = [&](at::Tensor x) { return x.mul(c.op == rhine::dist::ReduceOp::kSum ? n : 1); };
     at::Tensor t = filled(r + 1);
     world.all_reduce_(t, c.op);
-    at::Tensor want = at::arange(3, at::kFloat)
-                          .mul(c.op == rhine::dist::ReduceOp::kSum ? n : 1)
-                          .add(c.expect);
+    at::Tensor want = scale(at::arange(3, at::kFloat)).add(c.expect);
     RHINE_CHECK(t.equal(want), "dist_worker", "all_reduce result", static_cast<int>(c.op), "");
+    at::Tensor h = at::arange(3, at::kFloat).add(r + 1);  // the same on the host group
+    world.host_all_reduce_(h, c.op);
+    RHINE_CHECK(h.equal(want), "dist_worker", "host_all_reduce result", static_cast<int>(c.op), "");
+    // reduce_scatter_tensor: rank k's input is [n, 3] with row j = [k+1+10j, ...];
+    // rank r keeps row r of the reduction (native on Gloo 2.x, emulated on 1.13).
+    at::Tensor in = world.to_device(at::arange(3, at::kFloat).add(r + 1).repeat({n, 1}) +
+                                    at::arange(n, at::kFloat).mul(10).unsqueeze(1));
+    at::Tensor out = world.device_zeros(3, at::kFloat);
+    world.reduce_scatter_tensor(out, in, c.op);
+    at::Tensor want_rs = want + (c.op == rhine::dist::ReduceOp::kSum ? 10.0 * r * n : 10.0 * r);
+    RHINE_CHECK(out.equal(want_rs), "dist_worker", "reduce_scatter_tensor result", static_cast<int>(c.op), "");
   }
   at::Tensor b = filled(r * 10);
   world.broadcast_(b, n - 1);
@@ -133,6 +144,31 @@ void check_collectives(rhine::dist::World& world) {
   RHINE_CHECK(static_cast<int>(g.size()) == n, "dist_worker", "all_gather size", g.size(), "");
   for (int k = 0; k < n; ++k)
     RHINE_CHECK(g[static_cast<size_t>(k)].equal(filled(k)), "dist_worker", "all_gather part", k, "");
+  at::Tensor into = world.device_zeros(3 * n, at::kFloat);
+  world.all_gather_into_tensor(into, filled(r));
+  for (int k = 0; k < n; ++k)
+    RHINE_CHECK(into.narrow(0, 3 * k, 3).equal(filled(k)), "dist_worker", "all_gather_into_tensor part", k, "");
+  // Host group: uneven byte strings and a broadcast.
+  const auto texts = world.host_all_gather_bytes(std::string(static_cast<size_t>(r + 1), char('a' + r)));
+  for (int k = 0; k < n; ++k)
+    RHINE_CHECK(texts[static_cast<size_t>(k)] == std::string(static_cast<size_t>(k + 1), char('a' + k)),
+                "dist_worker", "host_all_gather_bytes part", k, "");
+  at::Tensor hb = at::full({2}, double(r), at::kDouble);
+  world.host_broadcast_(hb, 0);
+  RHINE_CHECK(hb.equal(at::zeros({2}, at::kDouble)), "dist_worker", "host_broadcast result", r, "");
+  RHINE_CHECK(world.host_sum({1.0, double(r)}) == std::vector<double>({double(n), sum - n}), "dist_worker",
+              "host_sum", r, "");
+  // A host tensor on the device group: refused before anything is sent, on every rank alike.
+  if (world.options().strict_device_group) {
+    at::Tensor host = at::ones({2}, at::kDouble);
+    bool refused = false;
+    try {
+      world.all_reduce_(host);
+    } catch (const rhine::Error& e) {
+      refused = std::string(e.what()).find("did not hand out") != std::string::npos;
+    }
+    RHINE_CHECK(refused, "dist_worker", "strict device check let a host tensor through on rank", r, "");
+  }
   world.barrier();
 }
 

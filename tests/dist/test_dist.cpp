@@ -70,6 +70,9 @@ pid_t spawn_worker(const std::vector<std::string>& args, int rank, int n, int po
     env.push_back(kv);
   }
   env.push_back("OMP_NUM_THREADS=1");
+  // Every multi-rank test runs with the strict device check: a host tensor on
+  // the device group fails here as it would under NCCL.
+  env.push_back("RHINE_DIST_STRICT_DEVICE=1");
   if (n > 0) {
     env.push_back("RANK=" + std::to_string(rank));
     env.push_back("LOCAL_RANK=" + std::to_string(rank));

@@ -126,7 +126,7 @@ two_ranks() {  # two_ranks CONFIG LOG
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   local pids=()
   for r in 0 1; do
-    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 \
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
       "$train" "$1" > "$2.$r" 2>&1 & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || fail "rank of $1 failed: $(tail -3 "$2".*)"; done

@@ -35,6 +35,7 @@ pid_t start_worker(const std::vector<std::string>& args, const std::map<std::str
   const pid_t pid = ::fork();
   if (pid == 0) {
     for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    ::setenv("RHINE_DIST_STRICT_DEVICE", "1", 1);  // host scalars on the device group fail, as under NCCL
     std::vector<char*> argv{const_cast<char*>(RHINE_TRAINER_WORKER)};
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);

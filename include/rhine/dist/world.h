@@ -13,7 +13,26 @@
 ///
 /// Backends: Gloo (CPU tensors; Debian's LibTorch ships it) and NCCL (CUDA
 /// tensors; only where LibTorch was built with it and Rhine compiled with
-/// USE_C10D_NCCL). No c10d type appears in this header.
+/// RHINE_WITH_NCCL). No c10d type appears in this header.
+///
+/// Two groups, one per kind of data (as PyTorch's "cpu:gloo,cuda:nccl"):
+///  - the device group takes tensors on `World::device()` (the model's
+///    device: cuda:LOCAL_RANK under NCCL, the CPU under Gloo): gradients,
+///    parameters, optimizer shards. Buffers for it come from
+///    `World::to_device` / `World::device_zeros`;
+///  - the host group (always Gloo, CPU tensors) takes the scalars a training
+///    loop exchanges: loss and token sums, votes, step numbers, descriptors,
+///    hashes, expert counts (`World::host_*`).
+/// Under Gloo both are one c10d group. Under NCCL the host group is a second,
+/// Gloo group on the same store. A tensor on the wrong group is a rhine::Error
+/// naming the collective, not a crash inside NCCL.
+///
+/// Strict device check (DistOptions::strict_device_group, or the environment
+/// variable RHINE_DIST_STRICT_DEVICE=1 read by init_from_env): a CPU test
+/// mode for Gloo that builds two separate groups, as NCCL runs do, and makes
+/// the device group accept only tensors whose storage came from
+/// `to_device` / `device_zeros`, so a host tensor sent to it fails on the CPU
+/// exactly where it would fail under NCCL.
 ///
 /// A single-process World (no environment variables, or WORLD_SIZE=1) builds
 /// no c10d objects at all and every collective is a no-op, so one training
@@ -24,6 +43,7 @@
 /// torchrun or srun then tears the other ranks down).
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <chrono>
 #include <cstdint>
@@ -46,6 +66,13 @@ struct DistOptions {
   /// else 127.0.0.1 when MASTER_ADDR is a loopback address, else the address
   /// this machine's hostname resolves to.
   std::string gloo_interface;
+  /// Test mode (Gloo only): separate device and host groups, and the device
+  /// group refuses tensors that did not come from World::to_device /
+  /// World::device_zeros (see the file comment).
+  bool strict_device_group = false;
+  /// Build the c10d groups even for world_size 1 (a one-rank NCCL world in
+  /// the GPU tests); by default one rank builds none and collectives are no-ops.
+  bool group_for_one_rank = false;
 
   /// Throws rhine::Error for an unknown backend or a non-positive timeout.
   void validate() const;
@@ -97,9 +124,11 @@ class PendingOp {
   std::shared_ptr<Impl> impl_;
 };
 
-/// The process group of a data-parallel run. Cheap to move; not copyable.
+/// The process groups of a data-parallel run. Cheap to move; not copyable.
 /// Collectives must be called by every rank in the same order with tensors of
-/// the same shape and dtype (Gloo: contiguous CPU tensors; NCCL: CUDA).
+/// the same shape and dtype. Device collectives (all_reduce_, broadcast_,
+/// all_gather, all_gather_into_tensor, reduce_scatter_tensor) take contiguous
+/// tensors on device(); host collectives (host_*) take contiguous CPU tensors.
 class World {
  public:
   /// A single-process World.
@@ -118,9 +147,16 @@ class World {
   /// "gloo", "nccl", or "none" (single process).
   const std::string& backend() const { return backend_; }
   const DistOptions& options() const { return options_; }
+  /// The device the device group serves: cuda:local_rank under NCCL, else CPU.
+  c10::Device device() const { return device_; }
 
-  /// Waits until every rank reached this point.
-  void barrier();
+  /// `tensor` on device(), contiguous (no copy when it already is), usable by
+  /// the device collectives (registered under the strict device check).
+  at::Tensor to_device(const at::Tensor& tensor);
+  /// A zero-filled buffer [numel] of `dtype` on device(), for device collectives.
+  at::Tensor device_zeros(int64_t numel, c10::ScalarType dtype);
+
+  // --- device group -----------------------------------------------------------
   /// In place: `tensor` becomes the reduction over ranks of everyone's `tensor`.
   void all_reduce_(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
   /// As all_reduce_, returning at once; `tensor` must stay alive and untouched
@@ -130,14 +166,44 @@ class World {
   void broadcast_(at::Tensor& tensor, int root = 0);
   /// Everyone's `tensor`, in rank order (world_size tensors of its shape).
   std::vector<at::Tensor> all_gather(const at::Tensor& tensor);
+  /// out [world_size * n] = everyone's `input` [n] (any shape, n elements)
+  /// concatenated in rank order. c10d's _allgather_base where the backend has
+  /// it (NCCL; Gloo from LibTorch 2.x), else a list all-gather into out's chunks.
+  void all_gather_into_tensor(at::Tensor& out, const at::Tensor& input);
+  /// out [n] = rank r's chunk r of the reduction over ranks of everyone's
+  /// `input` [world_size * n]. c10d's _reduce_scatter_base where the backend
+  /// has it (NCCL; Gloo from LibTorch 2.x), else an all-reduce of a copy of
+  /// `input` keeping this rank's chunk (twice the traffic; same result).
+  void reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input,
+                             ReduceOp op = ReduceOp::kSum);
+
+  // --- host group (CPU tensors: scalars, counts, descriptors) ------------------
+  /// Waits until every rank reached this point.
+  void barrier();
+  /// As all_reduce_, for a CPU tensor.
+  void host_all_reduce_(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+  /// As broadcast_, for a CPU tensor.
+  void host_broadcast_(at::Tensor& tensor, int root = 0);
+  /// As all_gather, for a CPU tensor.
+  std::vector<at::Tensor> host_all_gather(const at::Tensor& tensor);
+  /// Sums `values` over ranks (float64 on the host group).
+  std::vector<double> host_sum(const std::vector<double>& values);
+  /// Everyone's `bytes` (any lengths), in rank order: two host all-gathers.
+  std::vector<std::string> host_all_gather_bytes(const std::string& bytes);
 
  private:
   friend World init(const Rendezvous&, const DistOptions&);
   friend class PendingOp;
+  void check_device_tensor(const at::Tensor& t, const std::string& op) const;
+  void check_host_tensor(const at::Tensor& t, const std::string& op) const;
+  PendingOp launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, const char* name);
+  void run_broadcast(bool host, at::Tensor& tensor, int root, const char* name);
+  std::vector<at::Tensor> run_all_gather(bool host, const at::Tensor& tensor, const char* name);
   struct Impl;
   std::unique_ptr<Impl> impl_;  ///< null for a single process
   int rank_ = 0, world_size_ = 1, local_rank_ = 0;
   std::string backend_ = "none";
+  c10::Device device_{c10::DeviceType::CPU};
   DistOptions options_;
 };
 

@@ -11,6 +11,7 @@
 //    cache) vs GQA vs MHA at equal width.
 //
 //   bench_moe [--quick] [--no-python] [--python PATH] [--threads N] [--decode-only]
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/optim/adamw.h>

@@ -15,6 +15,7 @@
 // when T is 0 (the default). Sampling follows rhine::nn::generate exactly
 // (same filters, same seeded stream), so a run is reproducible; ids past the
 // tokenizer's vocabulary (padded embedding rows) are never chosen.
+#include <ATen/core/grad_mode.h>
 #include <CLI/CLI.hpp>
 
 #include <ATen/ATen.h>

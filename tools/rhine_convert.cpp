@@ -16,6 +16,7 @@
 // logits: runs the model in float32 on the token ids in FILE (one sequence
 // per line, space-separated) and writes each sequence's logits as a float32
 // tensor `logits.N` [T, vocab], N counting lines from 0.
+#include <ATen/core/grad_mode.h>
 #include <CLI/CLI.hpp>
 
 #include <ATen/ATen.h>

@@ -40,7 +40,9 @@ struct GradientSync::State {
   std::size_t overlapped = 0;
   bool sync_enabled = true;
   /// Accumulators whose post hooks we own, with the hook keys (to remove them).
-  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, std::uintptr_t>> hooks;
+  /// (A std::shared_ptr up to LibTorch 2.x, a c10::intrusive_ptr in later ones.)
+  using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
+  std::vector<std::pair<NodePtr, std::uintptr_t>> hooks;
   std::mutex mutex;
 
   void reset_step() {

@@ -1,5 +1,6 @@
 #include "rhine/io/hf.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <stdio.h>

@@ -1,5 +1,6 @@
 #include "rhine/io/lora.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/modules/linear.h>

@@ -2,6 +2,7 @@
 // length, V vocabulary.
 #include "rhine/nn/generate.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // The Llama-family causal LM. Dimension letters as in rhine/nn/model.h.
 #include "rhine/nn/model.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>

@@ -3,6 +3,7 @@
 // as in rhine/nn/moe.h.
 #include "rhine/nn/moe.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <limits>

@@ -1,5 +1,6 @@
 #include "rhine/optim/clip.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <cmath>

@@ -1,5 +1,6 @@
 #include "rhine/optim/optimizer.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 
 #include <cmath>

@@ -1,5 +1,6 @@
 #include "rhine/train/evaluate.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 

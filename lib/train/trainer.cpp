@@ -1,5 +1,6 @@
 #include "rhine/train/trainer.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
 #include <ATen/core/Generator.h>
 #include <c10/core/GradMode.h>

@@ -2,6 +2,7 @@
 // Helpers of the HF import/export and LoRA tests: the fixture directories of
 // tests/fixtures/hf/make_fixtures.py, their ids and reference logits, and the
 // independent checker tests/fixtures/hf/check_hf_dir.py. Include after torch_test.h.
+#include <ATen/core/grad_mode.h>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>

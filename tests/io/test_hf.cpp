@@ -5,6 +5,7 @@
 // which lists the names transformers expects), and malformed directories.
 #include "torch_test.h"
 
+#include <ATen/core/grad_mode.h>
 #include <unistd.h>
 
 #include <cstring>

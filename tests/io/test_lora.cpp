@@ -4,6 +4,7 @@
 // independent python reader (tests/fixtures/hf/check_hf_dir.py).
 #include "torch_test.h"
 
+#include <ATen/core/grad_mode.h>
 #include <torch/nn/modules/linear.h>
 
 #include <filesystem>

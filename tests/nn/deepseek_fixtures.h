@@ -3,6 +3,7 @@
 // loading the fixtures of tests/fixtures/nn/make_deepseek_fixtures.py, whose
 // tensor index covers parameters AND buffers (e_score_correction_bias, the MTP
 // embedding/head copies).
+#include <ATen/core/grad_mode.h>
 #include <set>
 
 #include "nn_fixtures.h"

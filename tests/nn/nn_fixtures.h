@@ -3,6 +3,7 @@
 // tests/fixtures/nn/make_fixtures.py, relative errors, and finite differences.
 #include "torch_test.h"
 
+#include <ATen/core/grad_mode.h>
 #include <cstring>
 #include <limits>
 #include <string>

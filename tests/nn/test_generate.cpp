@@ -2,6 +2,7 @@
 // == prompts alone; sampling filters against their definitions.
 #include "nn_fixtures.h"
 
+#include <ATen/core/grad_mode.h>
 #include <map>
 
 #include "rhine/core/random.h"

@@ -4,6 +4,7 @@
 // GQA == MHA with repeated KV heads.
 #include "nn_fixtures.h"
 
+#include <ATen/core/grad_mode.h>
 #include <cmath>
 
 #include "rhine/nn/layers.h"

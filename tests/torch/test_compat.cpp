@@ -187,3 +187,26 @@ TEST_CASE("version macros agree with the runtime version string", "[compat]") {
   CHECK_FALSE(RHINE_TORCH_VERSION_AT_LEAST(99, 0));
   CHECK(rhine::has_fused_attention() == RHINE_TORCH_VERSION_AT_LEAST(2, 1));
 }
+
+TEST_CASE("on LibTorch 2.x the CPU attention Rhine calls reaches the fused flash kernel", "[compat][attention]") {
+  // [B, H, T, D] queries over GQA keys: causal training, packed documents (a
+  // bool mask), and a KV-cached step (T < S, bottom-right causal mask).
+  auto q = at::randn({2, 8, 16, 32}), k = at::randn({2, 2, 16, 32}), v = at::randn({2, 2, 16, 32});
+  rhine::AttentionOptions causal;
+  causal.is_causal = true;
+  rhine::AttentionOptions docs;
+  docs.mask = rhine::causal_mask(16, 16, at::kCPU).logical_and(at::ones({16, 16}, at::kBool).triu(-7));
+  auto q1 = at::randn({2, 8, 1, 32});
+  for (const auto* o : {&causal, &docs}) {
+    const auto backend = rhine::attention_backend(q, k, v, *o);
+    if (!RHINE_TORCH_VERSION_AT_LEAST(2, 5)) {
+      CHECK(backend == "reference");
+      continue;
+    }
+    CHECK(backend == "flash");
+    CHECK(rhine::attention_backend(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), *o) == "flash");
+    // and it still agrees with the plain-op twin
+    CHECK(at::allclose(rhine::attention(q, k, v, *o), rhine::attention_reference(q, k, v, *o), 1e-5, 1e-5));
+  }
+  if (RHINE_TORCH_VERSION_AT_LEAST(2, 5)) CHECK(rhine::attention_backend(q1, k, v, causal) == "flash");
+}

@@ -57,6 +57,14 @@ struct AttentionOptions {
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& options = {});
 
+/// Which kernel `attention` runs for these inputs on this LibTorch: "flash",
+/// "efficient", "cudnn" or "math" (LibTorch 2.5+ asks at::_fused_sdp_choice
+/// with exactly the arguments `attention` passes), "reference" on older ones.
+/// For tests and benchmarks: on 2.x CPU the causal, packed-document and
+/// KV-cache masks all reach the flash kernel.
+std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const AttentionOptions& options = {});
+
 /// The plain-op twin of `attention`: repeats KV heads, matmul, mask, softmax in
 /// fp32, matmul. It is 1.13's implementation and the oracle in tests.
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

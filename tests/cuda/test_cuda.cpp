@@ -1,0 +1,226 @@
+// GPU tests (label "cuda"): a bf16 training step on cuda against the same step
+// on the CPU, greedy generation, checkpoint tensors saved from and loaded onto
+// the device, and a one-rank NCCL world carrying every collective the Trainer
+// issues. Without a CUDA device (or without a CUDA build) each test reports
+// itself skipped; scripts/gpu-check.sh sets RHINE_REQUIRE_GPU=1, which turns
+// such a skip into a failure on the GPU machine.
+//
+// Tolerances (METHOD: ||a - b|| / ||b||): fp32 on both devices 1e-4 (cuBLAS
+// and OpenBLAS sum in different orders; TF32 is off in LibTorch by default);
+// bf16 autocast 3e-2 (bf16 keeps 8 bits of mantissa, and the two devices
+// round different intermediate products).
+#include <ATen/ops/allclose.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/zeros.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/sharded_optimizer.h"
+#include "rhine/dist/world.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/nn/generate.h"
+#include "rhine/torch/compat.h"
+#include "rhine/torch/cuda.h"
+#include "rhine/torch/runtime.h"
+#include "test_util.h"
+#include "trainer_fixture.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool gpu_required() {
+  const char* v = std::getenv("RHINE_REQUIRE_GPU");
+  return v != nullptr && std::string(v) == "1";
+}
+
+// Ends the test case as skipped unless a CUDA device is there.
+#define RHINE_NEED_GPU()                                                                        \
+  do {                                                                                          \
+    if (!rhine::cuda::available()) {                                                            \
+      const std::string why = rhine::cuda::compiled_with_cuda()                                 \
+                                  ? "no CUDA device visible"                                    \
+                                  : "Rhine built without CUDA (scripts/build.sh --torch=wheel)"; \
+      if (gpu_required()) FAIL("RHINE_REQUIRE_GPU=1 but " << why);                              \
+      rhine::test::record_skip(why + "; run scripts/gpu-check.sh on a GPU machine");            \
+      return;                                                                                   \
+    }                                                                                           \
+  } while (false)
+
+double rel(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = a.detach().to(at::kCPU, at::kDouble), y = b.detach().to(at::kCPU, at::kDouble);
+  REQUIRE(x.isfinite().all().item<bool>());
+  return (x - y).norm().item<double>() / std::max(y.norm().item<double>(), 1e-30);
+}
+
+const c10::Device kGpu(c10::DeviceType::CUDA, 0);
+
+struct Shards {
+  fs::path dir = rhine::test::temp_dir("cuda_shards");
+  Shards() { rhine::test::write_tiny_shards(dir); }
+};
+
+/// Losses of `steps` Trainer steps of TinyRun on `device`.
+std::vector<double> train_losses(const fs::path& shards, c10::Device device, bool bf16, int steps,
+                                 rhine::dist::World* world = nullptr, bool zero1 = false) {
+  rhine::test::TinyRun run(shards, 4);
+  run.model->to(device);
+  rhine::train::TrainerOptions o;
+  o.max_steps = steps;
+  o.log_every = 1;
+  o.progress = false;
+  o.bf16 = bf16;
+  rhine::NamedParameters params;
+  for (const auto& p : run.model->named_parameters()) params.push_back({p.key(), p.value()});
+  std::unique_ptr<rhine::dist::GradientSync> sync;
+  std::unique_ptr<rhine::dist::ShardedOptimizer> sharded;
+  std::unique_ptr<rhine::train::Trainer> trainer;
+  if (world != nullptr) {
+    rhine::dist::broadcast_parameters(*world, run.model->parameters());
+    sync = std::make_unique<rhine::dist::GradientSync>(*world, params);
+  }
+  if (zero1) {
+    sharded = std::make_unique<rhine::dist::ShardedOptimizer>(*world, params, [](const rhine::NamedParameters& s) {
+      return std::make_unique<rhine::AdamW>(s, rhine::test::tiny_adamw_options());
+    });
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *sharded, run.schedule, *run.loader, o);
+  } else {
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *run.optimizer, run.schedule, *run.loader, o);
+  }
+  if (world != nullptr) trainer->set_data_parallel(world, sync.get());
+  std::vector<double> losses;
+  trainer->callbacks().on_step = [&](const rhine::train::StepMetrics& m) { losses.push_back(m.loss); };
+  trainer->fit();
+  return losses;
+}
+
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+}  // namespace
+
+TEST_CASE("a training step on cuda equals the CPU step (fp32 and bf16 autocast)", "[cuda]") {
+  RHINE_NEED_GPU();
+  rhine::set_threads(2);
+  Shards s;
+  // Forward + backward of the same model and batch on both devices.
+  for (const bool bf16 : {false, true}) {
+    rhine::test::TinyRun cpu(s.dir, 4), gpu(s.dir, 4);
+    gpu.model->to(kGpu);
+    at::Tensor ids = at::randint(rhine::test::kVocab, {4, 17}, at::TensorOptions().dtype(at::kLong));
+    auto step = [&](rhine::nn::CausalLM& m, c10::Device d) {
+      rhine::nn::ForwardOptions fo;
+      fo.labels = ids.slice(1, 1).to(d);
+      rhine::AutocastGuard autocast(d.type(), at::kBFloat16, bf16);
+      auto out = m->forward(ids.slice(1, 0, 16).to(d), fo);
+      out.loss.backward();
+      return out.loss.detach().to(at::kCPU, at::kFloat);
+    };
+    const at::Tensor l_cpu = step(cpu.model, at::kCPU), l_gpu = step(gpu.model, kGpu);
+    const double tol = bf16 ? 3e-2 : 1e-4;
+    CHECK(rel(l_gpu, l_cpu) < tol);
+    const auto pc = cpu.model->named_parameters(), pg = gpu.model->named_parameters();
+    for (const auto& p : pc) {
+      INFO(p.key() << (bf16 ? " bf16" : " fp32"));
+      CHECK(rel(pg[p.key()].grad(), p.value().grad()) < tol);
+    }
+  }
+  // Whole Trainer steps (AdamW included): the same losses step by step.
+  const auto lc = train_losses(s.dir, at::kCPU, true, 3), lg = train_losses(s.dir, kGpu, true, 3);
+  REQUIRE(lc.size() == 3);
+  REQUIRE(lg.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) CHECK(std::abs(lg[i] - lc[i]) / lc[i] < 3e-2);
+}
+
+TEST_CASE("greedy generation on cuda gives the CPU's tokens", "[cuda]") {
+  RHINE_NEED_GPU();
+  rhine::nn::CausalLMOptions mo;
+  mo.init_seed = 5;
+  rhine::nn::CausalLM cpu(rhine::test::tiny_config(), mo), gpu(rhine::test::tiny_config(), mo);
+  gpu->to(kGpu);
+  rhine::nn::GenerateOptions go;
+  go.max_new_tokens = 12;
+  const std::vector<std::vector<std::int64_t>> prompts{{1, 2, 3, 4}, {9, 8}};
+  const auto a = rhine::nn::generate(cpu, prompts, go), b = rhine::nn::generate(gpu, prompts, go);
+  CHECK(a.tokens == b.tokens);
+}
+
+TEST_CASE("checkpoint tensors saved from cuda load back onto cuda unchanged", "[cuda]") {
+  RHINE_NEED_GPU();
+  rhine::nn::CausalLMOptions mo;
+  mo.init_seed = 6;
+  rhine::nn::CausalLM lm(rhine::test::tiny_config(), mo);
+  lm->to(kGpu);
+  const auto state = rhine::train::model_state(lm);
+  const fs::path dir = rhine::test::temp_dir("cuda_ckpt");
+  rhine::save_safetensors((dir / "model.safetensors").string(), state);
+  rhine::nn::CausalLM back(rhine::test::tiny_config(), rhine::nn::CausalLMOptions{});
+  back->to(kGpu);
+  rhine::train::load_model_state(back, rhine::load_safetensors((dir / "model.safetensors").string()));
+  for (const auto& [name, t] : rhine::train::model_state(back)) {
+    INFO(name);
+    CHECK(t.is_cuda());
+    CHECK(t.equal(state.at(name)));
+  }
+  const auto m = rhine::cuda::memory_stats(kGpu);
+  CHECK(m.allocated > 0);
+  CHECK(m.peak_allocated >= m.allocated);
+  CHECK(m.total > m.reserved);
+}
+
+TEST_CASE("a one-rank NCCL world serves every Trainer collective", "[cuda]") {
+  RHINE_NEED_GPU();
+  rhine::dist::Rendezvous rv;
+  rv.master_port = free_port();
+  rhine::dist::DistOptions o;
+  o.backend = "nccl";
+  o.group_for_one_rank = true;
+  o.timeout = std::chrono::seconds(60);
+  auto world = rhine::dist::init(rv, o);
+  REQUIRE(world.backend() == "nccl");
+  REQUIRE(world.device() == kGpu);
+  // Device group: CUDA tensors only; a host tensor is a [dist] error, not an NCCL crash.
+  at::Tensor t = world.to_device(at::arange(4, at::kFloat));
+  world.all_reduce_(t);
+  world.broadcast_(t, 0);
+  CHECK(world.all_gather(t).at(0).equal(t));
+  at::Tensor into = world.device_zeros(4, at::kFloat), out = world.device_zeros(4, at::kFloat);
+  world.all_gather_into_tensor(into, t);
+  world.reduce_scatter_tensor(out, t, rhine::dist::ReduceOp::kAvg);
+  CHECK(into.equal(t));
+  CHECK(out.equal(t));
+  at::Tensor host = at::ones({2}, at::kDouble);
+  CHECK_THROWS_WITH(world.all_reduce_(host), Catch::Contains("[dist]") && Catch::Contains("host_"));
+  // Host group: CPU scalars.
+  world.host_all_reduce_(host);
+  CHECK(world.host_sum({1.0, 2.0}) == std::vector<double>{1.0, 2.0});
+  CHECK(world.host_all_gather_bytes("abc") == std::vector<std::string>{"abc"});
+  world.barrier();
+  // The Trainer on it, plain and ZeRO-1: the losses of one process without a World.
+  Shards s;
+  const auto solo = train_losses(s.dir, kGpu, false, 3);
+  for (const bool zero1 : {false, true}) {
+    const auto dp = train_losses(s.dir, kGpu, false, 3, &world, zero1);
+    REQUIRE(dp.size() == solo.size());
+    for (std::size_t i = 0; i < dp.size(); ++i) CHECK(std::abs(dp[i] - solo[i]) <= 1e-5 * std::abs(solo[i]));
+  }
+}

@@ -11,28 +11,18 @@ pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 
-# A PyTorch wheel (pip) keeps the CUDA libraries LibTorch was built against in
-# site-packages/nvidia/*/lib (cudart, cuBLAS, cuDNN, NCCL, ...), which may be newer than the
-# CUDA toolkit's. Link and run against those: CUDA::cudart is pointed at the wheel's cudart,
-# and the linker resolves libtorch_cuda's own dependencies (NCCL, ...) there (-rpath-link).
-set(RHINE_WHEEL_CUDA_LIB_DIRS "")
+# A PyTorch wheel's own CUDA libraries come first (RhineTorchWheel.cmake).
+include(RhineTorchWheel)
 foreach(_prefix IN LISTS CMAKE_PREFIX_PATH)
-  if(EXISTS "${_prefix}/Torch/TorchConfig.cmake" AND IS_DIRECTORY "${_prefix}/../../../nvidia")
-    file(GLOB RHINE_WHEEL_CUDA_LIB_DIRS LIST_DIRECTORIES true "${_prefix}/../../../nvidia/*/lib")
-    file(GLOB _rhine_cudart "${_prefix}/../../../nvidia/*/lib/libcudart.so.[0-9]*")
-    if(_rhine_cudart AND NOT CUDA_cudart_LIBRARY)
-      list(GET _rhine_cudart 0 _rhine_cudart)
-      get_filename_component(_rhine_cudart "${_rhine_cudart}" REALPATH)
-      set(CUDA_cudart_LIBRARY "${_rhine_cudart}" CACHE FILEPATH "cudart of the PyTorch wheel")
-    endif()
+  if(EXISTS "${_prefix}/Torch/TorchConfig.cmake")
+    rhine_torch_wheel_cuda("${_prefix}/Torch")
     break()
   endif()
 endforeach()
 find_package(Torch REQUIRED)
 if(RHINE_WHEEL_CUDA_LIB_DIRS)
-  list(JOIN RHINE_WHEEL_CUDA_LIB_DIRS ":" _rhine_dirs)
-  target_link_options(rhine_build_flags INTERFACE "LINKER:-rpath-link,${_rhine_dirs}")
-  message(STATUS "Rhine: CUDA libraries of the PyTorch wheel: ${_rhine_dirs}")
+  list(JOIN RHINE_WHEEL_CUDA_LIB_DIRS ":" RHINE_WHEEL_RPATH_LINK)
+  message(STATUS "Rhine: CUDA libraries of the PyTorch wheel: ${RHINE_WHEEL_RPATH_LINK}")
 endif()
 # Torch 1.13 sets TORCH_CXX_FLAGS (the C++11 ABI switch) on its imported
 # target already; nothing else from TORCH_CXX_FLAGS is needed.

@@ -22,4 +22,5 @@ configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/RhineConfig.cmake.in
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/RhineConfigVersion.cmake
   VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/RhineConfig.cmake ${PROJECT_BINARY_DIR}/RhineConfigVersion.cmake
+              ${PROJECT_SOURCE_DIR}/cmake/RhineTorchWheel.cmake
         DESTINATION ${RHINE_CMAKE_DIR})

@@ -1,11 +1,17 @@
 #pragma once
 // Helpers shared by Rhine's tests (torch-free).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 // ---- Honest skips (docs/testing.md) ------------------------------------------------------
@@ -97,6 +103,31 @@ inline std::string hex(const void* data, std::size_t n) {
     out += digits[p[i] & 15];
   }
   return out;
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a TCPStore in multi-rank tests).
+inline int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  const bool ok = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  if (fd >= 0) ::close(fd);
+  if (!ok) throw std::runtime_error("free_port: cannot bind a socket on 127.0.0.1");
+  return ntohs(addr.sin_port);
+}
+
+/// Runs a shell command; returns its exit status (as pclose gives it) and standard output.
+inline std::pair<int, std::string> run_command(const std::string& cmd) {
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  return {::pclose(p), out};
 }
 
 }  // namespace rhine::test

@@ -103,19 +103,6 @@ std::vector<double> train_losses(const fs::path& shards, c10::Device device, boo
   trainer->fit();
   return losses;
 }
-
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 }  // namespace
 
 TEST_CASE("a training step on cuda equals the CPU step (fp32 and bf16 autocast)", "[cuda]") {
@@ -190,7 +177,7 @@ TEST_CASE("checkpoint tensors saved from cuda load back onto cuda unchanged", "[
 TEST_CASE("a one-rank NCCL world serves every Trainer collective", "[cuda]") {
   RHINE_NEED_GPU();
   rhine::dist::Rendezvous rv;
-  rv.master_port = free_port();
+  rv.master_port = rhine::test::free_port();
   rhine::dist::DistOptions o;
   o.backend = "nccl";
   o.group_for_one_rank = true;

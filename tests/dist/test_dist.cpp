@@ -40,22 +40,6 @@ using rhine::dist::rendezvous_from_env;
 namespace {
 
 // --- process helpers ---------------------------------------------------------
-
-/// A TCP port that was free a moment ago on 127.0.0.1.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  socklen_t len = sizeof addr;
-  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 /// Starts the worker with `args` and the rendezvous variables of (rank, n, port)
 /// (n = 0: none, a single process); its output goes to LOG.
 pid_t spawn_worker(const std::vector<std::string>& args, int rank, int n, int port,
@@ -155,7 +139,7 @@ std::vector<Exit> run_world(const rhine::test::TempDir& dir, const std::string& 
   const std::string prefix = dir.file(name);
   args.push_back("--out");
   args.push_back(prefix);
-  const int port = n > 0 ? free_port() : 0;
+  const int port = n > 0 ? rhine::test::free_port() : 0;
   std::vector<pid_t> pids;
   for (int r = 0; r < std::max(n, 1); ++r)
     pids.push_back(spawn_worker(args, r, n, port, prefix + ".rank" + std::to_string(r) + ".log"));
@@ -332,7 +316,7 @@ TEST_CASE("init fails with a [dist] error when the other rank never joins", "[di
   Rendezvous rv;
   rv.rank = 0;
   rv.world_size = 2;
-  rv.master_port = free_port();
+  rv.master_port = rhine::test::free_port();
   rhine::dist::DistOptions o;
   o.timeout = std::chrono::milliseconds(1500);
   const auto t0 = std::chrono::steady_clock::now();

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "rhine/core/json.h"
+#include "test_util.h"
 
 namespace rhine::test {
 
@@ -23,13 +24,9 @@ inline rhine::Json python_read_safetensors(const std::string& path) {
   const auto script = std::filesystem::path(RHINE_SOURCE_DIR) / "tests" / "fixtures" / "safetensors" /
                       "read_safetensors.py";
   const std::string cmd = "/usr/bin/python3 " + script.string() + " '" + path + "'";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  REQUIRE(::pclose(p) == 0);
+  const auto [status, out] = rhine::test::run_command(cmd);
+  INFO(cmd << "\n" << out);
+  REQUIRE(status == 0);
   return rhine::Json::parse(out);
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "rhine/core/json.h"
+#include "test_util.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/nn/model.h"
 
@@ -57,14 +58,9 @@ inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
 inline rhine::Json python_check(const std::string& args) {
   const auto script = hf_fixture("check_hf_dir.py");
   const std::string cmd = "/usr/bin/python3 " + script.string() + " " + args;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const auto [status, out] = rhine::test::run_command(cmd);
   INFO(cmd << "\n" << out);
-  REQUIRE(::pclose(p) == 0);
+  REQUIRE(status == 0);
   return rhine::Json::parse(out);
 }
 

@@ -72,19 +72,6 @@ std::vector<std::string> hard_cases() {
       "x\xE2\x80\x8By\xE2\x80\x8Cz\xE2\x80\x8D zero-width",
   };
 }
-
-/// Runs a shell command; returns its exit status and standard output.
-std::pair<int, std::string> run_command(const std::string& cmd) {
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {status, out};
-}
-
 std::string quoted(const std::string& s) {
   std::string q = "'";
   for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
@@ -134,7 +121,7 @@ fs::path unpack_references(const fs::path& archive) {
   const fs::path tmp = root / (".unpack-" + std::to_string(::getpid()));
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  const auto [status, out] = run_command("tar -xJf " + quoted(archive.string()) + " -C " + quoted(tmp.string()) +
+  const auto [status, out] = rhine::test::run_command("tar -xJf " + quoted(archive.string()) + " -C " + quoted(tmp.string()) +
                                          " tokenizers 2>&1");
   INFO("unpacking " << archive.string() << ": " << out);
   REQUIRE(status == 0);
@@ -186,7 +173,7 @@ TEST_CASE("tokenizer.json parity with Hugging Face tokenizers on real files", "[
     missing.push_back("a Python with the Hugging Face tokenizers library: RHINE_PYTHON=" + python +
                       " is not an executable; point it to <venv>/bin/python of the project's virtual environment");
   } else {
-    const auto [status, out] = run_command(quoted(python) + " " + quoted(script.string()) + " --version 2>&1");
+    const auto [status, out] = rhine::test::run_command(quoted(python) + " " + quoted(script.string()) + " --version 2>&1");
     if (status != 0)
       missing.push_back("the Hugging Face tokenizers library: " + python + " cannot import it (" + last_line(out) +
                         "); pip install tokenizers into that environment");

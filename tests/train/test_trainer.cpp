@@ -54,20 +54,6 @@ int wait_worker(pid_t pid) {
 
 // Runs the worker binary; returns its wait status.
 int run_worker(const std::vector<std::string>& args) { return wait_worker(start_worker(args)); }
-
-// A TCP port nobody listens on right now.
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t n = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 // step -> loss of the "step" records in metrics.jsonl.
 std::map<std::int64_t, double> losses(const fs::path& metrics) {
   std::map<std::int64_t, double> out;
@@ -140,7 +126,7 @@ TEST_CASE("trainer: two data-parallel ranks (Gloo) equal one process with the wh
   const auto shards = (tmp.path / "shards").string();
   const auto one = tmp.path / "one", two = tmp.path / "two";
   REQUIRE(run_worker({shards, one.string(), "6"}) == 0);
-  const std::string port = std::to_string(free_port());
+  const std::string port = std::to_string(rhine::test::free_port());
   std::vector<pid_t> ranks;
   for (int r = 0; r < 2; ++r)
     ranks.push_back(start_worker({shards, two.string(), "6"}, {{"RANK", std::to_string(r)},
@@ -166,7 +152,7 @@ namespace {
 bool run_two_ranks(const std::vector<std::string>& args, std::map<std::string, std::string> env = {}) {
   env["WORLD_SIZE"] = "2";
   env["MASTER_ADDR"] = "127.0.0.1";
-  env["MASTER_PORT"] = std::to_string(free_port());
+  env["MASTER_PORT"] = std::to_string(rhine::test::free_port());
   std::vector<pid_t> ranks;
   for (int r = 0; r < 2; ++r) {
     env["RANK"] = std::to_string(r);

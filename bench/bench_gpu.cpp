@@ -12,7 +12,7 @@
 // forward + backward, causal halving not counted: PaLM's convention); peak
 // bf16 dense of the GPU from --peak-tflops (default 989: H100/H200 SXM).
 //
-//   bench_gpu [--size 125M|1B] [--steps N] [--python PYTHON] [--no-python] [--peak-tflops F]
+//   bench_gpu [--size 125M|0.9B] [--steps N] [--python PYTHON] [--no-python] [--peak-tflops F]
 #include <ATen/ops/randint.h>
 
 #include <chrono>
@@ -39,7 +39,7 @@ struct Size {
 
 // Keep in step with SIZES in bench_gpu.py.
 const Size kSizes[] = {{"125M", 32000, 768, 12, 12, 4, 2048, 8, 1024},
-                       {"1B", 32000, 2048, 16, 16, 8, 5632, 4, 2048}};
+                       {"0.9B", 32000, 2048, 16, 16, 8, 5632, 4, 2048}};
 
 }  // namespace
 
@@ -62,6 +62,7 @@ int main(int argc, char** argv) try {
   }
   const c10::Device gpu(c10::DeviceType::CUDA, 0);
   std::map<std::string, double> rhine_rate;
+  std::map<std::string, int64_t> rhine_params;
   for (const auto& s : kSizes) {
     if (!only_size.empty() && s.name != only_size) continue;
     const rhine::Json cfg = {{"model_type", "llama"},       {"vocab_size", s.V},
@@ -116,6 +117,7 @@ int main(int argc, char** argv) try {
     std::printf("%s\n", j.dump().c_str());
     std::fflush(stdout);
     rhine_rate[s.name] = tps;
+    rhine_params[s.name] = n;
   }
   if (!run_python) return 0;
   std::string script = __FILE__;
@@ -133,8 +135,13 @@ int main(int argc, char** argv) try {
       if (j.value("name", "") != "gpu_train_step_python") continue;
       const auto size = j["params"]["size"].get<std::string>();
       if (!rhine_rate.count(size)) continue;
+      // The same architecture on both sides: the parameter counts must agree.
+      const auto n_py = j["params"].value("n_params", int64_t{0});
+      if (n_py != rhine_params[size])
+        std::fprintf(stderr, "[bench_gpu] %s: Python model has %lld parameters, Rhine %lld\n", size.c_str(),
+                     static_cast<long long>(n_py), static_cast<long long>(rhine_params[size]));
       rhine::Json r = {{"name", "gpu_train_step_ratio"},
-                       {"params", {{"size", size}, {"python_impl", j["params"]["impl"]}}},
+                       {"params", {{"size", size}, {"python_impl", j["params"]["impl"]}, {"same_n_params", n_py == rhine_params[size]}}},
                        {"median", rhine_rate[size] / j["median"].get<double>()},
                        {"unit", "rhine/python"}};
       std::printf("%s\n", r.dump().c_str());

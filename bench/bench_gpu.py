@@ -6,34 +6,28 @@ torch.optim.AdamW, foreach) in bf16 autocast on cuda:0, in PyTorch eager and wit
 torch.compile. Prints JSON Lines "gpu_train_step_python" (tokens/s, median over steps
 timed after a synchronize).
 
-    python3 bench/bench_gpu.py [--size 125M|1B] [--steps N]
+    python3 bench/bench_gpu.py [--size 125M|0.9B] [--steps N]
 """
 import json
-import sys
 import time
+
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import RMSNorm, rotate_half  # noqa: E402  (the CPU benchmark's, unchanged)
+
 # Keep in step with kSizes in bench_gpu.cpp.
 SIZES = {"125M": dict(V=32000, C=768, L=12, H=12, Hkv=4, I=2048, B=8, T=1024),
-         "1B": dict(V=32000, C=2048, L=16, H=16, Hkv=8, I=5632, B=4, T=2048)}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, n, eps=1e-5):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(n)), eps
-
-    def forward(self, x):
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+         "0.9B": dict(V=32000, C=2048, L=16, H=16, Hkv=8, I=5632, B=4, T=2048)}
 
 
 def rope(x, cos, sin):
-    a, b = x.chunk(2, -1)
-    return x * cos + torch.cat((-b, a), -1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class Block(nn.Module):
@@ -125,7 +119,7 @@ def main():
             ts.sort()
             tok = d["B"] * d["T"]
             print(json.dumps({"name": "gpu_train_step_python",
-                              "params": {"size": size, "B": d["B"], "T": d["T"], "dtype": "bf16",
+                              "params": {"size": size, "n_params": sum(p.numel() for p in lm.parameters()), "B": d["B"], "T": d["T"], "dtype": "bf16",
                                          "impl": impl, "torch": torch.__version__},
                               "median": tok / ts[len(ts) // 2], "min": tok / ts[-1],
                               "max": tok / ts[0], "unit": "tokens/s", "runs": steps}), flush=True)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import RMSNorm, rotate_half  # noqa: E402  (the CPU benchmark's, unchanged)
+import bench_model  # noqa: E402  (the CPU benchmark's model pieces, unchanged)
+from bench_model import RMSNorm, rotate_half  # noqa: E402
 
 # Keep in step with kSizes in bench_gpu.cpp.
 SIZES = {"125M": dict(V=32000, C=768, L=12, H=12, Hkv=4, I=2048, B=8, T=1024),
@@ -30,17 +31,8 @@ def rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-class Block(nn.Module):
-    def __init__(self, C, H, Hkv, I):
-        super().__init__()
-        self.H, self.Hkv, self.D = H, Hkv, C // H
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(C), RMSNorm(C)
-        self.q_proj = nn.Linear(C, H * self.D, bias=False)
-        self.k_proj = nn.Linear(C, Hkv * self.D, bias=False)
-        self.v_proj = nn.Linear(C, Hkv * self.D, bias=False)
-        self.o_proj = nn.Linear(H * self.D, C, bias=False)
-        self.gate_proj, self.up_proj = nn.Linear(C, I, bias=False), nn.Linear(C, I, bias=False)
-        self.down_proj = nn.Linear(I, C, bias=False)
+class Block(bench_model.Block):
+    """bench_model.py's block (same parameters and names), with SDPA attention."""
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape

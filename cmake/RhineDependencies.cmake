@@ -37,12 +37,15 @@ message(STATUS "Rhine: LibTorch ${RHINE_TORCH_VERSION} from ${TORCH_INSTALL_PREF
 # for, in every file that includes LibTorch. Rhine's targets therefore see Debian's fmt and
 # spdlog first, through a folder of two links that is searched before LibTorch's (-I precedes
 # -isystem). Installed consumers never see it (BUILD_INTERFACE).
-if(EXISTS "${TORCH_INSTALL_PREFIX}/include/fmt")
-  get_target_property(_rhine_fmt_inc fmt::fmt INTERFACE_INCLUDE_DIRECTORIES)
-  if(NOT _rhine_fmt_inc)
-    set(_rhine_fmt_inc /usr/include)
-  endif()
-  list(GET _rhine_fmt_inc 0 _rhine_fmt_inc)
+# (Debian's LibTorch lives in /usr itself: its include folder is fmt's own, nothing to do.)
+get_target_property(_rhine_fmt_inc fmt::fmt INTERFACE_INCLUDE_DIRECTORIES)
+if(NOT _rhine_fmt_inc)
+  set(_rhine_fmt_inc /usr/include)
+endif()
+list(GET _rhine_fmt_inc 0 _rhine_fmt_inc)
+get_filename_component(_rhine_torch_inc "${TORCH_INSTALL_PREFIX}/include" REALPATH)
+get_filename_component(_rhine_fmt_inc "${_rhine_fmt_inc}" REALPATH)
+if(EXISTS "${_rhine_torch_inc}/fmt" AND NOT _rhine_torch_inc STREQUAL _rhine_fmt_inc)
   set(RHINE_SHADOW_INCLUDE_DIR "${PROJECT_BINARY_DIR}/rhine-shadow-include")
   file(MAKE_DIRECTORY "${RHINE_SHADOW_INCLUDE_DIR}")
   foreach(_lib fmt spdlog)

@@ -129,7 +129,7 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
     auto ends_with = [&](const std::string& s) {
       return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
     };
-    if (ends_with("_proj.weight") || ends_with("embed_tokens.weight") ||
+    if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
         name == "lm_head.weight" || ends_with("mlp.gate.weight"))
       p.value().normal_(0.0, c.initializer_range, gen);
     else if (ends_with("_proj.bias"))
@@ -323,6 +323,23 @@ std::tuple<at::Tensor, at::Tensor, std::int64_t> lm_loss(const at::Tensor& logit
 }
 
 ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions& o) {
+  if (!hooks_) return forward_impl(ids, o);
+  hooks_->forward_begin();
+  ForwardOutput out;
+  try {
+    out = forward_impl(ids, o);
+  } catch (...) {
+    try {
+      hooks_->forward_end();
+    } catch (...) {  // the first error is the one to report
+    }
+    throw;
+  }
+  hooks_->forward_end();
+  return out;
+}
+
+ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOptions& o) {
   RHINE_CHECK(ids.dim() == 2, "causal_lm", "ids must be [B, T]", ids.sizes().vec(),
               "add a batch dimension");
   const auto B = ids.size(0), T = ids.size(1);
@@ -391,11 +408,12 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
   at::Tensor h = model->embed_tokens(ids);  // [B, T, C]
   for (std::size_t i = 0; i < model->blocks.size(); ++i) {
     auto& block = model->blocks[i];
-    if (ckpt)
-      h = BlockCheckpoint::apply(h, block.get(), &block_in);
-    else
-      h = block(h, block_in, cache ? &cache->layers[i] : nullptr,
-                cache && !cache->latent.empty() ? &cache->latent[i] : nullptr);
+    auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
+      if (ckpt) return {BlockCheckpoint::apply(x[0], block.get(), &block_in)};
+      return {block(x[0], block_in, cache ? &cache->layers[i] : nullptr,
+                    cache && !cache->latent.empty() ? &cache->latent[i] : nullptr)};
+    };
+    h = hooks_ ? hooks_->run_block(i, {h}, run)[0] : run({h})[0];
   }
   h = model->norm(h);
   const at::Tensor h_main = h;  // [B, T, C] post-norm: the input of MTP depth 1
@@ -429,9 +447,15 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
       const auto D = static_cast<double>(model->mtp.size());
       at::Tensor hk = h_main, total;
       for (std::size_t k = 1; k <= model->mtp.size(); ++k) {
-        auto [hn, logits_k] = model->mtp[k - 1]->forward(
-            hk, mtp_inputs(ids, k), model->embed_tokens->weight, output_weight(), block_in);
-        hk = hn;
+        auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
+          auto [hn, logits] = model->mtp[k - 1]->forward(x[0], mtp_inputs(ids, k),
+                                                         model->embed_tokens->weight, output_weight(), block_in);
+          return {hn, logits};
+        };
+        const std::size_t index = model->blocks.size() + k - 1;
+        auto outs = hooks_ ? hooks_->run_block(index, {hk}, run) : run({hk});
+        hk = outs[0];
+        const at::Tensor& logits_k = outs[1];
         auto [ce_k, z_k, n_k] =
             (options.fused_kernels ? fused_lm_loss : lm_loss)(logits_k.reshape({B * T, -1}),
                     mtp_labels(labels, k, o.ignore_index).reshape({B * T}), o.ignore_index, 0.0);

@@ -34,10 +34,10 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
-
-#include <memory>
 
 #include "rhine/nn/config.h"
 #include "rhine/nn/layers.h"
@@ -153,6 +153,30 @@ struct CausalLMOptions {
   bool fused_kernels = false;
 };
 
+/// Calls around each block of CausalLM::forward: the one extension point that
+/// parallel wrappers applied from outside use (rhine::dist::FullyShardedModel
+/// gathers a block's parameters before it runs and hooks its backward), as
+/// PyTorch's module forward hooks serve FSDP2. The model itself never changes.
+///
+/// Blocks are numbered as they are stored: decoder layers 0..L-1, then the MTP
+/// modules L..L+D-1 (`model.layers.{index}` in both cases).
+class ForwardHooks {
+ public:
+  virtual ~ForwardHooks() = default;
+  /// Maps a block's inputs to its outputs.
+  using Block = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+  /// First thing CausalLM::forward does (before the embedding lookup).
+  virtual void forward_begin() {}
+  /// Runs block `index` on `inputs` (the hidden state) through `run`; returns
+  /// run's outputs, possibly wrapped in autograd functions. Default: run(inputs).
+  virtual std::vector<at::Tensor> run_block(std::size_t index, const std::vector<at::Tensor>& inputs,
+                                            const Block& run) {
+    return run(inputs);
+  }
+  /// Last thing CausalLM::forward does (also when it throws).
+  virtual void forward_end() {}
+};
+
 /// `model.*`: embeddings, the blocks and the final norm.
 class DecoderModelImpl : public torch::nn::Module {
  public:
@@ -201,13 +225,20 @@ class CausalLMImpl : public torch::nn::Module {
   void to(torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Device device, bool non_blocking = false) override;
 
+  /// Installs `hooks` (nullptr: none) around every block of forward() (see
+  /// ForwardHooks). Set by a parallel wrapper, once, after construction.
+  void set_forward_hooks(std::shared_ptr<ForwardHooks> hooks) { hooks_ = std::move(hooks); }
+  const std::shared_ptr<ForwardHooks>& forward_hooks() const { return hooks_; }
+
   const ModelConfig& config() const { return config_; }
   CausalLMOptions options;
   DecoderModel model{nullptr};
   torch::nn::Linear lm_head{nullptr};
 
  private:
+  ForwardOutput forward_impl(const at::Tensor& ids, const ForwardOptions& options);
   ModelConfig config_;
+  std::shared_ptr<ForwardHooks> hooks_;
   RopeFrequencies freqs_;      // standard attention: head_dim rotary dims
   RopeFrequencies mla_freqs_;  // MLA: qk_rope_head_dim rotary dims
 };

@@ -377,7 +377,7 @@ std::vector<at::Tensor> World::all_gather(const at::Tensor& tensor) {
   return run_all_gather(false, tensor, "all_gather");
 }
 
-void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
+PendingOp World::all_gather_into_tensor_async(at::Tensor& out, const at::Tensor& input) {
   check_device_tensor(out, "all_gather_into_tensor");
   check_device_tensor(input, "all_gather_into_tensor");
   RHINE_CHECK(out.numel() == input.numel() * world_size_ && out.scalar_type() == input.scalar_type(),
@@ -385,11 +385,17 @@ void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
               std::to_string(out.numel()) + " vs " + std::to_string(world_size_) + " x " +
                   std::to_string(input.numel()),
               "allocate out as [world_size * input.numel()]");
+  PendingOp pending;
   if (!impl_) {
     out.view({-1}).copy_(input.reshape({-1}));
-    return;
+    return pending;
   }
   at::Tensor flat_out = out.view({-1}), flat_in = input.view({-1});
+  if (flat_in.scalar_type() == at::kBFloat16) {
+    // A gather only moves bits: bf16 travels as fp16 (Gloo in 1.13 has no bf16).
+    flat_out = flat_out.view(at::kHalf);
+    flat_in = flat_in.view(at::kHalf);
+  }
   c10::intrusive_ptr<c10d::Work> work;
   if (impl_->native_all_gather) {
     try {
@@ -409,8 +415,20 @@ void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
       throw_collective_error("all_gather_into_tensor", rank_, world_size_, options_.timeout, e);
     }
   }
-  wait_work(work, "all_gather_into_tensor", rank_, world_size_, options_.timeout);
+  auto p = std::make_shared<PendingOp::Impl>();
+  p->work = std::move(work);
+  p->op = "all_gather_into_tensor";
+  p->rank = rank_;
+  p->world_size = world_size_;
+  p->timeout = options_.timeout;
+  pending.impl_ = std::move(p);
+  return pending;
 }
+
+void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
+  all_gather_into_tensor_async(out, input).wait();
+}
+
 
 void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, ReduceOp op) {
   check_device_tensor(out, "reduce_scatter_tensor");

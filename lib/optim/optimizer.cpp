@@ -74,6 +74,11 @@ void check_param_groups(const std::vector<std::pair<std::string, const NamedPara
 void Optimizer::step() {
   at::NoGradGuard no_grad;
   step_impl();
+  // The fused kernels write through data pointers; bump each updated
+  // parameter's version as an in-place op would, so that code holding a copy
+  // (ZeRO-2's replicated parameters, rhine/dist/fsdp.h) sees the change.
+  for (const auto& p : parameters())
+    if (p.grad().defined()) p.unsafeGetTensorImpl()->bump_version();
   ++n_steps_;
 }
 

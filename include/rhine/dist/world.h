@@ -170,6 +170,9 @@ class World {
   /// concatenated in rank order. c10d's _allgather_base where the backend has
   /// it (NCCL; Gloo from LibTorch 2.x), else a list all-gather into out's chunks.
   void all_gather_into_tensor(at::Tensor& out, const at::Tensor& input);
+  /// As all_gather_into_tensor, returning at once (FSDP's prefetch); `out`
+  /// and `input` must stay alive and untouched until the PendingOp was waited on.
+  PendingOp all_gather_into_tensor_async(at::Tensor& out, const at::Tensor& input);
   /// out [n] = rank r's chunk r of the reduction over ranks of everyone's
   /// `input` [world_size * n]. c10d's _reduce_scatter_base where the backend
   /// has it (NCCL; Gloo from LibTorch 2.x), else an all-reduce of a copy of

@@ -109,8 +109,9 @@ class Optimizer {
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
-  /// Updates every parameter that has a gradient; one without a gradient is
-  /// left alone and its state (and per-parameter step) does not advance.
+  /// Updates every parameter that has a gradient (and bumps its version
+  /// counter, as an in-place op does); one without a gradient is left alone
+  /// and its state (and per-parameter step) does not advance.
   void step();
   /// Drops all gradients (sets them undefined, like set_to_none).
   void zero_grad();

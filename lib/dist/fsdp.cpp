@@ -1,0 +1,495 @@
+#include "rhine/dist/fsdp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/StorageImpl.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "rhine/core/error.h"
+
+namespace rhine::dist {
+
+namespace {
+
+constexpr const char* kComponent = "fsdp";
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+/// Frees a tensor's memory but keeps the tensor (shape, strides, and every
+/// view or autograd record that shares its storage): FSDP's "resharded" state.
+void free_storage(const at::Tensor& t) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  if (s->nbytes() == 0) return;
+  s->set_data_ptr(at::DataPtr(nullptr, t.device()));
+  s->set_nbytes(0);
+}
+
+/// Gives a freed tensor memory for its elements again (contents undefined).
+void alloc_storage(const at::Tensor& t) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  const auto bytes = static_cast<std::size_t>(t.numel()) * t.element_size();
+  if (s->nbytes() == bytes) return;
+  RHINE_CHECK(s->nbytes() == 0, kComponent, "a gathered parameter has storage of unexpected size",
+              s->nbytes(), "do not replace the model's parameters after sharding it");
+  s->set_data_ptr(s->allocator()->allocate(bytes));
+  s->set_nbytes(bytes);
+}
+
+}  // namespace
+
+void FSDPOptions::validate() const {
+  RHINE_CHECK(zero_stage == 2 || zero_stage == 3, kComponent, "zero_stage must be 2 or 3, got", zero_stage,
+              "3 shards parameters too (FSDP); 2 keeps them replicated; ZeRO-1 is dist::ShardedOptimizer");
+  RHINE_CHECK(param_dtype == c10::kFloat || param_dtype == c10::kBFloat16, kComponent,
+              "param_dtype must be float32 or bfloat16, got", c10::toString(param_dtype),
+              "float32 is the exact twin of an unsharded run; bfloat16 halves the gathered bytes");
+}
+
+struct FSDP::State : nn::ForwardHooks {
+  struct Param {
+    std::string name;
+    at::Tensor var;  ///< the model's parameter (full shape, param_dtype; storage freed when resharded)
+    std::vector<std::int64_t> shape;
+    std::int64_t rows = 1, inner = 1, rpr = 1;  ///< rows, elements per row, rows per rank
+    std::int64_t own_rows = 0;                  ///< rows this rank holds (may be 0)
+    bool trainable = false;
+    std::int64_t off = 0;   ///< offset of its padded shard in the unit's shard buffer
+    std::int64_t goff = 0;  ///< offset in the unit's gradient chunk (trainable only)
+    at::Tensor shard;       ///< fp32 leaf [own_rows, ...] viewing the unit's buffer
+    at::Tensor acc;         ///< fp32 full gradient accumulated under no_sync
+  };
+  struct Unit {
+    std::string name;
+    std::vector<std::size_t> params;
+    std::int64_t chunk = 0, gchunk = 0, elements = 0;
+    at::Tensor shards;  ///< fp32 [chunk]: this rank's padded shards of every parameter
+    at::Tensor send, recv;  ///< all-gather buffers while one is in flight
+    PendingOp pending;
+    bool gathering = false, gathered = false, reduced = false;
+    std::int64_t version = -1;  ///< ZeRO-2: shards' version when last gathered
+  };
+
+  World* world = nullptr;
+  nn::CausalLM model{nullptr};
+  FSDPOptions o;
+  int n = 1, rank = 0;
+  std::vector<Param> params;
+  std::vector<Unit> units;  ///< 0: root; 1 + i: block i
+  NamedParameters trainable;
+  std::map<std::string, std::size_t> by_name;
+  bool sync = true;
+  bool grad_forward = false;  ///< the running forward records a graph
+  std::vector<std::size_t> order;  ///< units in the order forward ran them
+  FSDPMemory mem;
+
+  // --- gathering ---------------------------------------------------------------
+
+  void launch_gather(std::size_t u) {
+    Unit& unit = units[u];
+    if (unit.gathered || unit.gathering) return;
+    const auto opts = unit.shards.options().dtype(o.param_dtype);
+    unit.send = o.param_dtype == c10::kFloat ? unit.shards : world->to_device(unit.shards.to(o.param_dtype));
+    unit.recv = world->to_device(at::empty({n * unit.chunk}, opts));
+    unit.pending = world->all_gather_into_tensor_async(unit.recv, unit.send);
+    unit.gathering = true;
+  }
+
+  void complete_gather(std::size_t u) {
+    Unit& unit = units[u];
+    if (unit.gathered) return;
+    if (!unit.gathering) launch_gather(u);
+    unit.pending.wait();
+    at::NoGradGuard no_grad;
+    const at::Tensor all = unit.recv.view({n, unit.chunk});
+    for (std::size_t i : unit.params) {
+      Param& p = params[i];
+      alloc_storage(p.var);
+      at::Tensor rows = all.narrow(1, p.off, p.rpr * p.inner).reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows);
+      p.var.variable_data().view({p.rows, p.inner}).copy_(rows);
+    }
+    unit.send = unit.recv = at::Tensor();
+    unit.gathering = false;
+    unit.gathered = true;
+    unit.version = unit.shards._version();
+    mem.gathered_elements += unit.elements;
+    mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
+  }
+
+  void release(std::size_t u) {
+    Unit& unit = units[u];
+    if (unit.gathering) complete_gather(u);  // an unused prefetch
+    if (!unit.gathered) return;
+    for (std::size_t i : unit.params) free_storage(params[i].var);
+    unit.gathered = false;
+    mem.gathered_elements -= unit.elements;
+  }
+
+  // --- gradients ----------------------------------------------------------------
+
+  void reduce(std::size_t u) {
+    Unit& unit = units[u];
+    at::NoGradGuard no_grad;
+    std::int64_t full = 0;
+    if (!sync) {  // accumulate locally in fp32
+      for (std::size_t i : unit.params) {
+        Param& p = params[i];
+        if (!p.trainable || !p.var.grad().defined()) continue;
+        at::Tensor g = p.var.grad().to(c10::kFloat);
+        if (p.acc.defined()) {
+          p.acc.add_(g);
+        } else {
+          p.acc = g;  // AccumulateGrad's tensor (or its fp32 copy): ours once .grad is reset
+          mem.full_grad_elements += p.acc.numel();
+        }
+        p.var.mutable_grad() = at::Tensor();
+      }
+      mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements);
+      return;
+    }
+    if (unit.gchunk == 0) {
+      unit.reduced = true;
+      return;
+    }
+    const auto f32 = unit.shards.options().dtype(c10::kFloat);
+    at::Tensor send = world->to_device(at::zeros({n * unit.gchunk}, f32));
+    const at::Tensor send2 = send.view({n, unit.gchunk});
+    for (std::size_t i : unit.params) {
+      Param& p = params[i];
+      if (!p.trainable) continue;
+      at::Tensor g = p.var.grad();
+      if (g.defined()) {
+        g = g.to(c10::kFloat);
+        full += g.numel();
+        if (p.acc.defined()) g = p.acc.add_(g);
+      } else if (p.acc.defined()) {
+        g = p.acc;
+      } else {
+        continue;  // no gradient anywhere on this rank: zeros
+      }
+      at::Tensor g2 = g.reshape({p.rows, p.inner});
+      if (n * p.rpr != p.rows) g2 = at::constant_pad_nd(g2, {0, 0, 0, n * p.rpr - p.rows});
+      send2.narrow(1, p.goff, p.rpr * p.inner).view({n, p.rpr, p.inner}).copy_(g2.view({n, p.rpr, p.inner}));
+      p.var.mutable_grad() = at::Tensor();
+      if (p.acc.defined()) mem.full_grad_elements -= p.acc.numel();
+      p.acc = at::Tensor();
+    }
+    mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements + full);
+    at::Tensor out = world->to_device(at::empty({unit.gchunk}, f32));
+    world->reduce_scatter_tensor(out, send, ReduceOp::kSum);
+    out.div_(n);
+    for (std::size_t i : unit.params) {
+      Param& p = params[i];
+      if (!p.trainable || p.own_rows == 0) continue;
+      at::Tensor piece = out.narrow(0, p.goff, p.rpr * p.inner).view({p.rpr, p.inner}).narrow(0, 0, p.own_rows)
+                             .view(p.shard.sizes());
+      if (p.shard.grad().defined())
+        p.shard.mutable_grad().add_(piece);
+      else
+        p.shard.mutable_grad() = piece;
+    }
+    unit.reduced = true;
+  }
+
+  // --- hooks ---------------------------------------------------------------------
+
+  void pre_backward(std::size_t u) {
+    complete_gather(u);
+    if (!o.prefetch) return;
+    auto it = std::find(order.begin(), order.end(), u);
+    if (it != order.end() && it != order.begin()) launch_gather(*(it - 1));
+  }
+
+  void post_backward(std::size_t u) {
+    reduce(u);
+    if (o.zero_stage == 3) release(u);
+  }
+
+  void forward_begin() override {
+    grad_forward = at::GradMode::is_enabled() && !trainable.empty();
+    order.clear();
+    if (o.zero_stage == 2) {
+      // Refresh the replicated parameters when any rank's shards changed
+      // (an optimizer step bumps their version); decided together.
+      double stale = 0;
+      for (const auto& unit : units)
+        if (unit.version != unit.shards._version()) stale = 1;
+      if (n > 1) stale = world->host_sum({stale})[0];
+      if (stale > 0) {
+        for (std::size_t u = 0; u < units.size(); ++u) release(u);
+        for (std::size_t u = 0; u < units.size(); ++u) launch_gather(u);
+        for (std::size_t u = 0; u < units.size(); ++u) complete_gather(u);
+      }
+      return;
+    }
+    complete_gather(0);
+    if (o.prefetch && units.size() > 1) launch_gather(1);
+  }
+
+  std::vector<at::Tensor> run_block(std::size_t index, const std::vector<at::Tensor>& inputs,
+                                    const Block& run) override;
+
+  void forward_end() override {
+    if (o.zero_stage == 2) return;
+    for (std::size_t u = 1; u < units.size(); ++u)
+      if (units[u].gathering) release(u);  // prefetched, not run (MTP without labels)
+    if (!grad_forward) release(0);
+  }
+
+  void finish() {
+    RHINE_CHECK(sync, kComponent, "finish() inside no_sync()", "sync off",
+                "let the NoSync guard of the last micro-batch go out of scope before finish()");
+    for (std::size_t u = units.size(); u-- > 0;)
+      if (!units[u].reduced) reduce(u);
+    for (std::size_t u = 0; u < units.size(); ++u) {
+      units[u].reduced = false;
+      if (o.zero_stage == 3) release(u);
+      for (std::size_t i : units[u].params)
+        RHINE_CHECK(!params[i].var.grad().defined(), kComponent,
+                    "a gradient arrived after its unit was reduce-scattered:", params[i].name,
+                    "this is a bug in FSDP's hook placement; please report it with the model config");
+    }
+    order.clear();
+  }
+};
+
+namespace {
+
+// Identity functions whose backward calls into FSDP: on a block's outputs
+// (runs before the block's backward: gather) and on its inputs (runs after
+// the block's backward: reduce-scatter and free).
+template <bool kPre>
+struct UnitBoundary : public torch::autograd::Function<UnitBoundary<kPre>> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                at::TensorList xs, std::int64_t state,
+                                                std::int64_t unit) {
+    ctx->saved_data["state"] = state;
+    ctx->saved_data["unit"] = unit;
+    torch::autograd::variable_list out;
+    for (const auto& x : xs) out.push_back(x.view_as(x));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* st = reinterpret_cast<FSDP::State*>(ctx->saved_data["state"].toInt());
+    const auto u = static_cast<std::size_t>(ctx->saved_data["unit"].toInt());
+    if (kPre)
+      st->pre_backward(u);
+    else
+      st->post_backward(u);
+    grads.push_back(at::Tensor());
+    grads.push_back(at::Tensor());
+    return grads;
+  }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> FSDP::State::run_block(std::size_t index, const std::vector<at::Tensor>& inputs,
+                                               const Block& run) {
+  const std::size_t u = index + 1;
+  RHINE_CHECK(u < units.size(), kComponent, "forward ran a block FSDP does not know", index,
+              "shard the model after building it completely");
+  const auto self = reinterpret_cast<std::int64_t>(this);
+  const bool graph = grad_forward && at::GradMode::is_enabled();
+  if (o.zero_stage == 3) {
+    complete_gather(u);
+    if (o.prefetch && u + 1 < units.size()) launch_gather(u + 1);
+  }
+  std::vector<at::Tensor> outs =
+      graph ? run(UnitBoundary<false>::apply(at::TensorList(inputs), self, static_cast<std::int64_t>(u)))
+            : run(inputs);
+  order.push_back(u);
+  if (graph) outs = UnitBoundary<true>::apply(at::TensorList(outs), self, static_cast<std::int64_t>(u));
+  if (o.zero_stage == 3 && (o.reshard_after_forward || !graph)) release(u);
+  return outs;
+}
+
+// --- FSDP ----------------------------------------------------------------------
+
+FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state_(std::make_shared<State>()) {
+  options.validate();
+  RHINE_CHECK(!model->forward_hooks(), kComponent, "the model has forward hooks already", "hooks set",
+              "shard a model once, with one FSDP");
+  State& s = *state_;
+  s.world = &world;
+  s.model = model;
+  s.o = options;
+  s.n = world.world_size();
+  s.rank = world.rank();
+  const auto& cfg = model->config();
+  const std::int64_t blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
+  s.units.resize(static_cast<std::size_t>(1 + blocks));
+  s.units[0].name = "root";
+  for (std::int64_t i = 0; i < blocks; ++i)
+    s.units[static_cast<std::size_t>(1 + i)].name = "model.layers." + std::to_string(i);
+
+  // Parameters into units, by name: "model.layers.{i}." -> unit 1 + i, the rest root.
+  for (const auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    RHINE_CHECK(name.find("lora_") == std::string::npos, kComponent,
+                "LoRA adapters cannot be sharded yet, found", name,
+                "train LoRA with data parallel (GradientSync), or fully fine-tune under FSDP");
+    std::size_t u = 0;
+    const std::string prefix = "model.layers.";
+    if (name.rfind(prefix, 0) == 0) {
+      const auto dot = name.find('.', prefix.size());
+      u = 1 + static_cast<std::size_t>(std::stoll(name.substr(prefix.size(), dot - prefix.size())));
+      RHINE_CHECK(u < s.units.size(), kComponent, "parameter of an unknown layer", name, "");
+    }
+    State::Param p;
+    p.name = name;
+    p.var = item.value();
+    p.shape = p.var.sizes().vec();
+    p.rows = p.shape.empty() ? 1 : p.shape[0];
+    p.inner = p.rows == 0 ? 0 : p.var.numel() / p.rows;
+    p.rpr = std::max<std::int64_t>(1, ceil_div(p.rows, s.n));
+    p.own_rows = std::clamp<std::int64_t>(p.rows - s.rank * p.rpr, 0, p.rpr);
+    p.trainable = p.var.requires_grad();
+    s.by_name[name] = s.params.size();
+    s.units[u].params.push_back(s.params.size());
+    s.params.push_back(std::move(p));
+  }
+
+  // Shard buffers: each parameter's padded rows, then this rank's rows copied in.
+  at::NoGradGuard no_grad;
+  for (auto& unit : s.units) {
+    for (std::size_t i : unit.params) {
+      auto& p = s.params[i];
+      p.off = unit.chunk;
+      unit.chunk += p.rpr * p.inner;
+      if (p.trainable) {
+        p.goff = unit.gchunk;
+        unit.gchunk += p.rpr * p.inner;
+      }
+      unit.elements += p.var.numel();
+    }
+    s.mem.largest_unit_elements = std::max(s.mem.largest_unit_elements, unit.elements);
+    s.mem.model_elements += unit.elements;
+    s.mem.buffer_elements += unit.chunk;
+    unit.shards = world.device_zeros(unit.chunk, c10::kFloat);
+    for (std::size_t i : unit.params) {
+      auto& p = s.params[i];
+      at::Tensor padded = unit.shards.narrow(0, p.off, p.rpr * p.inner).view({p.rpr, p.inner});
+      if (p.own_rows > 0)
+        padded.narrow(0, 0, p.own_rows)
+            .copy_(p.var.detach().reshape({p.rows, p.inner}).narrow(0, s.rank * p.rpr, p.own_rows));
+      std::vector<std::int64_t> shard_shape = p.shape;
+      if (shard_shape.empty())
+        shard_shape = {p.own_rows};  // a scalar: one row
+      else
+        shard_shape[0] = p.own_rows;
+      p.shard = padded.narrow(0, 0, p.own_rows).view(shard_shape).detach().requires_grad_(p.trainable);
+      s.mem.shard_elements += p.shard.numel();
+      // The model's parameter: full shape in param_dtype, memory freed until gathered.
+      p.var.set_data(at::empty(p.shape, unit.shards.options().dtype(options.param_dtype)));
+      free_storage(p.var);
+      if (p.trainable && p.own_rows > 0) s.trainable.push_back({p.name, p.shard});
+    }
+  }
+  model->tie_mtp_weights();  // the MTP aliases follow the parameters' new storage
+  model->set_forward_hooks(state_);
+  if (options.zero_stage == 2) {
+    for (std::size_t u = 0; u < s.units.size(); ++u) s.launch_gather(u);
+    for (std::size_t u = 0; u < s.units.size(); ++u) s.complete_gather(u);
+  }
+}
+
+FSDP::~FSDP() {
+  if (state_ && state_->model) state_->model->set_forward_hooks(nullptr);
+}
+
+FSDP::NoSync::NoSync(FSDP* fsdp) : fsdp_(fsdp) { fsdp_->state_->sync = false; }
+FSDP::NoSync::~NoSync() {
+  if (fsdp_) fsdp_->state_->sync = true;
+}
+FSDP::NoSync::NoSync(NoSync&& other) noexcept : fsdp_(other.fsdp_) { other.fsdp_ = nullptr; }
+FSDP::NoSync& FSDP::NoSync::operator=(NoSync&& other) noexcept {
+  if (this != &other) {
+    if (fsdp_) fsdp_->state_->sync = true;
+    fsdp_ = other.fsdp_;
+    other.fsdp_ = nullptr;
+  }
+  return *this;
+}
+
+const NamedParameters& FSDP::parameters() const { return state_->trainable; }
+
+void FSDP::check_optimizer(const Optimizer& optimizer) {
+  RHINE_CHECK(optimizer.type() != "muon", kComponent,
+              "Muon orthogonalises whole matrices and cannot step row shards yet, got optimizer",
+              optimizer.type(), "use AdamW, AdEMAMix or Lion with FSDP, or Muon with ZeRO-1");
+}
+
+void FSDP::finish() { state_->finish(); }
+
+double FSDP::grad_norm() {
+  State& s = *state_;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> sq;
+  for (const auto& p : s.trainable)
+    if (p.tensor.grad().defined())
+      sq.push_back(at::linalg_vector_norm(p.tensor.grad(), 2, at::OptionalIntArrayRef{}, false, c10::kFloat)
+                       .to(c10::kDouble)
+                       .pow(2));
+  const double local = sq.empty() ? 0.0 : at::stack(sq).sum().item<double>();
+  const double total = s.n > 1 ? s.world->host_sum({local})[0] : local;
+  return std::sqrt(total);
+}
+
+double FSDP::clip_grad_norm(double max_norm) {
+  RHINE_CHECK(max_norm > 0 && std::isfinite(max_norm), kComponent, "max_norm must be finite and > 0",
+              max_norm, "e.g. 1.0");
+  const double total = grad_norm();
+  if (!std::isfinite(total)) return total;
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    at::NoGradGuard no_grad;
+    for (const auto& p : state_->trainable)
+      if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(coef);
+  }
+  return total;
+}
+
+at::Tensor FSDP::full_parameter(const std::string& name) {
+  State& s = *state_;
+  auto it = s.by_name.find(name);
+  RHINE_CHECK(it != s.by_name.end(), kComponent, "no parameter named", name, "see parameter_names()");
+  const auto& p = s.params[it->second];
+  std::size_t u = 0;
+  for (; u < s.units.size(); ++u)
+    if (std::find(s.units[u].params.begin(), s.units[u].params.end(), it->second) != s.units[u].params.end())
+      break;
+  at::NoGradGuard no_grad;
+  at::Tensor mine = s.units[u].shards.narrow(0, p.off, p.rpr * p.inner);
+  at::Tensor all = s.world->device_zeros(s.n * p.rpr * p.inner, c10::kFloat);
+  s.world->all_gather_into_tensor(all, mine);
+  return all.view({s.n * p.rpr, p.inner}).narrow(0, 0, p.rows).reshape(p.shape).clone();
+}
+
+std::vector<std::string> FSDP::parameter_names() const {
+  std::vector<std::string> names;
+  for (const auto& p : state_->params) names.push_back(p.name);
+  return names;
+}
+
+std::vector<std::string> FSDP::unit_names() const {
+  std::vector<std::string> names;
+  for (const auto& u : state_->units) names.push_back(u.name);
+  return names;
+}
+
+FSDPMemory FSDP::memory() const { return state_->mem; }
+
+void FSDP::reset_peak() {
+  state_->mem.peak_gathered_elements = state_->mem.gathered_elements;
+  state_->mem.peak_full_grad_elements = state_->mem.full_grad_elements;
+}
+
+const FSDPOptions& FSDP::options() const { return state_->o; }
+
+}  // namespace rhine::dist

@@ -1,0 +1,282 @@
+// One rank of the FSDP tests (test_fsdp.cpp starts 1, 2 or 4 of these). It
+// trains a tiny model with AdamW on a fixed global batch of B rows: rank r of
+// N uses rows [r*B/N, (r+1)*B/N), split into `accum` micro-batches, and every
+// rank builds the model from the same seed.
+//
+//   fsdp_worker --out PREFIX [--model dense|moe] [--parallel none|ddp|fsdp]
+//               [--zero 3|2] [--no-reshard] [--no-prefetch] [--param-bf16]
+//               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
+//               [--seq 8] [--accum 1] [--timeout-ms 20000]
+//               [--die-rank R --die-after K]   rank R exits after K steps
+//
+//   dense: Llama-style, GQA, tied embeddings, 3 layers.
+//   moe:   DeepSeek-V3-style: MLA, a dense first layer then MoE layers (sigmoid
+//          routing, aux-loss-free bias updated from global counts), one MTP module.
+//
+// Writes PREFIX.params (rank 0: every parameter whole, float64, in the model's
+// order) and PREFIX.rank<r>.json (global mean losses, gradient norms, FSDP
+// memory figures); on a rhine::Error PREFIX.rank<r>.err (exit code 3).
+#include <ATen/ops/from_blob.h>
+#include <torch/nn/module.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rhine/core/error.h"
+#include "rhine/core/json.h"
+#include "rhine/dist/fsdp.h"
+#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/world.h"
+#include "rhine/nn/model.h"
+#include "rhine/optim/adamw.h"
+#include "rhine/optim/clip.h"
+#include "rhine/torch/compat.h"
+#include "rhine/torch/runtime.h"
+
+namespace {
+
+struct Args {
+  std::string out, model = "dense", parallel = "fsdp";
+  int zero = 3, steps = 3, batch = 8, seq = 8, accum = 1;
+  bool reshard = true, prefetch = true, param_bf16 = false, autocast = false, ckpt = false;
+  double clip = 0.0;
+  long timeout_ms = 20000;
+  int die_rank = -1, die_after = 0;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto next = [&]() -> std::string {
+      RHINE_CHECK(i + 1 < argc, "fsdp_worker", "missing value for", k, "");
+      return argv[++i];
+    };
+    if (k == "--out") a.out = next();
+    else if (k == "--model") a.model = next();
+    else if (k == "--parallel") a.parallel = next();
+    else if (k == "--zero") a.zero = std::stoi(next());
+    else if (k == "--no-reshard") a.reshard = false;
+    else if (k == "--no-prefetch") a.prefetch = false;
+    else if (k == "--param-bf16") a.param_bf16 = true;
+    else if (k == "--autocast") a.autocast = true;
+    else if (k == "--ckpt") a.ckpt = true;
+    else if (k == "--clip") a.clip = std::stod(next());
+    else if (k == "--steps") a.steps = std::stoi(next());
+    else if (k == "--batch") a.batch = std::stoi(next());
+    else if (k == "--seq") a.seq = std::stoi(next());
+    else if (k == "--accum") a.accum = std::stoi(next());
+    else if (k == "--timeout-ms") a.timeout_ms = std::stol(next());
+    else if (k == "--die-rank") a.die_rank = std::stoi(next());
+    else if (k == "--die-after") a.die_after = std::stoi(next());
+    else RHINE_FAIL("fsdp_worker", "unknown argument", k, "");
+  }
+  RHINE_CHECK(!a.out.empty(), "fsdp_worker", "--out is required", "", "");
+  return a;
+}
+
+rhine::nn::ModelConfig dense_config() {
+  rhine::nn::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 40;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.tie_word_embeddings = true;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 64;
+  c.validate();
+  return c;
+}
+
+rhine::nn::ModelConfig moe_config() {
+  rhine::nn::ModelConfig c;
+  c.model_type = "deepseek_v3";
+  c.vocab_size = 40;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.q_lora_rank = 8;
+  c.kv_lora_rank = 8;
+  c.qk_nope_head_dim = 4;
+  c.qk_rope_head_dim = 4;
+  c.v_head_dim = 4;
+  c.n_routed_experts = 8;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 2;
+  c.moe_intermediate_size = 8;
+  c.n_group = 2;
+  c.topk_group = 1;
+  c.topk_method = "noaux_tc";
+  c.scoring_func = "sigmoid";
+  c.norm_topk_prob = true;
+  c.routed_scaling_factor = 2.5;
+  c.first_k_dense_replace = 1;
+  c.num_nextn_predict_layers = 1;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 64;
+  c.validate();
+  return c;
+}
+
+/// Token t of row i of the fixed global batch (B rows of T + 1 tokens).
+int64_t token(int64_t i, int64_t t, int64_t vocab) {
+  uint64_t x = static_cast<uint64_t>(i) * 1000003u + static_cast<uint64_t>(t) * 7919u + 12345u;
+  x ^= x >> 13;
+  x *= 0x9E3779B97F4A7C15ull;
+  x ^= x >> 29;
+  return static_cast<int64_t>(x % static_cast<uint64_t>(vocab));
+}
+
+int run(const Args& a) {
+  rhine::set_threads(1);
+  rhine::dist::DistOptions dopt;
+  dopt.backend = "gloo";
+  dopt.timeout = std::chrono::milliseconds(a.timeout_ms);
+  rhine::dist::World world = rhine::dist::init_from_env(dopt);
+  const int rank = world.rank(), n = world.world_size();
+  const std::string prefix = a.out + ".rank" + std::to_string(rank);
+  try {
+    const auto cfg = a.model == "moe" ? moe_config() : dense_config();
+    rhine::nn::CausalLMOptions mo;
+    mo.init_seed = 1234;  // the same on every rank
+    mo.activation_checkpointing = a.ckpt;
+    rhine::nn::CausalLM lm(cfg, mo);
+    lm->train();
+
+    rhine::NamedParameters model_params;
+    for (const auto& p : lm->named_parameters()) model_params.push_back({p.key(), p.value()});
+    std::vector<at::Tensor> model_tensors;
+    for (const auto& p : model_params) model_tensors.push_back(p.tensor);
+
+    std::unique_ptr<rhine::dist::FSDP> fsdp;
+    std::unique_ptr<rhine::dist::GradientSync> sync;
+    if (a.parallel == "fsdp") {
+      rhine::dist::FSDPOptions fo;
+      fo.zero_stage = a.zero;
+      fo.reshard_after_forward = a.reshard;
+      fo.prefetch = a.prefetch;
+      fo.param_dtype = a.param_bf16 ? at::kBFloat16 : at::kFloat;
+      fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
+    } else if (a.parallel == "ddp") {
+      sync = std::make_unique<rhine::dist::GradientSync>(world, model_params);
+    } else {
+      RHINE_CHECK(a.parallel == "none" && n == 1, "fsdp_worker", "--parallel none is one process, got",
+                  a.parallel, "");
+    }
+    const rhine::NamedParameters& stepped = fsdp ? fsdp->parameters() : model_params;
+    rhine::AdamWOptions ao;
+    ao.lr = 1e-2;
+    ao.weight_decay = 0.1;
+    rhine::AdamW opt(rhine::decay_groups(stepped, ao));
+    if (fsdp) rhine::dist::FSDP::check_optimizer(opt);
+    std::vector<at::Tensor> stepped_tensors;
+    for (const auto& p : stepped) stepped_tensors.push_back(p.tensor);
+
+    RHINE_CHECK(a.batch % (n * a.accum) == 0, "fsdp_worker", "batch must split over ranks and micro-steps",
+                a.batch, "");
+    const int64_t b = a.batch / n, T = a.seq;
+    std::vector<int64_t> rows(static_cast<size_t>(b * (T + 1)));
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t t = 0; t <= T; ++t)
+        rows[static_cast<size_t>(i * (T + 1) + t)] = token(rank * b + i, t, cfg.vocab_size);
+    at::Tensor data = at::from_blob(rows.data(), {b, T + 1}, at::kLong).clone();
+
+    rhine::Json report;
+    report["rank"] = rank;
+    report["world_size"] = n;
+    report["losses"] = rhine::Json::array();
+    report["norms"] = rhine::Json::array();
+    if (fsdp) fsdp->reset_peak();
+    const int64_t mb = b / a.accum;
+    for (int step = 0; step < a.steps; ++step) {
+      if (rank == a.die_rank && step == a.die_after) std::_Exit(0);
+      double loss_sum = 0;
+      at::Tensor counts;
+      for (int micro = 0; micro < a.accum; ++micro) {
+        const bool last = micro + 1 == a.accum;
+        auto fsdp_guard = fsdp && !last ? fsdp->no_sync() : rhine::dist::FSDP::NoSync{};
+        auto ddp_guard = sync && !last ? sync->no_sync() : rhine::dist::NoSyncGuard{};
+        at::Tensor chunk = data.slice(0, micro * mb, (micro + 1) * mb);
+        rhine::nn::ForwardOptions fo;
+        fo.labels = chunk.slice(1, 1, T + 1).contiguous();
+        rhine::nn::ForwardOutput out;
+        {
+          rhine::AutocastGuard cast(at::kCPU, at::kBFloat16, a.autocast);
+          out = lm->forward(chunk.slice(1, 0, T).contiguous(), fo);
+        }
+        at::Tensor loss = out.loss / static_cast<double>(a.accum);
+        loss.backward();
+        loss_sum += loss.item<double>();
+        if (out.expert_counts.defined()) counts = counts.defined() ? counts + out.expert_counts : out.expert_counts;
+      }
+      double norm = 0;
+      if (fsdp) {
+        fsdp->finish();
+        norm = a.clip > 0 ? fsdp->clip_grad_norm(a.clip) : fsdp->grad_norm();
+      } else {
+        if (sync) sync->finish();
+        norm = a.clip > 0 ? rhine::clip_grad_norm(stepped_tensors, a.clip) : rhine::grad_norm(stepped_tensors);
+      }
+      report["losses"].push_back(world.host_sum({loss_sum})[0] / n);
+      report["norms"].push_back(norm);
+      opt.step();
+      opt.zero_grad();
+      if (counts.defined()) {
+        at::Tensor global = counts.to(at::kDouble).contiguous();
+        world.host_all_reduce_(global);
+        lm->update_router_bias(global.to(at::kLong), 1e-3);
+      }
+    }
+    if (fsdp) {
+      const auto m = fsdp->memory();
+      report["memory"] = {{"model_elements", m.model_elements},
+                          {"shard_elements", m.shard_elements},
+                          {"buffer_elements", m.buffer_elements},
+                          {"gathered_elements", m.gathered_elements},
+                          {"peak_gathered_elements", m.peak_gathered_elements},
+                          {"peak_full_grad_elements", m.peak_full_grad_elements},
+                          {"largest_unit_elements", m.largest_unit_elements}};
+    }
+    // Every parameter whole, in the model's order (gathered under FSDP: collective).
+    std::vector<at::Tensor> whole;
+    for (const auto& p : model_params)
+      whole.push_back(fsdp ? fsdp->full_parameter(p.name) : p.tensor.detach());
+    if (rank == 0) {
+      std::ofstream f(a.out + ".params", std::ios::binary);
+      for (const auto& t : whole) {
+        at::Tensor d = t.to(at::kDouble).contiguous();
+        f.write(static_cast<const char*>(d.data_ptr()), static_cast<std::streamsize>(d.numel() * 8));
+      }
+    }
+    std::ofstream(prefix + ".json") << report.dump() << "\n";
+    world.barrier();
+    return 0;
+  } catch (const rhine::Error& e) {
+    std::ofstream(prefix + ".err") << e.what() << "\n";
+    std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+    std::fflush(stderr);
+    std::_Exit(3);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fsdp_worker: %s\n", e.what());
+    return 2;
+  }
+}

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "rhine/core/error.h"
+#include "rhine/optim/optimizer.h"
 
 namespace rhine::dist {
 
@@ -481,6 +482,71 @@ std::vector<std::string> FSDP::unit_names() const {
   std::vector<std::string> names;
   for (const auto& u : state_->units) names.push_back(u.name);
   return names;
+}
+
+std::vector<io::RowPiece> FSDP::state_pieces(const Optimizer* optimizer) const {
+  const State& s = *state_;
+  std::vector<io::RowPiece> pieces;
+  for (const auto& p : s.params)
+    if (p.own_rows > 0) pieces.push_back({p.name, p.shard.detach(), p.shape, s.rank * p.rpr});
+  if (optimizer != nullptr) {
+    for (const auto& [key, t] : optimizer->state_dict().tensors) {
+      const auto it = s.by_name.find(key.substr(0, key.rfind('/')));
+      RHINE_CHECK(it != s.by_name.end(), kComponent, "optimizer state for a parameter FSDP does not shard", key,
+                  "build the optimizer over FSDP::parameters()");
+      const auto& p = s.params[it->second];
+      RHINE_CHECK(t.sizes() == p.shard.sizes(), kComponent, "optimizer slot not of its shard's shape", key,
+                  "only elementwise optimizer state can be resharded");
+      pieces.push_back({"optim/" + key, t, p.shape, s.rank * p.rpr});
+    }
+  }
+  return pieces;
+}
+
+void FSDP::save(const std::string& dir, const Optimizer* optimizer, const Json& meta) {
+  State& s = *state_;
+  const Json desc = io::write_row_shard(dir, s.rank, s.n, state_pieces(optimizer));
+  const Json mine = {{"desc", desc}, {"optimizer", optimizer ? optimizer->state_dict().meta : Json()}};
+  std::vector<Json> descs, metas;
+  for (const auto& text : s.world->host_all_gather_bytes(mine.dump())) {
+    Json j = Json::parse(text);
+    descs.push_back(j["desc"]);
+    if (!j["optimizer"].is_null()) metas.push_back(j["optimizer"]);
+  }
+  if (s.rank == 0) {
+    Json m = meta.is_object() ? meta : Json::object();
+    if (!metas.empty()) m["optimizer"] = merge_state_meta(metas);
+    io::write_row_index(dir, descs, m);
+  }
+  s.world->barrier();  // every file durable before anyone commits or reads
+}
+
+void FSDP::load_parameters(const io::RowReader& reader) {
+  State& s = *state_;
+  at::NoGradGuard no_grad;
+  for (auto& p : s.params) {
+    RHINE_CHECK(reader.contains(p.name), kComponent, "the checkpoint has no tensor", p.name,
+                "resume with the model config of the run that wrote it");
+    RHINE_CHECK(reader.shape(p.name) == p.shape, kComponent, "the checkpoint's shape differs for " + p.name,
+                c10::str(c10::IntArrayRef(reader.shape(p.name))), "expected " + c10::str(c10::IntArrayRef(p.shape)));
+    if (p.own_rows == 0) continue;
+    const std::int64_t begin = s.rank * p.rpr;
+    p.shard.copy_(reader.rows(p.name, begin, begin + p.own_rows).reshape(p.shard.sizes()));
+  }
+}
+
+void FSDP::load_optimizer(const io::RowReader& reader, const Json& meta, Optimizer& optimizer,
+                          const std::string& prefix) const {
+  const State& s = *state_;
+  std::vector<std::string> keys;
+  for (const auto& name : reader.names())
+    if (name.rfind(prefix, 0) == 0) keys.push_back(name.substr(prefix.size()));
+  auto slot = [&](const std::string& key) {
+    const auto& p = s.params[s.by_name.at(key.substr(0, key.rfind('/')))];
+    const std::int64_t begin = s.rank * p.rpr;
+    return reader.rows(prefix + key, begin, begin + p.own_rows).reshape(p.shard.sizes()).to(p.shard.device());
+  };
+  optimizer.load_state_dict(reshard_state(optimizer, meta, keys, slot));
 }
 
 FSDPMemory FSDP::memory() const { return state_->mem; }

@@ -138,6 +138,20 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
   tie_mtp_weights();
 }
 
+std::vector<std::pair<std::string, at::Tensor>> CausalLMImpl::state_buffers() {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& b : named_buffers()) {
+    const std::string& name = b.key();
+    auto ends_with = [&](const std::string& s) {
+      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+    };
+    const bool alias = name.rfind("model.layers.", 0) == 0 &&
+                       (ends_with(".embed_tokens.weight") || ends_with(".shared_head.head.weight"));
+    if (!alias) out.emplace_back(name, b.value());
+  }
+  return out;
+}
+
 void CausalLMImpl::tie_mtp_weights() {
   for (auto& m : model->mtp) {
     m->embed_tokens->tie(model->embed_tokens->weight);

@@ -186,4 +186,48 @@ void Optimizer::load_state_dict(const OptimizerState& s) {
   lr_scale_ = m.at("lr_scale").get<double>();
 }
 
+Json merge_state_meta(const std::vector<Json>& metas) {
+  RHINE_CHECK(!metas.empty(), "optim", "no optimizer state to merge", 0, "pass every rank's meta");
+  Json out = metas.front();
+  for (std::size_t r = 1; r < metas.size(); ++r) {
+    RHINE_CHECK(metas[r].value("type", "") == out.value("type", ""), "optim",
+                "the parts of a sharded optimizer state come from different optimizers", metas[r].value("type", ""),
+                "expected " + out.value("type", ""));
+    for (const auto& [name, step] : metas[r].at("param_steps").items()) out["param_steps"][name] = step;
+  }
+  return out;
+}
+
+OptimizerState reshard_state(const Optimizer& optimizer, const Json& merged_meta,
+                             const std::vector<std::string>& saved_keys,
+                             const std::function<at::Tensor(const std::string& key)>& slot) {
+  OptimizerState s = optimizer.state_dict();  // this optimizer's own groups and names
+  Json& m = s.meta;
+  const std::string c = optimizer.type();
+  RHINE_CHECK(merged_meta.value("type", "") == c, c, "the saved optimizer state is for another optimizer",
+              merged_meta.value("type", ""), "resume with the optimizer of the saved run");
+  std::map<std::string, Json> saved_options;
+  for (const auto& g : merged_meta.at("groups")) saved_options[g.at("name").get<std::string>()] = g.at("options");
+  std::set<std::string> mine;
+  for (auto& g : m["groups"]) {
+    auto it = saved_options.find(g.at("name").get<std::string>());
+    RHINE_CHECK(it != saved_options.end(), c, "the saved state has no param group named", g.at("name").dump(),
+                "build the optimizer with the groups of the saved run");
+    g["options"] = it->second;
+    for (const auto& n : g.at("params")) mine.insert(n.get<std::string>());
+  }
+  m["param_steps"] = Json::object();
+  for (const auto& [name, step] : merged_meta.at("param_steps").items())
+    if (mine.count(name)) m["param_steps"][name] = step;
+  m["n_steps"] = merged_meta.at("n_steps");
+  m["lr_scale"] = merged_meta.at("lr_scale");
+  s.tensors.clear();
+  for (const auto& key : saved_keys) {
+    const auto slash = key.rfind('/');
+    if (slash == std::string::npos || !mine.count(key.substr(0, slash))) continue;
+    s.tensors[key] = slot(key);
+  }
+  return s;
+}
+
 }  // namespace rhine

@@ -8,6 +8,9 @@
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps
+//               [--save-at K --ckpt-dir D]  after K steps, save a row-sharded
+//                                          checkpoint (parameters, optimizer, buffers)
+//               [--resume DIR]             start from such a checkpoint (any layout wrote it)
 //
 //   dense: Llama-style, GQA, tied embeddings, 3 layers.
 //   moe:   DeepSeek-V3-style: MLA, a dense first layer then MoE layers (sigmoid
@@ -21,7 +24,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +36,8 @@
 #include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/world.h"
+#include "rhine/io/row_shards.h"
+#include "rhine/io/safetensors.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/adamw.h"
 #include "rhine/optim/clip.h"
@@ -46,6 +53,8 @@ struct Args {
   double clip = 0.0;
   long timeout_ms = 20000;
   int die_rank = -1, die_after = 0;
+  int save_at = -1;
+  std::string ckpt_dir, resume;
 };
 
 Args parse(int argc, char** argv) {
@@ -73,6 +82,9 @@ Args parse(int argc, char** argv) {
     else if (k == "--timeout-ms") a.timeout_ms = std::stol(next());
     else if (k == "--die-rank") a.die_rank = std::stoi(next());
     else if (k == "--die-after") a.die_after = std::stoi(next());
+    else if (k == "--save-at") a.save_at = std::stoi(next());
+    else if (k == "--ckpt-dir") a.ckpt_dir = next();
+    else if (k == "--resume") a.resume = next();
     else RHINE_FAIL("fsdp_worker", "unknown argument", k, "");
   }
   RHINE_CHECK(!a.out.empty(), "fsdp_worker", "--out is required", "", "");
@@ -138,6 +150,58 @@ int64_t token(int64_t i, int64_t t, int64_t vocab) {
   return static_cast<int64_t>(x % static_cast<uint64_t>(vocab));
 }
 
+/// Saves a row-sharded checkpoint of `step`: FSDP through FSDP::save, one
+/// process as a one-rank row shard of whole tensors; the buffers (router
+/// biases, replicated) as rank 0's whole pieces.
+void save(rhine::dist::World& world, rhine::nn::CausalLM& lm, rhine::dist::FSDP* fsdp, const rhine::Optimizer& opt,
+          const rhine::NamedParameters& params, const std::string& dir, int step) {
+  std::filesystem::create_directories(dir);
+  const rhine::Json meta = {{"step", step}};
+  std::vector<rhine::io::RowPiece> buffers;
+  if (world.rank() == 0)
+    for (const auto& [name, b] : lm->state_buffers()) buffers.push_back({name, b.detach(), b.sizes().vec(), 0});
+  if (fsdp) {
+    if (world.rank() == 0) {
+      std::map<std::string, at::Tensor> named;
+      for (const auto& b : buffers) named[b.name] = b.rows;
+      rhine::save_safetensors(dir + "/buffers.safetensors", named);
+    }
+    fsdp->save(dir, &opt, meta);
+    return;
+  }
+  auto pieces = buffers;
+  for (const auto& p : params) pieces.push_back({p.name, p.tensor.detach(), p.tensor.sizes().vec(), 0});
+  const auto state = opt.state_dict();
+  for (const auto& [key, t] : state.tensors) pieces.push_back({"optim/" + key, t, t.sizes().vec(), 0});
+  const auto desc = rhine::io::write_row_shard(dir, 0, 1, pieces);
+  rhine::Json m = meta;
+  m["optimizer"] = state.meta;
+  rhine::io::write_row_index(dir, {desc}, m);
+}
+
+/// Loads what save() wrote (with any layout); returns its step.
+int resume(rhine::nn::CausalLM& lm, rhine::dist::FSDP* fsdp, rhine::Optimizer& opt, const rhine::NamedParameters& params,
+           const std::string& dir) {
+  const auto reader = rhine::io::RowReader::open(dir);
+  at::NoGradGuard no_grad;
+  const auto& meta = reader.meta();
+  const bool own_file = std::filesystem::exists(dir + "/buffers.safetensors");
+  const auto buffers = own_file ? rhine::io::RowReader::open(dir + "/buffers.safetensors") : reader;
+  for (auto& [name, b] : lm->state_buffers()) b.copy_(buffers.whole(name));
+  if (fsdp) {
+    fsdp->load_parameters(reader);
+    fsdp->load_optimizer(reader, meta.at("optimizer"), opt);
+  } else {
+    for (const auto& p : params) p.tensor.copy_(reader.whole(p.name));
+    std::vector<std::string> keys;
+    for (const auto& n : reader.names())
+      if (n.rfind("optim/", 0) == 0) keys.push_back(n.substr(6));
+    opt.load_state_dict(rhine::reshard_state(opt, meta.at("optimizer"), keys,
+                                             [&](const std::string& key) { return reader.whole("optim/" + key); }));
+  }
+  return meta.at("step").get<int>();
+}
+
 int run(const Args& a) {
   rhine::set_threads(1);
   rhine::dist::DistOptions dopt;
@@ -199,7 +263,9 @@ int run(const Args& a) {
     report["norms"] = rhine::Json::array();
     if (fsdp) fsdp->reset_peak();
     const int64_t mb = b / a.accum;
-    for (int step = 0; step < a.steps; ++step) {
+    const int first = a.resume.empty() ? 0 : resume(lm, fsdp.get(), opt, model_params, a.resume);
+    for (int step = first; step < a.steps; ++step) {
+      if (step == a.save_at) save(world, lm, fsdp.get(), opt, model_params, a.ckpt_dir, step);
       if (rank == a.die_rank && step == a.die_after) std::_Exit(0);
       double loss_sum = 0;
       at::Tensor counts;
@@ -238,6 +304,7 @@ int run(const Args& a) {
         lm->update_router_bias(global.to(at::kLong), 1e-3);
       }
     }
+    if (a.save_at == a.steps) save(world, lm, fsdp.get(), opt, model_params, a.ckpt_dir, a.steps);
     if (fsdp) {
       const auto m = fsdp->memory();
       report["memory"] = {{"model_elements", m.model_elements},

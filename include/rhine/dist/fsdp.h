@@ -79,7 +79,9 @@
 #include <string>
 #include <vector>
 
+#include "rhine/core/json.h"
 #include "rhine/dist/world.h"
+#include "rhine/io/row_shards.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/optimizer.h"
 
@@ -176,6 +178,26 @@ class FSDP {
   std::vector<std::string> parameter_names() const;
   /// Unit names in order: "root", then "model.layers.{i}".
   std::vector<std::string> unit_names() const;
+
+  // --- sharded checkpoints (rhine/io/row_shards.h) ----------------------------
+  /// This rank's rows of every parameter (frozen ones too) under the model's
+  /// names, and of `optimizer`'s state as "optim/<param>/<slot>" (nullptr: none).
+  std::vector<io::RowPiece> state_pieces(const Optimizer* optimizer) const;
+  /// Collective: every rank writes its pieces into `dir` (one directory all
+  /// ranks see), and rank 0 writes shards.json whose meta is `meta` plus
+  /// "optimizer": the optimizer metas merged over ranks. Nothing is gathered
+  /// but descriptors.
+  void save(const std::string& dir, const Optimizer* optimizer, const Json& meta = Json::object());
+  /// Copies this rank's rows of every parameter from `reader` into the shards:
+  /// row shards saved with any number of ranks, or a plain model (a model
+  /// directory, model.safetensors of a Trainer checkpoint). Throws rhine::Error
+  /// naming a missing tensor or a shape that differs.
+  void load_parameters(const io::RowReader& reader);
+  /// Restores `optimizer` (built over parameters()) from a state saved with
+  /// any partition: `meta` the merged optimizer meta, slots read from `reader`
+  /// as `prefix` + "<param>/<slot>" (save() uses prefix "optim/").
+  void load_optimizer(const io::RowReader& reader, const Json& meta, Optimizer& optimizer,
+                      const std::string& prefix = "optim/") const;
 
   FSDPMemory memory() const;
   void reset_peak();

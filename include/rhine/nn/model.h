@@ -215,6 +215,9 @@ class CausalLMImpl : public torch::nn::Module {
   /// (summed over micro-batches and ranks); gamma 1e-3 in V3. No-op for
   /// layers without the bias (topk_method other than noaux_tc).
   void update_router_bias(const at::Tensor& counts, double gamma);
+  /// Buffers that hold state of their own (e_score_correction_bias), by name:
+  /// named_buffers() without the MTP modules' aliases of the embedding and head.
+  std::vector<std::pair<std::string, at::Tensor>> state_buffers();
   /// Points the MTP modules' `embed_tokens.weight` and `shared_head.head.weight`
   /// buffers at the storage of model.embed_tokens.weight and the output
   /// weight again (done by the constructor and by `to`; call it after

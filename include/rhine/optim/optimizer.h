@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -187,6 +188,21 @@ class GroupedOptimizer : public Optimizer {
 
   std::vector<Group> groups_;
 };
+
+/// Resharding (a run resumed with another partition of its parameters: ZeRO-1
+/// owners, FSDP ranks). The metas of optimizers that stepped disjoint parts of
+/// one model, merged: param_steps united; type, format, n_steps, lr_scale and
+/// groups (with their options) from the first.
+Json merge_state_meta(const std::vector<Json>& metas);
+
+/// The state `optimizer` loads from a saved (merged) state: its own groups
+/// with the options of the saved group of the same name, the saved step of
+/// each of its parameters, and `slot(key)` for every key "<param>/<slot>" of
+/// `saved_keys` that belongs to one of its parameters (slot returns the
+/// tensor in the shape of this optimizer's parameter: its rows of the saved one).
+OptimizerState reshard_state(const Optimizer& optimizer, const Json& merged_meta,
+                             const std::vector<std::string>& saved_keys,
+                             const std::function<at::Tensor(const std::string& key)>& slot);
 
 namespace detail {
 /// Checks groups: non-empty, unique parameter names, defined floating tensors.

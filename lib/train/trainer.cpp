@@ -16,15 +16,18 @@
 #include <cstdio>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <sstream>
 
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/lora.h"
+#include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/optim/clip.h"
 #include "rhine/torch/compat.h"
@@ -195,6 +198,19 @@ void Trainer::set_data_parallel(dist::World* world, dist::GradientSync* sync) {
   sync_ = sync;
 }
 
+void Trainer::set_fsdp(dist::World* world, dist::FSDP* fsdp) {
+  RHINE_CHECK(world != nullptr && fsdp != nullptr, kComponent, "set_fsdp needs both world and fsdp",
+              world == nullptr ? "world null" : "fsdp null", "");
+  RHINE_CHECK(sharded_ == nullptr && sync_ == nullptr, kComponent,
+              "FSDP shards gradients and optimizer state itself", "ZeRO-1 or GradientSync set",
+              "build the Trainer with a plain optimizer over fsdp.parameters() and no GradientSync");
+  RHINE_CHECK(!has_lora_, kComponent, "LoRA under FSDP is not supported yet", "adapters found",
+              "train LoRA with data parallel");
+  dist::FSDP::check_optimizer(*optimizer_);
+  world_ = world;
+  fsdp_ = fsdp;
+}
+
 bool Trainer::is_main() const { return world_ == nullptr || world_->is_main(); }
 int Trainer::world_size() const { return world_ == nullptr ? 1 : world_->world_size(); }
 
@@ -268,6 +284,7 @@ OptimizerState Trainer::gather_optimizer_state() {
 fs::path Trainer::save_checkpoint() {
   RHINE_CHECK(files_->ckpt != nullptr, kComponent, "cannot checkpoint without a run directory", o_.out_dir,
               "set TrainerOptions::out_dir");
+  if (fsdp_ != nullptr) return save_sharded_checkpoint();
   const auto final_path = fs::path(files_->ckpt->options().dir) / io::CheckpointManager::dir_name(step_);
   auto opt = gather_optimizer_state();  // collective under ZeRO-1
   if (!is_main()) {  // rank 0 writes; the others wait until it is durable
@@ -299,6 +316,98 @@ fs::path Trainer::save_checkpoint() {
   return path;
 }
 
+fs::path Trainer::save_sharded_checkpoint() {
+  // Rank 0 opens the temporary directory; every rank writes its rows into it;
+  // rank 0 adds the rest and commits (a killed save leaves no step-N).
+  std::optional<io::CheckpointWriter> w;
+  if (is_main()) w.emplace(files_->ckpt->begin(step_));
+  const std::string dir = world_->host_all_gather_bytes(w ? w->dir().string() : std::string())[0];
+  fsdp_->save(dir, optimizer_, {{"step", step_}});
+  if (!is_main()) {
+    barrier();
+    files_->last_checkpoint_step = step_;
+    return fs::path(files_->ckpt->options().dir) / io::CheckpointManager::dir_name(step_);
+  }
+  model_->config().save(w->path("config.json"));
+  std::map<std::string, at::Tensor> extra;
+  for (const auto& [name, b] : model_->state_buffers()) extra[name] = b.detach();
+  extra["rng/cpu"] = cpu_rng_state();
+  save_safetensors(w->path("buffers.safetensors"), extra);
+  Json langs = Json::object();
+  for (const auto& [l, n] : tokens_per_language_) langs[l] = n;
+  Json state = {{"step", step_},
+                {"optimizer", "shards.json"},
+                {"layout", {{"kind", "fsdp"}, {"world_size", world_size()}, {"zero_stage", fsdp_->options().zero_stage}}},
+                {"loader", loader_.state()},
+                {"skip_guard", guard_.state()},
+                {"elapsed_seconds", elapsed_before_},
+                {"tokens_per_language", langs},
+                {"max_steps", o_.max_steps},
+                {"grad_accum", o_.grad_accum}};
+  write_json_file(w->path("trainer.json"), state);
+  if (callbacks_.save_extra) callbacks_.save_extra(*w);
+  const auto path = w->commit();
+  barrier();
+  files_->last_checkpoint_step = step_;
+  if (callbacks_.on_checkpoint) callbacks_.on_checkpoint(path);
+  return path;
+}
+
+void Trainer::load_sharded_checkpoint(const fs::path& dir) {
+  const bool sharded = fs::exists(dir / "shards.json");
+  const auto state = read_json_file((dir / "trainer.json").string(), kComponent);
+  const auto params = io::RowReader::open(sharded ? dir.string() : (dir / "model.safetensors").string());
+  // Buffers (router biases) and the RNG: buffers.safetensors of a sharded
+  // checkpoint, model.safetensors / optimizer.safetensors of a plain one.
+  const auto buffers = io::RowReader::open((dir / (sharded ? "buffers.safetensors" : "model.safetensors")).string());
+  const auto rng_file = io::RowReader::open((dir / (sharded ? "buffers.safetensors" : "optimizer.safetensors")).string());
+  RHINE_CHECK(rng_file.contains("rng/cpu"), kComponent, "the checkpoint holds no rng/cpu", dir.string(),
+              "the checkpoint was not written by rhine::train::Trainer");
+  set_cpu_rng_state(rng_file.whole("rng/cpu"));
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, b] : model_->state_buffers()) b.copy_(buffers.whole(name));
+  }
+  // Optimizer: the merged meta and "<prefix><param>/<slot>" rows.
+  Json meta;
+  std::string prefix;
+  std::optional<io::RowReader> slots;
+  if (sharded) {
+    meta = params.meta().at("optimizer");
+    prefix = "optim/";
+  } else {
+    meta = state.at("optimizer");
+    if (meta.contains("zero1_shards")) meta = merge_state_meta(meta["zero1_shards"].get<std::vector<Json>>());
+    slots.emplace(io::RowReader::open((dir / "optimizer.safetensors").string()));
+  }
+  const io::RowReader& slot_reader = slots ? *slots : params;
+  if (fsdp_ != nullptr) {
+    fsdp_->load_parameters(params);
+    fsdp_->load_optimizer(slot_reader, meta, *optimizer_, prefix);
+  } else {  // a sharded checkpoint into an unsharded run: whole tensors
+    at::NoGradGuard no_grad;
+    for (const auto& p : model_->named_parameters()) p.value().copy_(params.whole(p.key()));
+    Optimizer* opt = sharded_ != nullptr ? sharded_->local() : optimizer_;
+    std::vector<std::string> keys;
+    for (const auto& n : slot_reader.names())
+      if (n.rfind(prefix, 0) == 0) keys.push_back(n.substr(prefix.size()));
+    const auto device = model_->output_weight().device();
+    if (opt != nullptr)
+      opt->load_state_dict(reshard_state(*opt, meta, keys, [&](const std::string& key) {
+        return slot_reader.whole(prefix + key).to(device);
+      }));
+  }
+  loader_.load_state(state.at("loader").get<std::string>());
+  guard_.load_state(state.at("skip_guard"));
+  step_ = state.at("step").get<std::int64_t>();
+  elapsed_before_ = state.at("elapsed_seconds").get<double>();
+  tokens_per_language_.clear();
+  for (const auto& [l, n] : state.at("tokens_per_language").items()) tokens_per_language_[l] = n.get<std::int64_t>();
+  consecutive_skips_ = 0;
+  files_->last_checkpoint_step = step_;
+  if (callbacks_.load_extra) callbacks_.load_extra(dir);
+}
+
 void Trainer::load_checkpoint(const fs::path& dir) {
   const auto why = io::CheckpointManager::check(dir, false);
   RHINE_CHECK(why.empty(), kComponent, "not a complete checkpoint", dir.string(), why);
@@ -306,6 +415,7 @@ void Trainer::load_checkpoint(const fs::path& dir) {
   RHINE_CHECK(nn::ModelConfig::from_json(saved_config).to_json() == model_->config().to_json(), kComponent,
               "the checkpoint was written for another model config", dir.string(),
               "resume with the config of that run, or start in a new out_dir");
+  if (fsdp_ != nullptr || fs::exists(dir / "shards.json")) return load_sharded_checkpoint(dir);
   load_model_state(model_, load_safetensors((dir / "model.safetensors").string()));
   const auto state = read_json_file((dir / "trainer.json").string(), kComponent);
   OptimizerState opt;
@@ -382,6 +492,7 @@ StepMetrics Trainer::train_step() {
     auto& b = micro[i];
     // Accumulation micro-steps communicate nothing; the last one launches the buckets.
     auto no_sync = sync_ != nullptr && i + 1 < micro.size() ? sync_->no_sync() : dist::NoSyncGuard{};
+    auto fsdp_no_sync = fsdp_ != nullptr && i + 1 < micro.size() ? fsdp_->no_sync() : dist::FSDP::NoSync{};
     nn::ForwardOptions fo;
     fo.labels = b.labels.to(device);
     fo.position_ids = b.position_ids.to(device);
@@ -409,6 +520,7 @@ StepMetrics Trainer::train_step() {
       expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts.cpu() : out.expert_counts.cpu();
   }
   if (sync_ != nullptr) sync_->finish();
+  if (fsdp_ != nullptr) fsdp_->finish();
   sum_over_ranks(losses);
   m.loss = losses[0];
   m.ce_loss = losses[1];
@@ -421,8 +533,12 @@ StepMetrics Trainer::train_step() {
   }
   if (counted == 0) m.loss = m.ce_loss = std::nan("");
 
-  const auto params = trained_parameters();
-  m.grad_norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+  if (fsdp_ != nullptr) {  // the global norm over every rank's shards
+    m.grad_norm = o_.grad_clip > 0 ? fsdp_->clip_grad_norm(o_.grad_clip) : fsdp_->grad_norm();
+  } else {
+    const auto params = trained_parameters();
+    m.grad_norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+  }
   const auto decision = guard_.check(m.loss, m.grad_norm);
   m.lr = schedule_(step_);
   if (decision.accept) {

@@ -149,12 +149,13 @@ TEST_CASE("trainer: two data-parallel ranks (Gloo) equal one process with the wh
 
 namespace {
 // Runs the worker as two Gloo ranks (extra environment for both); true when both exit 0.
-bool run_two_ranks(const std::vector<std::string>& args, std::map<std::string, std::string> env = {}) {
-  env["WORLD_SIZE"] = "2";
+bool run_ranks(int n, const std::vector<std::string>& args, std::map<std::string, std::string> env = {}) {
+  if (n == 1) return wait_worker(start_worker(args, env)) == 0;
+  env["WORLD_SIZE"] = std::to_string(n);
   env["MASTER_ADDR"] = "127.0.0.1";
   env["MASTER_PORT"] = std::to_string(rhine::test::free_port());
   std::vector<pid_t> ranks;
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < n; ++r) {
     env["RANK"] = std::to_string(r);
     ranks.push_back(start_worker(args, env));
   }
@@ -162,7 +163,66 @@ bool run_two_ranks(const std::vector<std::string>& args, std::map<std::string, s
   for (auto pid : ranks) ok = wait_worker(pid) == 0 && ok;
   return ok;
 }
+bool run_two_ranks(const std::vector<std::string>& args, std::map<std::string, std::string> env = {}) {
+  return run_ranks(2, args, std::move(env));
+}
+
+/// Relative difference of two final.safetensors files, over all tensors.
+double final_diff(const fs::path& a, const fs::path& b) {
+  const auto pa = rhine::load_safetensors(a.string()), pb = rhine::load_safetensors(b.string());
+  REQUIRE(pa.size() == pb.size());
+  double num = 0, den = 0;
+  for (const auto& [name, t] : pa) {
+    INFO(name);
+    REQUIRE(pb.count(name));
+    num += (t.to(at::kDouble) - pb.at(name).to(at::kDouble)).pow(2).sum().item<double>();
+    den += t.to(at::kDouble).pow(2).sum().item<double>();
+  }
+  return std::sqrt(num / den);
+}
 }  // namespace
+
+TEST_CASE("trainer: FSDP checkpoints reshard (4 ranks -> 2 -> 1 process; data parallel -> FSDP)",
+          "[trainer][slow]") {
+  // Reference: plain data parallel on 2 ranks to step 6, then on to step 8.
+  // Every other run resumes across a change of layout and must follow it
+  // (tolerance: float summation order of 1, 2 or 4 rows per rank).
+  rhine::test::TempDir tmp("trainer-fsdp");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  const auto shards = (tmp.path / "shards").string();
+  const auto plain = tmp.path / "plain", fsdp = tmp.path / "fsdp", dp2fsdp = tmp.path / "dp2fsdp";
+  REQUIRE(run_ranks(2, {shards, plain.string(), "6"}));
+  fs::copy(plain / "final.safetensors", tmp.path / "plain6.safetensors");
+  fs::copy(plain, dp2fsdp, fs::copy_options::recursive);
+  REQUIRE(run_ranks(2, {shards, plain.string(), "8"}));
+  const auto ref = losses(plain / "metrics.jsonl");
+  REQUIRE(ref.size() == 8);
+  auto expect_losses = [&](const fs::path& run, std::int64_t first, std::int64_t last) {
+    const auto l = losses(run / "metrics.jsonl");
+    for (std::int64_t step = first; step <= last; ++step) {
+      INFO(run.filename().string() << " step " << step);
+      REQUIRE(l.count(step));
+      CHECK(l.at(step) == Approx(ref.at(step)).epsilon(1e-5));
+    }
+  };
+  // FSDP on 4 ranks to step 3, resumed by FSDP on 2 ranks to step 6.
+  REQUIRE(run_ranks(4, {shards, fsdp.string(), "3"}, {{"RHINE_TEST_FSDP", "3"}}));
+  const auto ck3 = fsdp / "checkpoints" / rhine::io::CheckpointManager::dir_name(3);
+  CHECK(fs::exists(ck3 / "shards.json"));
+  CHECK(fs::exists(ck3 / "shard-00003-of-00004.safetensors"));
+  CHECK_FALSE(fs::exists(ck3 / "model.safetensors"));  // nothing gathered on one rank
+  REQUIRE(run_ranks(2, {shards, fsdp.string(), "6"}, {{"RHINE_TEST_FSDP", "3"}}));
+  expect_losses(fsdp, 1, 6);
+  CHECK(final_diff(fsdp / "final.safetensors", tmp.path / "plain6.safetensors") < 1e-5);
+  // ... and by one process without sharding to step 8.
+  REQUIRE(run_ranks(1, {shards, fsdp.string(), "8"}));
+  expect_losses(fsdp, 7, 8);
+  CHECK(final_diff(fsdp / "final.safetensors", plain / "final.safetensors") < 1e-5);
+  // A data-parallel checkpoint (step 6) resumed by ZeRO-2 FSDP on 4 ranks.
+  REQUIRE(run_ranks(4, {shards, dp2fsdp.string(), "8"}, {{"RHINE_TEST_FSDP", "2"}}));
+  expect_losses(dp2fsdp, 7, 8);
+  CHECK(final_diff(dp2fsdp / "final.safetensors", plain / "final.safetensors") < 1e-5);
+}
 
 TEST_CASE("trainer: ZeRO-1 (sharded optimizer state) equals plain data parallel, across a stop and resume",
           "[trainer][slow]") {

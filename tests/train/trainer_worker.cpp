@@ -7,13 +7,16 @@
 // checkpoint (checkpoint_every = 1), like a crash between steps. With the
 // torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) it trains
 // data-parallel over Gloo (RHINE_TEST_ZERO1=1: with the optimizer state
-// sharded, ZeRO-1). At the end rank 0 writes OUT_DIR/final.safetensors.
+// sharded, ZeRO-1; RHINE_TEST_FSDP=3 or 2: fully sharded, FSDP ZeRO-3 or
+// ZeRO-2). At the end rank 0 writes OUT_DIR/final.safetensors (under FSDP
+// every parameter is gathered first).
 #include <signal.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
@@ -38,7 +41,8 @@ int main(int argc, char** argv) try {
   rhine::NamedParameters params;
   for (const auto& p : run.model->named_parameters()) params.push_back({p.key(), p.value()});
   rhine::dist::broadcast_parameters(world, run.model->parameters());
-  rhine::dist::GradientSync sync(world, params);
+  std::unique_ptr<rhine::dist::GradientSync> sync;  // data parallel (not under FSDP: it shards gradients itself)
+  if (std::getenv("RHINE_TEST_FSDP") == nullptr) sync = std::make_unique<rhine::dist::GradientSync>(world, params);
 
   rhine::train::TrainerOptions o;
   o.max_steps = std::atoll(argv[3]);
@@ -50,8 +54,17 @@ int main(int argc, char** argv) try {
   o.bf16 = false;
   // RHINE_TEST_ZERO1=1: the optimizer state sharded over the ranks (same AdamW options).
   std::unique_ptr<rhine::dist::ShardedOptimizer> zero1;
+  std::unique_ptr<rhine::dist::FSDP> fsdp;
+  std::unique_ptr<rhine::AdamW> fsdp_adamw;
   std::unique_ptr<rhine::train::Trainer> trainer;
-  if (std::getenv("RHINE_TEST_ZERO1") != nullptr) {
+  if (const char* stage = std::getenv("RHINE_TEST_FSDP")) {
+    rhine::dist::FSDPOptions fo;
+    fo.zero_stage = std::atoi(stage);
+    fsdp = std::make_unique<rhine::dist::FSDP>(world, run.model, fo);
+    fsdp_adamw = std::make_unique<rhine::AdamW>(fsdp->parameters(), rhine::test::tiny_adamw_options());
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *fsdp_adamw, run.schedule, *run.loader, o);
+    trainer->set_fsdp(&world, fsdp.get());
+  } else if (std::getenv("RHINE_TEST_ZERO1") != nullptr) {
     zero1 = std::make_unique<rhine::dist::ShardedOptimizer>(world, params, [](const rhine::NamedParameters& shard) {
       return std::make_unique<rhine::AdamW>(shard, rhine::test::tiny_adamw_options());
     });
@@ -59,7 +72,7 @@ int main(int argc, char** argv) try {
   } else {
     trainer = std::make_unique<rhine::train::Trainer>(run.model, *run.optimizer, run.schedule, *run.loader, o);
   }
-  if (world.world_size() > 1) trainer->set_data_parallel(&world, &sync);
+  if (world.world_size() > 1 && !fsdp) trainer->set_data_parallel(&world, sync.get());
   if (argc > 4) {
     const long long kill_after = std::atoll(argv[4]);
     trainer->callbacks().on_checkpoint = [&](const std::filesystem::path&) {
@@ -67,8 +80,12 @@ int main(int argc, char** argv) try {
     };
   }
   trainer->fit();
-  if (world.is_main())
-    rhine::save_safetensors(std::string(argv[2]) + "/final.safetensors", rhine::train::model_state(run.model));
+  auto final_state = fsdp ? std::map<std::string, at::Tensor>{} : rhine::train::model_state(run.model);
+  if (fsdp) {
+    for (const auto& name : fsdp->parameter_names()) final_state[name] = fsdp->full_parameter(name);
+    for (const auto& [name, b] : run.model->state_buffers()) final_state[name] = b;
+  }
+  if (world.is_main()) rhine::save_safetensors(std::string(argv[2]) + "/final.safetensors", final_state);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "%s\n", e.what());

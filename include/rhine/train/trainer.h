@@ -60,6 +60,7 @@ namespace rhine::dist {
 class World;
 class GradientSync;
 class ShardedOptimizer;
+class FSDP;
 }
 
 namespace rhine::train {
@@ -204,6 +205,16 @@ class Trainer {
   /// at a barrier); every rank resumes from the same checkpoint directory
   /// (a shared filesystem).
   void set_data_parallel(dist::World* world, dist::GradientSync* sync);
+  /// Fully sharded training (rhine/dist/fsdp.h): `fsdp` sharded the model
+  /// over `world` and the optimizer steps fsdp->parameters() (both not owned).
+  /// Gradients go through fsdp (no_sync, finish, clipping over shards), every
+  /// rank evaluates (forwards are collective), and checkpoints are sharded:
+  /// each rank writes its rows (parameters and optimizer state) into the
+  /// checkpoint directory, rank 0 the rest (config.json, buffers.safetensors
+  /// with the router biases and the RNG, trainer.json, shards.json). Resume
+  /// reads this rank's rows whatever layout wrote the checkpoint: FSDP with
+  /// any number of ranks, or a plain (one process, data parallel, ZeRO-1) one.
+  void set_fsdp(dist::World* world, dist::FSDP* fsdp);
   Callbacks& callbacks() { return callbacks_; }
 
   /// Resumes when possible, then trains up to max_steps.
@@ -211,7 +222,9 @@ class Trainer {
 
   /// Writes a checkpoint of the current state now (out_dir must be set).
   std::filesystem::path save_checkpoint();
-  /// Restores a checkpoint directory written by save_checkpoint().
+  /// Restores a checkpoint directory written by save_checkpoint(). A sharded
+  /// (FSDP) checkpoint also loads into an unsharded run, and a plain one into
+  /// an FSDP run, with any number of ranks (the loader state is global).
   void load_checkpoint(const std::filesystem::path& dir);
 
   /// Optimizer steps taken so far.
@@ -229,6 +242,8 @@ class Trainer {
   /// Collective under ZeRO-1: rank 0 gets every rank's state (tensors merged,
   /// meta {"zero1_shards": [...]}); the others get an empty state.
   OptimizerState gather_optimizer_state();
+  std::filesystem::path save_sharded_checkpoint();
+  void load_sharded_checkpoint(const std::filesystem::path& dir);
   bool is_main() const;
   int world_size() const;
   /// Sums `values` over ranks in place (no-op for one process).
@@ -248,6 +263,7 @@ class Trainer {
   const HeldoutSet* heldout_ = nullptr;
   dist::World* world_ = nullptr;
   dist::GradientSync* sync_ = nullptr;
+  dist::FSDP* fsdp_ = nullptr;
   SkipGuard guard_;
 
   bool has_lora_ = false;  // LoRA adapters (rhine/io/lora.h): refreshed before each forward

@@ -182,6 +182,25 @@ double final_diff(const fs::path& a, const fs::path& b) {
 }
 }  // namespace
 
+TEST_CASE("trainer: kill -9 during a sharded FSDP save leaves the previous checkpoint, and the resume follows the run",
+          "[trainer][slow]") {
+  rhine::test::TempDir tmp("trainer-fsdp-kill");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  const auto shards = (tmp.path / "shards").string();
+  const auto whole = tmp.path / "whole", killed = tmp.path / "killed";
+  REQUIRE(run_ranks(2, {shards, whole.string(), "5"}, {{"RHINE_TEST_FSDP", "3"}}));
+  // Rank 0 dies inside the save of step 3 (every shard file written, not committed).
+  CHECK_FALSE(run_ranks(2, {shards, killed.string(), "5"}, {{"RHINE_TEST_FSDP", "3"}, {"RHINE_TEST_KILL_IN_SAVE", "3"}}));
+  rhine::io::CheckpointManager m({(killed / "checkpoints").string()});
+  REQUIRE(m.latest().has_value());
+  CHECK(m.latest()->step == 2);
+  REQUIRE(run_ranks(2, {shards, killed.string(), "5"}, {{"RHINE_TEST_FSDP", "3"}}));
+  const auto a = losses(whole / "metrics.jsonl"), b = losses(killed / "metrics.jsonl");
+  REQUIRE(b.size() == 5);
+  for (const auto& [step, loss] : a) CHECK(b.at(step) == loss);  // same layout: bitwise
+  CHECK(final_diff(killed / "final.safetensors", whole / "final.safetensors") == 0.0);
+}
+
 TEST_CASE("trainer: FSDP checkpoints reshard (4 ranks -> 2 -> 1 process; data parallel -> FSDP)",
           "[trainer][slow]") {
   // Reference: plain data parallel on 2 ranks to step 6, then on to step 8.

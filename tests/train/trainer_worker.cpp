@@ -20,6 +20,7 @@
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
+#include "rhine/io/checkpoint.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/runtime.h"
 #include "trainer_fixture.h"
@@ -73,6 +74,14 @@ int main(int argc, char** argv) try {
     trainer = std::make_unique<rhine::train::Trainer>(run.model, *run.optimizer, run.schedule, *run.loader, o);
   }
   if (world.world_size() > 1 && !fsdp) trainer->set_data_parallel(&world, sync.get());
+  // RHINE_TEST_KILL_IN_SAVE=K: rank 0 SIGKILLs itself while writing checkpoint
+  // K, after every rank wrote its files and before the commit.
+  if (const char* k = std::getenv("RHINE_TEST_KILL_IN_SAVE"); k != nullptr && world.is_main()) {
+    const long long kill_at = std::atoll(k);
+    trainer->callbacks().save_extra = [&, kill_at](rhine::io::CheckpointWriter&) {
+      if (trainer->step() == kill_at) ::raise(SIGKILL);
+    };
+  }
   if (argc > 4) {
     const long long kill_after = std::atoll(argv[4]);
     trainer->callbacks().on_checkpoint = [&](const std::filesystem::path&) {

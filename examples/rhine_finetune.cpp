@@ -211,32 +211,41 @@ int main(int argc, char** argv) try {
   auto parts = rhine::examples::make_trainer(run, world, lm, params, *source, to);
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();
-  if (!main_rank) return r.interrupted ? 130 : 0;
+  // Under FSDP every rank takes part in the samples' forwards and in gathering
+  // the weights for the export; otherwise only rank 0 goes on.
+  if (!main_rank && (parts.fsdp == nullptr || r.interrupted)) return r.interrupted ? 130 : 0;
   if (r.interrupted) {
     std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));
     return 130;
   }
+  auto printf_main = [main_rank](const char* format, auto... args) {
+    if (!main_rank) return;
+    if constexpr (sizeof...(args) == 0)
+      std::fputs(format, stdout);
+    else
+      std::printf(format, args...);
+  };
 
-  std::printf("\nHeld-out %s per language (lower is better)\n",
+  printf_main("\nHeld-out %s per language (lower is better)\n",
               cfg.mode == "sft" ? "loss on the replies" : "loss");
-  std::printf("%-6s %14s %10s %10s %10s %10s\n", "lang", "train tokens", "loss", "after", "bpb", "after");
+  printf_main("%-6s %14s %10s %10s %10s %10s\n", "lang", "train tokens", "loss", "after", "bpb", "after");
   for (const auto& [lang, after] : r.last_eval->languages) {
     const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
     if (r.first_eval) {
       const auto& before = r.first_eval->languages.at(lang);
-      std::printf("%-6s %14lld %10.4f %10.4f %10.4f %10.4f\n", lang.c_str(), static_cast<long long>(seen), before.loss,
+      printf_main("%-6s %14lld %10.4f %10.4f %10.4f %10.4f\n", lang.c_str(), static_cast<long long>(seen), before.loss,
                   after.loss, before.bits_per_byte, after.bits_per_byte);
     } else {
-      std::printf("%-6s %14lld %10s %10.4f %10s %10.4f   (resumed at step %lld)\n", lang.c_str(),
+      printf_main("%-6s %14lld %10s %10.4f %10s %10.4f   (resumed at step %lld)\n", lang.c_str(),
                   static_cast<long long>(seen), "-", after.loss, "-", after.bits_per_byte,
                   static_cast<long long>(r.resumed_from));
     }
   }
-  std::printf("(%lld steps, %.0f s in this run, %.0f tokens/s)\n", static_cast<long long>(r.step), r.seconds,
+  printf_main("(%lld steps, %.0f s in this run, %.0f tokens/s)\n", static_cast<long long>(r.step), r.seconds,
               r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0);
 
   // One sample per language: the prompt of the first held-out example (SFT) or a document's start.
-  std::printf("\nSamples (prompt in [brackets], greedy)\n");
+  printf_main("\nSamples (prompt in [brackets], greedy)\n");
   rhine::DecodeOptions dec;
   dec.skip_special = cfg.mode != "sft";
   for (const auto& [lang, h] : heldout.languages) {
@@ -258,16 +267,18 @@ int main(int argc, char** argv) try {
     for (auto* s : {&p, &text})
       for (auto& ch : *s)
         if (ch == '\n') ch = ' ';
-    std::printf("%s: [%s] %s\n", lang.c_str(), p.c_str(), text.c_str());
+    printf_main("%s: [%s] %s\n", lang.c_str(), p.c_str(), text.c_str());
   }
 
+  if (parts.fsdp) parts.fsdp->unshard();  // the whole weights on every rank, for the export
+  if (!main_rank) return 0;
   // Export: the HF directory (LoRA merged into the weights) and, with LoRA, the PEFT adapter.
   if (cfg.lora) {
     const auto adapter = fs::path(run.out_dir) / "adapter";
     rhine::io::PeftSaveOptions po;
     po.overwrite = true;
     rhine::io::save_peft_adapter(*lm, adapter, po);
-    std::printf("\nLoRA adapter (PEFT layout): %s\n", adapter.c_str());
+    printf_main("\nLoRA adapter (PEFT layout): %s\n", adapter.c_str());
     rhine::io::merge_lora(*lm);
   }
   rhine::io::ExportOptions eo;
@@ -279,7 +290,7 @@ int main(int argc, char** argv) try {
   const auto hf_name = ext == ".model" ? "tokenizer.model" : "tokenizer.json";
   if (!fs::exists(fs::path(cfg.export_dir) / hf_name))
     fs::copy_file(tok_path, fs::path(cfg.export_dir) / hf_name);
-  std::printf("Fine-tuned model (HF directory): %s\nRun directory %s: metrics.jsonl, training.svg, checkpoints/\n",
+  printf_main("Fine-tuned model (HF directory): %s\nRun directory %s: metrics.jsonl, training.svg, checkpoints/\n",
               cfg.export_dir.c_str(), run.out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {

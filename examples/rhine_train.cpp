@@ -115,7 +115,7 @@ int main(int argc, char** argv) try {
     if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
   if (world.is_main())
     spdlog::info("lr {} x {}; mixture {}{}", run.lr, run.schedule().describe(), rhine::describe(lo.mixture[0].second),
-                 run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "");
+                 rhine::examples::describe_parallel(run, world));
   auto to = run.trainer_options();
   to.z_loss = cfg.z_loss;
   to.router_bias_update_rate = cfg.router_bias_update_rate;
@@ -124,30 +124,41 @@ int main(int argc, char** argv) try {
   auto parts = rhine::examples::make_trainer(run, world, lm, params, loader, to);
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();
-  if (!world.is_main()) return r.interrupted ? 130 : 0;
+  // Under FSDP every rank takes part in the samples' forwards (they gather
+  // parameters); otherwise only rank 0 goes on.
+  const bool all_ranks = parts.fsdp != nullptr && !r.interrupted;
+  if (!world.is_main() && !all_ranks) return r.interrupted ? 130 : 0;
   if (r.interrupted) {
     std::printf("interrupted at step %lld; run the same command again to resume\n", static_cast<long long>(r.step));
     return 130;
   }
 
-  std::printf("\nPer-language held-out bits per byte (lower is better; tokenizer-independent)\n");
-  std::printf("%-6s %14s %10s %10s %8s\n", "lang", "train tokens", "before", "after", "change");
+  // Under FSDP the other ranks only compute; rank 0 prints.
+  auto printf_main = [main = world.is_main()](const char* format, auto... args) {
+    if (!main) return;
+    if constexpr (sizeof...(args) == 0)
+      std::fputs(format, stdout);
+    else
+      std::printf(format, args...);
+  };
+  printf_main("\nPer-language held-out bits per byte (lower is better; tokenizer-independent)\n");
+  printf_main("%-6s %14s %10s %10s %8s\n", "lang", "train tokens", "before", "after", "change");
   for (const auto& [lang, after] : r.last_eval->languages) {
     const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
     if (r.first_eval) {
       const double before = r.first_eval->languages.at(lang).bits_per_byte;
-      std::printf("%-6s %14lld %10.3f %10.3f %7.1f%%\n", lang.c_str(), static_cast<long long>(seen), before,
+      printf_main("%-6s %14lld %10.3f %10.3f %7.1f%%\n", lang.c_str(), static_cast<long long>(seen), before,
                   after.bits_per_byte, 100.0 * (after.bits_per_byte / before - 1));
     } else {
-      std::printf("%-6s %14lld %10s %10.3f   (resumed at step %lld)\n", lang.c_str(), static_cast<long long>(seen),
+      printf_main("%-6s %14lld %10s %10.3f   (resumed at step %lld)\n", lang.c_str(), static_cast<long long>(seen),
                   "-", after.bits_per_byte, static_cast<long long>(r.resumed_from));
     }
   }
-  std::printf("(%lld steps, %.0f s in this run, %.0f tokens/s, %s, %lld skipped steps)\n",
+  printf_main("(%lld steps, %.0f s in this run, %.0f tokens/s, %s, %lld skipped steps)\n",
               static_cast<long long>(r.step), r.seconds, r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0,
               run.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
 
-  std::printf("\nSamples (prompt in [brackets], sampled with temperature 0.7, top-p 0.9)\n");
+  printf_main("\nSamples (prompt in [brackets], sampled with temperature 0.7, top-p 0.9)\n");
   rhine::DecodeOptions dec;
   dec.skip_special = true;
   for (const auto& [lang, h] : heldout.languages) {
@@ -164,9 +175,9 @@ int main(int argc, char** argv) try {
     std::string text = tok.decode(ids32(res.tokens[0]), dec);
     for (auto& ch : text)
       if (ch == '\n') ch = ' ';
-    std::printf("%s: [%s] %s\n", lang.c_str(), tok.decode(ids32(prompt), dec).c_str(), text.c_str());
+    printf_main("%s: [%s] %s\n", lang.c_str(), tok.decode(ids32(prompt), dec).c_str(), text.c_str());
   }
-  std::printf("\nRun directory %s: metrics.jsonl, training.svg (loss and per-language bpb), checkpoints/\n",
+  printf_main("\nRun directory %s: metrics.jsonl, training.svg (loss and per-language bpb), checkpoints/\n",
               run.out_dir.c_str());
   return 0;
 } catch (const std::exception& e) {

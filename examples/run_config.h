@@ -15,6 +15,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/json.h"
 #include "rhine/data/loader.h"
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
@@ -36,6 +37,19 @@ struct RunConfig {
   bool bf16 = true, resume = true, fused_kernels = true;
   /// Data parallel: shard AdamW's state over the ranks (ZeRO-1).
   bool zero1 = false;
+  /// The "parallel" block: how the ranks share the model (rhine/dist/fsdp.h).
+  ///   {"zero": 3, "fsdp": 4, "reshard_after_forward": true, "param_dtype": "float32", "prefetch": true}
+  /// zero 0: plain data parallel; 1: ZeRO-1 (as "zero1": true); 2: FSDP with
+  /// replicated parameters; 3: FSDP (parameters, gradients and optimizer
+  /// state sharded). "fsdp": the ranks that shard, the world size (the
+  /// default; giving it makes zero default to 3). "ep": expert parallelism, 1.
+  struct Parallel {
+    int zero = 0;
+    int fsdp = 0;  ///< 0: not given
+    int ep = 1;
+    bool reshard_after_forward = true, prefetch = true;
+    std::string param_dtype = "float32";
+  } parallel;
   int threads = 0;
 
   /// Reads the keys above that `f` holds (the current values are the defaults).
@@ -62,6 +76,26 @@ struct RunConfig {
     fused_kernels = f.get("fused_kernels", fused_kernels);
     threads = f.get("threads", threads);
     zero1 = f.get("zero1", zero1);
+    if (const Json* p = f.raw("parallel")) {
+      JsonFields pf(*p, std::string(component) + " parallel");
+      parallel.fsdp = pf.get("fsdp", parallel.fsdp);
+      parallel.zero = pf.get("zero", parallel.fsdp > 0 ? 3 : parallel.zero);
+      parallel.ep = pf.get("ep", parallel.ep);
+      parallel.reshard_after_forward = pf.get("reshard_after_forward", parallel.reshard_after_forward);
+      parallel.prefetch = pf.get("prefetch", parallel.prefetch);
+      parallel.param_dtype = pf.get("param_dtype", parallel.param_dtype);
+      pf.reject_unknown();
+    }
+    RHINE_CHECK(parallel.zero >= 0 && parallel.zero <= 3, component, "parallel.zero must be 0, 1, 2 or 3, got",
+                parallel.zero, "0 data parallel, 1 optimizer state sharded, 2 + gradients, 3 + parameters (FSDP)");
+    RHINE_CHECK(!(zero1 && parallel.zero > 1), component, "\"zero1\": true contradicts parallel.zero",
+                parallel.zero, "drop \"zero1\" and keep the parallel block");
+    if (zero1) parallel.zero = std::max(parallel.zero, 1);
+    zero1 = parallel.zero == 1;
+    RHINE_CHECK(parallel.ep == 1, component, "expert parallelism (parallel.ep > 1) is not available yet, got",
+                parallel.ep, "leave ep out: experts are sharded with the rest of the model under zero 3");
+    RHINE_CHECK(parallel.param_dtype == "float32" || parallel.param_dtype == "bfloat16", component,
+                "parallel.param_dtype must be \"float32\" or \"bfloat16\", got", parallel.param_dtype, "");
     RHINE_CHECK(steps > warmup && warmup >= 0, component, "steps must exceed warmup",
                 (std::vector<std::int64_t>{steps, warmup}), "");
   }
@@ -93,6 +127,15 @@ struct RunConfig {
   Schedule schedule() const { return warmup_cosine(warmup, steps, 1.0, min_lr_ratio); }
 };
 
+/// How the run shares the model, for the log ("", "; optimizer state sharded (ZeRO-1)", ...).
+inline std::string describe_parallel(const RunConfig& run, const dist::World& world) {
+  if (run.parallel.zero >= 2)
+    return fmt::format("; FSDP ZeRO-{} over {} rank(s){}, gathers in {}", run.parallel.zero, world.world_size(),
+                       run.parallel.zero == 3 && !run.parallel.reshard_after_forward ? " (kept after forward)" : "",
+                       run.parallel.param_dtype);
+  return run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "";
+}
+
 /// Shard-loader options for this run on this rank (BOS/EOS from the tokenizer).
 inline DataLoaderOptions loader_options(const RunConfig& run, std::vector<std::string> shards,
                                         const dist::World& world, const Tokenizer& tok) {
@@ -111,18 +154,35 @@ inline DataLoaderOptions loader_options(const RunConfig& run, std::vector<std::s
 /// The optimizer, gradient sync and Trainer of a run (kept together: the
 /// Trainer refers to the others).
 struct TrainerParts {
+  std::unique_ptr<dist::FSDP> fsdp;                 // parallel.zero 2 or 3
   std::unique_ptr<AdamW> adamw;                     // one of these two
   std::unique_ptr<dist::ShardedOptimizer> sharded;  // (RunConfig::zero1 with several ranks)
   std::unique_ptr<dist::GradientSync> sync;
   std::unique_ptr<train::Trainer> trainer;
 };
 
-/// Broadcasts rank 0's weights, then builds AdamW over `params` (sharded
-/// when zero1 and several ranks), the gradient sync and the Trainer.
+/// Broadcasts rank 0's weights, then builds: under parallel.zero 2/3 the FSDP
+/// and AdamW over its shards; otherwise AdamW over `params` (sharded when
+/// zero1 and several ranks) and the gradient sync; then the Trainer.
 inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const nn::CausalLM& lm,
                                  const NamedParameters& params, BatchSource& source, const train::TrainerOptions& to) {
   TrainerParts t;
   dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
+  if (run.parallel.zero >= 2) {
+    RHINE_CHECK(run.parallel.fsdp == 0 || run.parallel.fsdp == world.world_size(), "run",
+                "parallel.fsdp must equal the number of ranks (hybrid dp x fsdp is not available yet), got",
+                run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) + "; leave fsdp out");
+    dist::FSDPOptions fo;
+    fo.zero_stage = run.parallel.zero;
+    fo.reshard_after_forward = run.parallel.reshard_after_forward;
+    fo.prefetch = run.parallel.prefetch;
+    fo.param_dtype = run.parallel.param_dtype == "bfloat16" ? c10::kBFloat16 : c10::kFloat;
+    t.fsdp = std::make_unique<dist::FSDP>(world, lm, fo);
+    t.adamw = std::make_unique<AdamW>(t.fsdp->parameters(), run.adamw_options());
+    t.trainer = std::make_unique<train::Trainer>(lm, *t.adamw, run.schedule(), source, to);
+    t.trainer->set_fsdp(&world, t.fsdp.get());
+    return t;
+  }
   t.sync = std::make_unique<dist::GradientSync>(world, params);
   if (run.zero1 && world.world_size() > 1) {
     const auto ao = run.adamw_options();

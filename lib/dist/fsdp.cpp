@@ -484,6 +484,19 @@ std::vector<std::string> FSDP::unit_names() const {
   return names;
 }
 
+void FSDP::unshard() {
+  State& s = *state_;
+  RHINE_CHECK(s.model, kComponent, "unshard() called twice", "", "");
+  std::vector<at::Tensor> whole;
+  for (const auto& p : s.params) whole.push_back(full_parameter(p.name));
+  for (std::size_t u = 0; u < s.units.size(); ++u) s.release(u);
+  at::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < s.params.size(); ++i) s.params[i].var.set_data(whole[i]);
+  s.model->tie_mtp_weights();
+  s.model->set_forward_hooks(nullptr);
+  s.model = nn::CausalLM(nullptr);
+}
+
 std::vector<io::RowPiece> FSDP::state_pieces(const Optimizer* optimizer) const {
   const State& s = *state_;
   std::vector<io::RowPiece> pieces;

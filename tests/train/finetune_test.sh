@@ -14,7 +14,10 @@
 #     PEFT adapter directory is written;
 #  5. a bad config fails with exit code 1 and names the key;
 #  6. rhine-train on two Gloo ranks with "zero1": true (optimizer state
-#     sharded) gives the losses of two ranks without it.
+#     sharded) gives the losses of two ranks without it;
+#  7. rhine-train with "parallel": {"zero": 3} (FSDP) on two ranks gives them
+#     too; on four ranks it follows them to 1e-4 (another float summation
+#     order), and so do four FSDP ranks resuming the two-rank checkpoint.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -122,15 +125,16 @@ sed 's/"steps"/"stepz"/' sft.json > bad.json
 if "$ft" bad.json > bad.txt 2>&1; then fail "a bad config was accepted"; fi
 grep -q "stepz" bad.txt || fail "the error does not name the key: $(cat bad.txt)"
 # 6. rhine-train data parallel, with and without ZeRO-1.
-two_ranks() {  # two_ranks CONFIG LOG
+n_ranks() {  # n_ranks N CONFIG LOG
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   local pids=()
-  for r in 0 1; do
-    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
-      "$train" "$1" > "$2.$r" 2>&1 & pids+=($!)
+  for ((r = 0; r < $1; r++)); do
+    RANK=$r WORLD_SIZE=$1 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
+      "$train" "$2" > "$3.$r" 2>&1 & pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p" || fail "rank of $1 failed: $(tail -3 "$2".*)"; done
+  for p in "${pids[@]}"; do wait "$p" || fail "rank of $2 failed: $(tail -3 "$3".*)"; done
 }
+two_ranks() { n_ranks 2 "$@"; }
 for z in false true; do
   sed "s/\"out_dir\": \"base\"/\"out_dir\": \"dp-$z\", \"zero1\": $z/; s/\"steps\": 60/\"steps\": 8/; s/\"log_every\": 100/\"log_every\": 1/" base.json > dp-$z.json
   two_ranks dp-$z.json dp-$z.log
@@ -145,5 +149,27 @@ assert len(a) == 8 and a.keys() == b.keys(), (a, b)
 for k in a:
     assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
 print("ZeRO-1 losses equal plain data parallel over", len(a), "steps")
+PY
+# 7. FSDP through the "parallel" block.
+mk() {  # mk NAME STEPS PARALLEL
+  sed "s/\"out_dir\": \"base\"/\"out_dir\": \"$1\", \"parallel\": $3/; s/\"steps\": 60/\"steps\": $2/; s/\"log_every\": 100/\"log_every\": 1/" base.json > $1.json
+}
+mk fsdp2 8 '{"zero": 3}, "checkpoint_every": 4'; two_ranks fsdp2.json fsdp2.log
+mk fsdp4 8 '{"zero": 3, "fsdp": 4, "reshard_after_forward": false}'; n_ranks 4 fsdp4.json fsdp4.log
+grep -q "FSDP ZeRO-3 over 4 rank" fsdp4.log.0 || fail "FSDP was not used: $(head -5 fsdp4.log.0)"
+mk resume4 8 '{"zero": 3}, "checkpoint_every": 4'; mkdir -p resume4/checkpoints
+cp -r fsdp2/checkpoints/step-00000004 resume4/checkpoints/ && n_ranks 4 resume4.json resume4.log
+grep -q "resumed from" resume4.log.0 || fail "the 4-rank run did not resume: $(head -5 resume4.log.0)"
+python3 - dp-false/metrics.jsonl fsdp2/metrics.jsonl fsdp4/metrics.jsonl resume4/metrics.jsonl <<'PY' || fail "FSDP changed the losses"
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
+ref = losses(sys.argv[1])
+for path, tol in [(sys.argv[2], 1e-5), (sys.argv[3], 1e-4), (sys.argv[4], 1e-4)]:
+    got = losses(path)
+    assert set(got) <= set(ref) and max(got) == 8, (path, got)
+    for k in got:
+        assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (path, k, got[k], ref[k])
+print("FSDP losses follow plain data parallel (2 ranks to 1e-5; 4 ranks, and 2 -> 4 ranks resumed, to 1e-4)")
 PY
 echo "PASS"

@@ -179,6 +179,12 @@ class FSDP {
   /// Unit names in order: "root", then "model.layers.{i}".
   std::vector<std::string> unit_names() const;
 
+  /// Ends sharding: every rank's model gets its whole parameters back (fp32)
+  /// and the hooks are removed, for what follows training in a program that
+  /// fits one rank (samples, an HF export). Collective. The FSDP is unusable
+  /// afterwards.
+  void unshard();
+
   // --- sharded checkpoints (rhine/io/row_shards.h) ----------------------------
   /// This rank's rows of every parameter (frozen ones too) under the model's
   /// names, and of `optimizer`'s state as "optim/<param>/<slot>" (nullptr: none).

@@ -1,13 +1,22 @@
-// Data-parallel scaling on one machine: training tokens/s of a small
-// Llama-style model with 1 process vs 2 processes (Gloo on 127.0.0.1), at the
-// same global batch. The program starts its own ranks (it re-executes itself
-// with --rank), so it runs as is:
+// Data-parallel training on one machine (Gloo on 127.0.0.1), at the same
+// global batch. The program starts its own ranks (it re-executes itself with
+// --rank), so it runs as is:
 //
-//   build/bench/bench_dist [--steps 10] [--batch 8] [--seq 128] [--hidden 256]
+//   build/bench/bench_dist [--steps 10] [--batch 8] [--seq 128] [--hidden 256] [--layers 4]
+//                          [--vocab 2048] [--sweep scaling|layouts|all]
 //
-// Lines (JSON, bench.h): "dp_train" with params {procs, threads_per_proc, ...},
-// rate in tokens/s of the whole run (all ranks). Compare procs=1 threads=2
-// with procs=2 threads=1 for the same cores.
+// Lines (JSON, bench.h):
+//  - "dp_train" (sweep scaling): params {procs, threads_per_proc, ...}, rate in
+//    tokens/s of the whole run (all ranks). Compare procs=1 threads=2 with
+//    procs=2 threads=1 for the same cores.
+//  - "dist_layout" (sweep layouts): data parallel (ddp), FSDP ZeRO-2 (zero2)
+//    and FSDP ZeRO-3 (fsdp) on 1, 2 and 4 ranks of one thread each, with
+//    tokens/s and, per rank (the largest over ranks), the bytes of
+//    parameters + gradients + optimizer state measured from the tensors
+//    ("state_mb": what stays between steps, gradient buckets included), the
+//    most gathered at once ("gathered_peak_mb": FSDP's unsharded blocks and
+//    full gradients) and the process's peak RSS. On 2 cores the point is
+//    the overhead and the memory, not a speed-up.
 #include <ATen/ops/randint.h>
 #include <sys/wait.h>
 #include <torch/nn/module.h>
@@ -16,10 +25,14 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "bench.h"
+#include <sys/resource.h>
+
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/world.h"
 #include "rhine/nn/model.h"
@@ -33,7 +46,18 @@ namespace {
 struct Opts {
   int steps = 10, batch = 8, seq = 128, hidden = 256, layers = 4, vocab = 2048;
   int rank = -1, procs = 1, threads = 1, port = 0;
+  int layout = 0;  ///< 0: data parallel (GradientSync), 2: FSDP ZeRO-2, 3: FSDP ZeRO-3
+  std::string sweep = "all";
 };
+
+const char* layout_name(int layout) { return layout == 0 ? "ddp" : layout == 2 ? "zero2" : "fsdp"; }
+
+double tensor_mb(const std::vector<at::Tensor>& ts) {
+  double bytes = 0;
+  for (const auto& t : ts)
+    if (t.defined()) bytes += static_cast<double>(t.numel() * t.element_size());
+  return bytes / (1 << 20);
+}
 
 int worker(const Opts& o) {
   rhine::set_threads(o.threads);
@@ -58,27 +82,84 @@ int worker(const Opts& o) {
   rhine::nn::CausalLM lm(c, mo);
   rhine::NamedParameters params;
   for (const auto& p : lm->named_parameters()) params.push_back({p.key(), p.value()});
-  rhine::AdamW opt(params, rhine::AdamWOptions{});
-  rhine::dist::GradientSync sync(world, params);
+  const auto n_params = lm->num_parameters();
+  std::unique_ptr<rhine::dist::FSDP> fsdp;
+  std::unique_ptr<rhine::dist::GradientSync> sync;
+  if (o.layout >= 2) {
+    rhine::dist::FSDPOptions fo;
+    fo.zero_stage = o.layout;
+    fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
+  } else {
+    sync = std::make_unique<rhine::dist::GradientSync>(world, params);
+  }
+  rhine::AdamW opt(fsdp ? fsdp->parameters() : params, rhine::AdamWOptions{});
   const int64_t b = o.batch / o.procs;
   at::Tensor ids = at::randint(o.vocab, {b, o.seq + 1}, at::kLong);  // [b, T+1]
-  auto step = [&] {
+  double state_mb = 0;
+  auto step = [&](bool measure) {
     rhine::nn::ForwardOptions fo;
     fo.labels = ids.slice(1, 1).contiguous();
     auto out = lm->forward(ids.slice(1, 0, o.seq).contiguous(), fo);
     out.loss.backward();
-    sync.finish();
+    if (sync) sync->finish();
+    if (fsdp) fsdp->finish();
     opt.step();
+    if (!measure) {
+      opt.zero_grad();
+      return;
+    }
+    // Between steps a rank keeps its parameters, gradients (their buffers)
+    // and the optimizer's slots: measured here, before the gradients go.
+    std::vector<at::Tensor> held;
+    for (const auto& p : opt.parameters()) held.push_back(p), held.push_back(p.grad());
+    for (const auto& [k, t] : opt.state_dict().tensors) held.push_back(t);
+    state_mb = tensor_mb(held);
+    if (sync) state_mb += tensor_mb(opt.parameters());  // GradientSync's flat bucket copy of the gradients
+    if (fsdp && o.layout == 2) state_mb += static_cast<double>(fsdp->memory().model_elements) * 4 / (1 << 20);
     opt.zero_grad();
   };
   world.barrier();
-  auto stats = rhine::bench::time_runs(step, o.steps, 2);
+  auto stats = rhine::bench::time_runs([&] { step(false); }, o.steps, 2);
   world.barrier();
+  if (o.sweep == "layouts") {
+    step(true);
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    double gathered_mb = 0;
+    if (fsdp) {
+      const auto m = fsdp->memory();
+      gathered_mb = static_cast<double>(m.peak_gathered_elements + m.peak_full_grad_elements) * 4 / (1 << 20);
+    } else {
+      gathered_mb = 0;
+    }
+    // The largest over ranks.
+    at::Tensor mine = at::tensor({state_mb, gathered_mb, static_cast<double>(ru.ru_maxrss) / 1024}, at::kDouble);
+    world.host_all_reduce_(mine, rhine::dist::ReduceOp::kMax);
+    if (world.is_main()) {
+      nlohmann::json params_j = {{"layout", layout_name(o.layout)}, {"procs", o.procs},
+                                 {"threads_per_proc", o.threads}, {"global_batch", o.batch},
+                                 {"seq", o.seq}, {"hidden", o.hidden}, {"layers", o.layers},
+                                 {"vocab", o.vocab}, {"n_params", n_params}, {"backend", world.backend()}};
+      nlohmann::json j = {{"name", "dist_layout"},
+                          {"params", params_j},
+                          {"median", static_cast<double>(o.batch) * o.seq / stats.median},
+                          {"min", static_cast<double>(o.batch) * o.seq / stats.max},
+                          {"max", static_cast<double>(o.batch) * o.seq / stats.min},
+                          {"unit", "tokens/s"},
+                          {"runs", stats.runs},
+                          {"state_mb_per_rank", mine[0].item<double>()},
+                          {"gathered_peak_mb_per_rank", mine[1].item<double>()},
+                          {"peak_rss_mb_per_rank", mine[2].item<double>()}};
+      std::printf("%s\n", j.dump().c_str());
+      std::fflush(stdout);
+    }
+    return 0;
+  }
   if (world.is_main()) {
     nlohmann::json params_j = {{"procs", o.procs},   {"threads_per_proc", o.threads},
                                {"global_batch", o.batch}, {"seq", o.seq},
                                {"hidden", o.hidden}, {"layers", o.layers},
-                               {"vocab", o.vocab},   {"n_params", lm->num_parameters()},
+                               {"vocab", o.vocab},   {"n_params", n_params},
                                {"backend", world.backend()}};
     rhine::bench::report_rate("dp_train", params_j, stats, static_cast<double>(o.batch) * o.seq,
                               "tokens/s");
@@ -102,7 +183,8 @@ void run_config(const Opts& base, int procs, int threads, int port) {
                                        std::to_string(base.steps), "--batch", std::to_string(base.batch),
                                        "--seq", std::to_string(base.seq), "--hidden",
                                        std::to_string(base.hidden), "--layers", std::to_string(base.layers),
-                                       "--vocab", std::to_string(base.vocab)};
+                                       "--vocab", std::to_string(base.vocab), "--layout",
+                                       std::to_string(base.layout), "--sweep", base.sweep};
       std::vector<char*> av;
       for (auto& s : args) av.push_back(s.data());
       av.push_back(nullptr);
@@ -124,6 +206,10 @@ int main(int argc, char** argv) {
   Opts o;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
+    if (k == "--sweep") {
+      o.sweep = argv[i + 1];
+      continue;
+    }
     const int v = std::atoi(argv[i + 1]);
     if (k == "--steps") o.steps = v;
     else if (k == "--batch") o.batch = v;
@@ -135,6 +221,7 @@ int main(int argc, char** argv) {
     else if (k == "--procs") o.procs = v;
     else if (k == "--threads") o.threads = v;
     else if (k == "--port") o.port = v;
+    else if (k == "--layout") o.layout = v;
     else {
       std::fprintf(stderr, "bench_dist: unknown argument %s\n", k.c_str());
       return 2;
@@ -142,10 +229,22 @@ int main(int argc, char** argv) {
   }
   try {
     if (o.rank >= 0) return worker(o);
-    const int port = free_port();
-    run_config(o, 1, 1, port);
-    run_config(o, 1, 2, port + 1);
-    run_config(o, 2, 1, port + 2);
+    int port = free_port();
+    if (o.sweep == "scaling" || o.sweep == "all") {
+      o.sweep = "scaling";
+      run_config(o, 1, 1, port++);
+      run_config(o, 1, 2, port++);
+      run_config(o, 2, 1, port++);
+      o.sweep = "all";
+    }
+    if (o.sweep == "layouts" || o.sweep == "all") {
+      o.sweep = "layouts";
+      for (int layout : {0, 2, 3})
+        for (int procs : {1, 2, 4}) {
+          o.layout = layout;
+          run_config(o, procs, 1, port++);
+        }
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_dist: %s\n", e.what());

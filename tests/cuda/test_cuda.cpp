@@ -1,7 +1,7 @@
 // GPU tests (label "cuda"): a bf16 training step on cuda against the same step
 // on the CPU, greedy generation, checkpoint tensors saved from and loaded onto
 // the device, and a one-rank NCCL world carrying every collective the Trainer
-// issues. Without a CUDA device (or without a CUDA build) each test reports
+// issues, data parallel, ZeRO-1 and FSDP (ZeRO-3 and ZeRO-2, fp32 and bf16 gathers). Without a CUDA device (or without a CUDA build) each test reports
 // itself skipped; scripts/gpu-check.sh sets RHINE_REQUIRE_GPU=1, which turns
 // such a skip into a failure on the GPU machine.
 //
@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <string>
 
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
@@ -72,7 +73,8 @@ struct Shards {
 
 /// Losses of `steps` Trainer steps of TinyRun on `device`.
 std::vector<double> train_losses(const fs::path& shards, c10::Device device, bool bf16, int steps,
-                                 rhine::dist::World* world = nullptr, bool zero1 = false) {
+                                 rhine::dist::World* world = nullptr, bool zero1 = false, int fsdp_stage = 0,
+                                 c10::ScalarType param_dtype = at::kFloat) {
   rhine::test::TinyRun run(shards, 4);
   run.model->to(device);
   rhine::train::TrainerOptions o;
@@ -85,11 +87,21 @@ std::vector<double> train_losses(const fs::path& shards, c10::Device device, boo
   std::unique_ptr<rhine::dist::GradientSync> sync;
   std::unique_ptr<rhine::dist::ShardedOptimizer> sharded;
   std::unique_ptr<rhine::train::Trainer> trainer;
-  if (world != nullptr) {
+  std::unique_ptr<rhine::dist::FSDP> fsdp;
+  std::unique_ptr<rhine::AdamW> fsdp_adamw;
+  if (world != nullptr && fsdp_stage == 0) {
     rhine::dist::broadcast_parameters(*world, run.model->parameters());
     sync = std::make_unique<rhine::dist::GradientSync>(*world, params);
   }
-  if (zero1) {
+  if (fsdp_stage > 0) {  // FSDP on the device: NCCL gathers and reduce-scatters
+    rhine::dist::FSDPOptions fo;
+    fo.zero_stage = fsdp_stage;
+    fo.param_dtype = param_dtype;
+    fsdp = std::make_unique<rhine::dist::FSDP>(*world, run.model, fo);
+    fsdp_adamw = std::make_unique<rhine::AdamW>(fsdp->parameters(), rhine::test::tiny_adamw_options());
+    trainer = std::make_unique<rhine::train::Trainer>(run.model, *fsdp_adamw, run.schedule, *run.loader, o);
+    trainer->set_fsdp(world, fsdp.get());
+  } else if (zero1) {
     sharded = std::make_unique<rhine::dist::ShardedOptimizer>(*world, params, [](const rhine::NamedParameters& s) {
       return std::make_unique<rhine::AdamW>(s, rhine::test::tiny_adamw_options());
     });
@@ -97,7 +109,7 @@ std::vector<double> train_losses(const fs::path& shards, c10::Device device, boo
   } else {
     trainer = std::make_unique<rhine::train::Trainer>(run.model, *run.optimizer, run.schedule, *run.loader, o);
   }
-  if (world != nullptr) trainer->set_data_parallel(world, sync.get());
+  if (world != nullptr && !fsdp) trainer->set_data_parallel(world, sync.get());
   std::vector<double> losses;
   trainer->callbacks().on_step = [&](const rhine::train::StepMetrics& m) { losses.push_back(m.loss); };
   trainer->fit();
@@ -210,4 +222,14 @@ TEST_CASE("a one-rank NCCL world serves every Trainer collective", "[cuda]") {
     REQUIRE(dp.size() == solo.size());
     for (std::size_t i = 0; i < dp.size(); ++i) CHECK(std::abs(dp[i] - solo[i]) <= 1e-5 * std::abs(solo[i]));
   }
+  // FSDP on the GPU (ZeRO-3, ZeRO-2; fp32 gathers): the same losses; bf16 gathers within bf16's precision.
+  for (const int stage : {3, 2}) {
+    INFO("FSDP ZeRO-" << stage);
+    const auto f = train_losses(s.dir, kGpu, false, 3, &world, false, stage);
+    REQUIRE(f.size() == solo.size());
+    for (std::size_t i = 0; i < f.size(); ++i) CHECK(std::abs(f[i] - solo[i]) <= 1e-5 * std::abs(solo[i]));
+  }
+  const auto fb = train_losses(s.dir, kGpu, true, 3, &world, false, 3, at::kBFloat16);
+  REQUIRE(fb.size() == solo.size());
+  for (std::size_t i = 0; i < fb.size(); ++i) CHECK(std::abs(fb[i] - solo[i]) <= 3e-2 * std::abs(solo[i]));
 }

@@ -11,7 +11,8 @@
 // weights under their HF names), generation_config.json and the tokenizer
 // files; optimizer and loader state start fresh. rhine-to-hf reads
 // config.json + model.safetensors of the newest complete checkpoint of a run
-// directory (or of the given step directory).
+// directory (or of the given step directory); a sharded checkpoint of an FSDP
+// run (shards.json) is exported tensor by tensor, never whole in memory.
 //
 // logits: runs the model in float32 on the token ids in FILE (one sequence
 // per line, space-separated) and writes each sequence's logits as a float32
@@ -153,14 +154,19 @@ int cmd_rhine_to_hf(const std::string& checkpoint, const std::string& out, const
     RHINE_CHECK(why.empty(), kTool, "incomplete or damaged checkpoint " + step_dir.string(), why,
                 "use another step");
   }
-  RHINE_CHECK(fs::exists(step_dir / "model.safetensors"), kTool, "the checkpoint holds no model.safetensors",
-              step_dir.string(), "rhine-to-hf reads config.json + model.safetensors of a checkpoint");
-  auto lm = rhine::io::load_hf_model(step_dir);
   rhine::io::ExportOptions eo;
   if (!dtype.empty()) eo.dtype = rhine::io::parse_hf_dtype(dtype);
   eo.overwrite = overwrite;
   eo.max_shard_bytes = shard;
   eo.tokenizer_from = tokenizer_from.empty() ? step_dir : fs::path(tokenizer_from);
+  if (fs::exists(step_dir / "shards.json")) {  // an FSDP checkpoint: tensor by tensor, never the whole model
+    auto files = rhine::io::export_row_shards_to_hf(step_dir, out, eo);
+    std::printf("wrote %s from the sharded checkpoint %s (%zu files)\n", out.c_str(), step_dir.c_str(), files.size());
+    return 0;
+  }
+  RHINE_CHECK(fs::exists(step_dir / "model.safetensors"), kTool, "the checkpoint holds no model.safetensors",
+              step_dir.string(), "rhine-to-hf reads config.json + model.safetensors of a checkpoint");
+  auto lm = rhine::io::load_hf_model(step_dir);
   auto files = rhine::io::save_hf_model(lm, out, eo);
   std::printf("wrote %s from %s (%zu files)\n", out.c_str(), step_dir.c_str(), files.size());
   return 0;

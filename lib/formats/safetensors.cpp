@@ -565,24 +565,53 @@ std::vector<std::string> write_safetensors_checkpoint(const std::string& dir,
                                                       const std::vector<SafetensorsTensor>& tensors,
                                                       const SafetensorsWriteOptions& options) {
   check_tensors(tensors);
+  return write_safetensors_checkpoint(
+      dir, tensors,
+      [&](std::size_t first, std::size_t last) {
+        return std::vector<SafetensorsTensor>(tensors.begin() + static_cast<std::ptrdiff_t>(first),
+                                              tensors.begin() + static_cast<std::ptrdiff_t>(last));
+      },
+      options);
+}
+
+std::vector<std::string> write_safetensors_checkpoint(
+    const std::string& dir, const std::vector<SafetensorsTensor>& specs,
+    const std::function<std::vector<SafetensorsTensor>(std::size_t first, std::size_t last)>& load,
+    const SafetensorsWriteOptions& options) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   RHINE_CHECK(!ec, kComponent, "cannot create checkpoint directory", dir, ec.message());
-  std::vector<std::vector<SafetensorsTensor>> shards(1);
+  // Shards filled greedily in the given order: [begin, end) of specs each.
+  std::vector<std::pair<std::size_t, std::size_t>> shards{{0, 0}};
   std::uint64_t in_shard = 0, total = 0;
-  for (const auto& t : tensors) {
-    if (options.max_shard_bytes > 0 && !shards.back().empty() &&
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const auto& t = specs[i];
+    if (options.max_shard_bytes > 0 && shards.back().second > shards.back().first &&
         in_shard + t.nbytes > options.max_shard_bytes) {
-      shards.emplace_back();
+      shards.emplace_back(i, i);
       in_shard = 0;
     }
-    shards.back().push_back(t);
+    shards.back().second = i + 1;
     in_shard += t.nbytes;
     total += t.nbytes;
   }
+  auto shard_tensors = [&](std::size_t k) {
+    auto got = load(shards[k].first, shards[k].second);
+    RHINE_CHECK(got.size() == shards[k].second - shards[k].first, kComponent,
+                "the shard loader returned the wrong number of tensors", got.size(), "");
+    for (std::size_t j = 0; j < got.size(); ++j) {
+      const auto& want = specs[shards[k].first + j];
+      RHINE_CHECK(got[j].name == want.name && got[j].dtype == want.dtype && got[j].shape == want.shape &&
+                      got[j].nbytes == want.nbytes,
+                  kComponent, "the shard loader returned another tensor than announced", got[j].name,
+                  "expected " + want.name);
+    }
+    check_tensors(got);
+    return got;
+  };
   std::vector<std::string> written;
   if (shards.size() == 1) {
-    write_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0], options);
+    write_safetensors((fs::path(dir) / "model.safetensors").string(), shard_tensors(0), options);
     written.push_back("model.safetensors");
     // A stale index from an earlier sharded save would shadow the new file.
     fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
@@ -592,9 +621,9 @@ std::vector<std::string> write_safetensors_checkpoint(const std::string& dir,
   char name[64];
   for (std::size_t k = 0; k < shards.size(); ++k) {
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, shards.size());
-    write_safetensors((fs::path(dir) / name).string(), shards[k], options);
+    write_safetensors((fs::path(dir) / name).string(), shard_tensors(k), options);
     written.push_back(name);
-    for (const auto& t : shards[k]) weight_map[t.name] = name;
+    for (std::size_t i = shards[k].first; i < shards[k].second; ++i) weight_map[specs[i].name] = name;
   }
   Json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   write_json_file((fs::path(dir) / "model.safetensors.index.json").string(), index);

@@ -8,6 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <functional>
+#include <optional>
 #include <cerrno>
 #include <cstring>
 #include <regex>
@@ -19,6 +22,7 @@
 #include "rhine/core/log.h"
 #include "rhine/formats/safetensors.h"
 #include "rhine/io/lora.h"
+#include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -323,33 +327,17 @@ void write_directory_atomic(const fs::path& dir_in, bool overwrite,
   }
 }
 
-std::vector<std::string> save_hf_model(nn::CausalLM& model, const fs::path& dir, const ExportOptions& options) {
-  RHINE_CHECK(!has_unmerged_lora(*model), kExport, "the model carries unmerged LoRA adapters", dir.string(),
-              "call merge_lora(model) first to export merged weights, or save_peft_adapter for the adapters");
-  if (options.dtype)
-    RHINE_CHECK(at::isFloatingType(*options.dtype), kExport, "the export dtype must be a floating type",
-                std::string(c10::toString(*options.dtype)), "use float32, bfloat16 or float16");
-  // Contiguous CPU tensors in module order (transformers shards in state-dict order too).
-  std::vector<at::Tensor> keep;
-  std::vector<SafetensorsTensor> tensors;
-  at::ScalarType weights_dtype = at::kFloat;
-  {
-    at::NoGradGuard no_grad;
-    auto state = hf_state_dict(*model);
-    keep.reserve(state.size());
-    for (auto& [name, t] : state) {
-      at::Tensor c = t.detach();
-      // DeepSeek keeps the router bias in float32 in every checkpoint dtype.
-      if (options.dtype && at::isFloatingType(c.scalar_type()) && !ends_with(name, "e_score_correction_bias"))
-        c = c.to(*options.dtype);
-      c = c.to(at::kCPU).contiguous();
-      if (name == "model.embed_tokens.weight") weights_dtype = c.scalar_type();
-      keep.push_back(c);
-      tensors.push_back({name, to_safetensors_dtype(c.scalar_type()), c.sizes().vec(), c.data_ptr(),
-                         static_cast<std::size_t>(c.numel() * c.element_size())});
-    }
-  }
-  Json config = model->config().to_json();
+namespace {
+
+using ShardLoader = std::function<std::vector<SafetensorsTensor>(std::size_t first, std::size_t last)>;
+
+/// What save_hf_model and export_row_shards_to_hf share: config.json (with
+/// `weights_dtype` as torch_dtype), the tokenizer and generation files, and the
+/// safetensors of `specs` loaded shard by shard, into `dir` atomically.
+std::vector<std::string> write_hf_directory(const nn::ModelConfig& model_config, at::ScalarType weights_dtype,
+                                            const std::vector<SafetensorsTensor>& specs, const ShardLoader& load,
+                                            const fs::path& dir, const ExportOptions& options) {
+  Json config = model_config.to_json();
   config["torch_dtype"] = hf_dtype_name(weights_dtype);
   if (config.contains("dtype")) config["dtype"] = hf_dtype_name(weights_dtype);
   config.erase("quantization_config");  // Rhine never writes quantised weights
@@ -376,7 +364,7 @@ std::vector<std::string> save_hf_model(nn::CausalLM& model, const fs::path& dir,
       }
     }
     if (!have_generation) {
-      const nn::ModelConfig& c = model->config();
+      const nn::ModelConfig& c = model_config;
       Json gen = {{"_from_model_config", true}};
       if (c.bos_token_id) gen["bos_token_id"] = *c.bos_token_id;
       if (c.eos_token_id.size() == 1) gen["eos_token_id"] = c.eos_token_id[0];
@@ -385,9 +373,127 @@ std::vector<std::string> save_hf_model(nn::CausalLM& model, const fs::path& dir,
       write_json_file((tmp / "generation_config.json").string(), gen);
       written.push_back("generation_config.json");
     }
-    for (auto& f : write_safetensors_checkpoint(tmp.string(), tensors, wo)) written.push_back(f);
+    for (auto& f : write_safetensors_checkpoint(tmp.string(), specs, load, wo)) written.push_back(f);
   }, kExport);
   return written;
+}
+
+/// `t` as written: in the export dtype (DeepSeek keeps the router bias in
+/// float32 in every checkpoint dtype), contiguous on the CPU.
+at::Tensor export_tensor(const std::string& name, const at::Tensor& t, const ExportOptions& options) {
+  at::Tensor c = t.detach();
+  if (options.dtype && at::isFloatingType(c.scalar_type()) && !ends_with(name, "e_score_correction_bias"))
+    c = c.to(*options.dtype);
+  return c.to(at::kCPU).contiguous();
+}
+
+SafetensorsTensor view_of(const std::string& name, const at::Tensor& c) {
+  return {name, to_safetensors_dtype(c.scalar_type()), c.sizes().vec(), c.data_ptr(),
+          static_cast<std::size_t>(c.numel() * c.element_size())};
+}
+
+void check_export_dtype(const ExportOptions& options) {
+  if (options.dtype)
+    RHINE_CHECK(at::isFloatingType(*options.dtype), kExport, "the export dtype must be a floating type",
+                std::string(c10::toString(*options.dtype)), "use float32, bfloat16 or float16");
+}
+
+}  // namespace
+
+std::vector<std::string> save_hf_model(nn::CausalLM& model, const fs::path& dir, const ExportOptions& options) {
+  RHINE_CHECK(!has_unmerged_lora(*model), kExport, "the model carries unmerged LoRA adapters", dir.string(),
+              "call merge_lora(model) first to export merged weights, or save_peft_adapter for the adapters");
+  check_export_dtype(options);
+  // Contiguous CPU tensors in module order (transformers shards in state-dict order too).
+  std::vector<at::Tensor> keep;
+  std::vector<SafetensorsTensor> tensors;
+  at::ScalarType weights_dtype = at::kFloat;
+  {
+    at::NoGradGuard no_grad;
+    auto state = hf_state_dict(*model);
+    keep.reserve(state.size());
+    for (auto& [name, t] : state) {
+      at::Tensor c = export_tensor(name, t, options);
+      if (name == "model.embed_tokens.weight") weights_dtype = c.scalar_type();
+      keep.push_back(c);
+      tensors.push_back(view_of(name, c));
+    }
+  }
+  return write_hf_directory(model->config(), weights_dtype, tensors,
+                            [&](std::size_t first, std::size_t last) {
+                              return std::vector<SafetensorsTensor>(tensors.begin() + static_cast<std::ptrdiff_t>(first),
+                                                                    tensors.begin() + static_cast<std::ptrdiff_t>(last));
+                            },
+                            dir, options);
+}
+
+std::vector<std::string> export_row_shards_to_hf(const fs::path& step_dir, const fs::path& dir,
+                                                 const ExportOptions& options) {
+  check_export_dtype(options);
+  const nn::ModelConfig config = load_hf_config(step_dir);
+  const RowReader reader = RowReader::open(step_dir.string());
+  RHINE_CHECK(reader.row_sharded(), kExport, "not a row-sharded checkpoint (no shards.json)", step_dir.string(),
+              "export an unsharded checkpoint with load_hf_model + save_hf_model (rhine-convert rhine-to-hf)");
+  std::optional<RowReader> buffers;
+  if (fs::exists(step_dir / "buffers.safetensors")) buffers.emplace(RowReader::open((step_dir / "buffers.safetensors").string()));
+  // name -> (reader, stored name): the parameters, the state buffers, and the
+  // MTP modules' copies of the embedding and head that HF checkpoints hold.
+  std::vector<std::pair<std::string, std::pair<const RowReader*, std::string>>> source;
+  for (const auto& name : reader.names())
+    if (name.rfind("optim/", 0) != 0) source.push_back({name, {&reader, name}});
+  if (buffers)
+    for (const auto& name : buffers->names())
+      if (name.rfind("rng/", 0) != 0) source.push_back({name, {&*buffers, name}});
+  const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  for (std::int64_t k = 0; k < config.num_nextn_predict_layers; ++k) {
+    const std::string layer = "model.layers." + std::to_string(config.num_hidden_layers + k);
+    source.push_back({layer + ".embed_tokens.weight", {&reader, "model.embed_tokens.weight"}});
+    source.push_back({layer + ".shared_head.head.weight", {&reader, head}});
+  }
+  // The order of a model's state dict: names compared with numbers as numbers.
+  auto natural_less = [](const std::string& a, const std::string& b) {
+    std::size_t i = 0, j = 0;
+    while (i < a.size() && j < b.size()) {
+      if (std::isdigit(static_cast<unsigned char>(a[i])) && std::isdigit(static_cast<unsigned char>(b[j]))) {
+        std::size_t ie = i, je = j;
+        while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+        while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+        const auto x = std::stoll(a.substr(i, ie - i)), y = std::stoll(b.substr(j, je - j));
+        if (x != y) return x < y;
+        i = ie, j = je;
+      } else {
+        if (a[i] != b[j]) return a[i] < b[j];
+        ++i, ++j;
+      }
+    }
+    return a.size() - i < b.size() - j;
+  };
+  std::sort(source.begin(), source.end(), [&](const auto& x, const auto& y) { return natural_less(x.first, y.first); });
+  // Specs from the index alone (nothing read yet).
+  std::vector<SafetensorsTensor> specs;
+  at::ScalarType weights_dtype = at::kFloat;
+  for (const auto& [name, from] : source) {
+    at::ScalarType dt = from.first->dtype(from.second);
+    if (options.dtype && at::isFloatingType(dt) && !ends_with(name, "e_score_correction_bias")) dt = *options.dtype;
+    if (name == "model.embed_tokens.weight") weights_dtype = dt;
+    const auto& shape = from.first->shape(from.second);
+    std::int64_t numel = 1;
+    for (auto d : shape) numel *= d;
+    specs.push_back({name, to_safetensors_dtype(dt), shape, nullptr,
+                     static_cast<std::size_t>(numel) * c10::elementSize(dt)});
+  }
+  std::vector<at::Tensor> keep;  // the current shard's tensors only
+  auto load = [&](std::size_t first, std::size_t last) {
+    keep.clear();
+    std::vector<SafetensorsTensor> out;
+    for (std::size_t i = first; i < last; ++i) {
+      const auto& [name, from] = source[i];
+      keep.push_back(export_tensor(name, from.first->whole(from.second), options));
+      out.push_back(view_of(name, keep.back()));
+    }
+    return out;
+  };
+  return write_hf_directory(config, weights_dtype, specs, load, dir, options);
 }
 
 }  // namespace rhine::io

@@ -154,6 +154,15 @@ const std::vector<std::int64_t>& RowReader::shape(const std::string& name) const
   return it->second.shape;
 }
 
+at::ScalarType RowReader::dtype(const std::string& name) const {
+  shape(name);  // throws for an unknown name
+  const auto& piece = tensors_.at(name).pieces.front();
+  const auto dtype = to_scalar_type(piece.file->at(name).dtype());
+  RHINE_CHECK(dtype.has_value(), kComponent, "no LibTorch dtype for the stored type of " + name,
+              std::string(dtype_name(piece.file->at(name).dtype())), "");
+  return *dtype;
+}
+
 std::int64_t RowReader::num_rows(const std::string& name) const { return rows_of(shape(name)); }
 
 at::Tensor RowReader::rows(const std::string& name, std::int64_t begin, std::int64_t end) const {
@@ -174,8 +183,7 @@ at::Tensor RowReader::rows(const std::string& name, std::int64_t begin, std::int
   if (parts.empty()) {
     std::vector<std::int64_t> shape = s;
     shape[0] = 0;
-    const auto dtype = to_scalar_type(e.pieces.front().file->at(name).dtype());
-    return at::empty(shape, at::TensorOptions().dtype(dtype ? *dtype : at::kFloat));
+    return at::empty(shape, at::TensorOptions().dtype(dtype(name)));
   }
   return parts.size() == 1 ? parts[0].clone() : at::cat(parts);
 }

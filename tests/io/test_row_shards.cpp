@@ -9,7 +9,9 @@
 
 #include "rhine/core/error.h"
 #include "rhine/core/json.h"
+#include "rhine/io/hf.h"
 #include "rhine/io/row_shards.h"
+#include "rhine/nn/model.h"
 #include "rhine/io/safetensors.h"
 #include "test_util.h"
 
@@ -92,4 +94,73 @@ TEST_CASE("Row shards refuse overlapping, missing and inconsistent pieces", "[ro
   idx["tensors"]["w"]["pieces"].erase(1);
   std::ofstream(dir.file("shards.json")) << idx.dump();
   CHECK_THROWS_WITH(RowReader::open(d), Contains("damaged") && Contains("w"));
+}
+
+TEST_CASE("A row-sharded checkpoint exports to the HF directory save_hf_model writes, tensor by tensor", "[row_shards]") {
+  for (const bool deepseek : {false, true}) {
+    INFO((deepseek ? "deepseek_v3 with MTP" : "llama, tied embeddings"));
+    rhine::nn::ModelConfig c;
+    c.model_type = deepseek ? "deepseek_v3" : "llama";
+    c.vocab_size = 40;
+    c.hidden_size = 16;
+    c.intermediate_size = 24;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 2;
+    c.num_key_value_heads = deepseek ? 2 : 1;
+    c.head_dim = 8;
+    c.tie_word_embeddings = !deepseek;
+    if (deepseek) {
+      c.kv_lora_rank = 8;
+      c.qk_nope_head_dim = 4;
+      c.qk_rope_head_dim = 4;
+      c.v_head_dim = 4;
+      c.n_routed_experts = 4;
+      c.n_shared_experts = 1;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = 8;
+      c.n_group = 1;
+      c.topk_group = 1;
+      c.topk_method = "noaux_tc";
+      c.scoring_func = "sigmoid";
+      c.first_k_dense_replace = 1;
+      c.num_nextn_predict_layers = 1;
+    }
+    c.validate();
+    rhine::nn::CausalLMOptions mo;
+    mo.init_seed = 5;
+    rhine::nn::CausalLM lm(c, mo);
+    {
+      at::NoGradGuard g;
+      for (auto& [name, b] : lm->state_buffers()) b.copy_(at::randn(b.sizes()));  // router biases != 0
+    }
+    rhine::test::TempDir dir("row_shards_export");
+    const std::string step = dir.file("step");
+    std::filesystem::create_directories(step);
+    std::map<std::string, at::Tensor> params, buffers;
+    for (const auto& p : lm->named_parameters()) params[p.key()] = p.value().detach();
+    for (const auto& [name, b] : lm->state_buffers()) buffers[name] = b;
+    write_sharded(step, params, 3);
+    rhine::save_safetensors(step + "/buffers.safetensors", buffers);
+    lm->config().save(step + "/config.json");
+    for (const bool bf16 : {false, true}) {
+      rhine::io::ExportOptions eo;
+      eo.max_shard_bytes = 3000;  // several output shards: streamed one at a time
+      if (bf16) eo.dtype = at::kBFloat16;
+      const std::string a = dir.file(bf16 ? "a16" : "a32"), b = dir.file(bf16 ? "b16" : "b32");
+      rhine::io::export_row_shards_to_hf(step, a, eo);
+      rhine::io::save_hf_model(lm, b, eo);
+      CHECK(std::filesystem::exists(a + "/model.safetensors.index.json"));
+      const auto ta = rhine::load_safetensors(a), tb = rhine::load_safetensors(b);
+      REQUIRE(ta.size() == tb.size());
+      for (const auto& [name, t] : tb) {
+        INFO(name);
+        REQUIRE(ta.count(name));
+        CHECK(ta.at(name).scalar_type() == t.scalar_type());
+        CHECK(ta.at(name).equal(t));
+      }
+      CHECK(rhine::read_json_file(a + "/config.json", "test") == rhine::read_json_file(b + "/config.json", "test"));
+    }
+  }
+  rhine::test::TempDir plain("row_shards_export_plain");
+  CHECK_THROWS_WITH(rhine::io::export_row_shards_to_hf(plain.path, plain.file("out")), Contains("[hf"));
 }

@@ -17,7 +17,8 @@
 #     sharded) gives the losses of two ranks without it;
 #  7. rhine-train with "parallel": {"zero": 3} (FSDP) on two ranks gives them
 #     too; on four ranks it follows them to 1e-4 (another float summation
-#     order), and so do four FSDP ranks resuming the two-rank checkpoint.
+#     order), and so do four FSDP ranks resuming the two-rank checkpoint;
+#     rhine-convert exports the sharded checkpoint to a valid HF directory.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -172,4 +173,10 @@ for path, tol in [(sys.argv[2], 1e-5), (sys.argv[3], 1e-4), (sys.argv[4], 1e-4)]
         assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (path, k, got[k], ref[k])
 print("FSDP losses follow plain data parallel (2 ranks to 1e-5; 4 ranks, and 2 -> 4 ranks resumed, to 1e-4)")
 PY
+# The 4-rank sharded checkpoint exports to an HF directory (tensor by tensor) that passes the checker.
+"$build/tools/rhine-convert" rhine-to-hf --checkpoint resume4/checkpoints --out resume4-hf > convert.txt 2>&1 \
+  || fail "rhine-convert of a sharded checkpoint: $(tail -3 convert.txt)"
+grep -q "sharded checkpoint" convert.txt || fail "the sharded path was not taken: $(cat convert.txt)"
+r=$($check model resume4-hf)
+python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
 echo "PASS"

@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -225,5 +226,15 @@ std::string serialize_safetensors(const std::vector<SafetensorsTensor>& tensors,
 std::vector<std::string> write_safetensors_checkpoint(const std::string& dir,
                                                       const std::vector<SafetensorsTensor>& tensors,
                                                       const SafetensorsWriteOptions& options = {});
+
+/// As above for tensors too large to hold at once: `specs` give every tensor's
+/// name, dtype, shape and nbytes (their data is ignored); `load(first, last)`
+/// is called once per shard, in order, and returns tensors [first, last) of
+/// `specs` with data that stays valid until the next call. Only one shard's
+/// data is needed at a time.
+std::vector<std::string> write_safetensors_checkpoint(
+    const std::string& dir, const std::vector<SafetensorsTensor>& specs,
+    const std::function<std::vector<SafetensorsTensor>(std::size_t first, std::size_t last)>& load,
+    const SafetensorsWriteOptions& options = {});
 
 }  // namespace rhine

@@ -116,6 +116,16 @@ struct ExportOptions {
 std::vector<std::string> save_hf_model(nn::CausalLM& model, const std::filesystem::path& dir,
                                        const ExportOptions& options = {});
 
+/// Exports a row-sharded training checkpoint (rhine/io/row_shards.h: the
+/// step directory of an FSDP run) as an HF directory `dir`, tensor by tensor:
+/// each output shard's tensors are read through the memory mapping, written
+/// and released before the next shard, so no process holds the whole model.
+/// Tensors, names and config equal what save_hf_model writes for the same
+/// weights (the MTP modules' embedding and head copies included). Throws
+/// rhine::Error "[hf_export] ..." for a directory without shards.json.
+std::vector<std::string> export_row_shards_to_hf(const std::filesystem::path& step_dir,
+                                                 const std::filesystem::path& dir, const ExportOptions& options = {});
+
 /// The HF spelling of a dtype ("float32", "bfloat16", "float16", "float64").
 std::string hf_dtype_name(at::ScalarType dtype);
 /// The dtype of an HF spelling ("float32", "bfloat16", "bf16", "fp16", ...); throws for others.

@@ -79,6 +79,8 @@ class RowReader {
   bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
   /// The whole shape of `name`; throws when absent.
   const std::vector<std::int64_t>& shape(const std::string& name) const;
+  /// The stored dtype of `name`.
+  at::ScalarType dtype(const std::string& name) const;
   /// Rows of `name` (1 for a scalar).
   std::int64_t num_rows(const std::string& name) const;
   /// Rows [begin, end) of `name` as a new contiguous CPU tensor of the stored

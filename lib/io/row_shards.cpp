@@ -97,6 +97,15 @@ void write_row_index(const std::string& dir, const std::vector<Json>& descriptor
 }
 
 RowReader RowReader::open(const std::string& path) {
+  try {
+    return open_unchecked(path);
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type or missing
+    RHINE_FAIL(kComponent, "malformed row-shard index in " + path + ":", e.what(),
+               "the checkpoint is damaged; resume from another one");
+  }
+}
+
+RowReader RowReader::open_unchecked(const std::string& path) {
   RowReader r;
   r.source_ = path;
   const fs::path index = fs::path(path) / kIndex;
@@ -120,6 +129,11 @@ RowReader RowReader::open(const std::string& path) {
         Piece piece{f, p.at("rows")[0].get<std::int64_t>(), p.at("rows")[1].get<std::int64_t>()};
         RHINE_CHECK(piece.begin == next && piece.end > piece.begin && f->contains(name), kComponent,
                     "damaged row-shard index: pieces of " + name + " do not tile its rows, or " + file + " lacks it",
+                    index.string(), "the checkpoint is damaged; resume from another one");
+        std::vector<std::int64_t> stored = entry.shape;
+        if (!stored.empty()) stored[0] = piece.end - piece.begin;
+        RHINE_CHECK(f->at(name).shape() == stored, kComponent,
+                    "damaged row-shard index: " + file + " holds " + name + " in another shape than its rows",
                     index.string(), "the checkpoint is damaged; resume from another one");
         next = piece.end;
         entry.pieces.push_back(piece);

@@ -94,6 +94,16 @@ TEST_CASE("Row shards refuse overlapping, missing and inconsistent pieces", "[ro
   idx["tensors"]["w"]["pieces"].erase(1);
   std::ofstream(dir.file("shards.json")) << idx.dump();
   CHECK_THROWS_WITH(RowReader::open(d), Contains("damaged") && Contains("w"));
+  // Fields of the wrong type, pieces naming files outside the directory: [row_shards] errors.
+  for (const std::string bad : {R"({"format": "rhine-row-shards", "version": 1, "tensors": {"w": {"shape": "x"}}})",
+                                R"({"format": "rhine-row-shards", "version": 1, "tensors": {"w": {"shape": [4, 3], "pieces": [{"file": "../x", "rows": [0, 4]}]}}})",
+                                R"({"format": "rhine-row-shards", "version": 1, "tensors": {"w": {"shape": [4, 3], "pieces": [{"rows": [0]}]}}})",
+                                R"({"format": "rhine-row-shards", "version": 1, "tensors": {"w": {"shape": [5, 3], "pieces": [{"file": "shard-00000-of-00002.safetensors", "rows": [0, 5]}]}}})",
+                                R"({"format": "other"})", R"([1, 2])"}) {
+    INFO(bad);
+    std::ofstream(dir.file("shards.json")) << bad;
+    CHECK_THROWS_WITH(RowReader::open(d), Contains("[row_shards]"));
+  }
 }
 
 TEST_CASE("A row-sharded checkpoint exports to the HF directory save_hf_model writes, tensor by tensor", "[row_shards]") {

@@ -94,6 +94,7 @@ class RowReader {
   bool row_sharded() const { return row_sharded_; }
 
  private:
+  static RowReader open_unchecked(const std::string& path);
   struct Piece {
     std::shared_ptr<const SafetensorsFile> file;
     std::int64_t begin = 0, end = 0;

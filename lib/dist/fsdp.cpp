@@ -110,8 +110,13 @@ struct FSDP::State : nn::ForwardHooks {
     for (std::size_t i : unit.params) {
       Param& p = params[i];
       alloc_storage(p.var);
-      at::Tensor rows = all.narrow(1, p.off, p.rpr * p.inner).reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows);
-      p.var.variable_data().view({p.rows, p.inner}).copy_(rows);
+      // Rank r's padded rows sit at [r, off, off + rpr * inner) of the gathered buffer.
+      const at::Tensor per_rank = all.narrow(1, p.off, p.rpr * p.inner).view({n, p.rpr, p.inner});
+      at::Tensor dst = p.var.variable_data();
+      if (p.rows == n * p.rpr)  // rows divide evenly: one strided copy
+        dst.view({n, p.rpr, p.inner}).copy_(per_rank);
+      else
+        dst.view({p.rows, p.inner}).copy_(per_rank.reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows));
     }
     unit.send = unit.recv = at::Tensor();
     unit.gathering = false;

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <fmt/format.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -15,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <numeric>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -462,6 +464,34 @@ void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, Redu
     flat_out.copy_(all.chunk(world_size_)[static_cast<std::size_t>(rank_)]);
   }
   if (op == ReduceOp::kAvg) flat_out.div_(world_size_);
+}
+
+void World::all_to_all_single(at::Tensor& out, const at::Tensor& input, const std::vector<std::int64_t>& out_splits,
+                              const std::vector<std::int64_t>& in_splits) {
+  check_device_tensor(out, "all_to_all_single");
+  check_device_tensor(input, "all_to_all_single");
+  auto sum = [](const std::vector<std::int64_t>& v) { return std::accumulate(v.begin(), v.end(), std::int64_t{0}); };
+  const auto rows = [](const at::Tensor& t) { return t.dim() == 0 ? std::int64_t{1} : t.size(0); };
+  RHINE_CHECK(static_cast<int>(out_splits.size()) == world_size_ && static_cast<int>(in_splits.size()) == world_size_ &&
+                  sum(out_splits) == rows(out) && sum(in_splits) == rows(input) &&
+                  out.scalar_type() == input.scalar_type(),
+              kComponent, "all_to_all_single needs world_size splits summing to the rows of out and input, got",
+              fmt::format("out {} rows, splits [{}]; input {} rows, splits [{}]", rows(out), fmt::join(out_splits, ", "),
+                          rows(input), fmt::join(in_splits, ", ")),
+              "split dim 0 into one count per rank, and allocate out with the rows the others send");
+  if (!impl_) {
+    out.copy_(input);
+    return;
+  }
+  std::vector<std::int64_t> outs = out_splits, ins = in_splits;
+  at::Tensor in = input;  // alltoall_base takes non-const references
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = impl_->device_group->alltoall_base(out, in, outs, ins);
+  } catch (const std::exception& e) {
+    throw_collective_error("all_to_all_single", rank_, world_size_, options_.timeout, e);
+  }
+  wait_work(work, "all_to_all_single", rank_, world_size_, options_.timeout);
 }
 
 void World::host_all_reduce_(at::Tensor& tensor, ReduceOp op) {

@@ -19,6 +19,8 @@
 // PREFIX.rank<r>.json (buckets, overlapped buckets per step, losses, hash) or,
 // on a rhine::Error, PREFIX.rank<r>.err with its message (exit code 3).
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/from_blob.h>
 #include <torch/nn/module.h>
 #include <unistd.h>
@@ -148,6 +150,21 @@ void check_collectives(rhine::dist::World& world) {
   world.all_gather_into_tensor(into, filled(r));
   for (int k = 0; k < n; ++k)
     RHINE_CHECK(into.narrow(0, 3 * k, 3).equal(filled(k)), "dist_worker", "all_gather_into_tensor part", k, "");
+  // all_to_all_single with uneven splits: rank r sends k + 1 rows [100r + 10k + j, 2 columns] to rank k.
+  {
+    std::vector<int64_t> in_splits, out_splits;
+    std::vector<at::Tensor> send, want;
+    for (int k = 0; k < n; ++k) {
+      in_splits.push_back(k + 1);
+      out_splits.push_back(r + 1);
+      send.push_back(at::arange(k + 1, at::kFloat).add(100.0 * r + 10.0 * k).unsqueeze(1).repeat({1, 2}));
+      want.push_back(at::arange(r + 1, at::kFloat).add(100.0 * k + 10.0 * r).unsqueeze(1).repeat({1, 2}));
+    }
+    at::Tensor in = world.to_device(at::cat(send));
+    at::Tensor out = world.to_device(at::zeros({n * (r + 1), 2}, at::kFloat));
+    world.all_to_all_single(out, in, out_splits, in_splits);
+    RHINE_CHECK(out.equal(at::cat(want)), "dist_worker", "all_to_all_single result on rank", r, "");
+  }
   // Host group: uneven byte strings and a broadcast.
   const auto texts = world.host_all_gather_bytes(std::string(static_cast<size_t>(r + 1), char('a' + r)));
   for (int k = 0; k < n; ++k)

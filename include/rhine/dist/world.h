@@ -180,6 +180,15 @@ class World {
   void reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input,
                              ReduceOp op = ReduceOp::kSum);
 
+  /// All-to-all with uneven splits along dim 0 (expert parallelism's token
+  /// dispatch): this rank sends rows [sum(in_splits[:r]), + in_splits[r]) of
+  /// `input` to rank r and receives rank r's rows for it into the next
+  /// out_splits[r] rows of `out`, in rank order. Other dims equal everywhere;
+  /// in_splits/out_splits have world_size entries summing to the rows of
+  /// `input`/`out`. c10d's alltoall_base (Gloo in 1.13 and 2.x, NCCL).
+  void all_to_all_single(at::Tensor& out, const at::Tensor& input, const std::vector<std::int64_t>& out_splits,
+                         const std::vector<std::int64_t>& in_splits);
+
   // --- host group (CPU tensors: scalars, counts, descriptors) ------------------
   /// Waits until every rank reached this point.
   void barrier();

@@ -8,6 +8,7 @@
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps
+//               [--sleep-rank R --sleep-after K]   rank R stalls (60 s) after K steps
 //               [--save-at K --ckpt-dir D]  after K steps, save a row-sharded
 //                                          checkpoint (parameters, optimizer, buffers)
 //               [--resume DIR]             start from such a checkpoint (any layout wrote it)
@@ -29,6 +30,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "rhine/core/error.h"
@@ -52,7 +54,7 @@ struct Args {
   bool reshard = true, prefetch = true, param_bf16 = false, autocast = false, ckpt = false;
   double clip = 0.0;
   long timeout_ms = 20000;
-  int die_rank = -1, die_after = 0;
+  int die_rank = -1, die_after = 0, sleep_rank = -1, sleep_after = 0;
   int save_at = -1;
   std::string ckpt_dir, resume;
 };
@@ -82,6 +84,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--timeout-ms") a.timeout_ms = std::stol(next());
     else if (k == "--die-rank") a.die_rank = std::stoi(next());
     else if (k == "--die-after") a.die_after = std::stoi(next());
+    else if (k == "--sleep-rank") a.sleep_rank = std::stoi(next());
+    else if (k == "--sleep-after") a.sleep_after = std::stoi(next());
     else if (k == "--save-at") a.save_at = std::stoi(next());
     else if (k == "--ckpt-dir") a.ckpt_dir = next();
     else if (k == "--resume") a.resume = next();
@@ -267,6 +271,7 @@ int run(const Args& a) {
     for (int step = first; step < a.steps; ++step) {
       if (step == a.save_at) save(world, lm, fsdp.get(), opt, model_params, a.ckpt_dir, step);
       if (rank == a.die_rank && step == a.die_after) std::_Exit(0);
+      if (rank == a.sleep_rank && step == a.sleep_after) std::this_thread::sleep_for(std::chrono::seconds(60));
       double loss_sum = 0;
       at::Tensor counts;
       for (int micro = 0; micro < a.accum; ++micro) {

@@ -10,6 +10,7 @@
 // same layout are bitwise equal.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -130,7 +131,7 @@ TEST_CASE("FSDP in bf16: autocast equals data parallel bitwise; bf16 gathers tra
   CHECK(rel > 1e-3);  // really another precision
 }
 
-TEST_CASE("FSDP: a rank that dies gives every other rank the clear timeout error", "[fsdp]") {
+TEST_CASE("FSDP: a rank that dies or stalls gives the others the clear [dist] error", "[fsdp]") {
   rhine::test::TempDir dir("fsdp_dead");
   auto exits = run(dir, "dead", 2, {"--steps", "3", "--die-rank", "1", "--die-after", "1", "--timeout-ms", "3000"}, 60);
   REQUIRE(exits.size() == 2);
@@ -138,6 +139,17 @@ TEST_CASE("FSDP: a rank that dies gives every other rank the clear timeout error
   const std::string err = slurp(dir.file("dead") + ".rank0.err");
   INFO(err);
   CHECK(err.find("[dist]") != std::string::npos);
+  // A stalled rank: the other one times out (3 s) instead of hanging.
+  const auto t0 = std::chrono::steady_clock::now();
+  exits = rhine::test::run_ranks(RHINE_FSDP_WORKER, dir, "stall", 2,
+                                 {"--steps", "3", "--sleep-rank", "1", "--sleep-after", "1", "--timeout-ms", "3000"},
+                                 60, /*kill_after_first=*/true);
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 40);
+  CHECK(exits[0].code == 3);
+  const std::string stalled = slurp(dir.file("stall") + ".rank0.err");
+  INFO(stalled);
+  CHECK(stalled.find("[dist]") != std::string::npos);
+  CHECK(stalled.find("timed out") != std::string::npos);
 }
 
 TEST_CASE("Sharded checkpoints reshard: FSDP 4 -> 2 -> 1 process, and one process -> FSDP 4", "[fsdp]") {

@@ -29,6 +29,12 @@
 ///     trainer.json           step, optimizer scalars, loader position, skip-guard windows,
 ///                            tokens seen per language, elapsed time
 ///
+/// Under FSDP (set_fsdp) nothing is gathered: model.safetensors and
+/// optimizer.safetensors give way to one shard-RRRRR-of-NNNNN.safetensors per
+/// rank (its rows of every parameter and optimizer slot) plus shards.json,
+/// and buffers.safetensors holds the router biases and the RNG (see
+/// docs/parallel.md). Either kind loads into either kind of run.
+///
 /// Resume is exact on CPU: with the same thread count, resuming from step k
 /// gives bitwise the losses and parameters of an uninterrupted run
 /// (tests/train/test_trainer.cpp checks it with kill -9).

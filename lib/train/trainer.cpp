@@ -316,6 +316,18 @@ fs::path Trainer::save_checkpoint() {
   return path;
 }
 
+void Trainer::restore_run_state(const Json& state, const fs::path& dir) {
+  loader_.load_state(state.at("loader").get<std::string>());
+  guard_.load_state(state.at("skip_guard"));
+  step_ = state.at("step").get<std::int64_t>();
+  elapsed_before_ = state.at("elapsed_seconds").get<double>();
+  tokens_per_language_.clear();
+  for (const auto& [l, n] : state.at("tokens_per_language").items()) tokens_per_language_[l] = n.get<std::int64_t>();
+  consecutive_skips_ = 0;
+  files_->last_checkpoint_step = step_;
+  if (callbacks_.load_extra) callbacks_.load_extra(dir);
+}
+
 fs::path Trainer::save_sharded_checkpoint() {
   // Rank 0 opens the temporary directory; every rank writes its rows into it;
   // rank 0 adds the rest and commits (a killed save leaves no step-N).
@@ -397,15 +409,7 @@ void Trainer::load_sharded_checkpoint(const fs::path& dir) {
         return slot_reader.whole(prefix + key).to(device);
       }));
   }
-  loader_.load_state(state.at("loader").get<std::string>());
-  guard_.load_state(state.at("skip_guard"));
-  step_ = state.at("step").get<std::int64_t>();
-  elapsed_before_ = state.at("elapsed_seconds").get<double>();
-  tokens_per_language_.clear();
-  for (const auto& [l, n] : state.at("tokens_per_language").items()) tokens_per_language_[l] = n.get<std::int64_t>();
-  consecutive_skips_ = 0;
-  files_->last_checkpoint_step = step_;
-  if (callbacks_.load_extra) callbacks_.load_extra(dir);
+  restore_run_state(state, dir);
 }
 
 void Trainer::load_checkpoint(const fs::path& dir) {
@@ -448,15 +452,7 @@ void Trainer::load_checkpoint(const fs::path& dir) {
   } else {
     optimizer_->load_state_dict(opt);
   }
-  loader_.load_state(state.at("loader").get<std::string>());
-  guard_.load_state(state.at("skip_guard"));
-  step_ = state.at("step").get<std::int64_t>();
-  elapsed_before_ = state.at("elapsed_seconds").get<double>();
-  tokens_per_language_.clear();
-  for (const auto& [l, n] : state.at("tokens_per_language").items()) tokens_per_language_[l] = n.get<std::int64_t>();
-  consecutive_skips_ = 0;
-  files_->last_checkpoint_step = step_;
-  if (callbacks_.load_extra) callbacks_.load_extra(dir);
+  restore_run_state(state, dir);
 }
 
 // --- one optimizer step ------------------------------------------------------

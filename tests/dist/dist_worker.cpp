@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "global_batch.h"
 #include "rhine/core/error.h"
 #include "rhine/core/json.h"
 #include "rhine/dist/grad_sync.h"
@@ -102,15 +103,6 @@ rhine::nn::ModelConfig tiny_config() {
   c.rms_norm_eps = 1e-5;
   c.max_position_embeddings = 64;
   return c;
-}
-
-/// Token t of row i of the fixed global batch (B rows of T + 1 tokens).
-int64_t token(int64_t i, int64_t t, int64_t vocab) {
-  uint64_t x = static_cast<uint64_t>(i) * 1000003u + static_cast<uint64_t>(t) * 7919u + 12345u;
-  x ^= x >> 13;
-  x *= 0x9E3779B97F4A7C15ull;
-  x ^= x >> 29;
-  return static_cast<int64_t>(x % static_cast<uint64_t>(vocab));
 }
 
 /// Checks each World collective against values every rank can compute.
@@ -214,10 +206,7 @@ int run(const Args& a) {
     RHINE_CHECK(a.batch % (n * a.accum) == 0, "dist_worker", "batch must split over ranks and micro-steps",
                 a.batch, "");
     const int64_t b = a.batch / n, T = a.seq;
-    std::vector<int64_t> rows(static_cast<size_t>(b * (T + 1)));
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t t = 0; t <= T; ++t) rows[static_cast<size_t>(i * (T + 1) + t)] = token(rank * b + i, t, cfg.vocab_size);
-    at::Tensor data = at::from_blob(rows.data(), {b, T + 1}, at::kLong).clone();  // [b, T+1]
+    at::Tensor data = rhine::test::global_batch_rows(rank * b, b, T, cfg.vocab_size);  // [b, T+1]
 
     rhine::AdamWOptions ao;
     ao.lr = 1e-2;

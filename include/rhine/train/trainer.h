@@ -250,6 +250,8 @@ class Trainer {
   OptimizerState gather_optimizer_state();
   std::filesystem::path save_sharded_checkpoint();
   void load_sharded_checkpoint(const std::filesystem::path& dir);
+  /// trainer.json's loader position, skip guard, step, time and token counts.
+  void restore_run_state(const Json& state, const std::filesystem::path& dir);
   bool is_main() const;
   int world_size() const;
   /// Sums `values` over ranks in place (no-op for one process).

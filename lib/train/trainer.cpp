@@ -297,23 +297,26 @@ fs::path Trainer::save_checkpoint() {
   save_safetensors(w.path("model.safetensors"), model_state(model_));
   opt.tensors["rng/cpu"] = cpu_rng_state();
   save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
-  Json langs = Json::object();
-  for (const auto& [l, n] : tokens_per_language_) langs[l] = n;
-  Json state = {{"step", step_},
-                {"optimizer", opt.meta},
-                {"loader", loader_.state()},
-                {"skip_guard", guard_.state()},
-                {"elapsed_seconds", elapsed_before_},
-                {"tokens_per_language", langs},
-                {"max_steps", o_.max_steps},
-                {"grad_accum", o_.grad_accum}};
-  write_json_file(w.path("trainer.json"), state);
+  write_json_file(w.path("trainer.json"), run_state_json(opt.meta));
   if (callbacks_.save_extra) callbacks_.save_extra(w);
   const auto path = w.commit();
   barrier();
   files_->last_checkpoint_step = step_;
   if (callbacks_.on_checkpoint) callbacks_.on_checkpoint(path);
   return path;
+}
+
+Json Trainer::run_state_json(const Json& optimizer_meta) const {
+  Json langs = Json::object();
+  for (const auto& [l, n] : tokens_per_language_) langs[l] = n;
+  return {{"step", step_},
+          {"optimizer", optimizer_meta},
+          {"loader", loader_.state()},
+          {"skip_guard", guard_.state()},
+          {"elapsed_seconds", elapsed_before_},
+          {"tokens_per_language", langs},
+          {"max_steps", o_.max_steps},
+          {"grad_accum", o_.grad_accum}};
 }
 
 void Trainer::restore_run_state(const Json& state, const fs::path& dir) {
@@ -345,17 +348,8 @@ fs::path Trainer::save_sharded_checkpoint() {
   for (const auto& [name, b] : model_->state_buffers()) extra[name] = b.detach();
   extra["rng/cpu"] = cpu_rng_state();
   save_safetensors(w->path("buffers.safetensors"), extra);
-  Json langs = Json::object();
-  for (const auto& [l, n] : tokens_per_language_) langs[l] = n;
-  Json state = {{"step", step_},
-                {"optimizer", "shards.json"},
-                {"layout", {{"kind", "fsdp"}, {"world_size", world_size()}, {"zero_stage", fsdp_->options().zero_stage}}},
-                {"loader", loader_.state()},
-                {"skip_guard", guard_.state()},
-                {"elapsed_seconds", elapsed_before_},
-                {"tokens_per_language", langs},
-                {"max_steps", o_.max_steps},
-                {"grad_accum", o_.grad_accum}};
+  Json state = run_state_json("shards.json");
+  state["layout"] = {{"kind", "fsdp"}, {"world_size", world_size()}, {"zero_stage", fsdp_->options().zero_stage}};
   write_json_file(w->path("trainer.json"), state);
   if (callbacks_.save_extra) callbacks_.save_extra(*w);
   const auto path = w->commit();

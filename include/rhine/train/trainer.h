@@ -250,7 +250,9 @@ class Trainer {
   OptimizerState gather_optimizer_state();
   std::filesystem::path save_sharded_checkpoint();
   void load_sharded_checkpoint(const std::filesystem::path& dir);
-  /// trainer.json's loader position, skip guard, step, time and token counts.
+  /// trainer.json: step, `optimizer_meta`, loader position, skip guard, time, token counts.
+  Json run_state_json(const Json& optimizer_meta) const;
+  /// Restores what run_state_json wrote (all but the optimizer).
   void restore_run_state(const Json& state, const std::filesystem::path& dir);
   bool is_main() const;
   int world_size() const;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "rhine/core/error.h"
@@ -58,6 +59,8 @@ struct FSDP::State : nn::ForwardHooks {
     std::vector<std::int64_t> shape;
     std::int64_t rows = 1, inner = 1, rpr = 1;  ///< rows, elements per row, rows per rank
     std::int64_t own_rows = 0;                  ///< rows this rank holds (may be 0)
+    std::int64_t row_begin = 0;                 ///< its first row: rank * rpr
+    std::size_t unit = 0;                       ///< index into units
     bool trainable = false;
     std::int64_t off = 0;   ///< offset of its padded shard in the unit's shard buffer
     std::int64_t goff = 0;  ///< offset in the unit's gradient chunk (trainable only)
@@ -126,6 +129,12 @@ struct FSDP::State : nn::ForwardHooks {
     mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
   }
 
+  /// Every unit, all gathers in flight at once (ZeRO-2's replicated parameters).
+  void gather_all() {
+    for (std::size_t u = 0; u < units.size(); ++u) launch_gather(u);
+    for (std::size_t u = 0; u < units.size(); ++u) complete_gather(u);
+  }
+
   void release(std::size_t u) {
     Unit& unit = units[u];
     if (unit.gathering) complete_gather(u);  // an unused prefetch
@@ -137,22 +146,28 @@ struct FSDP::State : nn::ForwardHooks {
 
   // --- gradients ----------------------------------------------------------------
 
+  /// p's full gradient so far in fp32: the no_sync accumulator plus .grad
+  /// (both reset: the result is the caller's); undefined when there is none.
+  at::Tensor take_gradient(Param& p) {
+    at::Tensor g = p.var.grad();
+    p.var.mutable_grad() = at::Tensor();
+    if (g.defined()) g = g.to(c10::kFloat);  // AccumulateGrad's tensor (or its fp32 copy)
+    at::Tensor acc = std::move(p.acc);
+    p.acc = at::Tensor();
+    if (!acc.defined()) return g;
+    mem.full_grad_elements -= acc.numel();
+    return g.defined() ? acc.add_(g) : acc;
+  }
+
   void reduce(std::size_t u) {
     Unit& unit = units[u];
     at::NoGradGuard no_grad;
-    std::int64_t full = 0;
     if (!sync) {  // accumulate locally in fp32
       for (std::size_t i : unit.params) {
         Param& p = params[i];
-        if (!p.trainable || !p.var.grad().defined()) continue;
-        at::Tensor g = p.var.grad().to(c10::kFloat);
-        if (p.acc.defined()) {
-          p.acc.add_(g);
-        } else {
-          p.acc = g;  // AccumulateGrad's tensor (or its fp32 copy): ours once .grad is reset
-          mem.full_grad_elements += p.acc.numel();
-        }
-        p.var.mutable_grad() = at::Tensor();
+        if (!p.trainable) continue;
+        p.acc = take_gradient(p);
+        if (p.acc.defined()) mem.full_grad_elements += p.acc.numel();
       }
       mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements);
       return;
@@ -164,25 +179,16 @@ struct FSDP::State : nn::ForwardHooks {
     const auto f32 = unit.shards.options().dtype(c10::kFloat);
     at::Tensor send = world->to_device(at::zeros({n * unit.gchunk}, f32));
     const at::Tensor send2 = send.view({n, unit.gchunk});
+    std::int64_t full = 0;  // full-size gradient elements held for this reduce-scatter
     for (std::size_t i : unit.params) {
       Param& p = params[i];
       if (!p.trainable) continue;
-      at::Tensor g = p.var.grad();
-      if (g.defined()) {
-        g = g.to(c10::kFloat);
-        full += g.numel();
-        if (p.acc.defined()) g = p.acc.add_(g);
-      } else if (p.acc.defined()) {
-        g = p.acc;
-      } else {
-        continue;  // no gradient anywhere on this rank: zeros
-      }
+      at::Tensor g = take_gradient(p);
+      if (!g.defined()) continue;  // no gradient anywhere on this rank: zeros
+      full += g.numel();
       at::Tensor g2 = g.reshape({p.rows, p.inner});
       if (n * p.rpr != p.rows) g2 = at::constant_pad_nd(g2, {0, 0, 0, n * p.rpr - p.rows});
       send2.narrow(1, p.goff, p.rpr * p.inner).view({n, p.rpr, p.inner}).copy_(g2.view({n, p.rpr, p.inner}));
-      p.var.mutable_grad() = at::Tensor();
-      if (p.acc.defined()) mem.full_grad_elements -= p.acc.numel();
-      p.acc = at::Tensor();
     }
     mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements + full);
     at::Tensor out = world->to_device(at::empty({unit.gchunk}, f32));
@@ -227,8 +233,7 @@ struct FSDP::State : nn::ForwardHooks {
       if (n > 1) stale = world->host_sum({stale})[0];
       if (stale > 0) {
         for (std::size_t u = 0; u < units.size(); ++u) release(u);
-        for (std::size_t u = 0; u < units.size(); ++u) launch_gather(u);
-        for (std::size_t u = 0; u < units.size(); ++u) complete_gather(u);
+        gather_all();
       }
       return;
     }
@@ -354,7 +359,9 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     p.rows = p.shape.empty() ? 1 : p.shape[0];
     p.inner = p.rows == 0 ? 0 : p.var.numel() / p.rows;
     p.rpr = std::max<std::int64_t>(1, ceil_div(p.rows, s.n));
-    p.own_rows = std::clamp<std::int64_t>(p.rows - s.rank * p.rpr, 0, p.rpr);
+    p.row_begin = s.rank * p.rpr;
+    p.own_rows = std::clamp<std::int64_t>(p.rows - p.row_begin, 0, p.rpr);
+    p.unit = u;
     p.trainable = p.var.requires_grad();
     s.by_name[name] = s.params.size();
     s.units[u].params.push_back(s.params.size());
@@ -383,7 +390,7 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
       at::Tensor padded = unit.shards.narrow(0, p.off, p.rpr * p.inner).view({p.rpr, p.inner});
       if (p.own_rows > 0)
         padded.narrow(0, 0, p.own_rows)
-            .copy_(p.var.detach().reshape({p.rows, p.inner}).narrow(0, s.rank * p.rpr, p.own_rows));
+            .copy_(p.var.detach().reshape({p.rows, p.inner}).narrow(0, p.row_begin, p.own_rows));
       std::vector<std::int64_t> shard_shape = p.shape;
       if (shard_shape.empty())
         shard_shape = {p.own_rows};  // a scalar: one row
@@ -399,10 +406,7 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   }
   model->tie_mtp_weights();  // the MTP aliases follow the parameters' new storage
   model->set_forward_hooks(state_);
-  if (options.zero_stage == 2) {
-    for (std::size_t u = 0; u < s.units.size(); ++u) s.launch_gather(u);
-    for (std::size_t u = 0; u < s.units.size(); ++u) s.complete_gather(u);
-  }
+  if (options.zero_stage == 2) s.gather_all();
 }
 
 FSDP::~FSDP() {
@@ -466,12 +470,8 @@ at::Tensor FSDP::full_parameter(const std::string& name) {
   auto it = s.by_name.find(name);
   RHINE_CHECK(it != s.by_name.end(), kComponent, "no parameter named", name, "see parameter_names()");
   const auto& p = s.params[it->second];
-  std::size_t u = 0;
-  for (; u < s.units.size(); ++u)
-    if (std::find(s.units[u].params.begin(), s.units[u].params.end(), it->second) != s.units[u].params.end())
-      break;
   at::NoGradGuard no_grad;
-  at::Tensor mine = s.units[u].shards.narrow(0, p.off, p.rpr * p.inner);
+  at::Tensor mine = s.units[p.unit].shards.narrow(0, p.off, p.rpr * p.inner);
   at::Tensor all = s.world->device_zeros(s.n * p.rpr * p.inner, c10::kFloat);
   s.world->all_gather_into_tensor(all, mine);
   return all.view({s.n * p.rpr, p.inner}).narrow(0, 0, p.rows).reshape(p.shape).clone();
@@ -502,29 +502,41 @@ void FSDP::unshard() {
   s.model = nn::CausalLM(nullptr);
 }
 
-std::vector<io::RowPiece> FSDP::state_pieces(const Optimizer* optimizer) const {
-  const State& s = *state_;
+namespace {
+
+/// This rank's rows of every parameter and of `optimizer` (nullptr: none).
+std::vector<io::RowPiece> pieces_of(const FSDP::State& s, const OptimizerState* optimizer) {
   std::vector<io::RowPiece> pieces;
   for (const auto& p : s.params)
-    if (p.own_rows > 0) pieces.push_back({p.name, p.shard.detach(), p.shape, s.rank * p.rpr});
+    if (p.own_rows > 0) pieces.push_back({p.name, p.shard.detach(), p.shape, p.row_begin});
   if (optimizer != nullptr) {
-    for (const auto& [key, t] : optimizer->state_dict().tensors) {
+    for (const auto& [key, t] : optimizer->tensors) {
       const auto it = s.by_name.find(key.substr(0, key.rfind('/')));
       RHINE_CHECK(it != s.by_name.end(), kComponent, "optimizer state for a parameter FSDP does not shard", key,
                   "build the optimizer over FSDP::parameters()");
       const auto& p = s.params[it->second];
       RHINE_CHECK(t.sizes() == p.shard.sizes(), kComponent, "optimizer slot not of its shard's shape", key,
                   "only elementwise optimizer state can be resharded");
-      pieces.push_back({"optim/" + key, t, p.shape, s.rank * p.rpr});
+      pieces.push_back({"optim/" + key, t, p.shape, p.row_begin});
     }
   }
   return pieces;
 }
 
+}  // namespace
+
+std::vector<io::RowPiece> FSDP::state_pieces(const Optimizer* optimizer) const {
+  if (optimizer == nullptr) return pieces_of(*state_, nullptr);
+  const OptimizerState st = optimizer->state_dict();
+  return pieces_of(*state_, &st);
+}
+
 void FSDP::save(const std::string& dir, const Optimizer* optimizer, const Json& meta) {
   State& s = *state_;
-  const Json desc = io::write_row_shard(dir, s.rank, s.n, state_pieces(optimizer));
-  const Json mine = {{"desc", desc}, {"optimizer", optimizer ? optimizer->state_dict().meta : Json()}};
+  std::optional<OptimizerState> st;  // taken once: its tensors are copies
+  if (optimizer != nullptr) st = optimizer->state_dict();
+  const Json desc = io::write_row_shard(dir, s.rank, s.n, pieces_of(s, st ? &*st : nullptr));
+  const Json mine = {{"desc", desc}, {"optimizer", st ? st->meta : Json()}};
   std::vector<Json> descs, metas;
   for (const auto& text : s.world->host_all_gather_bytes(mine.dump())) {
     Json j = Json::parse(text);
@@ -548,23 +560,20 @@ void FSDP::load_parameters(const io::RowReader& reader) {
     RHINE_CHECK(reader.shape(p.name) == p.shape, kComponent, "the checkpoint's shape differs for " + p.name,
                 c10::str(c10::IntArrayRef(reader.shape(p.name))), "expected " + c10::str(c10::IntArrayRef(p.shape)));
     if (p.own_rows == 0) continue;
-    const std::int64_t begin = s.rank * p.rpr;
-    p.shard.copy_(reader.rows(p.name, begin, begin + p.own_rows).reshape(p.shard.sizes()));
+    p.shard.copy_(reader.rows(p.name, p.row_begin, p.row_begin + p.own_rows).reshape(p.shard.sizes()));
   }
 }
 
 void FSDP::load_optimizer(const io::RowReader& reader, const Json& meta, Optimizer& optimizer,
                           const std::string& prefix) const {
   const State& s = *state_;
-  std::vector<std::string> keys;
-  for (const auto& name : reader.names())
-    if (name.rfind(prefix, 0) == 0) keys.push_back(name.substr(prefix.size()));
   auto slot = [&](const std::string& key) {
     const auto& p = s.params[s.by_name.at(key.substr(0, key.rfind('/')))];
-    const std::int64_t begin = s.rank * p.rpr;
-    return reader.rows(prefix + key, begin, begin + p.own_rows).reshape(p.shard.sizes()).to(p.shard.device());
+    return reader.rows(prefix + key, p.row_begin, p.row_begin + p.own_rows)
+        .reshape(p.shard.sizes())
+        .to(p.shard.device());
   };
-  optimizer.load_state_dict(reshard_state(optimizer, meta, keys, slot));
+  optimizer.load_state_dict(reshard_state(optimizer, meta, reader.names(prefix), slot));
 }
 
 FSDPMemory FSDP::memory() const { return state_->mem; }

@@ -216,6 +216,9 @@ struct World::Impl {
 };
 
 struct PendingOp::Impl {
+  Impl(c10::intrusive_ptr<c10d::Work> work_, std::string op_, int rank_, int world_size_,
+       std::chrono::milliseconds timeout_)
+      : work(std::move(work_)), op(std::move(op_)), rank(rank_), world_size(world_size_), timeout(timeout_) {}
   c10::intrusive_ptr<c10d::Work> work;
   std::string op;
   int rank = 0, world_size = 1;
@@ -302,21 +305,17 @@ void World::check_host_tensor(const at::Tensor& t, const std::string& op) const 
 PendingOp World::launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, const char* name) {
   PendingOp pending;
   if (!impl_) return pending;
-  auto p = std::make_shared<PendingOp::Impl>();
-  p->op = name;
-  p->rank = rank_;
-  p->world_size = world_size_;
-  p->timeout = options_.timeout;
-  if (op == ReduceOp::kAvg) p->divide = tensor;
   std::vector<at::Tensor> tensors{tensor};
   c10d::AllreduceOptions opts;
   opts.reduceOp = to_c10d(op);
+  c10::intrusive_ptr<c10d::Work> work;
   try {
-    p->work = (host ? impl_->host_group : impl_->device_group)->allreduce(tensors, opts);
+    work = (host ? impl_->host_group : impl_->device_group)->allreduce(tensors, opts);
   } catch (const std::exception& e) {
     throw_collective_error(name, rank_, world_size_, options_.timeout, e);
   }
-  pending.impl_ = std::move(p);
+  pending.impl_ = std::make_shared<PendingOp::Impl>(std::move(work), name, rank_, world_size_, options_.timeout);
+  if (op == ReduceOp::kAvg) pending.impl_->divide = tensor;
   return pending;
 }
 
@@ -417,20 +416,14 @@ PendingOp World::all_gather_into_tensor_async(at::Tensor& out, const at::Tensor&
       throw_collective_error("all_gather_into_tensor", rank_, world_size_, options_.timeout, e);
     }
   }
-  auto p = std::make_shared<PendingOp::Impl>();
-  p->work = std::move(work);
-  p->op = "all_gather_into_tensor";
-  p->rank = rank_;
-  p->world_size = world_size_;
-  p->timeout = options_.timeout;
-  pending.impl_ = std::move(p);
+  pending.impl_ = std::make_shared<PendingOp::Impl>(std::move(work), "all_gather_into_tensor", rank_, world_size_,
+                                                    options_.timeout);
   return pending;
 }
 
 void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
   all_gather_into_tensor_async(out, input).wait();
 }
-
 
 void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, ReduceOp op) {
   check_device_tensor(out, "reduce_scatter_tensor");

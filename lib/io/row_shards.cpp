@@ -161,6 +161,13 @@ std::vector<std::string> RowReader::names() const {
   return out;
 }
 
+std::vector<std::string> RowReader::names(const std::string& prefix) const {
+  std::vector<std::string> out;
+  for (const auto& [name, e] : tensors_)
+    if (name.rfind(prefix, 0) == 0) out.push_back(name.substr(prefix.size()));
+  return out;
+}
+
 const std::vector<std::int64_t>& RowReader::shape(const std::string& name) const {
   auto it = tensors_.find(name);
   RHINE_CHECK(it != tensors_.end(), kComponent, "no tensor named " + name + " in", source_,

@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <string_view>
+
 #include "rhine/core/error.h"
 #include "rhine/nn/fused.h"
 #include "rhine/nn/mtp.h"
@@ -105,6 +107,12 @@ DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) {
 
 // --- the LM -----------------------------------------------------------------
 
+namespace {
+bool has_suffix(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
 CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
     : options(o), config_(c) {
   config_.validate();
@@ -126,9 +134,7 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
   if (o.init_seed) gen = at::make_generator<at::CPUGeneratorImpl>(*o.init_seed);
   for (auto& p : named_parameters()) {
     const std::string& name = p.key();
-    auto ends_with = [&](const std::string& s) {
-      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-    };
+    auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
     if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
         name == "lm_head.weight" || ends_with("mlp.gate.weight"))
       p.value().normal_(0.0, c.initializer_range, gen);
@@ -142,9 +148,7 @@ std::vector<std::pair<std::string, at::Tensor>> CausalLMImpl::state_buffers() {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& b : named_buffers()) {
     const std::string& name = b.key();
-    auto ends_with = [&](const std::string& s) {
-      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-    };
+    auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
     const bool alias = name.rfind("model.layers.", 0) == 0 &&
                        (ends_with(".embed_tokens.weight") || ends_with(".shared_head.head.weight"));
     if (!alias) out.emplace_back(name, b.value());

@@ -362,45 +362,35 @@ fs::path Trainer::save_sharded_checkpoint() {
 void Trainer::load_sharded_checkpoint(const fs::path& dir) {
   const bool sharded = fs::exists(dir / "shards.json");
   const auto state = read_json_file((dir / "trainer.json").string(), kComponent);
+  // Sharded: the shards hold the parameters and ("optim/...") the optimizer
+  // slots, buffers.safetensors the buffers and the RNG. Plain: model.safetensors
+  // holds parameters and buffers, optimizer.safetensors the slots and the RNG.
   const auto params = io::RowReader::open(sharded ? dir.string() : (dir / "model.safetensors").string());
-  // Buffers (router biases) and the RNG: buffers.safetensors of a sharded
-  // checkpoint, model.safetensors / optimizer.safetensors of a plain one.
-  const auto buffers = io::RowReader::open((dir / (sharded ? "buffers.safetensors" : "model.safetensors")).string());
-  const auto rng_file = io::RowReader::open((dir / (sharded ? "buffers.safetensors" : "optimizer.safetensors")).string());
-  RHINE_CHECK(rng_file.contains("rng/cpu"), kComponent, "the checkpoint holds no rng/cpu", dir.string(),
+  const auto extra = io::RowReader::open((dir / (sharded ? "buffers.safetensors" : "optimizer.safetensors")).string());
+  const io::RowReader& buffers = sharded ? extra : params;
+  const io::RowReader& slots = sharded ? params : extra;
+  const std::string prefix = sharded ? "optim/" : "";
+  RHINE_CHECK(extra.contains("rng/cpu"), kComponent, "the checkpoint holds no rng/cpu", dir.string(),
               "the checkpoint was not written by rhine::train::Trainer");
-  set_cpu_rng_state(rng_file.whole("rng/cpu"));
+  set_cpu_rng_state(extra.whole("rng/cpu"));
   {
     at::NoGradGuard no_grad;
     for (auto& [name, b] : model_->state_buffers()) b.copy_(buffers.whole(name));
   }
-  // Optimizer: the merged meta and "<prefix><param>/<slot>" rows.
-  Json meta;
-  std::string prefix;
-  std::optional<io::RowReader> slots;
-  if (sharded) {
-    meta = params.meta().at("optimizer");
-    prefix = "optim/";
-  } else {
-    meta = state.at("optimizer");
-    if (meta.contains("zero1_shards")) meta = merge_state_meta(meta["zero1_shards"].get<std::vector<Json>>());
-    slots.emplace(io::RowReader::open((dir / "optimizer.safetensors").string()));
-  }
-  const io::RowReader& slot_reader = slots ? *slots : params;
+  // The optimizer scalars merged over the ranks that wrote them.
+  Json meta = sharded ? params.meta().at("optimizer") : state.at("optimizer");
+  if (meta.contains("zero1_shards")) meta = merge_state_meta(meta["zero1_shards"].get<std::vector<Json>>());
   if (fsdp_ != nullptr) {
     fsdp_->load_parameters(params);
-    fsdp_->load_optimizer(slot_reader, meta, *optimizer_, prefix);
+    fsdp_->load_optimizer(slots, meta, *optimizer_, prefix);
   } else {  // a sharded checkpoint into an unsharded run: whole tensors
     at::NoGradGuard no_grad;
     for (const auto& p : model_->named_parameters()) p.value().copy_(params.whole(p.key()));
     Optimizer* opt = sharded_ != nullptr ? sharded_->local() : optimizer_;
-    std::vector<std::string> keys;
-    for (const auto& n : slot_reader.names())
-      if (n.rfind(prefix, 0) == 0) keys.push_back(n.substr(prefix.size()));
     const auto device = model_->output_weight().device();
     if (opt != nullptr)
-      opt->load_state_dict(reshard_state(*opt, meta, keys, [&](const std::string& key) {
-        return slot_reader.whole(prefix + key).to(device);
+      opt->load_state_dict(reshard_state(*opt, meta, slots.names(prefix), [&](const std::string& key) {
+        return slots.whole(prefix + key).to(device);
       }));
   }
   restore_run_state(state, dir);

@@ -113,16 +113,12 @@ rhine::nn::ModelConfig dense_config() {
   return c;
 }
 
+/// The dense model's sizes with DeepSeek-V3's attention, MoE and MTP.
 rhine::nn::ModelConfig moe_config() {
-  rhine::nn::ModelConfig c;
+  rhine::nn::ModelConfig c = dense_config();
   c.model_type = "deepseek_v3";
-  c.vocab_size = 40;
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 3;
   c.num_attention_heads = 2;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
+  c.tie_word_embeddings = false;
   c.q_lora_rank = 8;
   c.kv_lora_rank = 8;
   c.qk_nope_head_dim = 4;
@@ -140,8 +136,6 @@ rhine::nn::ModelConfig moe_config() {
   c.routed_scaling_factor = 2.5;
   c.first_k_dense_replace = 1;
   c.num_nextn_predict_layers = 1;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 64;
   c.validate();
   return c;
 }
@@ -189,10 +183,7 @@ int resume(rhine::nn::CausalLM& lm, rhine::dist::FSDP* fsdp, rhine::Optimizer& o
     fsdp->load_optimizer(reader, meta.at("optimizer"), opt);
   } else {
     for (const auto& p : params) p.tensor.copy_(reader.whole(p.name));
-    std::vector<std::string> keys;
-    for (const auto& n : reader.names())
-      if (n.rfind("optim/", 0) == 0) keys.push_back(n.substr(6));
-    opt.load_state_dict(rhine::reshard_state(opt, meta.at("optimizer"), keys,
+    opt.load_state_dict(rhine::reshard_state(opt, meta.at("optimizer"), reader.names("optim/"),
                                              [&](const std::string& key) { return reader.whole("optim/" + key); }));
   }
   return meta.at("step").get<int>();

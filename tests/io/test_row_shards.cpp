@@ -14,6 +14,7 @@
 #include "rhine/nn/model.h"
 #include "rhine/io/safetensors.h"
 #include "test_util.h"
+#include "tiny_config.h"
 
 using Catch::Matchers::Contains;
 using rhine::io::RowPiece;
@@ -109,32 +110,8 @@ TEST_CASE("Row shards refuse overlapping, missing and inconsistent pieces", "[ro
 TEST_CASE("A row-sharded checkpoint exports to the HF directory save_hf_model writes, tensor by tensor", "[row_shards]") {
   for (const bool deepseek : {false, true}) {
     INFO((deepseek ? "deepseek_v3 with MTP" : "llama, tied embeddings"));
-    rhine::nn::ModelConfig c;
-    c.model_type = deepseek ? "deepseek_v3" : "llama";
-    c.vocab_size = 40;
-    c.hidden_size = 16;
-    c.intermediate_size = 24;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 2;
-    c.num_key_value_heads = deepseek ? 2 : 1;
-    c.head_dim = 8;
+    rhine::nn::ModelConfig c = rhine::test::tiny_config(deepseek ? "deepseek_v3" : "llama");
     c.tie_word_embeddings = !deepseek;
-    if (deepseek) {
-      c.kv_lora_rank = 8;
-      c.qk_nope_head_dim = 4;
-      c.qk_rope_head_dim = 4;
-      c.v_head_dim = 4;
-      c.n_routed_experts = 4;
-      c.n_shared_experts = 1;
-      c.num_experts_per_tok = 2;
-      c.moe_intermediate_size = 8;
-      c.n_group = 1;
-      c.topk_group = 1;
-      c.topk_method = "noaux_tc";
-      c.scoring_func = "sigmoid";
-      c.first_k_dense_replace = 1;
-      c.num_nextn_predict_layers = 1;
-    }
     c.validate();
     rhine::nn::CausalLMOptions mo;
     mo.init_seed = 5;

@@ -2,6 +2,7 @@
 // tests/fixtures/nn/make_fixtures.py (logits, loss, z-loss, packed documents),
 // HF parameter names, parameter counts, activation checkpointing and bf16 autocast.
 #include "nn_fixtures.h"
+#include "tiny_config.h"
 
 #include "rhine/nn/model.h"
 #include "rhine/torch/compat.h"
@@ -178,35 +179,7 @@ TEST_CASE("init_seed alone decides every parameter of every architecture", "[nn]
   // it and differ between two constructions (kv_a_proj_with_mqa once did).
   for (const std::string type : {"llama", "mistral", "apertus", "deepseek_v2", "deepseek_v3"}) {
     INFO(type);
-    ModelConfig c;
-    c.model_type = type;
-    c.vocab_size = 32;
-    c.hidden_size = 16;
-    c.intermediate_size = 24;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 2;
-    c.num_key_value_heads = 2;
-    c.head_dim = 8;
-    if (type.rfind("deepseek", 0) == 0) {
-      c.q_lora_rank = 8;
-      c.kv_lora_rank = 8;
-      c.qk_nope_head_dim = 4;
-      c.qk_rope_head_dim = 4;
-      c.v_head_dim = 4;
-      c.n_routed_experts = 4;
-      c.n_shared_experts = 1;
-      c.num_experts_per_tok = 2;
-      c.moe_intermediate_size = 8;
-      c.n_group = 1;
-      c.topk_group = 1;
-      c.first_k_dense_replace = 1;
-      if (type == "deepseek_v3") {
-        c.topk_method = "noaux_tc";
-        c.scoring_func = "sigmoid";
-        c.num_nextn_predict_layers = 1;
-      }
-    }
-    c.validate();
+    const ModelConfig c = rhine::test::tiny_config(type);
     CausalLMOptions o;
     o.init_seed = 3;
     CausalLM a(c, o), b(c, o);

@@ -76,6 +76,9 @@ class RowReader {
 
   /// Tensor names, sorted.
   std::vector<std::string> names() const;
+  /// The names that start with `prefix`, without it, sorted ("optim/" gives
+  /// the "<param>/<slot>" keys of an optimizer state).
+  std::vector<std::string> names(const std::string& prefix) const;
   bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
   /// The whole shape of `name`; throws when absent.
   const std::vector<std::int64_t>& shape(const std::string& name) const;

@@ -154,7 +154,7 @@ struct CausalLMOptions {
 };
 
 /// Calls around each block of CausalLM::forward: the one extension point that
-/// parallel wrappers applied from outside use (rhine::dist::FullyShardedModel
+/// parallel wrappers applied from outside use (rhine::dist::FSDP
 /// gathers a block's parameters before it runs and hooks its backward), as
 /// PyTorch's module forward hooks serve FSDP2. The model itself never changes.
 ///

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "rhine/core/error.h"
+#include "rhine/dist/expert_parallel.h"
 #include "rhine/optim/optimizer.h"
 
 namespace rhine::dist {
@@ -50,6 +51,8 @@ void FSDPOptions::validate() const {
   RHINE_CHECK(param_dtype == c10::kFloat || param_dtype == c10::kBFloat16, kComponent,
               "param_dtype must be float32 or bfloat16, got", c10::toString(param_dtype),
               "float32 is the exact twin of an unsharded run; bfloat16 halves the gathered bytes");
+  RHINE_CHECK(expert_parallel >= 1, kComponent, "expert_parallel must be >= 1, got", expert_parallel,
+              "1 shards the experts like every other weight; the world size partitions them over the ranks");
 }
 
 struct FSDP::State : nn::ForwardHooks {
@@ -61,6 +64,7 @@ struct FSDP::State : nn::ForwardHooks {
     std::int64_t own_rows = 0;                  ///< rows this rank holds (may be 0)
     std::int64_t row_begin = 0;                 ///< its first row: rank * rpr
     std::size_t unit = 0;                       ///< index into units
+    int owner = -1;  ///< expert parallelism: the rank holding this routed expert's weight whole (-1: row-sharded)
     bool trainable = false;
     std::int64_t off = 0;   ///< offset of its padded shard in the unit's shard buffer
     std::int64_t goff = 0;  ///< offset in the unit's gradient chunk (trainable only)
@@ -69,7 +73,8 @@ struct FSDP::State : nn::ForwardHooks {
   };
   struct Unit {
     std::string name;
-    std::vector<std::size_t> params;
+    std::vector<std::size_t> params;  ///< row-sharded parameters
+    std::vector<std::size_t> owned;   ///< routed experts' parameters (expert parallelism), on their owner whole
     std::int64_t chunk = 0, gchunk = 0, elements = 0;
     at::Tensor shards;  ///< fp32 [chunk]: this rank's padded shards of every parameter
     at::Tensor send, recv;  ///< all-gather buffers while one is in flight
@@ -256,6 +261,12 @@ struct FSDP::State : nn::ForwardHooks {
                 "let the NoSync guard of the last micro-batch go out of scope before finish()");
     for (std::size_t u = units.size(); u-- > 0;)
       if (!units[u].reduced) reduce(u);
+    // A routed expert's gradient on its owner sums every rank's tokens: the
+    // mean over ranks, as the reduce-scatter gives every other gradient.
+    at::NoGradGuard no_grad;
+    for (const auto& unit : units)
+      for (std::size_t i : unit.owned)
+        if (params[i].own_rows > 0 && params[i].var.grad().defined()) params[i].var.mutable_grad().div_(n);
     for (std::size_t u = 0; u < units.size(); ++u) {
       units[u].reduced = false;
       if (o.zero_stage == 3) release(u);
@@ -338,6 +349,16 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   s.units[0].name = "root";
   for (std::int64_t i = 0; i < blocks; ++i)
     s.units[static_cast<std::size_t>(1 + i)].name = "model.layers." + std::to_string(i);
+  const bool ep = options.expert_parallel > 1;
+  if (ep) {
+    RHINE_CHECK(options.expert_parallel == s.n, kComponent,
+                "expert_parallel must be 1 or the world size (expert-data-parallel groups are not there yet), got",
+                std::to_string(options.expert_parallel) + " with " + std::to_string(s.n) + " ranks",
+                "set \"ep\" to the number of ranks, or 1");
+    RHINE_CHECK(cfg.uses_moe(), kComponent, "expert parallelism needs an MoE model, got n_routed_experts",
+                cfg.n_routed_experts, "set \"ep\": 1 for dense models");
+    expert_owner(0, cfg.n_routed_experts, s.n);  // E divides by N
+  }
 
   // Parameters into units, by name: "model.layers.{i}." -> unit 1 + i, the rest root.
   for (const auto& item : model->named_parameters()) {
@@ -363,8 +384,17 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     p.own_rows = std::clamp<std::int64_t>(p.rows - p.row_begin, 0, p.rpr);
     p.unit = u;
     p.trainable = p.var.requires_grad();
+    // "model.layers.{i}.mlp.experts.{e}.": a routed expert, whole on its owner under expert parallelism.
+    const std::string experts = ".mlp.experts.";
+    const auto at = name.find(experts);
+    if (ep && u > 0 && at != std::string::npos) {
+      p.owner = expert_owner(std::stoll(name.substr(at + experts.size())), cfg.n_routed_experts, s.n);
+      p.rpr = p.rows;
+      p.row_begin = 0;
+      p.own_rows = p.owner == s.rank ? p.rows : 0;
+    }
     s.by_name[name] = s.params.size();
-    s.units[u].params.push_back(s.params.size());
+    (p.owner >= 0 ? s.units[u].owned : s.units[u].params).push_back(s.params.size());
     s.params.push_back(std::move(p));
   }
 
@@ -403,14 +433,36 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
       free_storage(p.var);
       if (p.trainable && p.own_rows > 0) s.trainable.push_back({p.name, p.shard});
     }
+    // Routed experts (expert parallelism): the owner keeps the model's fp32
+    // tensor, which is its shard too; the other ranks free it for good.
+    for (std::size_t i : unit.owned) {
+      auto& p = s.params[i];
+      s.mem.model_elements += p.var.numel();
+      if (p.own_rows == 0) {
+        free_storage(p.var);
+        continue;
+      }
+      RHINE_CHECK(p.var.scalar_type() == c10::kFloat, kComponent, "routed experts must be float32 to be owned, got",
+                  std::string(c10::toString(p.var.scalar_type())) + " for " + p.name, "build the model in float32");
+      p.shard = p.var;
+      s.mem.shard_elements += p.var.numel();
+      s.mem.expert_elements += p.var.numel();
+      if (p.trainable) s.trainable.push_back({p.name, p.shard});
+    }
   }
   model->tie_mtp_weights();  // the MTP aliases follow the parameters' new storage
+  if (ep) {
+    auto dispatch = std::make_shared<ExpertParallel>(world);
+    for (auto& layer : model->moe_layers()) layer->set_expert_dispatch(dispatch);
+  }
   model->set_forward_hooks(state_);
   if (options.zero_stage == 2) s.gather_all();
 }
 
 FSDP::~FSDP() {
-  if (state_ && state_->model) state_->model->set_forward_hooks(nullptr);
+  if (!state_ || !state_->model) return;
+  state_->model->set_forward_hooks(nullptr);
+  for (auto& layer : state_->model->moe_layers()) layer->set_expert_dispatch(nullptr);
 }
 
 FSDP::NoSync::NoSync(FSDP* fsdp) : fsdp_(fsdp) { fsdp_->state_->sync = false; }
@@ -471,6 +523,12 @@ at::Tensor FSDP::full_parameter(const std::string& name) {
   RHINE_CHECK(it != s.by_name.end(), kComponent, "no parameter named", name, "see parameter_names()");
   const auto& p = s.params[it->second];
   at::NoGradGuard no_grad;
+  if (p.owner >= 0) {  // a routed expert: its owner sends it
+    at::Tensor whole = p.owner == s.rank ? s.world->to_device(p.var.detach().clone())
+                                         : s.world->device_zeros(p.var.numel(), c10::kFloat).view(p.shape);
+    s.world->broadcast_(whole, p.owner);
+    return whole;
+  }
   at::Tensor mine = s.units[p.unit].shards.narrow(0, p.off, p.rpr * p.inner);
   at::Tensor all = s.world->device_zeros(s.n * p.rpr * p.inner, c10::kFloat);
   s.world->all_gather_into_tensor(all, mine);
@@ -499,6 +557,7 @@ void FSDP::unshard() {
   for (std::size_t i = 0; i < s.params.size(); ++i) s.params[i].var.set_data(whole[i]);
   s.model->tie_mtp_weights();
   s.model->set_forward_hooks(nullptr);
+  for (auto& layer : s.model->moe_layers()) layer->set_expert_dispatch(nullptr);
   s.model = nn::CausalLM(nullptr);
 }
 

@@ -477,10 +477,14 @@ void World::all_to_all_single(at::Tensor& out, const at::Tensor& input, const st
     return;
   }
   std::vector<std::int64_t> outs = out_splits, ins = in_splits;
-  at::Tensor in = input;  // alltoall_base takes non-const references
+  at::Tensor in = input, dst = out;  // alltoall_base takes non-const references
+  if (in.scalar_type() == at::kBFloat16) {  // only moves bits: bf16 travels as fp16 (no bf16 in 1.13's Gloo)
+    in = in.view(at::kHalf);
+    dst = dst.view(at::kHalf);
+  }
   c10::intrusive_ptr<c10d::Work> work;
   try {
-    work = impl_->device_group->alltoall_base(out, in, outs, ins);
+    work = impl_->device_group->alltoall_base(dst, in, outs, ins);
   } catch (const std::exception& e) {
     throw_collective_error("all_to_all_single", rank_, world_size_, options_.timeout, e);
   }

@@ -74,6 +74,24 @@ at::Tensor expert_balance_loss(const at::Tensor& scores, const at::Tensor& indic
   return (f * scores.mean(0)).sum();
 }
 
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r, std::int64_t E) {
+  const auto N = r.indices.size(0), K = r.indices.size(1);
+  at::Tensor flat = r.indices.reshape({N * K});                               // [N*K] expert of each pair
+  at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));  // [N*K]
+  ExpertBatch b;
+  b.token = at::div(order, K, "floor");
+  b.tokens = x.index_select(0, b.token);
+  b.weights = r.weights.reshape({N * K}).index_select(0, order);
+  at::Tensor counts = at::bincount(flat, {}, E).to(at::kCPU).contiguous();
+  b.counts.assign(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + E);
+  return b;
+}
+
+at::Tensor combine_experts(const ExpertBatch& b, const at::Tensor& ys, std::int64_t N) {
+  at::Tensor w = ys * b.weights.unsqueeze(1).to(ys.scalar_type());
+  return at::zeros({N, ys.size(1)}, w.options()).index_add(0, b.token, w);  // [N, C]
+}
+
 ModelConfig expert_config(const ModelConfig& c, std::int64_t width) {
   ModelConfig e = c;
   e.intermediate_size = width;
@@ -124,30 +142,24 @@ at::Tensor MoEImpl::forward(const at::Tensor& x) {
   at::Tensor x2 = x.reshape({N, C});
   Routing r = gate(x2);
   const auto K = r.indices.size(1);
-  at::Tensor flat = r.indices.reshape({N * K});  // [N*K] expert of each (token, slot)
-  at::Tensor counts = at::bincount(flat, {}, E);  // [E]
-  last_counts = counts.detach();
+  last_counts = at::bincount(r.indices.reshape({N * K}), {}, E);  // [E]
 
   at::Tensor y;
-  if (dispatch == MoEDispatch::Grouped) {
+  if (expert_dispatch_) {
+    y = expert_dispatch_->run(*this, x2, r);
+  } else if (dispatch == MoEDispatch::Grouped) {
     // Sort the N*K (token, slot) pairs by expert: each expert's tokens become
     // one contiguous block, gathered once and scattered back once.
-    at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));  // [N*K]
-    at::Tensor token = at::div(order, K, "floor");                              // [N*K]
-    at::Tensor xs = x2.index_select(0, token);                                  // [N*K, C]
-    at::Tensor w = r.weights.reshape({N * K}).index_select(0, order);           // [N*K]
-    at::Tensor counts_cpu = counts.cpu();
-    const std::int64_t* n_e = counts_cpu.data_ptr<std::int64_t>();
+    ExpertBatch batch = sort_by_expert(x2, r, E);
     std::vector<at::Tensor> outs;
     std::int64_t start = 0;
     for (std::int64_t e = 0; e < E; ++e) {
-      if (n_e[e] == 0) continue;
-      outs.push_back(expert_list[e](xs.narrow(0, start, n_e[e])));  // [n_e, C]
-      start += n_e[e];
+      const std::int64_t n_e = batch.counts[static_cast<std::size_t>(e)];
+      if (n_e == 0) continue;
+      outs.push_back(expert_list[e](batch.tokens.narrow(0, start, n_e)));  // [n_e, C]
+      start += n_e;
     }
-    at::Tensor ys = at::cat(outs, 0);  // [N*K, C]
-    ys = ys * w.unsqueeze(1).to(ys.scalar_type());
-    y = at::zeros({N, C}, ys.options()).index_add(0, token, ys);  // [N, C]
+    y = combine_experts(batch, at::cat(outs, 0), N);
   } else {
     for (std::int64_t e = 0; e < E; ++e) {
       at::Tensor hit = r.indices == e;                          // [N, K]

@@ -189,6 +189,11 @@ bool autocast_enabled(c10::DeviceType device) {
   return get_enabled(device);
 }
 
+c10::ScalarType autocast_dtype(c10::DeviceType device) {
+  check_autocast_device(device);
+  return get_dtype(device);
+}
+
 AutocastGuard::AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled)
     : device_(device) {
   check_autocast_device(device);

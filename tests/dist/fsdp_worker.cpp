@@ -4,7 +4,7 @@
 // rank builds the model from the same seed.
 //
 //   fsdp_worker --out PREFIX [--model dense|moe] [--parallel none|ddp|fsdp]
-//               [--zero 3|2] [--no-reshard] [--no-prefetch] [--param-bf16]
+//               [--zero 3|2] [--ep N] [--no-reshard] [--no-prefetch] [--param-bf16]
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps
@@ -51,7 +51,7 @@ namespace {
 
 struct Args {
   std::string out, model = "dense", parallel = "fsdp";
-  int zero = 3, steps = 3, batch = 8, seq = 8, accum = 1;
+  int zero = 3, ep = 1, steps = 3, batch = 8, seq = 8, accum = 1;
   bool reshard = true, prefetch = true, param_bf16 = false, autocast = false, ckpt = false;
   double clip = 0.0;
   long timeout_ms = 20000;
@@ -72,6 +72,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--model") a.model = next();
     else if (k == "--parallel") a.parallel = next();
     else if (k == "--zero") a.zero = std::stoi(next());
+    else if (k == "--ep") a.ep = std::stoi(next());
     else if (k == "--no-reshard") a.reshard = false;
     else if (k == "--no-prefetch") a.prefetch = false;
     else if (k == "--param-bf16") a.param_bf16 = true;
@@ -218,6 +219,7 @@ int run(const Args& a) {
       fo.reshard_after_forward = a.reshard;
       fo.prefetch = a.prefetch;
       fo.param_dtype = a.param_bf16 ? at::kBFloat16 : at::kFloat;
+      fo.expert_parallel = a.ep;
       fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
     } else if (a.parallel == "ddp") {
       sync = std::make_unique<rhine::dist::GradientSync>(world, model_params);
@@ -293,6 +295,7 @@ int run(const Args& a) {
       const auto m = fsdp->memory();
       report["memory"] = {{"model_elements", m.model_elements},
                           {"shard_elements", m.shard_elements},
+                          {"expert_elements", m.expert_elements},
                           {"buffer_elements", m.buffer_elements},
                           {"gathered_elements", m.gathered_elements},
                           {"peak_gathered_elements", m.peak_gathered_elements},

@@ -182,3 +182,37 @@ TEST_CASE("Sharded checkpoints reshard: FSDP 4 -> 2 -> 1 process, and one proces
   // (A resume that loaded nothing would train steps 2-4 from the initial
   // weights and miss the uninterrupted run by far.)
 }
+
+TEST_CASE("Expert parallelism (EP 2 and 4, with ZeRO-3 and ZeRO-2) trains the MoE model as one process does",
+          "[fsdp][ep]") {
+  // The routed experts are partitioned over the ranks (each whole on one
+  // rank); tokens travel to them by all-to-all. Same tolerance as FSDP: the
+  // experts see the same rows, summed in another order.
+  rhine::test::TempDir dir("fsdp_ep");
+  const std::vector<std::string> base{"--model", "moe", "--steps", "3", "--batch", "8"};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(base, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "ep2", 2, with(base, {"--ep", "2"}));
+  expect_equal_to(dir, "ref", "ep4", 4, with(base, {"--ep", "4", "--ckpt"}));
+  expect_equal_to(dir, "ref", "ep2_zero2", 2, with(base, {"--ep", "2", "--zero", "2"}));
+  const std::vector<std::string> clipped = with(base, {"--clip", "0.05"});
+  REQUIRE(all_ok(run(dir, "ref_accum", 0, with(clipped, {"--parallel", "none", "--accum", "4"}))));
+  expect_equal_to(dir, "ref_accum", "ep4_accum", 4, with(clipped, {"--ep", "4", "--accum", "2"}));
+
+  // Each rank holds E/N experts of every MoE layer whole, and 1/N of the rest.
+  for (const std::string name : {"ep2", "ep4"}) {
+    const int n = name == "ep2" ? 2 : 4;
+    std::int64_t total_shards = 0, total_experts = 0;
+    for (int r = 0; r < n; ++r) {
+      const auto m = report(dir, name, r)["memory"];
+      INFO(name << " rank " << r << ": " << m.dump());
+      total_shards += m["shard_elements"].get<std::int64_t>();
+      total_experts += m["expert_elements"].get<std::int64_t>();
+      CHECK(m["expert_elements"].get<std::int64_t>() > 0);
+      if (r > 0) CHECK(m["expert_elements"] == report(dir, name, 0)["memory"]["expert_elements"]);
+    }
+    const auto model = report(dir, name, 0)["memory"]["model_elements"].get<std::int64_t>();
+    CHECK(total_shards == model);
+    // moe_config: 3 MoE layers (layers 1, 2 and the MTP module) x 8 experts x 3 matrices of 8 x 16.
+    CHECK(total_experts == 3 * 8 * 3 * 8 * 16);
+  }
+}

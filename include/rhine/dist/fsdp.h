@@ -101,6 +101,11 @@ struct FSDPOptions {
   c10::ScalarType param_dtype = c10::kFloat;
   /// Issue the next block's all-gather while this one computes.
   bool prefetch = true;
+  /// Expert parallelism (rhine/dist/expert_parallel.h): 1 shards the routed
+  /// experts by rows like every other weight; the world size partitions them
+  /// instead, each expert whole on one rank, tokens sent to it by all-to-all.
+  /// (Sizes in between, expert-data-parallel groups, are not served yet.)
+  int expert_parallel = 1;
 
   /// Throws rhine::Error for a stage other than 2 or 3, or another dtype.
   void validate() const;
@@ -109,7 +114,8 @@ struct FSDPOptions {
 /// Element counts of one rank's sharding (what tests and benches read).
 struct FSDPMemory {
   std::int64_t model_elements = 0;   ///< all parameters of the model
-  std::int64_t shard_elements = 0;   ///< this rank's shards (padding excluded)
+  std::int64_t shard_elements = 0;   ///< this rank's shards (padding excluded), its own experts included
+  std::int64_t expert_elements = 0;  ///< of those, the routed experts this rank owns (expert parallelism)
   std::int64_t buffer_elements = 0;  ///< this rank's flat shard buffers (with padding)
   /// Gathered (unsharded) parameter elements held now, and the most held at
   /// once since construction or reset_peak().

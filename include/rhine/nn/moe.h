@@ -30,6 +30,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
 #include <vector>
 
 #include "rhine/nn/config.h"
@@ -75,6 +76,35 @@ class MoEGateImpl : public torch::nn::Module {
 };
 TORCH_MODULE(MoEGate);
 
+/// The (token, slot) pairs of N tokens sorted by expert (stable): each
+/// expert's tokens form one contiguous block of `tokens`, in expert order.
+struct ExpertBatch {
+  at::Tensor token;    ///< [N*K] int64: the token of each sorted pair
+  at::Tensor tokens;   ///< [N*K, C]: x's rows, sorted by expert
+  at::Tensor weights;  ///< [N*K] fp32: each pair's combine weight
+  std::vector<std::int64_t> counts;  ///< [E] on the host: pairs per expert
+};
+
+/// Sorts the routed pairs of x [N, C] by expert (the grouped dispatch's first half).
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& routing, std::int64_t n_experts);
+
+/// The grouped dispatch's second half: ys [N*K, C] (expert outputs in
+/// batch's order) weighted and summed per token -> [N, C].
+at::Tensor combine_experts(const ExpertBatch& batch, const at::Tensor& ys, std::int64_t n_tokens);
+
+class MoEImpl;
+
+/// Runs a layer's routed experts somewhere else than in this process
+/// (expert parallelism: rhine/dist/expert_parallel.h). Set on the layers by
+/// a parallel wrapper, as nn::ForwardHooks on the model.
+class ExpertDispatch {
+ public:
+  virtual ~ExpertDispatch() = default;
+  /// x [N, C] and its routing -> the routed experts' weighted sum [N, C]
+  /// (shared experts excluded), as MoEDispatch::Grouped computes it.
+  virtual at::Tensor run(MoEImpl& layer, const at::Tensor& x, const Routing& routing) = 0;
+};
+
 /// How MoE runs the routed experts.
 enum class MoEDispatch {
   Grouped,  ///< sort by expert, one batched call per expert (default)
@@ -98,6 +128,10 @@ class MoEImpl : public torch::nn::Module {
   std::vector<MLP> expert_list;  ///< typed views of `experts`
   MLP shared_experts{nullptr};
   MoEDispatch dispatch = MoEDispatch::Grouped;
+  /// When set, runs the routed experts instead of `dispatch` (expert
+  /// parallelism). Set by a parallel wrapper, once, after construction.
+  void set_expert_dispatch(std::shared_ptr<ExpertDispatch> d) { expert_dispatch_ = std::move(d); }
+  const std::shared_ptr<ExpertDispatch>& expert_dispatch() const { return expert_dispatch_; }
   /// Weights of the losses computed in forward (0 = not computed).
   double seq_aux_alpha = 0.0, expert_aux_alpha = 0.0;
   /// [E] int64: tokens routed to each expert by the last forward.
@@ -106,6 +140,9 @@ class MoEImpl : public torch::nn::Module {
   /// expert_aux_alpha * expert_balance_loss of the last forward; undefined
   /// when both alphas are 0.
   at::Tensor last_aux_loss;
+
+ private:
+  std::shared_ptr<ExpertDispatch> expert_dispatch_;
 };
 TORCH_MODULE(MoE);
 

@@ -91,5 +91,7 @@ class AutocastGuard {
 
 /// Whether autocast is on for `device` in this thread.
 bool autocast_enabled(c10::DeviceType device);
+/// The dtype autocast casts matmuls to on `device` (meaningful while it is on).
+c10::ScalarType autocast_dtype(c10::DeviceType device);
 
 }  // namespace rhine

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rhine/core/json.h"
@@ -215,4 +216,48 @@ TEST_CASE("Expert parallelism (EP 2 and 4, with ZeRO-3 and ZeRO-2) trains the Mo
     // moe_config: 3 MoE layers (layers 1, 2 and the MTP module) x 8 experts x 3 matrices of 8 x 16.
     CHECK(total_experts == 3 * 8 * 3 * 8 * 16);
   }
+}
+
+TEST_CASE("Sharded checkpoints reshard across expert parallelism: EP 4 -> EP 2 -> ZeRO-3 -> one process -> EP 4",
+          "[fsdp][ep]") {
+  // An expert-parallel checkpoint holds each routed expert whole, written by
+  // its owner; every other tensor in row shards. Any layout reads it.
+  rhine::test::TempDir dir("fsdp_ep_reshard");
+  const std::vector<std::string> base{"--model", "moe", "--steps", "4", "--batch", "8"};
+  auto compare = [&](const std::string& a, const std::string& b) {
+    auto [rel, mx] = diff(read_params(dir.file(a) + ".params"), read_params(dir.file(b) + ".params"));
+    INFO(a << " vs " << b << ": relative " << rel << ", max abs " << mx);
+    CHECK(rel < 2e-5);
+  };
+  REQUIRE(all_ok(run(dir, "full1", 0, with(base, {"--parallel", "none"}))));
+  REQUIRE(all_ok(run(dir, "full_ep2", 2, with(base, {"--ep", "2"}))));
+  REQUIRE(all_ok(run(dir, "full_ep4", 4, with(base, {"--ep", "4"}))));
+  REQUIRE(all_ok(run(dir, "full_z3", 2, base)));
+  // EP 4 -> checkpoint at step 1 -> EP 2 (checkpoint at step 2) -> ZeRO-3 without EP (step 3) -> one process.
+  REQUIRE(all_ok(run(dir, "save_ep4", 4, with(base, {"--ep", "4", "--save-at", "1", "--ckpt-dir", dir.file("ck_ep4")}))));
+  REQUIRE(all_ok(run(dir, "ep2", 2,
+                     with(base, {"--ep", "2", "--resume", dir.file("ck_ep4"), "--save-at", "2", "--ckpt-dir",
+                                 dir.file("ck_ep2")}))));
+  compare("ep2", "full_ep2");
+  REQUIRE(all_ok(run(dir, "z3", 2, with(base, {"--resume", dir.file("ck_ep2"), "--save-at", "3", "--ckpt-dir",
+                                               dir.file("ck_z3")}))));
+  compare("z3", "full_z3");
+  // (The one process saves what it loaded at step 3 again, as a one-rank row shard.)
+  REQUIRE(all_ok(run(dir, "one", 0, with(base, {"--parallel", "none", "--resume", dir.file("ck_z3"), "--save-at",
+                                                "3", "--ckpt-dir", dir.file("ck_one")}))));
+  compare("one", "full1");
+  // One process -> EP 4.
+  REQUIRE(all_ok(run(dir, "ep4", 4, with(base, {"--ep", "4", "--resume", dir.file("ck_one")}))));
+  compare("ep4", "full_ep4");
+  // EP 2's checkpoint: rank 1 wrote experts 4-7 whole, rank 0 experts 0-3.
+  const auto index = rhine::Json::parse(slurp(dir.file("ck_ep2") + "/shards.json"))["tensors"];
+  for (const auto& [expert, file] : std::vector<std::pair<int, std::string>>{
+           {0, "shard-00000-of-00002.safetensors"}, {7, "shard-00001-of-00002.safetensors"}}) {
+    const auto pieces = index["model.layers.1.mlp.experts." + std::to_string(expert) + ".up_proj.weight"]["pieces"];
+    INFO(pieces.dump());
+    REQUIRE(pieces.size() == 1);
+    CHECK(pieces[0]["file"] == file);
+    CHECK(pieces[0]["rows"] == rhine::Json::array({0, 8}));
+  }
+  CHECK(index["model.layers.1.mlp.shared_experts.up_proj.weight"]["pieces"].size() == 2);  // row-sharded
 }

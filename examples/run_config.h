@@ -42,7 +42,10 @@ struct RunConfig {
   /// zero 0: plain data parallel; 1: ZeRO-1 (as "zero1": true); 2: FSDP with
   /// replicated parameters; 3: FSDP (parameters, gradients and optimizer
   /// state sharded). "fsdp": the ranks that shard, the world size (the
-  /// default; giving it makes zero default to 3). "ep": expert parallelism, 1.
+  /// default; giving it makes zero default to 3). "ep": expert parallelism,
+  /// 1 or the world size (the routed experts partitioned over the ranks,
+  /// rhine/dist/expert_parallel.h); ep > 1 needs zero 2 or 3 and makes zero
+  /// default to 3.
   struct Parallel {
     int zero = 0;
     int fsdp = 0;  ///< 0: not given
@@ -79,8 +82,8 @@ struct RunConfig {
     if (const Json* p = f.raw("parallel")) {
       JsonFields pf(*p, std::string(component) + " parallel");
       parallel.fsdp = pf.get("fsdp", parallel.fsdp);
-      parallel.zero = pf.get("zero", parallel.fsdp > 0 ? 3 : parallel.zero);
       parallel.ep = pf.get("ep", parallel.ep);
+      parallel.zero = pf.get("zero", parallel.fsdp > 0 || parallel.ep > 1 ? 3 : parallel.zero);
       parallel.reshard_after_forward = pf.get("reshard_after_forward", parallel.reshard_after_forward);
       parallel.prefetch = pf.get("prefetch", parallel.prefetch);
       parallel.param_dtype = pf.get("param_dtype", parallel.param_dtype);
@@ -92,8 +95,10 @@ struct RunConfig {
                 parallel.zero, "drop \"zero1\" and keep the parallel block");
     if (zero1) parallel.zero = std::max(parallel.zero, 1);
     zero1 = parallel.zero == 1;
-    RHINE_CHECK(parallel.ep == 1, component, "expert parallelism (parallel.ep > 1) is not available yet, got",
-                parallel.ep, "leave ep out: experts are sharded with the rest of the model under zero 3");
+    RHINE_CHECK(parallel.ep >= 1 && (parallel.ep == 1 || parallel.zero >= 2), component,
+                "parallel.ep > 1 (expert parallelism) needs parallel.zero 2 or 3, got",
+                fmt::format("ep {} with zero {}", parallel.ep, parallel.zero),
+                "expert parallelism runs under FSDP: set \"zero\": 3 (or 2), or leave ep out");
     RHINE_CHECK(parallel.param_dtype == "float32" || parallel.param_dtype == "bfloat16", component,
                 "parallel.param_dtype must be \"float32\" or \"bfloat16\", got", parallel.param_dtype, "");
     RHINE_CHECK(steps > warmup && warmup >= 0, component, "steps must exceed warmup",
@@ -130,9 +135,10 @@ struct RunConfig {
 /// How the run shares the model, for the log ("", "; optimizer state sharded (ZeRO-1)", ...).
 inline std::string describe_parallel(const RunConfig& run, const dist::World& world) {
   if (run.parallel.zero >= 2)
-    return fmt::format("; FSDP ZeRO-{} over {} rank(s){}, gathers in {}", run.parallel.zero, world.world_size(),
+    return fmt::format("; FSDP ZeRO-{} over {} rank(s){}, gathers in {}{}", run.parallel.zero, world.world_size(),
                        run.parallel.zero == 3 && !run.parallel.reshard_after_forward ? " (kept after forward)" : "",
-                       run.parallel.param_dtype);
+                       run.parallel.param_dtype,
+                       run.parallel.ep > 1 ? fmt::format(", routed experts over {} ranks (EP)", run.parallel.ep) : "");
   return run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "";
 }
 
@@ -172,7 +178,11 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
     RHINE_CHECK(run.parallel.fsdp == 0 || run.parallel.fsdp == world.world_size(), "run",
                 "parallel.fsdp must equal the number of ranks (hybrid dp x fsdp is not available yet), got",
                 run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) + "; leave fsdp out");
+    RHINE_CHECK(run.parallel.ep == 1 || run.parallel.ep == world.world_size(), "run",
+                "parallel.ep must be 1 or the number of ranks (expert-data-parallel groups are not available yet), got",
+                run.parallel.ep, "WORLD_SIZE is " + std::to_string(world.world_size()));
     dist::FSDPOptions fo;
+    fo.expert_parallel = run.parallel.ep;
     fo.zero_stage = run.parallel.zero;
     fo.reshard_after_forward = run.parallel.reshard_after_forward;
     fo.prefetch = run.parallel.prefetch;

@@ -18,7 +18,11 @@
 #  7. rhine-train with "parallel": {"zero": 3} (FSDP) on two ranks gives them
 #     too; on four ranks it follows them to 1e-4 (another float summation
 #     order), and so do four FSDP ranks resuming the two-rank checkpoint;
-#     rhine-convert exports the sharded checkpoint to a valid HF directory.
+#     rhine-convert exports the sharded checkpoint to a valid HF directory;
+#  8. a DeepSeek-V3-style MoE model (MLA, MTP) with "parallel": {"ep": 2}
+#     (routed experts over the two ranks) gives the losses of two FSDP ranks
+#     without it to 1e-5, four EP ranks resuming its checkpoint follow them to
+#     1e-4, and that EP checkpoint exports to a valid HF directory.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -178,5 +182,35 @@ PY
   || fail "rhine-convert of a sharded checkpoint: $(tail -3 convert.txt)"
 grep -q "sharded checkpoint" convert.txt || fail "the sharded path was not taken: $(cat convert.txt)"
 r=$($check model resume4-hf)
+python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
+
+# 8. Expert parallelism through the "parallel" block, on a small MoE model.
+moe='"model": {"model_type": "deepseek_v3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1}'
+mkmoe() {  # mkmoe NAME PARALLEL
+  sed "s/\"out_dir\": \"base\"/\"out_dir\": \"$1\", \"parallel\": $2, \"checkpoint_every\": 4/; s/\"steps\": 60/\"steps\": 8/; s/\"log_every\": 100/\"log_every\": 1/; s/\"model\": {[^}]*}/$moe/" moe-base.json > $1.json
+}
+tr -d '\n' < base.json > moe-base.json  # one line, so that sed replaces the whole "model" object
+mkmoe moe_z3 '{"zero": 3}'; two_ranks moe_z3.json moe_z3.log
+mkmoe moe_ep2 '{"zero": 3, "ep": 2}'; two_ranks moe_ep2.json moe_ep2.log
+grep -q "routed experts over 2 ranks (EP)" moe_ep2.log.0 || fail "EP was not used: $(head -5 moe_ep2.log.0)"
+mkmoe moe_ep4 '{"ep": 4}'; mkdir -p moe_ep4/checkpoints
+cp -r moe_ep2/checkpoints/step-00000004 moe_ep4/checkpoints/ && n_ranks 4 moe_ep4.json moe_ep4.log
+grep -q "resumed from" moe_ep4.log.0 || fail "the 4-rank EP run did not resume: $(head -5 moe_ep4.log.0)"
+python3 - moe_z3/metrics.jsonl moe_ep2/metrics.jsonl moe_ep4/metrics.jsonl <<'PY' || fail "EP changed the losses"
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
+ref = losses(sys.argv[1])
+assert len(ref) == 8, ref
+for path, tol in [(sys.argv[2], 1e-5), (sys.argv[3], 1e-4)]:
+    got = losses(path)
+    assert set(got) <= set(ref) and max(got) == 8, (path, got)
+    for k in got:
+        assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (path, k, got[k], ref[k])
+print("EP losses follow FSDP without EP (2 ranks to 1e-5; 2 -> 4 EP ranks resumed to 1e-4)")
+PY
+"$build/tools/rhine-convert" rhine-to-hf --checkpoint moe_ep2/checkpoints --out moe-ep2-hf > convert-ep.txt 2>&1 \
+  || fail "rhine-convert of an EP checkpoint: $(tail -3 convert-ep.txt)"
+r=$($check model moe-ep2-hf)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
 echo "PASS"

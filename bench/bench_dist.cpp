@@ -3,7 +3,7 @@
 // --rank), so it runs as is:
 //
 //   build/bench/bench_dist [--steps 10] [--batch 8] [--seq 128] [--hidden 256] [--layers 4]
-//                          [--vocab 2048] [--sweep scaling|layouts|all]
+//                          [--vocab 2048] [--sweep scaling|layouts|experts|all]
 //
 // Lines (JSON, bench.h):
 //  - "dp_train" (sweep scaling): params {procs, threads_per_proc, ...}, rate in
@@ -17,6 +17,10 @@
 //    most gathered at once ("gathered_peak_mb": FSDP's unsharded blocks and
 //    full gradients) and the process's peak RSS. On 2 cores the point is
 //    the overhead and the memory, not a speed-up.
+//  - "dist_layout" with params.model "moe" (sweep experts): a DeepSeek-V3-style
+//    model of the same width (MLA, 16 routed + 1 shared experts, top-2, every
+//    layer but the first MoE) under ddp, fsdp and fsdp_ep (ZeRO-3 with the
+//    routed experts partitioned over the ranks, tokens sent by all-to-all).
 #include <ATen/ops/randint.h>
 #include <sys/wait.h>
 #include <torch/nn/module.h>
@@ -46,11 +50,14 @@ namespace {
 struct Opts {
   int steps = 10, batch = 8, seq = 128, hidden = 256, layers = 4, vocab = 2048;
   int rank = -1, procs = 1, threads = 1, port = 0;
-  int layout = 0;  ///< 0: data parallel (GradientSync), 2: FSDP ZeRO-2, 3: FSDP ZeRO-3
+  int layout = 0;  ///< 0: data parallel (GradientSync), 2: FSDP ZeRO-2, 3: FSDP ZeRO-3, 4: ZeRO-3 + EP
+  int moe = 0;     ///< 1: the DeepSeek-V3-style MoE model
   std::string sweep = "all";
 };
 
-const char* layout_name(int layout) { return layout == 0 ? "ddp" : layout == 2 ? "zero2" : "fsdp"; }
+const char* layout_name(int layout) {
+  return layout == 0 ? "ddp" : layout == 2 ? "zero2" : layout == 3 ? "fsdp" : "fsdp_ep";
+}
 
 double tensor_mb(const std::vector<at::Tensor>& ts) {
   double bytes = 0;
@@ -77,6 +84,22 @@ int worker(const Opts& o) {
   c.num_key_value_heads = o.hidden / 64;
   c.head_dim = 64;
   c.max_position_embeddings = o.seq;
+  if (o.moe) {
+    c.model_type = "deepseek_v3";
+    c.kv_lora_rank = o.hidden / 4;
+    c.qk_nope_head_dim = 64;
+    c.qk_rope_head_dim = 32;
+    c.v_head_dim = 64;
+    c.n_routed_experts = 16;
+    c.n_shared_experts = 1;
+    c.num_experts_per_tok = 2;
+    c.moe_intermediate_size = o.hidden / 2;
+    c.first_k_dense_replace = 1;
+    c.topk_method = "noaux_tc";
+    c.scoring_func = "sigmoid";
+    c.norm_topk_prob = true;
+    c.validate();
+  }
   rhine::nn::CausalLMOptions mo;
   mo.init_seed = 1;
   rhine::nn::CausalLM lm(c, mo);
@@ -87,7 +110,8 @@ int worker(const Opts& o) {
   std::unique_ptr<rhine::dist::GradientSync> sync;
   if (o.layout >= 2) {
     rhine::dist::FSDPOptions fo;
-    fo.zero_stage = o.layout;
+    fo.zero_stage = o.layout == 4 ? 3 : o.layout;
+    fo.expert_parallel = o.layout == 4 ? o.procs : 1;
     fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
   } else {
     sync = std::make_unique<rhine::dist::GradientSync>(world, params);
@@ -121,7 +145,7 @@ int worker(const Opts& o) {
   world.barrier();
   auto stats = rhine::bench::time_runs([&] { step(false); }, o.steps, 2);
   world.barrier();
-  if (o.sweep == "layouts") {
+  if (o.sweep == "layouts" || o.sweep == "experts") {
     step(true);
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
@@ -136,7 +160,7 @@ int worker(const Opts& o) {
     at::Tensor mine = at::tensor({state_mb, gathered_mb, static_cast<double>(ru.ru_maxrss) / 1024}, at::kDouble);
     world.host_all_reduce_(mine, rhine::dist::ReduceOp::kMax);
     if (world.is_main()) {
-      nlohmann::json params_j = {{"layout", layout_name(o.layout)}, {"procs", o.procs},
+      nlohmann::json params_j = {{"layout", layout_name(o.layout)}, {"model", o.moe ? "moe" : "dense"}, {"procs", o.procs},
                                  {"threads_per_proc", o.threads}, {"global_batch", o.batch},
                                  {"seq", o.seq}, {"hidden", o.hidden}, {"layers", o.layers},
                                  {"vocab", o.vocab}, {"n_params", n_params}, {"backend", world.backend()}};
@@ -184,7 +208,8 @@ void run_config(const Opts& base, int procs, int threads, int port) {
                                        "--seq", std::to_string(base.seq), "--hidden",
                                        std::to_string(base.hidden), "--layers", std::to_string(base.layers),
                                        "--vocab", std::to_string(base.vocab), "--layout",
-                                       std::to_string(base.layout), "--sweep", base.sweep};
+                                       std::to_string(base.layout), "--moe", std::to_string(base.moe),
+                                       "--sweep", base.sweep};
       std::vector<char*> av;
       for (auto& s : args) av.push_back(s.data());
       av.push_back(nullptr);
@@ -222,6 +247,7 @@ int main(int argc, char** argv) {
     else if (k == "--threads") o.threads = v;
     else if (k == "--port") o.port = v;
     else if (k == "--layout") o.layout = v;
+    else if (k == "--moe") o.moe = v;
     else {
       std::fprintf(stderr, "bench_dist: unknown argument %s\n", k.c_str());
       return 2;
@@ -230,17 +256,28 @@ int main(int argc, char** argv) {
   try {
     if (o.rank >= 0) return worker(o);
     int port = free_port();
-    if (o.sweep == "scaling" || o.sweep == "all") {
+    const std::string asked = o.sweep;
+    auto want = [&](const char* sweep) { return asked == sweep || asked == "all"; };
+    if (want("scaling")) {
       o.sweep = "scaling";
       run_config(o, 1, 1, port++);
       run_config(o, 1, 2, port++);
       run_config(o, 2, 1, port++);
-      o.sweep = "all";
     }
-    if (o.sweep == "layouts" || o.sweep == "all") {
+    if (want("layouts")) {
       o.sweep = "layouts";
       for (int layout : {0, 2, 3})
         for (int procs : {1, 2, 4}) {
+          o.layout = layout;
+          run_config(o, procs, 1, port++);
+        }
+    }
+    if (want("experts")) {
+      o.sweep = "experts";
+      o.moe = 1;
+      for (int layout : {0, 3, 4})
+        for (int procs : {1, 2, 4}) {
+          if (layout == 4 && procs == 1) continue;
           o.layout = layout;
           run_config(o, procs, 1, port++);
         }

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "rhine/core/error.h"
@@ -482,10 +483,94 @@ FSDP::NoSync& FSDP::NoSync::operator=(NoSync&& other) noexcept {
 const NamedParameters& FSDP::parameters() const { return state_->trainable; }
 
 void FSDP::check_optimizer(const Optimizer& optimizer) {
-  RHINE_CHECK(optimizer.type() != "muon", kComponent,
-              "Muon orthogonalises whole matrices and cannot step row shards yet, got optimizer",
-              optimizer.type(), "use AdamW, AdEMAMix or Lion with FSDP, or Muon with ZeRO-1");
+  const auto* muon = dynamic_cast<const Muon*>(&optimizer);
+  RHINE_CHECK(optimizer.type() != "muon" || (muon != nullptr && muon->sharded()), kComponent,
+              "Muon orthogonalises whole matrices and needs FSDP's help to step row shards, got optimizer",
+              optimizer.type(), "call muon.set_shards(fsdp.muon_shards()) before training");
 }
+
+namespace {
+
+/// Muon's whole-matrix step over FSDP's row shards (rhine/optim/muon.h).
+class FSDPMuonShards : public MuonShards {
+ public:
+  explicit FSDPMuonShards(std::shared_ptr<FSDP::State> state) : s_(std::move(state)) {}
+
+  std::map<std::string, at::Tensor> orthogonalise(const std::map<std::string, at::Tensor>& rows,
+                                                  const Orthogonalise& run) override {
+    FSDP::State& s = *s_;
+    at::NoGradGuard no_grad;
+    // Which parameters some rank steps with Muon: every rank joins each
+    // unit's gather, also for matrices of which it holds no rows.
+    std::string mine;
+    for (const auto& [name, u] : rows) mine += name + "\n";
+    std::set<std::string> all;
+    for (const auto& text : s.world->host_all_gather_bytes(mine)) {
+      std::size_t at = 0, end;
+      while ((end = text.find('\n', at)) != std::string::npos) {
+        all.insert(text.substr(at, end - at));
+        at = end + 1;
+      }
+    }
+    std::map<std::string, at::Tensor> out;
+    for (const auto& unit : s.units) {
+      std::vector<std::size_t> members;
+      std::int64_t total = 0;
+      for (std::size_t i : unit.params)
+        if (all.count(s.params[i].name)) {
+          members.push_back(i);
+          total += s.params[i].rpr * s.params[i].inner;
+        }
+      std::map<std::string, at::Tensor> whole;
+      if (total > 0) {  // one all-gather of the unit's update rows, padded as the shards are
+        at::Tensor send = s.world->device_zeros(total, c10::kFloat);
+        std::int64_t off = 0;
+        std::vector<std::int64_t> offs;
+        for (std::size_t i : members) {
+          const auto& p = s.params[i];
+          offs.push_back(off);
+          const auto it = rows.find(p.name);
+          if (it != rows.end() && p.own_rows > 0)
+            send.narrow(0, off, p.own_rows * p.inner).copy_(it->second.reshape({-1}));
+          off += p.rpr * p.inner;
+        }
+        at::Tensor recv = s.world->device_zeros(s.n * total, c10::kFloat);
+        s.world->all_gather_into_tensor(recv, send);
+        const at::Tensor all_rows = recv.view({s.n, total});
+        for (std::size_t k = 0; k < members.size(); ++k) {
+          const auto& p = s.params[members[k]];
+          if (!rows.count(p.name)) continue;  // a matrix this rank holds no rows of
+          whole[p.name] = all_rows.narrow(1, offs[k], p.rpr * p.inner)
+                              .reshape({s.n * p.rpr, p.inner})
+                              .narrow(0, 0, p.rows);
+        }
+      }
+      for (std::size_t i : unit.owned) {  // routed experts: whole on their owner already
+        const auto& p = s.params[i];
+        const auto it = rows.find(p.name);
+        if (it != rows.end()) whole[p.name] = it->second.reshape({p.rows, p.inner});
+      }
+      if (whole.empty()) continue;
+      for (auto& [name, o] : run(whole)) {
+        const auto& p = s.params[s.by_name.at(name)];
+        out[name] = o.narrow(0, p.row_begin, p.own_rows).reshape(p.shard.sizes());
+      }
+    }
+    return out;
+  }
+
+  std::pair<std::int64_t, std::int64_t> whole_shape(const std::string& name) const override {
+    const auto& p = s_->params[s_->by_name.at(name)];
+    return {p.rows, p.inner};
+  }
+
+ private:
+  std::shared_ptr<FSDP::State> s_;
+};
+
+}  // namespace
+
+std::shared_ptr<MuonShards> FSDP::muon_shards() { return std::make_shared<FSDPMuonShards>(state_); }
 
 void FSDP::finish() { state_->finish(); }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "rhine/core/error.h"
@@ -132,12 +133,18 @@ Muon::Muon(std::vector<Group> groups) : GroupedOptimizer(std::move(groups), "muo
 }
 
 void Muon::step_impl() {
+  // Pass 1: AdamW groups step; Muon groups update their momentum and collect
+  // the update u of each parameter (its rows, under row sharding).
+  struct Item {
+    at::Tensor* param;
+    const MuonOptions* options;
+    double lr;
+  };
+  std::map<std::string, Item> items;
+  std::map<std::string, at::Tensor> updates;
   for (auto& group : groups_) {
     const auto& o = group.options;
     const double lr = o.lr * lr_scale();
-    // Muon parameters of one [A, B] shape are orthogonalised together as one
-    // batch [n, A, B]: a few large matmuls instead of many small ones.
-    std::map<std::pair<int64_t, int64_t>, std::vector<std::pair<at::Tensor, at::Tensor>>> by_shape;
     for (auto& np : group.params) {
       at::Tensor& p = np.tensor;
       const at::Tensor& g = p.grad();
@@ -156,23 +163,43 @@ void Muon::step_impl() {
       if (st.step == 0) st.slots["momentum_buffer"] = at::zeros_like(p, at::MemoryFormat::Preserve);
       ++st.step;
       at::Tensor& m = st.slots.at("momentum_buffer");
-      m.lerp_(g, 1 - o.momentum);                              // m = beta m + (1-beta) g
-      at::Tensor u = o.nesterov ? g.lerp(m, o.momentum) : m;   // (1-beta) g + beta m
-      const int64_t A = p.size(0), B = p.numel() / p.size(0);
-      by_shape[{A, B}].emplace_back(p, u.reshape({A, B}));
+      m.lerp_(g, 1 - o.momentum);                             // m = beta m + (1-beta) g
+      updates[np.name] = o.nesterov ? g.lerp(m, o.momentum) : m;  // (1-beta) g + beta m
+      items[np.name] = {&p, &o, lr};
     }
-    for (auto& [shape, items] : by_shape) {
-      const auto [A, B] = shape;
+  }
+
+  // Pass 2: orthogonalise whole matrices. Those of one shape and group run as
+  // one batch [n, A, B]: a few large matmuls instead of many small ones.
+  auto orthogonalise = [&](const std::map<std::string, at::Tensor>& whole) {
+    std::map<std::tuple<const MuonOptions*, int64_t, int64_t>, std::vector<std::string>> batches;
+    for (const auto& [name, u] : whole) batches[{items.at(name).options, u.size(0), u.size(1)}].push_back(name);
+    std::map<std::string, at::Tensor> out;
+    for (const auto& [key, names] : batches) {
+      const MuonOptions& o = *std::get<0>(key);
       std::vector<at::Tensor> us;
-      for (const auto& it : items) us.push_back(it.second);
+      for (const auto& name : names) us.push_back(whole.at(name));
       at::Tensor O = newton_schulz5(at::stack(us), o.ns_steps, o.ns_dtype);  // [n, A, B]
-      const double step = -lr * muon_scale(o.scale, A, B);
-      for (size_t i = 0; i < items.size(); ++i) {
-        at::Tensor& p = items[i].first;
-        if (o.weight_decay != 0) p.mul_(1 - lr * o.weight_decay);
-        p.add_(O[static_cast<int64_t>(i)].reshape(p.sizes()), step);
-      }
+      for (std::size_t i = 0; i < names.size(); ++i) out[names[i]] = O[static_cast<int64_t>(i)];
     }
+    return out;
+  };
+  std::map<std::string, at::Tensor> result;
+  if (shards_) {
+    result = shards_->orthogonalise(updates, orthogonalise);
+  } else {
+    std::map<std::string, at::Tensor> whole;
+    for (const auto& [name, u] : updates) whole[name] = u.reshape({u.size(0), u.numel() / u.size(0)});
+    result = orthogonalise(whole);
+  }
+
+  // Pass 3: apply, scaled by the whole matrix's shape.
+  for (auto& [name, item] : items) {
+    at::Tensor& p = *item.param;
+    const MuonOptions& o = *item.options;
+    const auto [A, B] = shards_ ? shards_->whole_shape(name) : std::pair<int64_t, int64_t>{p.size(0), p.numel() / p.size(0)};
+    if (o.weight_decay != 0) p.mul_(1 - item.lr * o.weight_decay);
+    p.add_(result.at(name).reshape(p.sizes()), -item.lr * muon_scale(o.scale, A, B));
   }
 }
 

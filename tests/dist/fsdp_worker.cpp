@@ -4,7 +4,7 @@
 // rank builds the model from the same seed.
 //
 //   fsdp_worker --out PREFIX [--model dense|moe] [--parallel none|ddp|fsdp]
-//               [--zero 3|2] [--ep N] [--no-reshard] [--no-prefetch] [--param-bf16]
+//               [--zero 3|2] [--ep N] [--optim adamw|muon [--no-muon-shards]] [--no-reshard] [--no-prefetch] [--param-bf16]
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps
@@ -44,14 +44,16 @@
 #include "rhine/nn/model.h"
 #include "rhine/optim/adamw.h"
 #include "rhine/optim/clip.h"
+#include "rhine/optim/muon.h"
 #include "rhine/torch/compat.h"
 #include "rhine/torch/runtime.h"
 
 namespace {
 
 struct Args {
-  std::string out, model = "dense", parallel = "fsdp";
+  std::string out, model = "dense", parallel = "fsdp", optim = "adamw";
   int zero = 3, ep = 1, steps = 3, batch = 8, seq = 8, accum = 1;
+  bool no_muon_shards = false;  // to see check_optimizer refuse such a Muon
   bool reshard = true, prefetch = true, param_bf16 = false, autocast = false, ckpt = false;
   double clip = 0.0;
   long timeout_ms = 20000;
@@ -73,6 +75,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--parallel") a.parallel = next();
     else if (k == "--zero") a.zero = std::stoi(next());
     else if (k == "--ep") a.ep = std::stoi(next());
+    else if (k == "--optim") a.optim = next();
+    else if (k == "--no-muon-shards") a.no_muon_shards = true;
     else if (k == "--no-reshard") a.reshard = false;
     else if (k == "--no-prefetch") a.prefetch = false;
     else if (k == "--param-bf16") a.param_bf16 = true;
@@ -231,7 +235,18 @@ int run(const Args& a) {
     rhine::AdamWOptions ao;
     ao.lr = 1e-2;
     ao.weight_decay = 0.1;
-    rhine::AdamW opt(rhine::decay_groups(stepped, ao));
+    std::unique_ptr<rhine::Optimizer> optimizer;
+    if (a.optim == "muon") {  // Newton-Schulz in fp32: the comparison is about sharding, not bf16 rounding
+      rhine::MuonOptions mo;
+      mo.lr = 1e-2;
+      mo.ns_dtype = at::kFloat;
+      auto muon = std::make_unique<rhine::Muon>(rhine::muon_groups(stepped, mo));
+      if (fsdp && !a.no_muon_shards) muon->set_shards(fsdp->muon_shards());
+      optimizer = std::move(muon);
+    } else {
+      optimizer = std::make_unique<rhine::AdamW>(rhine::decay_groups(stepped, ao));
+    }
+    rhine::Optimizer& opt = *optimizer;
     if (fsdp) rhine::dist::FSDP::check_optimizer(opt);
     std::vector<at::Tensor> stepped_tensors;
     for (const auto& p : stepped) stepped_tensors.push_back(p.tensor);

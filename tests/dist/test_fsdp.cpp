@@ -112,6 +112,32 @@ TEST_CASE("FSDP trains the MLA + MoE + MTP model as one process does", "[fsdp]")
   expect_equal_to(dir, "ref", "zero2", 2, with(base, {"--zero", "2"}));
 }
 
+TEST_CASE("FSDP steps Muon on row shards (whole matrices gathered per unit) as one process does", "[fsdp]") {
+  // Newton-Schulz runs on each whole matrix, rebuilt from the ranks' rows;
+  // the scale uses the whole shape. fp32 iteration (the worker sets it), so
+  // the tolerance is FSDP's 2e-5. The MoE model adds routed experts kept
+  // whole by expert parallelism.
+  rhine::test::TempDir dir("fsdp_muon");
+  const std::vector<std::string> base{"--model", "moe", "--steps", "3", "--batch", "8", "--optim", "muon"};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(base, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "muon2", 2, base);
+  expect_equal_to(dir, "ref", "muon4_ep", 4, with(base, {"--ep", "4"}));
+  // Sharded checkpoints carry Muon's momentum: 4 ranks -> 2.
+  REQUIRE(all_ok(run(dir, "save4", 4, with(base, {"--save-at", "1", "--ckpt-dir", dir.file("ck4")}))));
+  REQUIRE(all_ok(run(dir, "resume2", 2, with(base, {"--resume", dir.file("ck4")}))));
+  auto [rel, mx] = diff(read_params(dir.file("resume2") + ".params"), read_params(dir.file("muon2") + ".params"));
+  INFO("resumed vs uninterrupted: " << rel);
+  CHECK(rel < 2e-5);
+  // A Muon without muon_shards() would orthogonalise row blocks: refused.
+  const auto exits = run(dir, "unsharded", 2, with(base, {"--no-muon-shards"}));
+  REQUIRE(exits.size() == 2);
+  CHECK(exits[0].code == 3);
+  const std::string err = slurp(dir.file("unsharded") + ".rank0.err");
+  INFO(err);
+  CHECK(err.find("[fsdp]") != std::string::npos);
+  CHECK(err.find("muon_shards") != std::string::npos);
+}
+
 TEST_CASE("FSDP in bf16: autocast equals data parallel bitwise; bf16 gathers train as one rank does", "[fsdp]") {
   rhine::test::TempDir dir("fsdp_bf16");
   const std::vector<std::string> base{"--model", "dense", "--steps", "3", "--batch", "8", "--autocast"};

@@ -62,9 +62,14 @@
 /// Activation checkpointing (CausalLMOptions::activation_checkpointing) works
 /// unchanged: the recomputation runs after the unit was gathered again.
 ///
+/// Muon orthogonalises whole matrices: give it `muon_shards()`
+/// (`muon.set_shards(fsdp.muon_shards())`), which all-gathers each unit's
+/// update rows at the step, one unit at a time, so that every rank
+/// orthogonalises the unit's whole matrices and keeps its rows
+/// (rhine/optim/muon.h). check_optimizer refuses a Muon without it.
+///
 /// Not yet served: LoRA adapters (rhine/io/lora.h writes merged weights into
-/// the base) and Muon (its update orthogonalises whole matrices); the
-/// constructor and check_optimizer refuse them with a rhine::Error.
+/// the base); the constructor refuses them with a rhine::Error.
 ///
 /// The model's parameters are placeholders (empty tensors) while their unit
 /// is not gathered; read weights through full_parameter(), which gathers
@@ -83,6 +88,7 @@
 #include "rhine/dist/world.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/nn/model.h"
+#include "rhine/optim/muon.h"
 #include "rhine/optim/optimizer.h"
 
 namespace rhine::dist {
@@ -164,8 +170,12 @@ class FSDP {
   /// finish() their gradients are the mean over ranks. Build the optimizer
   /// over these (check_optimizer tells whether it can step shards).
   const NamedParameters& parameters() const;
-  /// Throws rhine::Error when `optimizer` cannot step row shards (Muon).
+  /// Throws rhine::Error when `optimizer` cannot step row shards (a Muon
+  /// without muon_shards()).
   static void check_optimizer(const Optimizer& optimizer);
+  /// What Muon needs to step this FSDP's shards (see the file comment).
+  /// Holds this FSDP's state: use it while the FSDP lives.
+  std::shared_ptr<MuonShards> muon_shards();
 
   /// Reduce-scatters every unit backward did not reduce, in a fixed order, and
   /// frees all gathered parameters. Call once after the last backward of a step.

@@ -35,10 +35,22 @@
 /// eps and weight_decay. `muon_groups` builds such a split from names.
 ///
 /// State slots: "momentum_buffer" (Muon groups); "exp_avg", "exp_avg_sq" (AdamW groups).
+///
+/// Row shards (FSDP, rhine/dist/fsdp.h): momentum and the Nesterov blend are
+/// elementwise and run on the shard, but Newton-Schulz needs each whole
+/// matrix. With `set_shards` (FSDP::muon_shards()), a step hands the update
+/// rows to the MuonShards, which all-gathers them one FSDP unit at a time,
+/// lets Muon orthogonalise the unit's whole matrices (every rank computes the
+/// same), and gives back this rank's rows of the result; the scale uses the
+/// whole matrix's shape. The step then equals the unsharded one (to the
+/// summation order of the gradients).
 
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -96,14 +108,37 @@ at::Tensor newton_schulz5(const at::Tensor& G, int steps = 5,
 /// The scale factor of an [A, B] update under `rule`.
 double muon_scale(MuonScale rule, int64_t A, int64_t B);
 
+/// Serves Muon when its parameters are row shards of whole matrices (see the
+/// file comment); implemented by rhine::dist::FSDP.
+class MuonShards {
+ public:
+  virtual ~MuonShards() = default;
+  /// Whole matrices [A, B] by parameter name -> their orthogonalised update, same shapes.
+  using Orthogonalise = std::function<std::map<std::string, at::Tensor>(const std::map<std::string, at::Tensor>&)>;
+  /// Collective (every rank once per step, whatever it holds): `rows` maps
+  /// this rank's Muon parameters to their update rows (the shard's shape).
+  /// Calls `orthogonalise` on batches of whole matrices and returns, for
+  /// every name in `rows`, this rank's rows of the result (the shard's shape).
+  virtual std::map<std::string, at::Tensor> orthogonalise(const std::map<std::string, at::Tensor>& rows,
+                                                          const Orthogonalise& orthogonalise) = 0;
+  /// The whole [A, B] shape of the matrix a shard belongs to.
+  virtual std::pair<std::int64_t, std::int64_t> whole_shape(const std::string& name) const = 0;
+};
+
 /// Muon with auxiliary AdamW groups; see the file comment.
 class Muon : public GroupedOptimizer<MuonOptions> {
  public:
   explicit Muon(std::vector<Group> groups);
   std::string type() const override { return "muon"; }
+  /// Steps row shards through `shards` (nullptr: whole parameters, the default).
+  void set_shards(std::shared_ptr<MuonShards> shards) { shards_ = std::move(shards); }
+  bool sharded() const { return shards_ != nullptr; }
 
  protected:
   void step_impl() override;
+
+ private:
+  std::shared_ptr<MuonShards> shards_;
 };
 
 }  // namespace rhine

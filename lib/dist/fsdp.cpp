@@ -93,6 +93,7 @@ struct FSDP::State : nn::ForwardHooks {
   NamedParameters trainable;
   std::map<std::string, std::size_t> by_name;
   bool sync = true;
+  bool unloaded = false;      ///< built on the meta device and not loaded yet
   bool grad_forward = false;  ///< the running forward records a graph
   std::vector<std::size_t> order;  ///< units in the order forward ran them
   FSDPMemory mem;
@@ -228,6 +229,8 @@ struct FSDP::State : nn::ForwardHooks {
   }
 
   void forward_begin() override {
+    RHINE_CHECK(!unloaded, kComponent, "the model was built without its weights and they were never loaded",
+                "CausalLMOptions::defer_init", "call FSDP::load_parameters (an HF directory or a checkpoint) first");
     grad_forward = at::GradMode::is_enabled() && !trainable.empty();
     order.clear();
     if (o.zero_stage == 2) {
@@ -341,6 +344,7 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   State& s = *state_;
   s.world = &world;
   s.model = model;
+  s.unloaded = model->options.defer_init;  // streaming construction: rows copied below are not written yet
   s.o = options;
   s.n = world.world_size();
   s.rank = world.rank();
@@ -610,7 +614,7 @@ at::Tensor FSDP::full_parameter(const std::string& name) {
   at::NoGradGuard no_grad;
   if (p.owner >= 0) {  // a routed expert: its owner sends it
     at::Tensor whole = p.owner == s.rank ? s.world->to_device(p.var.detach().clone())
-                                         : s.world->device_zeros(p.var.numel(), c10::kFloat).view(p.shape);
+                                         : s.world->device_zeros(p.rows * p.inner, c10::kFloat).view(p.shape);
     s.world->broadcast_(whole, p.owner);
     return whole;
   }
@@ -706,6 +710,7 @@ void FSDP::load_parameters(const io::RowReader& reader) {
     if (p.own_rows == 0) continue;
     p.shard.copy_(reader.rows(p.name, p.row_begin, p.row_begin + p.own_rows).reshape(p.shard.sizes()));
   }
+  s.unloaded = false;
 }
 
 void FSDP::load_optimizer(const io::RowReader& reader, const Json& meta, Optimizer& optimizer,

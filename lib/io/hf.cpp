@@ -22,6 +22,7 @@
 #include "rhine/core/log.h"
 #include "rhine/formats/safetensors.h"
 #include "rhine/io/lora.h"
+#include "pages.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
 
@@ -57,15 +58,6 @@ std::vector<std::regex> compile(const std::vector<std::string>& patterns, const 
 
 std::string shape_str(const std::vector<std::int64_t>& s) { return detail::display(s); }
 
-// Releases the pages of [p, p + n) of a private file mapping after the bytes
-// were copied: the kernel re-reads them from the file if ever touched again,
-// so a copying load never holds the model twice.
-void release_pages(const void* p, std::size_t n) {
-  static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  auto begin = (reinterpret_cast<std::uintptr_t>(p) + page - 1) / page * page;
-  auto end = (reinterpret_cast<std::uintptr_t>(p) + n) / page * page;
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-}
 
 bool is_lora_name(const std::string& name) {
   return name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos;

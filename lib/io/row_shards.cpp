@@ -10,6 +10,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
 #include "rhine/io/safetensors.h"
+#include "pages.h"
 
 namespace rhine::io {
 
@@ -192,13 +193,15 @@ at::Tensor RowReader::rows(const std::string& name, std::int64_t begin, std::int
   const std::int64_t R = rows_of(s);
   RHINE_CHECK(0 <= begin && begin <= end && end <= R, kComponent, "row range out of bounds for " + name,
               fmt::format("[{}, {}) of {}", begin, end, R), "");
-  std::vector<at::Tensor> parts;
+  std::vector<at::Tensor> parts, mapped;  // mapped: the parts that view the file mapping
   for (const auto& p : e.pieces) {
     const std::int64_t a = std::max(begin, p.begin), b = std::min(end, p.end);
     if (a >= b) continue;
-    at::Tensor whole = to_tensor(p.file->at(name), p.file);  // zero-copy over the mapping
+    const auto view = p.file->at(name);
+    at::Tensor whole = to_tensor(view, p.file);  // zero-copy over the mapping (if aligned)
     if (s.empty()) return whole.clone();
     parts.push_back(whole.narrow(0, a - p.begin, b - a));
+    if (whole.data_ptr() == static_cast<const void*>(view.data)) mapped.push_back(parts.back());
   }
   if (s.empty()) RHINE_FAIL(kComponent, "scalar without a piece", name, "");
   if (parts.empty()) {
@@ -206,7 +209,11 @@ at::Tensor RowReader::rows(const std::string& name, std::int64_t begin, std::int
     shape[0] = 0;
     return at::empty(shape, at::TensorOptions().dtype(dtype(name)));
   }
-  return parts.size() == 1 ? parts[0].clone() : at::cat(parts);
+  at::Tensor out = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
+  // The rows are copied: give their pages of the mapping back, so that a
+  // rank reading its rows of every tensor never holds them twice.
+  for (const auto& part : mapped) release_pages(part.data_ptr(), part.numel() * part.element_size());
+  return out;
 }
 
 at::Tensor RowReader::whole(const std::string& name) const { return rows(name, 0, num_rows(name)); }

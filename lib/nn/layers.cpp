@@ -2,6 +2,7 @@
 // sections 0 (RMSNorm, SwiGLU), 4 (RoPE scaling), 5.3 (RoPE layouts), 6.4
 // (Apertus: xIELU, QK-norm). Dimension letters as in rhine/nn/layers.h.
 #include "rhine/nn/layers.h"
+#include "build.h"
 
 #include <ATen/ATen.h>
 
@@ -173,9 +174,7 @@ at::Tensor XIELUImpl::forward(const at::Tensor& x) {
 }
 
 MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
-  auto lin = [&](std::int64_t in, std::int64_t out) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(c.mlp_bias));
-  };
+  auto lin = [&](std::int64_t in, std::int64_t out) { return detail::make_linear(in, out, c.mlp_bias); };
   if (c.gated_mlp())
     gate_proj = register_module("gate_proj", lin(c.hidden_size, c.intermediate_size));
   up_proj = register_module("up_proj", lin(c.hidden_size, c.intermediate_size));
@@ -206,9 +205,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
       head_dim(c.head_dim),
       dropout(c.attention_dropout),
       layout(c.rope_interleave ? RopeLayout::Interleaved : RopeLayout::HalfSplit) {
-  auto lin = [&](std::int64_t in, std::int64_t out, bool bias) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-  };
+  auto lin = [&](std::int64_t in, std::int64_t out, bool bias) { return detail::make_linear(in, out, bias); };
   q_proj = register_module("q_proj", lin(c.hidden_size, n_heads * head_dim, c.attention_bias));
   k_proj = register_module("k_proj", lin(c.hidden_size, n_kv_heads * head_dim, c.attention_bias));
   v_proj = register_module("v_proj", lin(c.hidden_size, n_kv_heads * head_dim, c.attention_bias));

@@ -1,6 +1,7 @@
 // Multi-head Latent Attention: naive and absorbed forms (architectures.md
 // 1.3-1.7). Dimension letters as in rhine/nn/mla.h.
 #include "rhine/nn/mla.h"
+#include "build.h"
 
 #include <ATen/ATen.h>
 
@@ -20,9 +21,7 @@ MLAImpl::MLAImpl(const ModelConfig& c)
       layout(c.rope_interleave ? RopeLayout::Interleaved : RopeLayout::HalfSplit) {
   RHINE_CHECK(c.uses_mla(), "mla", "MLA needs kv_lora_rank > 0", c.kv_lora_rank,
               "set the DeepSeek MLA keys in config.json");
-  auto lin = [](std::int64_t in, std::int64_t out, bool bias) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-  };
+  auto lin = [](std::int64_t in, std::int64_t out, bool bias) { return detail::make_linear(in, out, bias); };
   const std::int64_t C = c.hidden_size, H = n_heads, qk = nope_dim + rope_dim;
   // HF DeepseekV3Attention: biases (attention_bias) only on q_a, kv_a and o;
   // the latent norms use the default eps 1e-6, not rms_norm_eps (section 1.1).

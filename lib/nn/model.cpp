@@ -1,5 +1,6 @@
 // The Llama-family causal LM. Dimension letters as in rhine/nn/model.h.
 #include "rhine/nn/model.h"
+#include "build.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
@@ -91,7 +92,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
 }  // namespace
 
 DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  embed_tokens = register_module("embed_tokens", detail::make_embedding(c.vocab_size, c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
     blocks.push_back(DecoderLayer(c, i));
@@ -116,11 +117,12 @@ bool has_suffix(std::string_view s, std::string_view suffix) {
 CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
     : options(o), config_(c) {
   config_.validate();
+  std::optional<detail::DeferredInit> deferred;
+  if (o.defer_init) deferred.emplace();
   model = register_module("model", DecoderModel(c));
   if (!c.tie_word_embeddings)
-    lm_head = register_module(
-        "lm_head",
-        torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+    lm_head = register_module("lm_head", detail::make_linear(c.hidden_size, c.vocab_size, false));
+  deferred.reset();
   freqs_ = rope_frequencies(c.rope, c.head_dim, c.max_position_embeddings);
   if (c.uses_mla())
     mla_freqs_ = rope_frequencies(c.rope, c.qk_rope_head_dim, c.max_position_embeddings);
@@ -132,7 +134,8 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
   at::NoGradGuard no_grad;
   c10::optional<at::Generator> gen;
   if (o.init_seed) gen = at::make_generator<at::CPUGeneratorImpl>(*o.init_seed);
-  for (auto& p : named_parameters()) {
+  // (defer_init: the weights come from a checkpoint, through FSDP.)
+  for (auto& p : o.defer_init ? torch::OrderedDict<std::string, at::Tensor>() : named_parameters()) {
     const std::string& name = p.key();
     auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
     if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
@@ -360,6 +363,9 @@ ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions&
 ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOptions& o) {
   RHINE_CHECK(ids.dim() == 2, "causal_lm", "ids must be [B, T]", ids.sizes().vec(),
               "add a batch dimension");
+  RHINE_CHECK(!options.defer_init || hooks_, "causal_lm", "the model's weights were never written",
+              "built with CausalLMOptions::defer_init",
+              "shard it with FSDP and call FSDP::load_parameters before forward");
   const auto B = ids.size(0), T = ids.size(1);
   const auto dev = ids.device();
   KVCache* cache = o.cache;

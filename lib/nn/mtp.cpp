@@ -1,6 +1,7 @@
 // Multi-token prediction modules (architectures.md section 3). Dimension
 // letters as in rhine/nn/mtp.h.
 #include "rhine/nn/mtp.h"
+#include "build.h"
 
 #include <ATen/ATen.h>
 
@@ -26,8 +27,7 @@ MTPLayerImpl::MTPLayerImpl(const ModelConfig& c, std::int64_t layer) : DecoderLa
   const auto C = c.hidden_size;
   enorm = register_module("enorm", RMSNorm(C, c.rms_norm_eps));
   hnorm = register_module("hnorm", RMSNorm(C, c.rms_norm_eps));
-  eh_proj = register_module("eh_proj",
-                            torch::nn::Linear(torch::nn::LinearOptions(2 * C, C).bias(false)));
+  eh_proj = register_module("eh_proj", detail::make_linear(2 * C, C, false));
   shared_head = register_module("shared_head", SharedHead(c));
   embed_tokens = register_module("embed_tokens", WeightAlias());
 }

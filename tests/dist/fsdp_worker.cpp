@@ -12,6 +12,13 @@
 //               [--save-at K --ckpt-dir D]  after K steps, save a row-sharded
 //                                          checkpoint (parameters, optimizer, buffers)
 //               [--resume DIR]             start from such a checkpoint (any layout wrote it)
+//               [--export-hf DIR]          one process: write the model built from seed 99 as an
+//                                          HF directory, and stop
+//               [--import DIR [--defer-init]]  start from such an HF directory; --defer-init: build the
+//                                          model with CausalLMOptions::defer_init (FSDP only),
+//                                          so that a rank holds only its shards
+//               [--wide]                   the dense model 512 wide with a 16k vocabulary (18M
+//                                          parameters), for memory measurements
 //
 //   dense: Llama-style, GQA, tied embeddings, 3 layers.
 //   moe:   DeepSeek-V3-style: MLA, a dense first layer then MoE layers (sigmoid
@@ -22,6 +29,8 @@
 // memory figures); on a rhine::Error PREFIX.rank<r>.err (exit code 3).
 #include <ATen/ops/from_blob.h>
 #include <torch/nn/module.h>
+
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +49,7 @@
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/row_shards.h"
+#include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/adamw.h"
@@ -59,7 +69,8 @@ struct Args {
   long timeout_ms = 20000;
   int die_rank = -1, die_after = 0, sleep_rank = -1, sleep_after = 0;
   int save_at = -1;
-  std::string ckpt_dir, resume;
+  std::string ckpt_dir, resume, export_hf, import_dir;
+  bool defer_init = false, wide = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -95,6 +106,10 @@ Args parse(int argc, char** argv) {
     else if (k == "--save-at") a.save_at = std::stoi(next());
     else if (k == "--ckpt-dir") a.ckpt_dir = next();
     else if (k == "--resume") a.resume = next();
+    else if (k == "--export-hf") a.export_hf = next();
+    else if (k == "--import") a.import_dir = next();
+    else if (k == "--defer-init") a.defer_init = true;
+    else if (k == "--wide") a.wide = true;
     else RHINE_FAIL("fsdp_worker", "unknown argument", k, "");
   }
   RHINE_CHECK(!a.out.empty(), "fsdp_worker", "--out is required", "", "");
@@ -203,12 +218,30 @@ int run(const Args& a) {
   const int rank = world.rank(), n = world.world_size();
   const std::string prefix = a.out + ".rank" + std::to_string(rank);
   try {
-    const auto cfg = a.model == "moe" ? moe_config() : dense_config();
+    auto cfg = a.model == "moe" ? moe_config() : dense_config();
+    if (a.wide) {
+      cfg.hidden_size = 512;
+      cfg.head_dim = 128;
+      cfg.intermediate_size = 1536;
+      cfg.vocab_size = 16384;
+      cfg.validate();
+    }
     rhine::nn::CausalLMOptions mo;
     mo.init_seed = 1234;  // the same on every rank
     mo.activation_checkpointing = a.ckpt;
+    if (!a.export_hf.empty()) {
+      mo.init_seed = 99;
+      rhine::nn::CausalLM other(cfg, mo);
+      rhine::io::save_hf_model(other, a.export_hf);
+      return 0;
+    }
+    mo.defer_init = a.defer_init;
+    rhine::Json report;
+    rusage before{};
+    ::getrusage(RUSAGE_SELF, &before);
     rhine::nn::CausalLM lm(cfg, mo);
     lm->train();
+    report["model_bytes"] = lm->num_parameters() * 4;
 
     rhine::NamedParameters model_params;
     for (const auto& p : lm->named_parameters()) model_params.push_back({p.key(), p.value()});
@@ -225,22 +258,34 @@ int run(const Args& a) {
       fo.param_dtype = a.param_bf16 ? at::kBFloat16 : at::kFloat;
       fo.expert_parallel = a.ep;
       fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
+      if (!a.import_dir.empty()) fsdp->load_parameters(rhine::io::RowReader::open(a.import_dir));
     } else if (a.parallel == "ddp") {
       sync = std::make_unique<rhine::dist::GradientSync>(world, model_params);
     } else {
       RHINE_CHECK(a.parallel == "none" && n == 1, "fsdp_worker", "--parallel none is one process, got",
                   a.parallel, "");
     }
+    if (!a.import_dir.empty()) {
+      const auto reader = rhine::io::RowReader::open(a.import_dir);
+      at::NoGradGuard no_grad;
+      if (!fsdp)
+        for (auto& p : model_params) p.tensor.copy_(reader.whole(p.name));
+      for (auto& [name, b] : lm->state_buffers())
+        if (reader.contains(name)) b.copy_(reader.whole(name));
+    }
+    rusage after{};
+    ::getrusage(RUSAGE_SELF, &after);
+    report["import_peak_rss_growth_bytes"] = (after.ru_maxrss - before.ru_maxrss) * 1024;
     const rhine::NamedParameters& stepped = fsdp ? fsdp->parameters() : model_params;
     rhine::AdamWOptions ao;
     ao.lr = 1e-2;
     ao.weight_decay = 0.1;
     std::unique_ptr<rhine::Optimizer> optimizer;
     if (a.optim == "muon") {  // Newton-Schulz in fp32: the comparison is about sharding, not bf16 rounding
-      rhine::MuonOptions mo;
-      mo.lr = 1e-2;
-      mo.ns_dtype = at::kFloat;
-      auto muon = std::make_unique<rhine::Muon>(rhine::muon_groups(stepped, mo));
+      rhine::MuonOptions muon_options;
+      muon_options.lr = 1e-2;
+      muon_options.ns_dtype = at::kFloat;
+      auto muon = std::make_unique<rhine::Muon>(rhine::muon_groups(stepped, muon_options));
       if (fsdp && !a.no_muon_shards) muon->set_shards(fsdp->muon_shards());
       optimizer = std::move(muon);
     } else {
@@ -256,7 +301,6 @@ int run(const Args& a) {
     const int64_t b = a.batch / n, T = a.seq;
     at::Tensor data = rhine::test::global_batch_rows(rank * b, b, T, cfg.vocab_size);  // [b, T+1]
 
-    rhine::Json report;
     report["rank"] = rank;
     report["world_size"] = n;
     report["losses"] = rhine::Json::array();

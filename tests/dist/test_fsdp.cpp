@@ -287,3 +287,44 @@ TEST_CASE("Sharded checkpoints reshard across expert parallelism: EP 4 -> EP 2 -
   }
   CHECK(index["model.layers.1.mlp.shared_experts.up_proj.weight"]["pieces"].size() == 2);  // row-sharded
 }
+
+TEST_CASE("Streaming import: a model built without its weights loads an HF directory into its shards", "[fsdp]") {
+  // CausalLMOptions::defer_init leaves the linear and embedding weights
+  // unwritten; FSDP keeps this rank's shards and FSDP::load_parameters reads
+  // only its rows of the HF files. Training then equals one process that
+  // imported the same directory.
+  rhine::test::TempDir dir("fsdp_import");
+  REQUIRE(all_ok(run(dir, "export", 0, {"--model", "moe", "--parallel", "none", "--export-hf", dir.file("hf")})));
+  const std::vector<std::string> base{"--model", "moe", "--steps", "3", "--batch", "8", "--import", dir.file("hf")};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(base, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "eager2", 2, base);
+  expect_equal_to(dir, "ref", "meta2", 2, with(base, {"--defer-init"}));
+  expect_equal_to(dir, "ref", "meta4_ep", 4, with(base, {"--defer-init", "--ep", "4", "--zero", "2"}));
+  // The import decides the result: the same training from the seed's weights differs.
+  REQUIRE(all_ok(run(dir, "seed", 0, {"--model", "moe", "--steps", "3", "--batch", "8", "--parallel", "none"})));
+  CHECK(diff(read_params(dir.file("seed") + ".params"), read_params(dir.file("ref") + ".params")).first > 1e-2);
+  // Without load_parameters the FSDP refuses to compute.
+  const auto exits = run(dir, "unloaded", 2, {"--model", "moe", "--steps", "1", "--defer-init"});
+  REQUIRE(exits.size() == 2);
+  CHECK(exits[0].code == 3);
+  CHECK(slurp(dir.file("unloaded") + ".rank0.err").find("never loaded") != std::string::npos);
+}
+
+TEST_CASE("Streaming import needs about 1/N of the model per rank (peak RSS, 18M parameters on 4 ranks)",
+          "[fsdp]") {
+  rhine::test::TempDir dir("fsdp_import_rss");
+  REQUIRE(all_ok(run(dir, "export", 0, {"--wide", "--parallel", "none", "--export-hf", dir.file("hf")})));
+  const std::vector<std::string> base{"--wide", "--steps", "0", "--batch", "4", "--import", dir.file("hf")};
+  REQUIRE(all_ok(run(dir, "eager", 4, base)));
+  REQUIRE(all_ok(run(dir, "meta", 4, with(base, {"--defer-init"}))));
+  for (int r = 0; r < 4; ++r) {
+    const auto e = report(dir, "eager", r), m = report(dir, "meta", r);
+    const auto model = static_cast<double>(m["model_bytes"].get<std::int64_t>());
+    const auto eager = static_cast<double>(e["import_peak_rss_growth_bytes"].get<std::int64_t>());
+    const auto meta = static_cast<double>(m["import_peak_rss_growth_bytes"].get<std::int64_t>());
+    INFO("rank " << r << ": model " << model / 1e6 << " MB; peak RSS growth while building and importing: eager "
+                 << eager / 1e6 << " MB, meta " << meta / 1e6 << " MB");
+    CHECK(eager > model);          // the whole model, built and initialised
+    CHECK(meta < 0.75 * model);    // this rank's shards, its rows of the file pages, one tensor in flight
+  }
+}

@@ -151,6 +151,17 @@ struct CausalLMOptions {
   /// Use Rhine's fused CPU kernels (rhine/nn/fused.h): RMSNorm, RoPE, SwiGLU
   /// and the cross-entropy loss, each tested against its plain-op twin.
   bool fused_kernels = false;
+  /// Streaming construction, for a model whose weights will be loaded: every
+  /// linear and embedding weight is allocated but neither initialised nor
+  /// written, so its pages stay unreserved in physical memory (Linux commits
+  /// anonymous memory when it is first written); norms, routers and other
+  /// small tensors are built as usual. Such a model computes only under FSDP
+  /// (rhine/dist/fsdp.h), which keeps this rank's rows and frees the rest,
+  /// after FSDP::load_parameters has read this rank's rows of an HF
+  /// directory or checkpoint; forward() otherwise throws a rhine::Error.
+  /// (The whole model's size is still reserved as virtual memory for a
+  /// moment, which needs the kernel's default overcommit heuristic.)
+  bool defer_init = false;
 };
 
 /// Calls around each block of CausalLM::forward: the one extension point that

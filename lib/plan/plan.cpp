@@ -333,7 +333,6 @@ Plan plan(const nn::ModelConfig& c, const Layout& l) {
   const int N = l.ranks();
   const double g = gathered_bytes(l);
   const bool sharded = l.zero >= 2;
-  const int nshard = sharded ? l.fsdp : 1;
 
   // W: what a rank holds whole (replicated layouts; gathered under ZeRO-2);
   // S: its shard (ZeRO-2/3). Routed experts: 1/ep per rank, then row-sharded
@@ -525,7 +524,7 @@ std::string Plan::to_text() const {
   std::string s;
   auto row = [&](const std::string& k, const std::string& v) { s += fmt::format("  {:<28} {}\n", k, v); };
   const char* stage[] = {"data parallel", "ZeRO-1", "FSDP ZeRO-2", "FSDP ZeRO-3"};
-  s += fmt::format("model      {} , {:.3f}B parameters ({:.3f}B active per token, {:.3f}B routed experts)\n",
+  s += fmt::format("model      {}, {:.3f}B parameters ({:.3f}B active per token, {:.3f}B routed experts)\n",
                    config.model_type, params.total / 1e9, params.active / 1e9, params.routed_experts / 1e9);
   s += fmt::format("layout     {} ranks = dp {} x fsdp {}, ep {}, {}; {} x {} tokens per micro-batch, accumulation {}, "
                    "checkpointing {}, {}, gathers in {}\n",

@@ -148,7 +148,19 @@ int main(int argc, char** argv) try {
   rhine::io::ImportOptions io;
   io.device = rt.device;
   io.model.fused_kernels = run.fused_kernels;
-  auto lm = rhine::io::load_hf_model(cfg.base_model, io);
+  // Under FSDP (without LoRA) the import streams: the model is built without
+  // its weights, and after sharding each rank reads only its rows of the base
+  // model's files, so no rank ever holds the whole model.
+  const bool stream = run.parallel.zero >= 2 && !cfg.lora;
+  rhine::nn::CausalLM lm{nullptr};
+  if (stream) {
+    io.model.defer_init = true;
+    lm = rhine::nn::CausalLM(rhine::io::load_hf_config(cfg.base_model), io.model);
+    at::NoGradGuard no_grad;
+    for (auto& [name, b] : lm->state_buffers()) b.set_data(b.to(rt.device));  // the weights go where FSDP puts them
+  } else {
+    lm = rhine::io::load_hf_model(cfg.base_model, io);
+  }
   const auto& mcfg = lm->config();
   RHINE_CHECK(mcfg.vocab_size >= tok.vocab_size(), kTool, "the tokenizer has more tokens than the model's vocabulary",
               tok.vocab_size(), fmt::format("model vocab_size {}; use the base model's own tokenizer", mcfg.vocab_size));
@@ -167,8 +179,9 @@ int main(int argc, char** argv) try {
       trainable += p.value().numel();
     }
   if (main_rank)
-    spdlog::info("{} ({} layers, hidden {}): {:.2f}M parameters, {:.2f}M trained; tokenizer {}", cfg.base_model,
-                 mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, trainable / 1e6, tok_path);
+    spdlog::info("{} ({} layers, hidden {}): {:.2f}M parameters, {:.2f}M trained; tokenizer {}{}{}", cfg.base_model,
+                 mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, trainable / 1e6, tok_path,
+                 rhine::examples::describe_parallel(run, world), stream ? "; each rank reads its rows of the base model" : "");
 
   // Data: the training stream and the per-language held-out set.
   rhine::SftExamples sft_train, sft_heldout;  // before `source`: an SftLoader refers to sft_train
@@ -208,7 +221,7 @@ int main(int argc, char** argv) try {
   // Optimizer, schedule, trainer.
   auto to = run.trainer_options();
   to.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
-  auto parts = rhine::examples::make_trainer(run, world, lm, params, *source, to);
+  auto parts = rhine::examples::make_trainer(run, world, lm, params, *source, to, stream ? cfg.base_model : "");
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();
   // Under FSDP every rank takes part in the samples' forwards and in gathering

@@ -170,10 +170,18 @@ struct TrainerParts {
 /// Broadcasts rank 0's weights, then builds: under parallel.zero 2/3 the FSDP
 /// and AdamW over its shards; otherwise AdamW over `params` (sharded when
 /// zero1 and several ranks) and the gradient sync; then the Trainer.
+/// `import_dir` (FSDP only): an HF directory or checkpoint each rank reads its
+/// rows of after sharding (parameters, and the buffers it holds); then the
+/// model may be built with CausalLMOptions::defer_init (streaming import).
 inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const nn::CausalLM& lm,
-                                 const NamedParameters& params, BatchSource& source, const train::TrainerOptions& to) {
+                                 const NamedParameters& params, BatchSource& source, const train::TrainerOptions& to,
+                                 const std::string& import_dir = {}) {
   TrainerParts t;
-  dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
+  RHINE_CHECK(import_dir.empty() || run.parallel.zero >= 2, "run", "a sharded import needs FSDP, got parallel.zero",
+              run.parallel.zero, "load the model whole (io::load_hf_model) without FSDP");
+  RHINE_CHECK(!lm->options.defer_init || !import_dir.empty(), "run",
+              "a model built with defer_init needs weights to import", "no import directory", "");
+  if (!lm->options.defer_init) dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
   if (run.parallel.zero >= 2) {
     RHINE_CHECK(run.parallel.fsdp == 0 || run.parallel.fsdp == world.world_size(), "run",
                 "parallel.fsdp must equal the number of ranks (hybrid dp x fsdp is not available yet), got",
@@ -188,6 +196,14 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
     fo.prefetch = run.parallel.prefetch;
     fo.param_dtype = run.parallel.param_dtype == "bfloat16" ? c10::kBFloat16 : c10::kFloat;
     t.fsdp = std::make_unique<dist::FSDP>(world, lm, fo);
+    if (!import_dir.empty()) {  // each rank reads its rows only
+      const auto reader = io::RowReader::open(import_dir);
+      t.fsdp->load_parameters(reader);
+      at::NoGradGuard no_grad;
+      nn::CausalLM model = lm;  // (a handle: the same model)
+      for (auto& [name, b] : model->state_buffers())
+        if (reader.contains(name)) b.copy_(reader.whole(name));
+    }
     t.adamw = std::make_unique<AdamW>(t.fsdp->parameters(), run.adamw_options());
     t.trainer = std::make_unique<train::Trainer>(lm, *t.adamw, run.schedule(), source, to);
     t.trainer->set_fsdp(&world, t.fsdp.get());

@@ -22,7 +22,10 @@
 #  8. a DeepSeek-V3-style MoE model (MLA, MTP) with "parallel": {"ep": 2}
 #     (routed experts over the two ranks) gives the losses of two FSDP ranks
 #     without it to 1e-5, four EP ranks resuming its checkpoint follow them to
-#     1e-4, and that EP checkpoint exports to a valid HF directory.
+#     1e-4, and that EP checkpoint exports to a valid HF directory;
+#  9. rhine-finetune under FSDP streams the base model in (built without its
+#     weights, each rank reads its rows) and its losses equal the data
+#     parallel run that loaded the base model whole, to 1e-5.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -135,7 +138,7 @@ n_ranks() {  # n_ranks N CONFIG LOG
   local pids=()
   for ((r = 0; r < $1; r++)); do
     RANK=$r WORLD_SIZE=$1 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
-      "$train" "$2" > "$3.$r" 2>&1 & pids+=($!)
+      "${prog:-$train}" "$2" > "$3.$r" 2>&1 & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || fail "rank of $2 failed: $(tail -3 "$3".*)"; done
 }
@@ -213,4 +216,21 @@ PY
   || fail "rhine-convert of an EP checkpoint: $(tail -3 convert-ep.txt)"
 r=$($check model moe-ep2-hf)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
+
+# 9. rhine-finetune's streaming import under FSDP.
+for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
+  sed "s/\"out_dir\": \"cpt\", \"export_dir\": \"cpt-hf\"/\"out_dir\": \"ft-${v%%:*}\", \"export_dir\": \"ft-${v%%:*}-hf\", \"parallel\": ${v#*:}/; s/\"steps\": 40/\"steps\": 6/; s/\"log_every\": 100/\"log_every\": 1/" cpt.json > ft-${v%%:*}.json
+  prog=$ft two_ranks ft-${v%%:*}.json ft-${v%%:*}.log
+done
+grep -q "FSDP ZeRO-3 over 2 rank" ft-fsdp.log.0 || fail "rhine-finetune did not use FSDP: $(head -5 ft-fsdp.log.0)"
+python3 - ft-dp/metrics.jsonl ft-fsdp/metrics.jsonl <<'PY' || fail "the streaming import changed the losses"
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(a) == 6 and a.keys() == b.keys(), (a, b)
+for k in a:
+    assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
+print("rhine-finetune under FSDP (streaming import) equals data parallel over", len(a), "steps")
+PY
 echo "PASS"

@@ -100,10 +100,14 @@ at::Tensor ExpertParallel::run(nn::MoEImpl& layer, const at::Tensor& x, const nn
     }
   const auto index_opts = at::TensorOptions().dtype(at::kLong).device(rows.device());
   at::Tensor order = at::tensor(perm, at::TensorOptions().dtype(at::kLong)).to(rows.device());
-  at::Tensor grouped = rows.index_select(0, order);
   const auto dev = x.device().type();
   const bool cast = (dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev);
   const auto payload = cast ? rhine::autocast_dtype(dev) : x.scalar_type();
+  // Without autocast the rows meet the experts' own (fp32) weights, also when
+  // FSDP gathers the other weights in bf16 (param_dtype).
+  const auto weights = layer.expert_list[static_cast<std::size_t>(first)]->up_proj->weight.scalar_type();
+  at::Tensor grouped = rows.index_select(0, order);
+  if (!cast) grouped = grouped.to(weights);
   std::vector<at::Tensor> outs;
   std::int64_t start = 0;
   for (std::int64_t l = 0; l < local; ++l) {

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "bench_model_config.h"
 #include <sys/resource.h>
 
 #include "rhine/dist/fsdp.h"
@@ -74,16 +75,7 @@ int worker(const Opts& o) {
   rv.local_rank = o.rank;
   rv.master_port = o.port;
   rhine::dist::World world = rhine::dist::init(rv);
-  rhine::nn::ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = o.vocab;
-  c.hidden_size = o.hidden;
-  c.intermediate_size = o.hidden * 8 / 3;
-  c.num_hidden_layers = o.layers;
-  c.num_attention_heads = o.hidden / 64;
-  c.num_key_value_heads = o.hidden / 64;
-  c.head_dim = 64;
-  c.max_position_embeddings = o.seq;
+  rhine::nn::ModelConfig c = rhine::bench::llama_bench_config(o.hidden, o.layers, o.vocab, o.seq);
   if (o.moe) {
     c.model_type = "deepseek_v3";
     c.kv_lora_rank = o.hidden / 4;

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "bench_model_config.h"
 #include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
@@ -77,18 +78,7 @@ const std::vector<LayoutRun> kLayouts = {
 };
 
 rhine::nn::ModelConfig bench_config(const Opts& o) {
-  rhine::nn::ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = o.vocab;
-  c.hidden_size = o.hidden;
-  c.intermediate_size = o.hidden * 8 / 3;
-  c.num_hidden_layers = o.layers;
-  c.num_attention_heads = o.hidden / 64;
-  c.num_key_value_heads = o.hidden / 64;
-  c.head_dim = 64;
-  c.max_position_embeddings = o.seq;
-  c.validate();
-  return c;
+  return rhine::bench::llama_bench_config(o.hidden, o.layers, o.vocab, o.seq);
 }
 
 /// VmRSS or VmHWM of this process in MiB (/proc/self/status).

@@ -132,6 +132,22 @@ echo "LoRA: only the adapted q_proj/v_proj/down_proj weights changed"
 sed 's/"steps"/"stepz"/' sft.json > bad.json
 if "$ft" bad.json > bad.txt 2>&1; then fail "a bad config was accepted"; fi
 grep -q "stepz" bad.txt || fail "the error does not name the key: $(cat bad.txt)"
+# follows REF STEPS TOL RUN...: REF's metrics.jsonl has STEPS step losses, and
+# each RUN's steps are among them, end at the same step and agree to TOL (relative).
+follows() {
+  python3 - "$@" <<'PY'
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p + "/metrics.jsonl")) if r.get("type") == "step"}
+ref, n, tol = losses(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+assert len(ref) == n, (sys.argv[1], ref)
+for run in sys.argv[4:]:
+    got = losses(run)
+    assert got and set(got) <= set(ref) and max(got) == max(ref), (run, got)
+    for k in got:
+        assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (run, k, got[k], ref[k])
+PY
+}
 # 6. rhine-train data parallel, with and without ZeRO-1.
 n_ranks() {  # n_ranks N CONFIG LOG
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -148,16 +164,8 @@ for z in false true; do
   two_ranks dp-$z.json dp-$z.log
 done
 grep -q "ZeRO-1" dp-true.log.0 || fail "zero1 was not used: $(head -5 dp-true.log.0)"
-python3 - dp-false/metrics.jsonl dp-true/metrics.jsonl <<'PY' || fail "ZeRO-1 changed the losses"
-import json, sys
-def losses(p):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(a) == 8 and a.keys() == b.keys(), (a, b)
-for k in a:
-    assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
-print("ZeRO-1 losses equal plain data parallel over", len(a), "steps")
-PY
+follows dp-false 8 1e-5 dp-true || fail "ZeRO-1 changed the losses"
+echo "ZeRO-1 losses equal plain data parallel over 8 steps"
 # 7. FSDP through the "parallel" block.
 mk() {  # mk NAME STEPS PARALLEL
   sed "s/\"out_dir\": \"base\"/\"out_dir\": \"$1\", \"parallel\": $3/; s/\"steps\": 60/\"steps\": $2/; s/\"log_every\": 100/\"log_every\": 1/" base.json > $1.json
@@ -168,18 +176,8 @@ grep -q "FSDP ZeRO-3 over 4 rank" fsdp4.log.0 || fail "FSDP was not used: $(head
 mk resume4 8 '{"zero": 3}, "checkpoint_every": 4'; mkdir -p resume4/checkpoints
 cp -r fsdp2/checkpoints/step-00000004 resume4/checkpoints/ && n_ranks 4 resume4.json resume4.log
 grep -q "resumed from" resume4.log.0 || fail "the 4-rank run did not resume: $(head -5 resume4.log.0)"
-python3 - dp-false/metrics.jsonl fsdp2/metrics.jsonl fsdp4/metrics.jsonl resume4/metrics.jsonl <<'PY' || fail "FSDP changed the losses"
-import json, sys
-def losses(p):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
-ref = losses(sys.argv[1])
-for path, tol in [(sys.argv[2], 1e-5), (sys.argv[3], 1e-4), (sys.argv[4], 1e-4)]:
-    got = losses(path)
-    assert set(got) <= set(ref) and max(got) == 8, (path, got)
-    for k in got:
-        assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (path, k, got[k], ref[k])
-print("FSDP losses follow plain data parallel (2 ranks to 1e-5; 4 ranks, and 2 -> 4 ranks resumed, to 1e-4)")
-PY
+follows dp-false 8 1e-5 fsdp2 && follows dp-false 8 1e-4 fsdp4 resume4 || fail "FSDP changed the losses"
+echo "FSDP losses follow plain data parallel (2 ranks to 1e-5; 4 ranks, and 2 -> 4 ranks resumed, to 1e-4)"
 # The 4-rank sharded checkpoint exports to an HF directory (tensor by tensor) that passes the checker.
 "$build/tools/rhine-convert" rhine-to-hf --checkpoint resume4/checkpoints --out resume4-hf > convert.txt 2>&1 \
   || fail "rhine-convert of a sharded checkpoint: $(tail -3 convert.txt)"
@@ -199,19 +197,8 @@ grep -q "routed experts over 2 ranks (EP)" moe_ep2.log.0 || fail "EP was not use
 mkmoe moe_ep4 '{"ep": 4}'; mkdir -p moe_ep4/checkpoints
 cp -r moe_ep2/checkpoints/step-00000004 moe_ep4/checkpoints/ && n_ranks 4 moe_ep4.json moe_ep4.log
 grep -q "resumed from" moe_ep4.log.0 || fail "the 4-rank EP run did not resume: $(head -5 moe_ep4.log.0)"
-python3 - moe_z3/metrics.jsonl moe_ep2/metrics.jsonl moe_ep4/metrics.jsonl <<'PY' || fail "EP changed the losses"
-import json, sys
-def losses(p):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
-ref = losses(sys.argv[1])
-assert len(ref) == 8, ref
-for path, tol in [(sys.argv[2], 1e-5), (sys.argv[3], 1e-4)]:
-    got = losses(path)
-    assert set(got) <= set(ref) and max(got) == 8, (path, got)
-    for k in got:
-        assert abs(got[k] - ref[k]) <= tol * abs(ref[k]), (path, k, got[k], ref[k])
-print("EP losses follow FSDP without EP (2 ranks to 1e-5; 2 -> 4 EP ranks resumed to 1e-4)")
-PY
+follows moe_z3 8 1e-5 moe_ep2 && follows moe_z3 8 1e-4 moe_ep4 || fail "EP changed the losses"
+echo "EP losses follow FSDP without EP (2 ranks to 1e-5; 2 -> 4 EP ranks resumed to 1e-4)"
 "$build/tools/rhine-convert" rhine-to-hf --checkpoint moe_ep2/checkpoints --out moe-ep2-hf > convert-ep.txt 2>&1 \
   || fail "rhine-convert of an EP checkpoint: $(tail -3 convert-ep.txt)"
 r=$($check model moe-ep2-hf)
@@ -223,14 +210,6 @@ for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
   prog=$ft two_ranks ft-${v%%:*}.json ft-${v%%:*}.log
 done
 grep -q "FSDP ZeRO-3 over 2 rank" ft-fsdp.log.0 || fail "rhine-finetune did not use FSDP: $(head -5 ft-fsdp.log.0)"
-python3 - ft-dp/metrics.jsonl ft-fsdp/metrics.jsonl <<'PY' || fail "the streaming import changed the losses"
-import json, sys
-def losses(p):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(a) == 6 and a.keys() == b.keys(), (a, b)
-for k in a:
-    assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
-print("rhine-finetune under FSDP (streaming import) equals data parallel over", len(a), "steps")
-PY
+follows ft-dp 6 1e-5 ft-fsdp || fail "the streaming import changed the losses"
+echo "rhine-finetune under FSDP (streaming import) equals data parallel over 6 steps"
 echo "PASS"

@@ -62,6 +62,16 @@
 /// Activation checkpointing (CausalLMOptions::activation_checkpointing) works
 /// unchanged: the recomputation runs after the unit was gathered again.
 ///
+/// Expert parallelism (`expert_parallel` = the world size): each routed expert
+/// stays whole, in fp32, on the rank that owns it (rhine/dist/expert_parallel.h
+/// installs the all-to-all dispatch on the MoE layers); it is never gathered,
+/// its gradient is divided by N in finish(), and it is one piece of its
+/// owner's file in a sharded checkpoint.
+///
+/// Streaming import: a model built with CausalLMOptions::defer_init has no
+/// weights yet; the FSDP keeps this rank's (unwritten) rows, frees the rest
+/// and refuses to compute until load_parameters() has read them.
+///
 /// Muon orthogonalises whole matrices: give it `muon_shards()`
 /// (`muon.set_shards(fsdp.muon_shards())`), which all-gathers each unit's
 /// update rows at the step, one unit at a time, so that every rank

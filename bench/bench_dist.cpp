@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "bench.h"
-#include "bench_model_config.h"
+#include "bench_dist_common.h"
 #include <sys/resource.h>
 
 #include "rhine/dist/fsdp.h"
@@ -69,12 +69,7 @@ double tensor_mb(const std::vector<at::Tensor>& ts) {
 
 int worker(const Opts& o) {
   rhine::set_threads(o.threads);
-  rhine::dist::Rendezvous rv;
-  rv.rank = o.rank;
-  rv.world_size = o.procs;
-  rv.local_rank = o.rank;
-  rv.master_port = o.port;
-  rhine::dist::World world = rhine::dist::init(rv);
+  rhine::dist::World world = rhine::bench::local_world(o.rank, o.procs, o.port);
   rhine::nn::ModelConfig c = rhine::bench::llama_bench_config(o.hidden, o.layers, o.vocab, o.seq);
   if (o.moe) {
     c.model_type = "deepseek_v3";

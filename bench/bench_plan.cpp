@@ -43,7 +43,7 @@
 #include <vector>
 
 #include "bench.h"
-#include "bench_model_config.h"
+#include "bench_dist_common.h"
 #include "rhine/dist/fsdp.h"
 #include "rhine/dist/grad_sync.h"
 #include "rhine/dist/sharded_optimizer.h"
@@ -92,12 +92,7 @@ double status_mb(const std::string& key) {
 
 int worker(const Opts& o) {
   rhine::set_threads(1);
-  rhine::dist::Rendezvous rv;
-  rv.rank = o.rank;
-  rv.world_size = o.procs;
-  rv.local_rank = o.rank;
-  rv.master_port = o.port;
-  rhine::dist::World world = rhine::dist::init(rv);
+  rhine::dist::World world = rhine::bench::local_world(o.rank, o.procs, o.port);
   world.barrier();
   const double baseline = status_mb("VmRSS");
 

@@ -69,7 +69,7 @@ at::Tensor ExpertParallel::run(nn::MoEImpl& layer, const at::Tensor& x, const nn
   const std::int64_t local = E / n, first = rank * local;
 
   // 1. pairs sorted by expert: rank j's experts form the j-th block.
-  nn::ExpertBatch batch = nn::sort_by_expert(x, routing, E);
+  nn::ExpertBatch batch = nn::sort_by_expert(x, routing);
 
   // 2. pair counts: recv[j * local + l] = rows rank j sends for local expert l.
   at::Tensor send_counts = at::tensor(batch.counts, at::TensorOptions().dtype(at::kLong));
@@ -87,16 +87,16 @@ at::Tensor ExpertParallel::run(nn::MoEImpl& layer, const at::Tensor& x, const nn
 
   // 3. dispatch; the received rows come rank-major: regroup them expert-major.
   at::Tensor rows = all_to_all(world, batch.tokens, out_splits, in_splits);  // [M, C]
-  std::vector<std::int64_t> perm, per_expert(static_cast<std::size_t>(local), 0);
+  // Rank j's rows come in local-expert order, so taking each expert's rows
+  // from every rank in turn walks each rank's block front to back.
+  std::vector<std::int64_t> perm, per_expert(static_cast<std::size_t>(local), 0), next(n, 0);
   perm.reserve(static_cast<std::size_t>(rows.size(0)));
-  std::vector<std::int64_t> source_start(n, 0);
-  for (int j = 1; j < n; ++j) source_start[j] = source_start[j - 1] + out_splits[j - 1];
+  for (int j = 1; j < n; ++j) next[j] = next[j - 1] + out_splits[j - 1];  // rank j's first row
   for (std::int64_t l = 0; l < local; ++l)
     for (int j = 0; j < n; ++j) {
-      std::int64_t start = source_start[j];
-      for (std::int64_t k = 0; k < l; ++k) start += recv[j * local + k];
-      for (std::int64_t i = 0; i < recv[j * local + l]; ++i) perm.push_back(start + i);
-      per_expert[static_cast<std::size_t>(l)] += recv[j * local + l];
+      const std::int64_t m = recv[j * local + l];
+      for (std::int64_t i = 0; i < m; ++i) perm.push_back(next[j]++);
+      per_expert[static_cast<std::size_t>(l)] += m;
     }
   const auto index_opts = at::TensorOptions().dtype(at::kLong).device(rows.device());
   at::Tensor order = at::tensor(perm, at::TensorOptions().dtype(at::kLong)).to(rows.device());

@@ -93,7 +93,7 @@ struct FSDP::State : nn::ForwardHooks {
   NamedParameters trainable;
   std::map<std::string, std::size_t> by_name;
   bool sync = true;
-  bool unloaded = false;      ///< built on the meta device and not loaded yet
+  bool unloaded = false;      ///< built with CausalLMOptions::defer_init and not loaded yet
   bool grad_forward = false;  ///< the running forward records a graph
   std::vector<std::size_t> order;  ///< units in the order forward ran them
   FSDPMemory mem;
@@ -149,6 +149,13 @@ struct FSDP::State : nn::ForwardHooks {
     for (std::size_t i : unit.params) free_storage(params[i].var);
     unit.gathered = false;
     mem.gathered_elements -= unit.elements;
+  }
+
+  /// Parameter p [rows, inner] from an all-gather [n, total] of every rank's
+  /// padded rows, p's at column `off`.
+  static at::Tensor unpad(const at::Tensor& gathered, std::int64_t off, const Param& p) {
+    const auto n = gathered.size(0);
+    return gathered.narrow(1, off, p.rpr * p.inner).reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows);
   }
 
   // --- gradients ----------------------------------------------------------------
@@ -544,9 +551,7 @@ class FSDPMuonShards : public MuonShards {
         for (std::size_t k = 0; k < members.size(); ++k) {
           const auto& p = s.params[members[k]];
           if (!rows.count(p.name)) continue;  // a matrix this rank holds no rows of
-          whole[p.name] = all_rows.narrow(1, offs[k], p.rpr * p.inner)
-                              .reshape({s.n * p.rpr, p.inner})
-                              .narrow(0, 0, p.rows);
+          whole[p.name] = FSDP::State::unpad(all_rows, offs[k], p);
         }
       }
       for (std::size_t i : unit.owned) {  // routed experts: whole on their owner already
@@ -621,7 +626,7 @@ at::Tensor FSDP::full_parameter(const std::string& name) {
   at::Tensor mine = s.units[p.unit].shards.narrow(0, p.off, p.rpr * p.inner);
   at::Tensor all = s.world->device_zeros(s.n * p.rpr * p.inner, c10::kFloat);
   s.world->all_gather_into_tensor(all, mine);
-  return all.view({s.n * p.rpr, p.inner}).narrow(0, 0, p.rows).reshape(p.shape).clone();
+  return State::unpad(all.view({s.n, p.rpr * p.inner}), 0, p).reshape(p.shape).clone();
 }
 
 std::vector<std::string> FSDP::parameter_names() const {

@@ -22,9 +22,9 @@
 #include "rhine/core/log.h"
 #include "rhine/formats/safetensors.h"
 #include "rhine/io/lora.h"
-#include "pages.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
+#include "pages.h"
 
 namespace fs = std::filesystem;
 
@@ -57,7 +57,6 @@ std::vector<std::regex> compile(const std::vector<std::string>& patterns, const 
 }
 
 std::string shape_str(const std::vector<std::int64_t>& s) { return detail::display(s); }
-
 
 bool is_lora_name(const std::string& name) {
   return name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos;

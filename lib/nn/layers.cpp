@@ -2,7 +2,6 @@
 // sections 0 (RMSNorm, SwiGLU), 4 (RoPE scaling), 5.3 (RoPE layouts), 6.4
 // (Apertus: xIELU, QK-norm). Dimension letters as in rhine/nn/layers.h.
 #include "rhine/nn/layers.h"
-#include "build.h"
 
 #include <ATen/ATen.h>
 
@@ -10,6 +9,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/nn/fused.h"
+#include "build.h"
 
 namespace rhine::nn {
 

@@ -1,12 +1,12 @@
 // Multi-head Latent Attention: naive and absorbed forms (architectures.md
 // 1.3-1.7). Dimension letters as in rhine/nn/mla.h.
 #include "rhine/nn/mla.h"
-#include "build.h"
 
 #include <ATen/ATen.h>
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "build.h"
 
 namespace rhine::nn {
 

@@ -1,6 +1,5 @@
 // The Llama-family causal LM. Dimension letters as in rhine/nn/model.h.
 #include "rhine/nn/model.h"
-#include "build.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
@@ -15,6 +14,7 @@
 #include "rhine/nn/fused.h"
 #include "rhine/nn/mtp.h"
 #include "rhine/torch/compat.h"
+#include "build.h"
 
 namespace rhine::nn {
 
@@ -134,16 +134,17 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
   at::NoGradGuard no_grad;
   c10::optional<at::Generator> gen;
   if (o.init_seed) gen = at::make_generator<at::CPUGeneratorImpl>(*o.init_seed);
-  // (defer_init: the weights come from a checkpoint, through FSDP.)
-  for (auto& p : o.defer_init ? torch::OrderedDict<std::string, at::Tensor>() : named_parameters()) {
-    const std::string& name = p.key();
-    auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
-    if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
-        name == "lm_head.weight" || ends_with("mlp.gate.weight"))
-      p.value().normal_(0.0, c.initializer_range, gen);
-    else if (ends_with("_proj.bias"))
-      p.value().zero_();
-  }
+  // defer_init: the weights come from a checkpoint, through FSDP.
+  if (!o.defer_init)
+    for (auto& p : named_parameters()) {
+      const std::string& name = p.key();
+      auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
+      if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
+          name == "lm_head.weight" || ends_with("mlp.gate.weight"))
+        p.value().normal_(0.0, c.initializer_range, gen);
+      else if (ends_with("_proj.bias"))
+        p.value().zero_();
+    }
   tie_mtp_weights();
 }
 

@@ -37,6 +37,7 @@ Routing route_tokens(const at::Tensor& logits, const at::Tensor& bias, const Mod
   at::Tensor w = r.scores.gather(1, r.indices);
   if (c.norm_topk_prob) w = w / (w.sum(-1, true) + 1e-20);
   r.weights = w * c.routed_scaling_factor;
+  r.counts = at::bincount(r.indices.reshape({N * K}), {}, E);
   return r;
 }
 
@@ -74,7 +75,7 @@ at::Tensor expert_balance_loss(const at::Tensor& scores, const at::Tensor& indic
   return (f * scores.mean(0)).sum();
 }
 
-ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r, std::int64_t E) {
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r) {
   const auto N = r.indices.size(0), K = r.indices.size(1);
   at::Tensor flat = r.indices.reshape({N * K});                               // [N*K] expert of each pair
   at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));  // [N*K]
@@ -82,8 +83,8 @@ ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r, std::int64_t E
   b.token = at::div(order, K, "floor");
   b.tokens = x.index_select(0, b.token);
   b.weights = r.weights.reshape({N * K}).index_select(0, order);
-  at::Tensor counts = at::bincount(flat, {}, E).to(at::kCPU).contiguous();
-  b.counts.assign(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + E);
+  at::Tensor counts = r.counts.to(at::kCPU).contiguous();
+  b.counts.assign(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + counts.numel());
   return b;
 }
 
@@ -142,7 +143,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x) {
   at::Tensor x2 = x.reshape({N, C});
   Routing r = gate(x2);
   const auto K = r.indices.size(1);
-  last_counts = at::bincount(r.indices.reshape({N * K}), {}, E);  // [E]
+  last_counts = r.counts;  // [E]
 
   at::Tensor y;
   if (expert_dispatch_) {
@@ -150,7 +151,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x) {
   } else if (dispatch == MoEDispatch::Grouped) {
     // Sort the N*K (token, slot) pairs by expert: each expert's tokens become
     // one contiguous block, gathered once and scattered back once.
-    ExpertBatch batch = sort_by_expert(x2, r, E);
+    ExpertBatch batch = sort_by_expert(x2, r);
     std::vector<at::Tensor> outs;
     std::int64_t start = 0;
     for (std::int64_t e = 0; e < E; ++e) {

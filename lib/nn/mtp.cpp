@@ -1,11 +1,11 @@
 // Multi-token prediction modules (architectures.md section 3). Dimension
 // letters as in rhine/nn/mtp.h.
 #include "rhine/nn/mtp.h"
-#include "build.h"
 
 #include <ATen/ATen.h>
 
 #include "rhine/core/error.h"
+#include "build.h"
 
 namespace rhine::nn {
 

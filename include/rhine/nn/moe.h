@@ -43,6 +43,7 @@ struct Routing {
   at::Tensor indices;  ///< [N, K] int64 selected experts
   at::Tensor weights;  ///< [N, K] fp32 combine weights (renormalised if asked, * routed_scaling_factor)
   at::Tensor scores;   ///< [N, E] fp32 affinities (softmax or sigmoid; unbiased)
+  at::Tensor counts;   ///< [E] int64: (token, slot) pairs routed to each expert
 };
 
 /// Routes N tokens from their router logits [N, E] (computed in fp32) per the
@@ -86,7 +87,7 @@ struct ExpertBatch {
 };
 
 /// Sorts the routed pairs of x [N, C] by expert (the grouped dispatch's first half).
-ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& routing, std::int64_t n_experts);
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& routing);
 
 /// The grouped dispatch's second half: ys [N*K, C] (expert outputs in
 /// batch's order) weighted and summed per token -> [N, C].

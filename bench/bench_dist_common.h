@@ -1,6 +1,8 @@
 #pragma once
-// The Llama-style model bench_dist and bench_plan train (so that the planner
-// is measured against the same model the layout benchmark runs).
+// What bench_dist and bench_plan share: the Llama-style model they train (so
+// that the planner is measured against the model the layout benchmark runs)
+// and the rendezvous of the ranks they start on this machine.
+#include "rhine/dist/world.h"
 #include "rhine/nn/config.h"
 
 namespace rhine::bench {
@@ -19,6 +21,16 @@ inline rhine::nn::ModelConfig llama_bench_config(int hidden, int layers, int voc
   c.max_position_embeddings = seq;
   c.validate();
   return c;
+}
+
+/// Rank `rank` of `procs` on 127.0.0.1:`port` (the benches start their own ranks).
+inline rhine::dist::World local_world(int rank, int procs, int port) {
+  rhine::dist::Rendezvous rv;
+  rv.rank = rank;
+  rv.world_size = procs;
+  rv.local_rank = rank;
+  rv.master_port = port;
+  return rhine::dist::init(rv);
 }
 
 }  // namespace rhine::bench

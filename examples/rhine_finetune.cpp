@@ -148,10 +148,11 @@ int main(int argc, char** argv) try {
   rhine::io::ImportOptions io;
   io.device = rt.device;
   io.model.fused_kernels = run.fused_kernels;
-  // Under FSDP (without LoRA) the import streams: the model is built without
-  // its weights, and after sharding each rank reads only its rows of the base
-  // model's files, so no rank ever holds the whole model.
-  const bool stream = run.parallel.zero >= 2 && !cfg.lora;
+  // Under FSDP the import streams: the model is built without its weights
+  // (LoRA adapters are added to it as they are), and after sharding each rank
+  // reads only its rows of the base model's files, so no rank ever holds the
+  // whole model.
+  const bool stream = run.parallel.zero >= 2;
   rhine::nn::CausalLM lm{nullptr};
   if (stream) {
     io.model.defer_init = true;

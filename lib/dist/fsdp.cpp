@@ -14,6 +14,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/dist/expert_parallel.h"
+#include "rhine/io/lora.h"
 #include "rhine/optim/optimizer.h"
 
 namespace rhine::dist {
@@ -21,6 +22,17 @@ namespace rhine::dist {
 namespace {
 
 constexpr const char* kComponent = "fsdp";
+
+/// The unit of a parameter or module name: "model.layers.{i}..." is unit
+/// 1 + i, everything else the root unit 0.
+std::size_t unit_of(const std::string& name, std::size_t units) {
+  const std::string prefix = "model.layers.";
+  if (name.rfind(prefix, 0) != 0) return 0;
+  const auto dot = name.find('.', prefix.size());
+  const auto u = 1 + static_cast<std::size_t>(std::stoll(name.substr(prefix.size(), dot - prefix.size())));
+  RHINE_CHECK(u < units, kComponent, "parameter of an unknown layer", name, "");
+  return u;
+}
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -69,14 +81,27 @@ struct FSDP::State : nn::ForwardHooks {
     bool trainable = false;
     std::int64_t off = 0;   ///< offset of its padded shard in the unit's shard buffer
     std::int64_t goff = 0;  ///< offset in the unit's gradient chunk (trainable only)
+    std::int64_t gflag = 0;  ///< its "some rank has a gradient" slot in that chunk (trainable only)
     at::Tensor shard;       ///< fp32 leaf [own_rows, ...] viewing the unit's buffer
     at::Tensor acc;         ///< fp32 full gradient accumulated under no_sync
+  };
+  /// A LoRA adapter (rhine/io/lora.h): its Linear computes with W + s B A,
+  /// which FSDP refreshes after gathering W, A and B, frees with the unit and
+  /// rewrites in place before the unit's backward.
+  struct Adapter {
+    io::LoraLayer layer;
+    bool local = true;   ///< this rank runs it (false: a routed expert another rank owns)
+    bool owned = false;  ///< a routed expert's adapter on its owner: never gathered, never freed
+    bool live = false;   ///< the merged weight has memory now
+    at::Tensor mask;     ///< the dropout mask of the last refresh (undefined: none)
   };
   struct Unit {
     std::string name;
     std::vector<std::size_t> params;  ///< row-sharded parameters
     std::vector<std::size_t> owned;   ///< routed experts' parameters (expert parallelism), on their owner whole
+    std::vector<Adapter> adapters;    ///< LoRA adapters whose base weight is in this unit
     std::int64_t chunk = 0, gchunk = 0, elements = 0;
+    std::int64_t gflags = 0;  ///< where the gradient chunk's flags begin (Param::gflag)
     at::Tensor shards;  ///< fp32 [chunk]: this rank's padded shards of every parameter
     at::Tensor send, recv;  ///< all-gather buffers while one is in flight
     PendingOp pending;
@@ -142,11 +167,42 @@ struct FSDP::State : nn::ForwardHooks {
     for (std::size_t u = 0; u < units.size(); ++u) complete_gather(u);
   }
 
+  /// Forward: W + s B A for the unit's adapters from the gathered weights
+  /// (with autograd to A and B when forward records a graph).
+  void refresh_adapters(std::size_t u) {
+    for (Adapter& a : units[u].adapters) {
+      if (!a.local) continue;
+      a.mask = io::refresh_lora_layer(a.layer);
+      if (a.live || a.owned) continue;
+      a.live = true;
+      mem.gathered_elements += a.layer.linear->weight.numel();
+    }
+    mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
+  }
+
+  /// Backward: the merged weights forward saved get their memory and values back.
+  void rewrite_adapters(std::size_t u) {
+    for (Adapter& a : units[u].adapters) {
+      if (!a.local || a.live || a.owned || !a.layer.linear->weight.defined()) continue;
+      alloc_storage(a.layer.linear->weight);
+      io::rewrite_lora_layer(a.layer, a.mask);
+      a.live = true;
+      mem.gathered_elements += a.layer.linear->weight.numel();
+    }
+    mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
+  }
+
   void release(std::size_t u) {
     Unit& unit = units[u];
     if (unit.gathering) complete_gather(u);  // an unused prefetch
     if (!unit.gathered) return;
     for (std::size_t i : unit.params) free_storage(params[i].var);
+    for (Adapter& a : unit.adapters) {
+      if (!a.live) continue;
+      free_storage(a.layer.linear->weight);
+      a.live = false;
+      mem.gathered_elements -= a.layer.linear->weight.numel();
+    }
     unit.gathered = false;
     mem.gathered_elements -= unit.elements;
   }
@@ -198,7 +254,11 @@ struct FSDP::State : nn::ForwardHooks {
       Param& p = params[i];
       if (!p.trainable) continue;
       at::Tensor g = take_gradient(p);
-      if (!g.defined()) continue;  // no gradient anywhere on this rank: zeros
+      if (!g.defined()) continue;  // no gradient on this rank: zeros
+      // Every rank's chunk learns that this rank had a gradient: a parameter
+      // no rank had one for (an expert no token chose) keeps an undefined
+      // gradient, as in one process, and the optimizer skips it.
+      send2.select(1, p.gflag).fill_(1.0);
       full += g.numel();
       at::Tensor g2 = g.reshape({p.rows, p.inner});
       if (n * p.rpr != p.rows) g2 = at::constant_pad_nd(g2, {0, 0, 0, n * p.rpr - p.rows});
@@ -208,9 +268,10 @@ struct FSDP::State : nn::ForwardHooks {
     at::Tensor out = world->to_device(at::empty({unit.gchunk}, f32));
     world->reduce_scatter_tensor(out, send, ReduceOp::kSum);
     out.div_(n);
+    const at::Tensor flags = out.narrow(0, unit.gflags, unit.gchunk - unit.gflags).to(c10::kCPU);
     for (std::size_t i : unit.params) {
       Param& p = params[i];
-      if (!p.trainable || p.own_rows == 0) continue;
+      if (!p.trainable || p.own_rows == 0 || flags[p.gflag - unit.gflags].item<float>() == 0.0f) continue;
       at::Tensor piece = out.narrow(0, p.goff, p.rpr * p.inner).view({p.rpr, p.inner}).narrow(0, 0, p.own_rows)
                              .view(p.shard.sizes());
       if (p.shard.grad().defined())
@@ -225,6 +286,7 @@ struct FSDP::State : nn::ForwardHooks {
 
   void pre_backward(std::size_t u) {
     complete_gather(u);
+    rewrite_adapters(u);
     if (!o.prefetch) return;
     auto it = std::find(order.begin(), order.end(), u);
     if (it != order.end() && it != order.begin()) launch_gather(*(it - 1));
@@ -251,9 +313,11 @@ struct FSDP::State : nn::ForwardHooks {
         for (std::size_t u = 0; u < units.size(); ++u) release(u);
         gather_all();
       }
+      refresh_adapters(0);  // the blocks' adapters in run_block
       return;
     }
     complete_gather(0);
+    refresh_adapters(0);
     if (o.prefetch && units.size() > 1) launch_gather(1);
   }
 
@@ -333,9 +397,12 @@ std::vector<at::Tensor> FSDP::State::run_block(std::size_t index, const std::vec
     complete_gather(u);
     if (o.prefetch && u + 1 < units.size()) launch_gather(u + 1);
   }
-  std::vector<at::Tensor> outs =
-      graph ? run(UnitBoundary<false>::apply(at::TensorList(inputs), self, static_cast<std::int64_t>(u)))
-            : run(inputs);
+  const std::vector<at::Tensor> ins =
+      graph ? UnitBoundary<false>::apply(at::TensorList(inputs), self, static_cast<std::int64_t>(u)) : inputs;
+  // After the input boundary: autograd then runs the adapters' W + s B A
+  // backward (higher sequence numbers) before the boundary's reduce-scatter.
+  refresh_adapters(u);
+  std::vector<at::Tensor> outs = run(ins);
   order.push_back(u);
   if (graph) outs = UnitBoundary<true>::apply(at::TensorList(outs), self, static_cast<std::int64_t>(u));
   if (o.zero_stage == 3 && (o.reshard_after_forward || !graph)) release(u);
@@ -375,16 +442,7 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   // Parameters into units, by name: "model.layers.{i}." -> unit 1 + i, the rest root.
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();
-    RHINE_CHECK(name.find("lora_") == std::string::npos, kComponent,
-                "LoRA adapters cannot be sharded yet, found", name,
-                "train LoRA with data parallel (GradientSync), or fully fine-tune under FSDP");
-    std::size_t u = 0;
-    const std::string prefix = "model.layers.";
-    if (name.rfind(prefix, 0) == 0) {
-      const auto dot = name.find('.', prefix.size());
-      u = 1 + static_cast<std::size_t>(std::stoll(name.substr(prefix.size(), dot - prefix.size())));
-      RHINE_CHECK(u < s.units.size(), kComponent, "parameter of an unknown layer", name, "");
-    }
+    const std::size_t u = unit_of(name, s.units.size());
     State::Param p;
     p.name = name;
     p.var = item.value();
@@ -423,6 +481,9 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
       }
       unit.elements += p.var.numel();
     }
+    unit.gflags = unit.gchunk;
+    for (std::size_t i : unit.params)  // one flag per trainable parameter after the gradients
+      if (s.params[i].trainable) s.params[i].gflag = unit.gchunk++;
     s.mem.largest_unit_elements = std::max(s.mem.largest_unit_elements, unit.elements);
     s.mem.model_elements += unit.elements;
     s.mem.buffer_elements += unit.chunk;
@@ -463,6 +524,19 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     }
   }
   model->tie_mtp_weights();  // the MTP aliases follow the parameters' new storage
+  // LoRA: each adapter joins the unit of its base weight; its Linear computes
+  // with the base weight (an alias, apply_lora's state) until the first forward.
+  for (const auto& layer : io::lora_layers(*model)) {
+    RHINE_CHECK(!layer.merged, kComponent, "a merged LoRA adapter cannot be sharded", layer.name,
+                "unmerge_lora before sharding, or shard the merged model without adapters");
+    const auto& base = s.params[s.by_name.at(layer.name + ".weight")];
+    State::Adapter a;
+    a.layer = layer;
+    a.owned = base.owner >= 0;
+    a.local = base.owner < 0 || base.owner == s.rank;
+    layer.linear->weight = base.var;
+    s.units[base.unit].adapters.push_back(std::move(a));
+  }
   if (ep) {
     auto dispatch = std::make_shared<ExpertParallel>(world);
     for (auto& layer : model->moe_layers()) layer->set_expert_dispatch(dispatch);
@@ -650,6 +724,8 @@ void FSDP::unshard() {
   at::NoGradGuard no_grad;
   for (std::size_t i = 0; i < s.params.size(); ++i) s.params[i].var.set_data(whole[i]);
   s.model->tie_mtp_weights();
+  for (const auto& unit : s.units)
+    for (const auto& a : unit.adapters) a.layer.linear->weight = s.params[s.by_name.at(a.layer.name + ".weight")].var;
   s.model->set_forward_hooks(nullptr);
   for (auto& layer : s.model->moe_layers()) layer->set_expert_dispatch(nullptr);
   s.model = nn::CausalLM(nullptr);
@@ -708,6 +784,8 @@ void FSDP::load_parameters(const io::RowReader& reader) {
   State& s = *state_;
   at::NoGradGuard no_grad;
   for (auto& p : s.params) {
+    // A base model streamed in (defer_init) has no adapters: they keep apply_lora's values.
+    if (s.unloaded && io::is_lora_parameter(p.name) && !reader.contains(p.name)) continue;
     RHINE_CHECK(reader.contains(p.name), kComponent, "the checkpoint has no tensor", p.name,
                 "resume with the model config of the run that wrote it");
     RHINE_CHECK(reader.shape(p.name) == p.shape, kComponent, "the checkpoint's shape differs for " + p.name,

@@ -74,11 +74,12 @@ at::Tensor delta(const Adapted& l, const at::Tensor& base, const at::Tensor& dro
   return d.to(base.scalar_type());
 }
 
-void refresh_one(const Adapted& l) {
+// Sets the Linear's weight to W + s B (A * mask); returns the mask drawn.
+at::Tensor refresh_one(const Adapted& l) {
   at::Tensor base = base_weight(*l.linear);
   if (l.a->merged) {
     l.linear->weight = base;
-    return;
+    return {};
   }
   at::Tensor mask;
   const double p = l.a->options.dropout;
@@ -87,6 +88,15 @@ void refresh_one(const Adapted& l) {
            (1 - p);
   }
   l.linear->weight = base + delta(l, base, mask);
+  return mask;
+}
+
+Adapted adapted_of(const LoraLayer& layer) {
+  LoraWeightImpl* a = child(*layer.linear, "lora_A");
+  LoraWeightImpl* b = child(*layer.linear, "lora_B");
+  RHINE_CHECK(a != nullptr && b != nullptr, kComponent, "the Linear has no adapter", layer.name,
+              "take layers from lora_layers() of the adapted model");
+  return {layer.name, layer.linear, a, b};
 }
 
 bool selected(const std::string& name, const LoraOptions& o, const std::optional<std::regex>& re) {
@@ -158,10 +168,10 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
     A->options = o;
     names.push_back(name);
   }
-  {
-    at::AutoGradMode enable(true);
-    refresh_lora(model);
-  }
+  // B = 0: W + s B A is W exactly, and the base weight is not read (it may
+  // not be written yet, CausalLMOptions::defer_init); refresh_lora before a
+  // training forward connects A and B.
+  for (auto& [name, lin] : targets) lin->weight = base_weight(*lin);
   return names;
 }
 
@@ -182,6 +192,32 @@ std::vector<at::Tensor> lora_parameters(const torch::nn::Module& model) {
 
 void refresh_lora(torch::nn::Module& model) {
   for (const auto& l : adapted(model)) refresh_one(l);
+}
+
+std::vector<LoraLayer> lora_layers(const torch::nn::Module& model) {
+  std::vector<LoraLayer> out;
+  for (const auto& l : adapted(model)) out.push_back({l.name, l.linear, l.a->merged});
+  return out;
+}
+
+at::Tensor refresh_lora_layer(const LoraLayer& layer) { return refresh_one(adapted_of(layer)); }
+
+void rewrite_lora_layer(const LoraLayer& layer, const at::Tensor& mask) {
+  const Adapted l = adapted_of(layer);
+  if (l.a->merged) return;
+  at::NoGradGuard no_grad;
+  at::Tensor base = base_weight(*l.linear);
+  at::Tensor w = l.linear->weight.variable_data();  // shares the memory, not the version counter
+  RHINE_CHECK(w.sizes() == base.sizes(), kComponent, "the adapted weight has another shape than the base",
+              layer.name, "refresh_lora_layer before rewriting");
+  at::add_out(w, base, delta(l, base, mask));
+}
+
+bool is_lora_parameter(const std::string& name) {
+  auto ends = [&](const std::string& tail) {
+    return name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  return ends(".lora_A.weight") || ends(".lora_B.weight");
 }
 
 void merge_lora(torch::nn::Module& model) {

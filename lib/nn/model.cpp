@@ -434,7 +434,12 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   for (std::size_t i = 0; i < model->blocks.size(); ++i) {
     auto& block = model->blocks[i];
     auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
-      if (ckpt) return {BlockCheckpoint::apply(x[0], block.get(), &block_in)};
+      // A custom Function's output needs grad only when an input does: with a
+      // frozen embedding (LoRA) the first block's input gets a leaf that does,
+      // else nothing behind it would train (torch.utils.checkpoint's reentrant caveat).
+      if (ckpt)
+        return {BlockCheckpoint::apply(x[0].requires_grad() ? x[0] : x[0].detach().requires_grad_(true), block.get(),
+                                       &block_in)};
       return {block(x[0], block_in, cache ? &cache->layers[i] : nullptr,
                     cache && !cache->latent.empty() ? &cache->latent[i] : nullptr)};
     };

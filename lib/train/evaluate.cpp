@@ -82,7 +82,8 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16) {
   const bool was_training = model->is_training();
   model->eval();
   at::NoGradGuard no_grad;
-  if (io::lora_options(*model)) io::refresh_lora(*model);  // adapters as trained so far
+  // Adapters as trained so far (a sharded model's hooks refresh them per block).
+  if (io::lora_options(*model) && !model->forward_hooks()) io::refresh_lora(*model);
   const auto device = model->output_weight().device();
   EvalResult result;
   for (const auto& [lang, l] : heldout.languages) {

@@ -204,8 +204,6 @@ void Trainer::set_fsdp(dist::World* world, dist::FSDP* fsdp) {
   RHINE_CHECK(sharded_ == nullptr && sync_ == nullptr, kComponent,
               "FSDP shards gradients and optimizer state itself", "ZeRO-1 or GradientSync set",
               "build the Trainer with a plain optimizer over fsdp.parameters() and no GradientSync");
-  RHINE_CHECK(!has_lora_, kComponent, "LoRA under FSDP is not supported yet", "adapters found",
-              "train LoRA with data parallel");
   dist::FSDP::check_optimizer(*optimizer_);
   world_ = world;
   fsdp_ = fsdp;
@@ -482,7 +480,8 @@ StepMetrics Trainer::train_step() {
     fo.moe_seq_aux_alpha = o_.moe_seq_aux_alpha;
     fo.moe_expert_aux_alpha = o_.moe_expert_aux_alpha;
     nn::ForwardOutput out;
-    if (has_lora_) io::refresh_lora(*model_);  // W + s B A from the current adapters
+    // W + s B A from the current adapters (FSDP refreshes them per block, after gathering).
+    if (has_lora_ && fsdp_ == nullptr) io::refresh_lora(*model_);
     {
       AutocastGuard autocast(device.type(), at::kBFloat16, o_.bf16);
       out = model_->forward(b.input_ids.to(device), fo);

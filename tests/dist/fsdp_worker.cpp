@@ -19,6 +19,9 @@
 //                                          so that a rank holds only its shards
 //               [--wide]                   the dense model 512 wide with a 16k vocabulary (18M
 //                                          parameters), for memory measurements
+//               [--lora [--lora-dropout P]]  LoRA r=4 (alpha 8, seed 5) on q_proj, v_proj and down_proj
+//                                          (dense) or q_b_proj, kv_b_proj, o_proj and every down_proj,
+//                                          routed experts' too (moe); only the adapters train
 //
 //   dense: Llama-style, GQA, tied embeddings, 3 layers.
 //   moe:   DeepSeek-V3-style: MLA, a dense first layer then MoE layers (sigmoid
@@ -27,6 +30,7 @@
 // Writes PREFIX.params (rank 0: every parameter whole, float64, in the model's
 // order) and PREFIX.rank<r>.json (global mean losses, gradient norms, FSDP
 // memory figures); on a rhine::Error PREFIX.rank<r>.err (exit code 3).
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/from_blob.h>
 #include <torch/nn/module.h>
 
@@ -50,6 +54,7 @@
 #include "rhine/dist/world.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/hf.h"
+#include "rhine/io/lora.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/adamw.h"
@@ -70,7 +75,8 @@ struct Args {
   int die_rank = -1, die_after = 0, sleep_rank = -1, sleep_after = 0;
   int save_at = -1;
   std::string ckpt_dir, resume, export_hf, import_dir;
-  bool defer_init = false, wide = false;
+  bool defer_init = false, wide = false, lora = false;
+  double lora_dropout = 0.0;
 };
 
 Args parse(int argc, char** argv) {
@@ -110,6 +116,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--import") a.import_dir = next();
     else if (k == "--defer-init") a.defer_init = true;
     else if (k == "--wide") a.wide = true;
+    else if (k == "--lora") a.lora = true;
+    else if (k == "--lora-dropout") a.lora_dropout = std::stod(next());
     else RHINE_FAIL("fsdp_worker", "unknown argument", k, "");
   }
   RHINE_CHECK(!a.out.empty(), "fsdp_worker", "--out is required", "", "");
@@ -215,6 +223,7 @@ int run(const Args& a) {
   dopt.backend = "gloo";
   dopt.timeout = std::chrono::milliseconds(a.timeout_ms);
   rhine::dist::World world = rhine::dist::init_from_env(dopt);
+  at::manual_seed(7);  // LoRA dropout draws from the global generator; starting a World may have used it
   const int rank = world.rank(), n = world.world_size();
   const std::string prefix = a.out + ".rank" + std::to_string(rank);
   try {
@@ -241,10 +250,28 @@ int run(const Args& a) {
     ::getrusage(RUSAGE_SELF, &before);
     rhine::nn::CausalLM lm(cfg, mo);
     lm->train();
+    if (a.lora) {
+      rhine::io::LoraOptions lo;
+      lo.rank = 4;
+      lo.alpha = 8.0;
+      lo.dropout = a.lora_dropout;
+      lo.init_seed = 5;
+      lo.target_modules = a.model == "moe" ? std::vector<std::string>{"q_b_proj", "kv_b_proj", "o_proj", "down_proj"}
+                                           : std::vector<std::string>{"q_proj", "v_proj", "down_proj"};
+      rhine::io::apply_lora(*lm, lo);
+      // B = 0 would make the first step's A gradients zero: start both sides moving.
+      at::NoGradGuard no_grad;
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(6);
+      for (auto& p : lm->named_parameters())
+        if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0.0, 0.1, gen);
+    }
     report["model_bytes"] = lm->num_parameters() * 4;
 
-    rhine::NamedParameters model_params;
-    for (const auto& p : lm->named_parameters()) model_params.push_back({p.key(), p.value()});
+    rhine::NamedParameters model_params, trained;  // all; those that train (the adapters under --lora)
+    for (const auto& p : lm->named_parameters()) {
+      model_params.push_back({p.key(), p.value()});
+      if (p.value().requires_grad()) trained.push_back({p.key(), p.value()});
+    }
     std::vector<at::Tensor> model_tensors;
     for (const auto& p : model_params) model_tensors.push_back(p.tensor);
 
@@ -260,7 +287,7 @@ int run(const Args& a) {
       fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
       if (!a.import_dir.empty()) fsdp->load_parameters(rhine::io::RowReader::open(a.import_dir));
     } else if (a.parallel == "ddp") {
-      sync = std::make_unique<rhine::dist::GradientSync>(world, model_params);
+      sync = std::make_unique<rhine::dist::GradientSync>(world, trained);
     } else {
       RHINE_CHECK(a.parallel == "none" && n == 1, "fsdp_worker", "--parallel none is one process, got",
                   a.parallel, "");
@@ -269,14 +296,15 @@ int run(const Args& a) {
       const auto reader = rhine::io::RowReader::open(a.import_dir);
       at::NoGradGuard no_grad;
       if (!fsdp)
-        for (auto& p : model_params) p.tensor.copy_(reader.whole(p.name));
+        for (auto& p : model_params)
+          if (!rhine::io::is_lora_parameter(p.name) || reader.contains(p.name)) p.tensor.copy_(reader.whole(p.name));
       for (auto& [name, b] : lm->state_buffers())
         if (reader.contains(name)) b.copy_(reader.whole(name));
     }
     rusage after{};
     ::getrusage(RUSAGE_SELF, &after);
     report["import_peak_rss_growth_bytes"] = (after.ru_maxrss - before.ru_maxrss) * 1024;
-    const rhine::NamedParameters& stepped = fsdp ? fsdp->parameters() : model_params;
+    const rhine::NamedParameters& stepped = fsdp ? fsdp->parameters() : trained;
     rhine::AdamWOptions ao;
     ao.lr = 1e-2;
     ao.weight_decay = 0.1;
@@ -294,7 +322,12 @@ int run(const Args& a) {
     rhine::Optimizer& opt = *optimizer;
     if (fsdp) rhine::dist::FSDP::check_optimizer(opt);
     std::vector<at::Tensor> stepped_tensors;
-    for (const auto& p : stepped) stepped_tensors.push_back(p.tensor);
+    std::int64_t stepped_elements = 0;
+    for (const auto& p : stepped) {
+      stepped_tensors.push_back(p.tensor);
+      stepped_elements += p.tensor.numel();
+    }
+    report["trained_elements"] = stepped_elements;  // what this rank's optimizer steps
 
     RHINE_CHECK(a.batch % (n * a.accum) == 0, "fsdp_worker", "batch must split over ranks and micro-steps",
                 a.batch, "");
@@ -322,6 +355,7 @@ int run(const Args& a) {
         rhine::nn::ForwardOptions fo;
         fo.labels = chunk.slice(1, 1, T + 1).contiguous();
         rhine::nn::ForwardOutput out;
+        if (a.lora && !fsdp) rhine::io::refresh_lora(*lm);  // FSDP refreshes the adapters per block
         {
           rhine::AutocastGuard cast(at::kCPU, at::kBFloat16, a.autocast);
           out = lm->forward(chunk.slice(1, 0, T).contiguous(), fo);

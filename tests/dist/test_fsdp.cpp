@@ -291,6 +291,55 @@ TEST_CASE("Sharded checkpoints reshard across expert parallelism: EP 4 -> EP 2 -
   CHECK(index["model.layers.1.mlp.shared_experts.up_proj.weight"]["pieces"].size() == 2);  // row-sharded
 }
 
+TEST_CASE("LoRA under FSDP: the frozen base sharded, the adapters trained as one process trains them",
+          "[fsdp][lora]") {
+  // FSDP gathers each block's base weights and adapters, computes W + s B A
+  // for the block's forward, frees it with the block and rewrites it before
+  // the block's backward. The adapters' gradients are reduce-scattered into
+  // their row shards; the base gets none.
+  rhine::test::TempDir dir("fsdp_lora");
+  const std::vector<std::string> dense{"--model", "dense", "--steps", "3", "--batch", "8", "--lora"};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(dense, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "fsdp2", 2, dense);
+  expect_equal_to(dir, "ref", "fsdp4_ckpt", 4, with(dense, {"--ckpt"}));
+  expect_equal_to(dir, "ref", "fsdp2_keep", 2, with(dense, {"--no-reshard"}));
+  expect_equal_to(dir, "ref", "zero2", 2, with(dense, {"--zero", "2"}));
+  // Only the adapters train: the ranks' optimizers step 1/N of them each.
+  const auto adapters = report(dir, "ref", 0)["trained_elements"].get<std::int64_t>();
+  const auto model = report(dir, "fsdp2", 0)["memory"]["model_elements"].get<std::int64_t>();
+  CHECK(adapters > 0);
+  CHECK(adapters < model / 4);
+  std::int64_t stepped = 0;
+  for (int r = 0; r < 4; ++r) stepped += report(dir, "fsdp4_ckpt", r)["trained_elements"].get<std::int64_t>();
+  CHECK(stepped == adapters);
+  CHECK(report(dir, "fsdp4_ckpt", 0)["memory"]["gathered_elements"] == 0);  // merged weights freed too
+  // Adapter dropout: each block's mask is drawn when FSDP refreshes it, in the
+  // order one process draws them, and reused for the block's backward.
+  REQUIRE(all_ok(run(dir, "ref_drop", 0, with(dense, {"--parallel", "none", "--lora-dropout", "0.25"}))));
+  expect_equal_to(dir, "ref_drop", "drop2", 2, with(dense, {"--lora-dropout", "0.25"}));
+  CHECK(diff(read_params(dir.file("ref_drop") + ".params"), read_params(dir.file("ref") + ".params")).first > 1e-6);
+
+  // MLA + MoE + MTP: adapters on attention and on every down_proj, the routed
+  // experts' too, which expert parallelism keeps whole on their owners.
+  const std::vector<std::string> moe{"--model", "moe", "--steps", "3", "--batch", "8", "--lora"};
+  REQUIRE(all_ok(run(dir, "ref_moe", 0, with(moe, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref_moe", "moe2", 2, moe);
+  expect_equal_to(dir, "ref_moe", "moe4_ep", 4, with(moe, {"--ep", "4"}));
+  // A sharded checkpoint of a LoRA run reshards like any other: EP 4 -> ZeRO-3 on 2 ranks.
+  REQUIRE(all_ok(run(dir, "save4", 4, with(moe, {"--ep", "4", "--save-at", "1", "--ckpt-dir", dir.file("ck4")}))));
+  REQUIRE(all_ok(run(dir, "resume2", 2, with(moe, {"--resume", dir.file("ck4")}))));
+  auto [rel, mx] = diff(read_params(dir.file("resume2") + ".params"), read_params(dir.file("moe2") + ".params"));
+  INFO("resumed vs uninterrupted: " << rel);
+  CHECK(rel < 2e-5);
+
+  // Streaming import: the base model's rows are read after sharding; the
+  // adapters (absent from an HF directory) keep their initialisation.
+  REQUIRE(all_ok(run(dir, "export", 0, {"--model", "moe", "--parallel", "none", "--export-hf", dir.file("hf")})));
+  const std::vector<std::string> imported = with(moe, {"--import", dir.file("hf")});
+  REQUIRE(all_ok(run(dir, "ref_import", 0, with(imported, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref_import", "import2", 2, with(imported, {"--defer-init"}));
+}
+
 TEST_CASE("Streaming import: a model built without its weights loads an HF directory into its shards", "[fsdp]") {
   // CausalLMOptions::defer_init leaves the linear and embedding weights
   // unwritten; FSDP keeps this rank's shards and FSDP::load_parameters reads

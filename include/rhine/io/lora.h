@@ -38,6 +38,10 @@
 #include <string>
 #include <vector>
 
+namespace torch::nn {
+class LinearImpl;  // <torch/nn/modules/linear.h>
+}  // namespace torch::nn
+
 namespace rhine::io {
 
 /// Options of apply_lora (the fields of PEFT's LoraConfig Rhine models).
@@ -61,8 +65,12 @@ struct LoraOptions {
 };
 
 /// Adds adapters to every Linear of `model` whose name the options select
-/// (names relative to `model`, e.g. "model.layers.0.self_attn.q_proj"),
-/// freezes all other parameters and refreshes the weights. Adapter
+/// (names relative to `model`, e.g. "model.layers.0.self_attn.q_proj") and
+/// freezes all other parameters. A fresh adapter is zero (B = 0), so each
+/// Linear keeps computing with its base weight W itself until the first
+/// refresh_lora (which training calls before every forward): apply_lora
+/// reads no base weight, so it also serves a model built with
+/// CausalLMOptions::defer_init whose weights are loaded later. Adapter
 /// parameters get the dtype and device of the base weight. Returns the
 /// adapted module names. Throws "[lora] ..." when nothing matches, for
 /// rank < 1, dropout outside [0, 1), or a model that already has adapters.
@@ -78,6 +86,33 @@ std::vector<at::Tensor> lora_parameters(const torch::nn::Module& model);
 /// Recomputes W + s B A for every unmerged adapter (see the file comment).
 /// Cheap: one [O, r] x [r, I] product per adapted layer.
 void refresh_lora(torch::nn::Module& model);
+
+// --- for code that manages the base weights itself ------------------------------
+// FSDP (rhine/dist/fsdp.h) frees a block's base weights between forward and
+// backward and gathers them again; it refreshes each adapter right after the
+// gather, frees the merged weight W + s B A with the block, and rewrites it
+// in place (with the same dropout mask) before the block's backward.
+
+/// One adapted Linear.
+struct LoraLayer {
+  std::string name;                          ///< e.g. "model.layers.0.self_attn.q_proj"
+  torch::nn::LinearImpl* linear = nullptr;   ///< `linear->weight` is what its forward computes with
+  bool merged = false;                       ///< merged: `linear->weight` is the base weight itself
+};
+/// The adapted Linears of `model`, in module order.
+std::vector<LoraLayer> lora_layers(const torch::nn::Module& model);
+/// refresh_lora for one layer: sets `linear->weight` to W + s B (A * mask)
+/// (with autograd to A and B unless grad mode is off) and returns the dropout
+/// mask it drew ([1, I]; undefined without dropout, outside training mode, or
+/// for a merged adapter).
+at::Tensor refresh_lora_layer(const LoraLayer& layer);
+/// Writes W + s B (A * mask) into the memory of `linear->weight` again,
+/// without autograd and without bumping its version: the tensor forward
+/// saved for backward is refilled, not replaced. `mask` is what
+/// refresh_lora_layer returned. Does nothing for a merged adapter.
+void rewrite_lora_layer(const LoraLayer& layer, const at::Tensor& mask);
+/// True for the parameter names apply_lora adds ("....lora_A.weight", "....lora_B.weight").
+bool is_lora_parameter(const std::string& name);
 
 /// Adds s B A into each base weight (the Linear then runs W' x without
 /// the adapter path). Merging merged adapters does nothing.

@@ -276,7 +276,7 @@ class Trainer {
   dist::FSDP* fsdp_ = nullptr;
   SkipGuard guard_;
 
-  bool has_lora_ = false;  // LoRA adapters (rhine/io/lora.h): refreshed before each forward
+  bool has_lora_ = false;  // LoRA adapters (rhine/io/lora.h): refreshed before each forward (by FSDP under FSDP)
   std::int64_t step_ = 0;
   std::int64_t consecutive_skips_ = 0;
   double elapsed_before_ = 0.0;  // seconds of earlier (resumed) runs

@@ -25,7 +25,9 @@
 #     1e-4, and that EP checkpoint exports to a valid HF directory;
 #  9. rhine-finetune under FSDP streams the base model in (built without its
 #     weights, each rank reads its rows) and its losses equal the data
-#     parallel run that loaded the base model whole, to 1e-5.
+#     parallel run that loaded the base model whole, to 1e-5;
+# 10. so does LoRA SFT under FSDP (base and adapters sharded), which also
+#     writes its PEFT adapter and a valid merged HF export.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
@@ -212,4 +214,16 @@ done
 grep -q "FSDP ZeRO-3 over 2 rank" ft-fsdp.log.0 || fail "rhine-finetune did not use FSDP: $(head -5 ft-fsdp.log.0)"
 follows ft-dp 6 1e-5 ft-fsdp || fail "the streaming import changed the losses"
 echo "rhine-finetune under FSDP (streaming import) equals data parallel over 6 steps"
+
+# 10. LoRA SFT under FSDP (the base streamed in and sharded, the adapters sharded and trained).
+for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
+  sed "s/\"out_dir\": \"lora\", \"export_dir\": \"lora-hf\"/\"out_dir\": \"lora-${v%%:*}\", \"export_dir\": \"lora-${v%%:*}-hf\", \"parallel\": ${v#*:}/; s/\"steps\": 30/\"steps\": 6/; s/\"log_every\": 100/\"log_every\": 1/" lora.json > lora-${v%%:*}.json
+  prog=$ft two_ranks lora-${v%%:*}.json lora-${v%%:*}.log
+done
+grep -q "FSDP ZeRO-3 over 2 rank" lora-fsdp.log.0 || fail "LoRA did not use FSDP: $(head -5 lora-fsdp.log.0)"
+follows lora-dp 6 1e-5 lora-fsdp || fail "LoRA under FSDP changed the losses"
+[[ -f lora-fsdp/adapter/adapter_model.safetensors ]] || fail "no PEFT adapter from the FSDP run"
+r=$($check model lora-fsdp-hf)
+python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
+echo "rhine-finetune LoRA under FSDP equals data parallel over 6 steps and writes its PEFT adapter"
 echo "PASS"

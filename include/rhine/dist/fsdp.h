@@ -78,8 +78,16 @@
 /// orthogonalises the unit's whole matrices and keeps its rows
 /// (rhine/optim/muon.h). check_optimizer refuses a Muon without it.
 ///
-/// Not yet served: LoRA adapters (rhine/io/lora.h writes merged weights into
-/// the base); the constructor refuses them with a rhine::Error.
+/// LoRA (rhine/io/lora.h): base weights and adapters are sharded alike, only
+/// the adapters train. After a block's unit is gathered, each adapted Linear
+/// gets W + s B A (refresh_lora_layer, after the block's input boundary so
+/// that autograd reaches A and B before the reduce-scatter); it is freed with
+/// the unit and rewritten in place, with the same dropout mask, before the
+/// block's backward. Do not call refresh_lora on a sharded model.
+///
+/// A trainable parameter no rank has a gradient for (an expert no token
+/// chose) keeps an undefined gradient, as in one process, so optimizers skip
+/// it: each rank flags its gradients in the reduce-scatter buffer itself.
 ///
 /// The model's parameters are placeholders (empty tensors) while their unit
 /// is not gathered; read weights through full_parameter(), which gathers
@@ -151,7 +159,7 @@ class FSDP {
   /// pass a model with the same parameters (names, shapes); the shards are
   /// taken from each rank's own values, so build the model from the same seed
   /// (or broadcast_parameters first). Throws rhine::Error for a model that has
-  /// forward hooks already or adapters (LoRA).
+  /// forward hooks already or merged LoRA adapters.
   FSDP(World& world, nn::CausalLM model, const FSDPOptions& options = {});
   ~FSDP();
   FSDP(const FSDP&) = delete;

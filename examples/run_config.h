@@ -41,9 +41,11 @@ struct RunConfig {
   ///   {"zero": 3, "fsdp": 4, "reshard_after_forward": true, "param_dtype": "float32", "prefetch": true}
   /// zero 0: plain data parallel; 1: ZeRO-1 (as "zero1": true); 2: FSDP with
   /// replicated parameters; 3: FSDP (parameters, gradients and optimizer
-  /// state sharded). "fsdp": the ranks that shard, the world size (the
-  /// default; giving it makes zero default to 3). "ep": expert parallelism,
-  /// 1 or the world size (the routed experts partitioned over the ranks,
+  /// state sharded). "fsdp": the ranks one copy of the model is sharded
+  /// over, the world size by default; fewer (dividing it) is hybrid
+  /// sharding, world/fsdp copies (FSDPOptions::shard_size). Giving it makes
+  /// zero default to 3. "ep": expert parallelism, 1 or the fsdp size (the
+  /// routed experts partitioned over a copy's ranks,
   /// rhine/dist/expert_parallel.h); ep > 1 needs zero 2 or 3 and makes zero
   /// default to 3.
   struct Parallel {
@@ -135,7 +137,11 @@ struct RunConfig {
 /// How the run shares the model, for the log ("", "; optimizer state sharded (ZeRO-1)", ...).
 inline std::string describe_parallel(const RunConfig& run, const dist::World& world) {
   if (run.parallel.zero >= 2)
-    return fmt::format("; FSDP ZeRO-{} over {} rank(s){}, gathers in {}{}", run.parallel.zero, world.world_size(),
+    return fmt::format("; FSDP ZeRO-{} over {} rank(s){}{}, gathers in {}{}", run.parallel.zero,
+                       run.parallel.fsdp > 0 ? run.parallel.fsdp : world.world_size(),
+                       run.parallel.fsdp > 0 && run.parallel.fsdp < world.world_size()
+                           ? fmt::format(" x {} copies (hybrid)", world.world_size() / run.parallel.fsdp)
+                           : "",
                        run.parallel.zero == 3 && !run.parallel.reshard_after_forward ? " (kept after forward)" : "",
                        run.parallel.param_dtype,
                        run.parallel.ep > 1 ? fmt::format(", routed experts over {} ranks (EP)", run.parallel.ep) : "");
@@ -183,13 +189,15 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
               "a model built with defer_init needs weights to import", "no import directory", "");
   if (!lm->options.defer_init) dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
   if (run.parallel.zero >= 2) {
-    RHINE_CHECK(run.parallel.fsdp == 0 || run.parallel.fsdp == world.world_size(), "run",
-                "parallel.fsdp must equal the number of ranks (hybrid dp x fsdp is not available yet), got",
-                run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) + "; leave fsdp out");
-    RHINE_CHECK(run.parallel.ep == 1 || run.parallel.ep == world.world_size(), "run",
-                "parallel.ep must be 1 or the number of ranks (expert-data-parallel groups are not available yet), got",
-                run.parallel.ep, "WORLD_SIZE is " + std::to_string(world.world_size()));
+    const int shard = run.parallel.fsdp > 0 ? run.parallel.fsdp : world.world_size();
+    RHINE_CHECK(world.world_size() % shard == 0, "run", "parallel.fsdp must divide the number of ranks, got",
+                run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) +
+                                       "; fsdp ranks share one copy of the model, WORLD_SIZE / fsdp copies");
+    RHINE_CHECK(run.parallel.ep == 1 || run.parallel.ep == shard, "run",
+                "parallel.ep must be 1 or the fsdp size (the ranks of one copy), got", run.parallel.ep,
+                "fsdp is " + std::to_string(shard) + " (WORLD_SIZE " + std::to_string(world.world_size()) + ")");
     dist::FSDPOptions fo;
+    fo.shard_size = shard;
     fo.expert_parallel = run.parallel.ep;
     fo.zero_stage = run.parallel.zero;
     fo.reshard_after_forward = run.parallel.reshard_after_forward;

@@ -109,10 +109,14 @@ struct FSDP::State : nn::ForwardHooks {
     std::int64_t version = -1;  ///< ZeRO-2: shards' version when last gathered
   };
 
-  World* world = nullptr;
+  World* world = nullptr;  ///< the shard group: the run's World, or this rank's part of it (hybrid)
+  World* run_world = nullptr;        ///< every rank of the run
+  std::unique_ptr<World> shard_group;    ///< hybrid: the ranks sharing one copy of the model
+  std::unique_ptr<World> replica_group;  ///< hybrid: the ranks holding the same shards (one per copy)
   nn::CausalLM model{nullptr};
   FSDPOptions o;
-  int n = 1, rank = 0;
+  int n = 1, rank = 0;  ///< shard group size and this rank's place in it
+  int total = 1;        ///< ranks of the run (n x replicas): gradients are means over these
   std::vector<Param> params;
   std::vector<Unit> units;  ///< 0: root; 1 + i: block i
   NamedParameters trainable;
@@ -267,7 +271,8 @@ struct FSDP::State : nn::ForwardHooks {
     mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements + full);
     at::Tensor out = world->to_device(at::empty({unit.gchunk}, f32));
     world->reduce_scatter_tensor(out, send, ReduceOp::kSum);
-    out.div_(n);
+    if (replica_group) replica_group->all_reduce_(out, ReduceOp::kSum);  // hybrid: the other copies' sums
+    out.div_(total);
     const at::Tensor flags = out.narrow(0, unit.gflags, unit.gchunk - unit.gflags).to(c10::kCPU);
     for (std::size_t i : unit.params) {
       Param& p = params[i];
@@ -331,6 +336,43 @@ struct FSDP::State : nn::ForwardHooks {
     if (!grad_forward) release(0);
   }
 
+  /// Hybrid sharding with expert parallelism: every copy's owner of an
+  /// expert holds a gradient from its own copy's tokens; one all-reduce over
+  /// the replicas sums them (with flags, so that an expert no copy's token
+  /// chose keeps an undefined gradient).
+  void reduce_owned_over_replicas() {
+    std::vector<std::size_t> mine;
+    std::int64_t elements = 0;
+    for (const auto& unit : units)
+      for (std::size_t i : unit.owned)
+        if (params[i].own_rows > 0 && params[i].trainable) {
+          mine.push_back(i);
+          elements += params[i].var.numel();
+        }
+    if (mine.empty()) return;  // (the same on every replica: they own the same experts)
+    at::Tensor flat = replica_group->device_zeros(elements + static_cast<std::int64_t>(mine.size()), c10::kFloat);
+    std::int64_t off = 0;
+    for (std::size_t k = 0; k < mine.size(); ++k) {
+      const at::Tensor g = params[mine[k]].var.grad();
+      const auto numel = params[mine[k]].var.numel();
+      if (g.defined()) {
+        flat.narrow(0, off, numel).copy_(g.reshape({-1}));
+        flat[elements + static_cast<std::int64_t>(k)].fill_(1.0);
+      }
+      off += numel;
+    }
+    replica_group->all_reduce_(flat, ReduceOp::kSum);
+    const at::Tensor flags = flat.narrow(0, elements, static_cast<std::int64_t>(mine.size())).to(c10::kCPU);
+    off = 0;
+    for (std::size_t k = 0; k < mine.size(); ++k) {
+      Param& p = params[mine[k]];
+      const auto numel = p.var.numel();
+      if (flags[static_cast<std::int64_t>(k)].item<float>() > 0)
+        p.var.mutable_grad() = flat.narrow(0, off, numel).view(p.var.sizes()).to(p.var.scalar_type());
+      off += numel;
+    }
+  }
+
   void finish() {
     RHINE_CHECK(sync, kComponent, "finish() inside no_sync()", "sync off",
                 "let the NoSync guard of the last micro-batch go out of scope before finish()");
@@ -339,9 +381,10 @@ struct FSDP::State : nn::ForwardHooks {
     // A routed expert's gradient on its owner sums every rank's tokens: the
     // mean over ranks, as the reduce-scatter gives every other gradient.
     at::NoGradGuard no_grad;
+    if (replica_group) reduce_owned_over_replicas();
     for (const auto& unit : units)
       for (std::size_t i : unit.owned)
-        if (params[i].own_rows > 0 && params[i].var.grad().defined()) params[i].var.mutable_grad().div_(n);
+        if (params[i].own_rows > 0 && params[i].var.grad().defined()) params[i].var.mutable_grad().div_(total);
     for (std::size_t u = 0; u < units.size(); ++u) {
       units[u].reduced = false;
       if (o.zero_stage == 3) release(u);
@@ -416,12 +459,24 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   RHINE_CHECK(!model->forward_hooks(), kComponent, "the model has forward hooks already", "hooks set",
               "shard a model once, with one FSDP");
   State& s = *state_;
+  s.run_world = &world;
   s.world = &world;
+  s.total = world.world_size();
+  const int shard = options.shard_size == 0 ? world.world_size() : options.shard_size;
+  RHINE_CHECK(shard >= 1 && world.world_size() % shard == 0, kComponent,
+              "shard_size must divide the number of ranks, got",
+              std::to_string(options.shard_size) + " with " + std::to_string(world.world_size()) + " ranks",
+              "hybrid sharding keeps world_size / shard_size copies of the model, each sharded over shard_size ranks");
+  if (shard < world.world_size()) {  // hybrid: consecutive ranks share a copy
+    s.shard_group = std::make_unique<World>(world.split(world.rank() / shard));
+    s.replica_group = std::make_unique<World>(world.split(world.rank() % shard));
+    s.world = s.shard_group.get();
+  }
   s.model = model;
   s.unloaded = model->options.defer_init;  // streaming construction: rows copied below are not written yet
   s.o = options;
-  s.n = world.world_size();
-  s.rank = world.rank();
+  s.n = s.world->world_size();
+  s.rank = s.world->rank();
   const auto& cfg = model->config();
   const std::int64_t blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
   s.units.resize(static_cast<std::size_t>(1 + blocks));
@@ -431,9 +486,9 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   const bool ep = options.expert_parallel > 1;
   if (ep) {
     RHINE_CHECK(options.expert_parallel == s.n, kComponent,
-                "expert_parallel must be 1 or the world size (expert-data-parallel groups are not there yet), got",
-                std::to_string(options.expert_parallel) + " with " + std::to_string(s.n) + " ranks",
-                "set \"ep\" to the number of ranks, or 1");
+                "expert_parallel must be 1 or the number of ranks a copy is sharded over, got",
+                std::to_string(options.expert_parallel) + " with shard_size " + std::to_string(s.n),
+                "set \"ep\" to the shard size (the copies then hold the same experts), or 1");
     RHINE_CHECK(cfg.uses_moe(), kComponent, "expert parallelism needs an MoE model, got n_routed_experts",
                 cfg.n_routed_experts, "set \"ep\": 1 for dense models");
     expert_owner(0, cfg.n_routed_experts, s.n);  // E divides by N
@@ -538,7 +593,7 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     s.units[base.unit].adapters.push_back(std::move(a));
   }
   if (ep) {
-    auto dispatch = std::make_shared<ExpertParallel>(world);
+    auto dispatch = std::make_shared<ExpertParallel>(*s.world);  // tokens travel within the copy
     for (auto& layer : model->moe_layers()) layer->set_expert_dispatch(dispatch);
   }
   model->set_forward_hooks(state_);
@@ -764,7 +819,9 @@ void FSDP::save(const std::string& dir, const Optimizer* optimizer, const Json& 
   State& s = *state_;
   std::optional<OptimizerState> st;  // taken once: its tensors are copies
   if (optimizer != nullptr) st = optimizer->state_dict();
-  const Json desc = io::write_row_shard(dir, s.rank, s.n, pieces_of(s, st ? &*st : nullptr));
+  // Hybrid: the first copy writes; the others hold the same rows.
+  const bool writes = !s.replica_group || s.replica_group->rank() == 0;
+  const Json desc = writes ? io::write_row_shard(dir, s.rank, s.n, pieces_of(s, st ? &*st : nullptr)) : Json();
   const Json mine = {{"desc", desc}, {"optimizer", st ? st->meta : Json()}};
   std::vector<Json> descs, metas;
   for (const auto& text : s.world->host_all_gather_bytes(mine.dump())) {
@@ -772,12 +829,12 @@ void FSDP::save(const std::string& dir, const Optimizer* optimizer, const Json& 
     descs.push_back(j["desc"]);
     if (!j["optimizer"].is_null()) metas.push_back(j["optimizer"]);
   }
-  if (s.rank == 0) {
+  if (s.rank == 0 && writes) {
     Json m = meta.is_object() ? meta : Json::object();
     if (!metas.empty()) m["optimizer"] = merge_state_meta(metas);
     io::write_row_index(dir, descs, m);
   }
-  s.world->barrier();  // every file durable before anyone commits or reads
+  s.run_world->barrier();  // every file durable before anyone commits or reads
 }
 
 void FSDP::load_parameters(const io::RowReader& reader) {

@@ -192,24 +192,31 @@ struct World::Impl {
   /// cleared at the first "does not support" (Gloo in LibTorch 1.13).
   bool native_all_gather = RHINE_TORCH_VERSION_AT_LEAST(2, 0);
   bool native_reduce_scatter = RHINE_TORCH_VERSION_AT_LEAST(2, 0);
-  /// Strict device check: storages handed out by to_device / device_zeros.
+  /// Strict device check: storages handed out by to_device / device_zeros
+  /// (shared with the Worlds split from this one: a buffer of one serves all).
+  struct DeviceStorages {
+    std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+    std::size_t prune_at = 64;
+  };
   bool strict = false;
-  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> device_storages;
-  std::size_t prune_at = 64;
+  std::shared_ptr<DeviceStorages> device_storages = std::make_shared<DeviceStorages>();
+  /// What split() needs to build groups like these.
+  bool loopback = false;
+  int splits = 0;  ///< split() calls so far: each gets its own key space on the store
 
   void remember(const at::Tensor& t) {
     if (!strict) return;
-    if (device_storages.size() >= prune_at) {  // forget freed storages now and then
-      device_storages.erase(std::remove_if(device_storages.begin(), device_storages.end(),
-                                           [](const auto& w) { return w.expired(); }),
-                            device_storages.end());
-      prune_at = std::max<std::size_t>(64, 2 * device_storages.size());
+    auto& d = *device_storages;
+    if (d.storages.size() >= d.prune_at) {  // forget freed storages now and then
+      d.storages.erase(std::remove_if(d.storages.begin(), d.storages.end(), [](const auto& w) { return w.expired(); }),
+                       d.storages.end());
+      d.prune_at = std::max<std::size_t>(64, 2 * d.storages.size());
     }
-    device_storages.push_back(t.storage().getWeakStorageImpl());
+    d.storages.push_back(t.storage().getWeakStorageImpl());
   }
   bool remembered(const at::Tensor& t) const {
     const c10::StorageImpl* mine = t.storage().unsafeGetStorageImpl();
-    return std::any_of(device_storages.begin(), device_storages.end(), [&](const auto& w) {
+    return std::any_of(device_storages->storages.begin(), device_storages->storages.end(), [&](const auto& w) {
       return !w.expired() && w._unsafe_get_target() == mine;
     });
   }
@@ -536,6 +543,53 @@ std::vector<std::string> World::host_all_gather_bytes(const std::string& bytes) 
   return out;
 }
 
+namespace {
+
+/// The device and host groups of `impl` for `rank` of `size`, each in its own
+/// key space (`prefix` + "device/", "host/") on impl.store, as c10d's own groups do.
+void build_groups(World::Impl& impl, const std::string& prefix, int rank, int size, const std::string& backend,
+                  const DistOptions& options, const std::string& where) {
+  auto gloo_group = [&](const std::string& key) -> c10::intrusive_ptr<C10dGroup> {
+    auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
+    std::string iface = options.gloo_interface;
+    if (iface.empty()) {
+      if (const char* e = std::getenv("GLOO_SOCKET_IFNAME")) iface = e;
+    }
+    if (!iface.empty()) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (impl.loopback) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>(prefix + key, impl.store), rank, size, opts);
+  };
+  std::string group_name = backend;
+  try {
+    if (backend == "gloo") {
+      impl.device_group = gloo_group("device/");
+      impl.host_group = options.strict_device_group ? gloo_group("host/") : impl.device_group;
+    } else {
+#ifdef USE_C10D_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = options.timeout;
+      impl.device_group = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>(prefix + "device/", impl.store), rank, size, opts);
+      group_name = "gloo (host)";
+      impl.host_group = gloo_group("host/");
+#endif
+    }
+  } catch (const std::exception& e) {
+    RHINE_FAIL(kComponent,
+               "creating the " + group_name + " process group " + where + " failed on rank " + std::to_string(rank) +
+                   " of " + std::to_string(size) + " (timeout " + fmt_seconds(options.timeout) + " s)",
+               Verbatim{first_line(e)}, "did every rank start, and can they reach each other (GLOO_SOCKET_IFNAME)?");
+  }
+}
+
+}  // namespace
+
 World init(const Rendezvous& rv, const DistOptions& options) {
   options.validate();
   RHINE_CHECK(rv.world_size >= 1 && rv.rank >= 0 && rv.rank < rv.world_size, kComponent,
@@ -585,50 +639,53 @@ World init(const Rendezvous& rv, const DistOptions& options) {
                             : "is rank 0 running and MASTER_ADDR/MASTER_PORT reachable from here?");
   }
 
-  // Each group gets its own key space on the store, as c10d's own groups do.
-  auto gloo_group = [&](const std::string& prefix) -> c10::intrusive_ptr<C10dGroup> {
-    auto opts = c10d::ProcessGroupGloo::Options::create(options.timeout);
-    std::string iface = options.gloo_interface;
-    if (iface.empty()) {
-      if (const char* e = std::getenv("GLOO_SOCKET_IFNAME")) iface = e;
-    }
-    if (!iface.empty()) {
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
-    } else if (is_loopback(rv.master_addr)) {
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    } else {
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    }
-    return c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::make_intrusive<c10d::PrefixStore>(prefix, impl->store), rv.rank, rv.world_size, opts);
-  };
-  std::string group_name = backend;
-  try {
-    if (backend == "gloo") {
-      impl->device_group = gloo_group("device/");
-      impl->host_group = options.strict_device_group ? gloo_group("host/") : impl->device_group;
-    } else {
-#ifdef USE_C10D_NCCL
-      world.device_ = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(rv.local_rank));
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = options.timeout;
-      impl->device_group = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-          c10::make_intrusive<c10d::PrefixStore>("device/", impl->store), rv.rank, rv.world_size, opts);
-      group_name = "gloo (host)";
-      impl->host_group = gloo_group("host/");
-#endif
-    }
-  } catch (const std::exception& e) {
-    RHINE_FAIL(kComponent,
-               "creating the " + group_name + " process group at " + where + " failed on rank " +
-                   std::to_string(rv.rank) + " of " + std::to_string(rv.world_size) +
-                   " (timeout " + fmt_seconds(options.timeout) + " s)",
-               Verbatim{first_line(e)},
-               "did every rank start, and can they reach each other (GLOO_SOCKET_IFNAME)?");
-  }
+  impl->loopback = is_loopback(rv.master_addr);
+  if (backend == "nccl")
+    world.device_ = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(rv.local_rank));
+  build_groups(*impl, "", rv.rank, rv.world_size, backend, options, "at " + where);
   world.backend_ = backend;
   world.impl_ = std::move(impl);
   return world;
+}
+
+World World::split(int color) {
+  RHINE_CHECK(color >= 0, kComponent, "split needs a color >= 0, got", color,
+              "ranks with the same color form one group");
+  if (!impl_) {  // one process: its own group
+    World one;
+    one.device_ = device_;
+    one.options_ = options_;
+    return one;
+  }
+  // Everyone's color, then my group: the ranks of my color in world order.
+  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(color), at::kLong);
+  const std::vector<at::Tensor> colors = run_all_gather(true, mine, "split");
+  std::vector<int> members;
+  int index = 0;
+  for (int r = 0; r < world_size_; ++r) {
+    if (colors[static_cast<std::size_t>(r)].item<std::int64_t>() != color) continue;
+    if (r == rank_) index = static_cast<int>(members.size());
+    members.push_back(r);
+  }
+  const int call = impl_->splits++;
+  World sub;
+  sub.rank_ = index;
+  sub.world_size_ = static_cast<int>(members.size());
+  sub.local_rank_ = local_rank_;
+  sub.device_ = device_;
+  sub.options_ = options_;
+  sub.backend_ = backend_;
+  if (members.size() == 1) return sub;  // a group of one: collectives are no-ops
+  auto impl = std::make_unique<Impl>();
+  impl->store = impl_->store;
+  impl->strict = impl_->strict;
+  impl->device_storages = impl_->device_storages;
+  impl->loopback = impl_->loopback;
+  build_groups(*impl, "split" + std::to_string(call) + "/" + std::to_string(color) + "/", index,
+               sub.world_size_, backend_, options_,
+               "for split " + std::to_string(call) + " (color " + std::to_string(color) + ")");
+  sub.impl_ = std::move(impl);
+  return sub;
 }
 
 World init_from_env(const DistOptions& options) {

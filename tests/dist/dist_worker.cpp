@@ -157,6 +157,27 @@ void check_collectives(rhine::dist::World& world) {
     world.all_to_all_single(out, in, out_splits, in_splits);
     RHINE_CHECK(out.equal(at::cat(want)), "dist_worker", "all_to_all_single result on rank", r, "");
   }
+  // split: groups {0,1}, {2,3}, ... and {0,2,..}, {1,3,..}; each reduces
+  // over its members only, and one group's buffer serves the other.
+  {
+    rhine::dist::World pair = world.split(r / 2), stride = world.split(r % 2);
+    const int pairs = std::min(2, n - r / 2 * 2);
+    RHINE_CHECK(pair.world_size() == pairs && pair.rank() == r % 2, "dist_worker", "split into pairs: size/rank",
+                std::to_string(pair.world_size()) + "/" + std::to_string(pair.rank()), "");
+    RHINE_CHECK(stride.world_size() == (n - r % 2 + 1) / 2 && stride.rank() == r / 2, "dist_worker",
+                "split by parity: size/rank", std::to_string(stride.world_size()) + "/" + std::to_string(stride.rank()), "");
+    at::Tensor t = pair.to_device(at::full({2}, double(r + 1), at::kFloat));
+    pair.all_reduce_(t);
+    double want_pair = 0, want_both = 0;
+    for (int k = r / 2 * 2; k < r / 2 * 2 + pairs; ++k) want_pair += k + 1;
+    RHINE_CHECK(t.equal(at::full({2}, want_pair, at::kFloat)), "dist_worker", "all_reduce within a pair", r, "");
+    stride.all_reduce_(t);  // the pairs' sums, over the ranks of my parity: everyone's sum when n is even
+    for (int k = 0; k < n; ++k) want_both += k + 1;
+    if (n % 2 == 0)
+      RHINE_CHECK(t.equal(at::full({2}, want_both, at::kFloat)), "dist_worker", "all_reduce pairs then parity", r,
+                  "");
+    RHINE_CHECK(stride.host_sum({1.0})[0] == stride.world_size(), "dist_worker", "host_sum in a split", r, "");
+  }
   // Host group: uneven byte strings and a broadcast.
   const auto texts = world.host_all_gather_bytes(std::string(static_cast<size_t>(r + 1), char('a' + r)));
   for (int k = 0; k < n; ++k)

@@ -4,7 +4,7 @@
 // rank builds the model from the same seed.
 //
 //   fsdp_worker --out PREFIX [--model dense|moe] [--parallel none|ddp|fsdp]
-//               [--zero 3|2] [--ep N] [--optim adamw|muon [--no-muon-shards]] [--no-reshard] [--no-prefetch] [--param-bf16]
+//               [--zero 3|2] [--ep N] [--shard S] [--optim adamw|muon [--no-muon-shards]] [--no-reshard] [--no-prefetch] [--param-bf16]
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps
@@ -67,7 +67,7 @@ namespace {
 
 struct Args {
   std::string out, model = "dense", parallel = "fsdp", optim = "adamw";
-  int zero = 3, ep = 1, steps = 3, batch = 8, seq = 8, accum = 1;
+  int zero = 3, ep = 1, shard = 0, steps = 3, batch = 8, seq = 8, accum = 1;
   bool no_muon_shards = false;  // to see check_optimizer refuse such a Muon
   bool reshard = true, prefetch = true, param_bf16 = false, autocast = false, ckpt = false;
   double clip = 0.0;
@@ -92,6 +92,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--parallel") a.parallel = next();
     else if (k == "--zero") a.zero = std::stoi(next());
     else if (k == "--ep") a.ep = std::stoi(next());
+    else if (k == "--shard") a.shard = std::stoi(next());
     else if (k == "--optim") a.optim = next();
     else if (k == "--no-muon-shards") a.no_muon_shards = true;
     else if (k == "--no-reshard") a.reshard = false;
@@ -284,6 +285,7 @@ int run(const Args& a) {
       fo.prefetch = a.prefetch;
       fo.param_dtype = a.param_bf16 ? at::kBFloat16 : at::kFloat;
       fo.expert_parallel = a.ep;
+      fo.shard_size = a.shard;
       fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
       if (!a.import_dir.empty()) fsdp->load_parameters(rhine::io::RowReader::open(a.import_dir));
     } else if (a.parallel == "ddp") {

@@ -198,10 +198,12 @@ TEST_CASE("init fails with a [dist] error when the other rank never joins", "[di
 
 // --- two processes on loopback --------------------------------------------------
 
-TEST_CASE("Collectives across two Gloo ranks, and unequal parameters are detected", "[dist][process][slow]") {
+TEST_CASE("Collectives across two and four Gloo ranks, split groups, and unequal parameters are detected", "[dist][process][slow]") {
   rhine::test::TempDir dir("dist_coll");
   // sum/avg/max/min, broadcast from the last rank, all_gather, barrier.
   REQUIRE(all_ok(run_world(dir, "coll", 2, {"--collectives", "--steps", "0"})));
+  // Four ranks: the collectives again, and World::split into pairs and by parity.
+  REQUIRE(all_ok(run_world(dir, "coll4", 4, {"--collectives", "--steps", "0"})));
   // Ranks initialise with different seeds; without broadcast_parameters the
   // hash check must refuse to train.
   auto exits = run_world(dir, "nobcast", 2, {"--no-broadcast", "--steps", "0"});

@@ -291,6 +291,43 @@ TEST_CASE("Sharded checkpoints reshard across expert parallelism: EP 4 -> EP 2 -
   CHECK(index["model.layers.1.mlp.shared_experts.up_proj.weight"]["pieces"].size() == 2);  // row-sharded
 }
 
+TEST_CASE("Hybrid sharding (2 copies x 2 ranks), with expert parallelism in each copy, trains as one process does",
+          "[fsdp][ep]") {
+  // HSDP: ranks {0,1} and {2,3} each shard one copy of the model; gradients
+  // are reduce-scattered within a copy and all-reduced across copies. With
+  // "ep" 2 each copy's two ranks own half the experts; the two owners of an
+  // expert (one per copy) all-reduce its gradient.
+  rhine::test::TempDir dir("fsdp_hybrid");
+  const std::vector<std::string> dense{"--model", "dense", "--steps", "3", "--batch", "8"};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(dense, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "hsdp", 4, with(dense, {"--shard", "2"}));
+  expect_equal_to(dir, "ref", "hsdp_z2_accum", 4, with(dense, {"--shard", "2", "--zero", "2", "--accum", "2"}));
+  // Each rank holds half the model: a copy is sharded over 2 ranks, not 4.
+  const auto m = report(dir, "hsdp", 0)["memory"];
+  CHECK(m["shard_elements"].get<std::int64_t>() * 2 >= m["model_elements"].get<std::int64_t>());
+  CHECK(m["shard_elements"].get<std::int64_t>() * 3 < m["model_elements"].get<std::int64_t>() * 2);
+
+  const std::vector<std::string> moe{"--model", "moe", "--steps", "3", "--batch", "8"};
+  REQUIRE(all_ok(run(dir, "ref_moe", 0, with(moe, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref_moe", "hsdp_ep", 4, with(moe, {"--shard", "2", "--ep", "2"}));
+  // EP within a copy: each rank owns 4 of the 8 experts of every MoE layer.
+  CHECK(report(dir, "hsdp_ep", 3)["memory"]["expert_elements"].get<std::int64_t>() == 3 * 4 * 3 * 8 * 16);
+  // A hybrid checkpoint (written by the first copy) resumes as FSDP over 4 ranks with EP 4.
+  REQUIRE(all_ok(run(dir, "full_ep4", 4, with(moe, {"--ep", "4"}))));
+  REQUIRE(all_ok(run(dir, "save", 4, with(moe, {"--shard", "2", "--ep", "2", "--save-at", "1", "--ckpt-dir",
+                                                 dir.file("ck")}))));
+  CHECK(std::filesystem::exists(dir.file("ck") + "/shard-00001-of-00002.safetensors"));
+  REQUIRE(all_ok(run(dir, "resume_ep4", 4, with(moe, {"--ep", "4", "--resume", dir.file("ck")}))));
+  auto [rel, mx] = diff(read_params(dir.file("resume_ep4") + ".params"), read_params(dir.file("full_ep4") + ".params"));
+  INFO("hybrid checkpoint resumed as EP 4 vs uninterrupted EP 4: " << rel);
+  CHECK(rel < 2e-5);
+  // A shard size that does not divide the ranks is refused.
+  const auto exits = run(dir, "bad", 4, with(dense, {"--shard", "3"}));
+  REQUIRE(exits.size() == 4);
+  CHECK(exits[0].code == 3);
+  CHECK(slurp(dir.file("bad") + ".rank0.err").find("shard_size must divide") != std::string::npos);
+}
+
 TEST_CASE("LoRA under FSDP: the frozen base sharded, the adapters trained as one process trains them",
           "[fsdp][lora]") {
   // FSDP gathers each block's base weights and adapters, computes W + s B A

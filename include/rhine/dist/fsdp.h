@@ -126,10 +126,18 @@ struct FSDPOptions {
   /// Issue the next block's all-gather while this one computes.
   bool prefetch = true;
   /// Expert parallelism (rhine/dist/expert_parallel.h): 1 shards the routed
-  /// experts by rows like every other weight; the world size partitions them
-  /// instead, each expert whole on one rank, tokens sent to it by all-to-all.
-  /// (Sizes in between, expert-data-parallel groups, are not served yet.)
+  /// experts by rows like every other weight; the shard group's size (the
+  /// world size unless shard_size says less) partitions them instead, each
+  /// expert whole on one rank of each copy, tokens sent to it by all-to-all
+  /// within the copy; the copies' owners of an expert all-reduce its gradient.
   int expert_parallel = 1;
+  /// Hybrid sharding (HSDP, dp x fsdp): the ranks one copy of the model is
+  /// sharded over; 0 = all of them. With N ranks and shard_size S (S divides
+  /// N), ranks [k*S, (k+1)*S) share copy k; gradients are reduce-scattered
+  /// within a copy, then all-reduced over the N/S ranks that hold the same
+  /// rows. Parameter all-gathers stay within a copy (the fast links of a
+  /// node, when S is the GPUs per node). expert_parallel is then 1 or S.
+  int shard_size = 0;
 
   /// Throws rhine::Error for a stage other than 2 or 3, or another dtype.
   void validate() const;

@@ -189,6 +189,16 @@ class World {
   void all_to_all_single(at::Tensor& out, const at::Tensor& input, const std::vector<std::int64_t>& out_splits,
                          const std::vector<std::int64_t>& in_splits);
 
+  /// Splits the ranks into groups (MPI_Comm_split): ranks passing the same
+  /// `color` (>= 0) form one World, ranked by their rank here, with this
+  /// World's backend, device, options and store. Collective: every rank calls
+  /// it, and the splits of a World in the same order. A group of one rank is
+  /// a single-process World (its collectives are no-ops). Device buffers from
+  /// either World serve both (also under the strict device check).
+  ///     World shard = world.split(world.rank() / 2);    // {0,1}, {2,3}
+  ///     World replica = world.split(world.rank() % 2);  // {0,2}, {1,3}
+  World split(int color);
+
   // --- host group (CPU tensors: scalars, counts, descriptors) ------------------
   /// Waits until every rank reached this point.
   void barrier();
@@ -211,7 +221,11 @@ class World {
   PendingOp launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, const char* name);
   void run_broadcast(bool host, at::Tensor& tensor, int root, const char* name);
   std::vector<at::Tensor> run_all_gather(bool host, const at::Tensor& tensor, const char* name);
-  struct Impl;
+
+ public:
+  struct Impl;  ///< the c10d objects (lib/dist/world.cpp)
+
+ private:
   std::unique_ptr<Impl> impl_;  ///< null for a single process
   int rank_ = 0, world_size_ = 1, local_rank_ = 0;
   std::string backend_ = "none";

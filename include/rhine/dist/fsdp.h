@@ -68,6 +68,11 @@
 /// its gradient is divided by N in finish(), and it is one piece of its
 /// owner's file in a sharded checkpoint.
 ///
+/// Hybrid sharding (`shard_size` S < N ranks): consecutive groups of S ranks
+/// each shard one copy of the model (World::split); gathers and
+/// reduce-scatters stay within a copy, and the shard gradients are then
+/// all-reduced across the N/S copies. Expert parallelism is then S.
+///
 /// Streaming import: a model built with CausalLMOptions::defer_init has no
 /// weights yet; the FSDP keeps this rank's (unwritten) rows, frees the rest
 /// and refuses to compute until load_parameters() has read them.

@@ -94,8 +94,16 @@ int main(int argc, char** argv) try {
   rhine::nn::CausalLMOptions mo;
   mo.init_seed = run.seed;
   mo.fused_kernels = run.fused_kernels;
+  // Under FSDP the model is built without its weights and each rank draws
+  // only its rows (FSDP::initialize): no rank ever holds the whole model.
+  mo.defer_init = run.parallel.zero >= 2;
   rhine::nn::CausalLM lm(mcfg, mo);
-  lm->to(rt.device);
+  if (mo.defer_init) {  // the weights go where FSDP puts them
+    at::NoGradGuard no_grad;
+    for (auto& [name, b] : lm->state_buffers()) b.set_data(b.to(rt.device));
+  } else {
+    lm->to(rt.device);
+  }
   if (world.is_main()) spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings)", mcfg.model_type,
                mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6);
 

@@ -177,16 +177,19 @@ struct TrainerParts {
 /// and AdamW over its shards; otherwise AdamW over `params` (sharded when
 /// zero1 and several ranks) and the gradient sync; then the Trainer.
 /// `import_dir` (FSDP only): an HF directory or checkpoint each rank reads its
-/// rows of after sharding (parameters, and the buffers it holds); then the
-/// model may be built with CausalLMOptions::defer_init (streaming import).
+/// rows of after sharding (parameters, and the buffers it holds). Under FSDP
+/// the model may be built with CausalLMOptions::defer_init: its rows are
+/// then read from `import_dir` (streaming import) or, without one, drawn by
+/// FSDP::initialize (streaming construction).
 inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const nn::CausalLM& lm,
                                  const NamedParameters& params, BatchSource& source, const train::TrainerOptions& to,
                                  const std::string& import_dir = {}) {
   TrainerParts t;
   RHINE_CHECK(import_dir.empty() || run.parallel.zero >= 2, "run", "a sharded import needs FSDP, got parallel.zero",
               run.parallel.zero, "load the model whole (io::load_hf_model) without FSDP");
-  RHINE_CHECK(!lm->options.defer_init || !import_dir.empty(), "run",
-              "a model built with defer_init needs weights to import", "no import directory", "");
+  RHINE_CHECK(!lm->options.defer_init || run.parallel.zero >= 2, "run",
+              "a model built with defer_init is only materialised by FSDP, got parallel.zero", run.parallel.zero,
+              "build it without defer_init");
   if (!lm->options.defer_init) dist::broadcast_parameters(world, lm->parameters());  // all ranks start equal
   if (run.parallel.zero >= 2) {
     const int shard = run.parallel.fsdp > 0 ? run.parallel.fsdp : world.world_size();
@@ -204,6 +207,7 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
     fo.prefetch = run.parallel.prefetch;
     fo.param_dtype = run.parallel.param_dtype == "bfloat16" ? c10::kBFloat16 : c10::kFloat;
     t.fsdp = std::make_unique<dist::FSDP>(world, lm, fo);
+    if (lm->options.defer_init && import_dir.empty()) t.fsdp->initialize();  // from scratch: this rank's rows
     if (!import_dir.empty()) {  // each rank reads its rows only
       const auto reader = io::RowReader::open(import_dir);
       t.fsdp->load_parameters(reader);

@@ -304,7 +304,7 @@ struct FSDP::State : nn::ForwardHooks {
 
   void forward_begin() override {
     RHINE_CHECK(!unloaded, kComponent, "the model was built without its weights and they were never loaded",
-                "CausalLMOptions::defer_init", "call FSDP::load_parameters (an HF directory or a checkpoint) first");
+                "CausalLMOptions::defer_init", "call FSDP::load_parameters (an HF directory or a checkpoint) or FSDP::initialize (from scratch) first");
     grad_forward = at::GradMode::is_enabled() && !trainable.empty();
     order.clear();
     if (o.zero_stage == 2) {
@@ -849,6 +849,27 @@ void FSDP::load_parameters(const io::RowReader& reader) {
                 c10::str(c10::IntArrayRef(reader.shape(p.name))), "expected " + c10::str(c10::IntArrayRef(p.shape)));
     if (p.own_rows == 0) continue;
     p.shard.copy_(reader.rows(p.name, p.row_begin, p.row_begin + p.own_rows).reshape(p.shard.sizes()));
+  }
+  s.unloaded = false;
+}
+
+void FSDP::initialize() {
+  State& s = *state_;
+  RHINE_CHECK(s.model, kComponent, "initialize() after unshard()", "", "");
+  at::NoGradGuard no_grad;
+  // Every rank draws every parameter whole, in the constructor's order and
+  // from its generator (the same numbers as an eager build), one at a time,
+  // and keeps its rows: at most one parameter is whole at once.
+  auto gen = s.model->init_generator();
+  for (const auto& step : s.model->init_plan()) {
+    const auto it = s.by_name.find(step.name);
+    RHINE_CHECK(it != s.by_name.end(), kComponent, "the initialisation names a parameter FSDP does not hold",
+                step.name, "shard the model right after building it");
+    auto& p = s.params[it->second];
+    at::Tensor whole = at::empty(p.shape, at::TensorOptions().dtype(c10::kFloat));  // drawn on the CPU, as eagerly
+    step.apply(whole, gen);
+    if (p.own_rows > 0)
+      p.shard.copy_(whole.reshape({p.rows, p.inner}).narrow(0, p.row_begin, p.own_rows).reshape(p.shard.sizes()));
   }
   s.unloaded = false;
 }

@@ -129,23 +129,43 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c, const CausalLMOptions& o)
 
   if (o.fused_kernels) set_fused_kernels(*this, true);  // RMSNorm, RoPE, SwiGLU
 
+  // defer_init: the weights come from a checkpoint or FSDP::initialize.
+  at::NoGradGuard no_grad;
+  if (!o.defer_init) {
+    auto gen = init_generator();
+    auto params = named_parameters();
+    for (const auto& step : init_plan()) step.apply(params[step.name], gen);
+  }
+  tie_mtp_weights();
+}
+
+void ParamInit::apply(at::Tensor& t, c10::optional<at::Generator>& gen) const {
+  at::NoGradGuard no_grad;
+  if (std > 0)
+    t.normal_(0.0, std, gen);
+  else
+    t.zero_();
+}
+
+std::vector<ParamInit> CausalLMImpl::init_plan() const {
   // HF initialisation: N(0, initializer_range) for linear and embedding
   // weights, zero biases, ones for norms (set by RMSNorm), xIELU as built.
-  at::NoGradGuard no_grad;
-  c10::optional<at::Generator> gen;
-  if (o.init_seed) gen = at::make_generator<at::CPUGeneratorImpl>(*o.init_seed);
-  // defer_init: the weights come from a checkpoint, through FSDP.
-  if (!o.defer_init)
-    for (auto& p : named_parameters()) {
-      const std::string& name = p.key();
-      auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
-      if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
-          name == "lm_head.weight" || ends_with("mlp.gate.weight"))
-        p.value().normal_(0.0, c.initializer_range, gen);
-      else if (ends_with("_proj.bias"))
-        p.value().zero_();
-    }
-  tie_mtp_weights();
+  std::vector<ParamInit> plan;
+  for (const auto& p : named_parameters()) {
+    const std::string& name = p.key();
+    auto ends_with = [&](std::string_view suffix) { return has_suffix(name, suffix); };
+    if (ends_with("_proj.weight") || ends_with("_proj_with_mqa.weight") || ends_with("embed_tokens.weight") ||
+        name == "lm_head.weight" || ends_with("mlp.gate.weight"))
+      plan.push_back({name, config_.initializer_range});
+    else if (ends_with("_proj.bias"))
+      plan.push_back({name, 0.0});
+  }
+  return plan;
+}
+
+c10::optional<at::Generator> CausalLMImpl::init_generator() const {
+  if (!options.init_seed) return c10::nullopt;
+  return at::make_generator<at::CPUGeneratorImpl>(*options.init_seed);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> CausalLMImpl::state_buffers() {

@@ -17,6 +17,8 @@
 //               [--import DIR [--defer-init]]  start from such an HF directory; --defer-init: build the
 //                                          model with CausalLMOptions::defer_init (FSDP only),
 //                                          so that a rank holds only its shards
+//               [--defer-init --init-shards]  build it so and let FSDP::initialize draw each
+//                                          rank's rows (training from scratch)
 //               [--wide]                   the dense model 512 wide with a 16k vocabulary (18M
 //                                          parameters), for memory measurements
 //               [--lora [--lora-dropout P]]  LoRA r=4 (alpha 8, seed 5) on q_proj, v_proj and down_proj
@@ -75,7 +77,7 @@ struct Args {
   int die_rank = -1, die_after = 0, sleep_rank = -1, sleep_after = 0;
   int save_at = -1;
   std::string ckpt_dir, resume, export_hf, import_dir;
-  bool defer_init = false, wide = false, lora = false;
+  bool defer_init = false, init_shards = false, wide = false, lora = false;
   double lora_dropout = 0.0;
 };
 
@@ -116,6 +118,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--export-hf") a.export_hf = next();
     else if (k == "--import") a.import_dir = next();
     else if (k == "--defer-init") a.defer_init = true;
+    else if (k == "--init-shards") a.init_shards = true;
     else if (k == "--wide") a.wide = true;
     else if (k == "--lora") a.lora = true;
     else if (k == "--lora-dropout") a.lora_dropout = std::stod(next());
@@ -287,6 +290,7 @@ int run(const Args& a) {
       fo.expert_parallel = a.ep;
       fo.shard_size = a.shard;
       fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
+      if (a.init_shards) fsdp->initialize();
       if (!a.import_dir.empty()) fsdp->load_parameters(rhine::io::RowReader::open(a.import_dir));
     } else if (a.parallel == "ddp") {
       sync = std::make_unique<rhine::dist::GradientSync>(world, trained);

@@ -392,6 +392,15 @@ TEST_CASE("Streaming import: a model built without its weights loads an HF direc
   // The import decides the result: the same training from the seed's weights differs.
   REQUIRE(all_ok(run(dir, "seed", 0, {"--model", "moe", "--steps", "3", "--batch", "8", "--parallel", "none"})));
   CHECK(diff(read_params(dir.file("seed") + ".params"), read_params(dir.file("ref") + ".params")).first > 1e-2);
+  // From scratch: FSDP::initialize draws each rank's rows of what the eager
+  // build would have drawn; training is bitwise the eager FSDP run's.
+  const std::vector<std::string> scratch{"--model", "moe", "--steps", "3", "--batch", "8"};
+  REQUIRE(all_ok(run(dir, "eager_scratch2", 2, scratch)));
+  REQUIRE(all_ok(run(dir, "lazy_scratch2", 2, with(scratch, {"--defer-init", "--init-shards"}))));
+  CHECK(read_params(dir.file("lazy_scratch2") + ".params") == read_params(dir.file("eager_scratch2") + ".params"));
+  REQUIRE(all_ok(run(dir, "eager_scratch4", 4, with(scratch, {"--ep", "4"}))));
+  REQUIRE(all_ok(run(dir, "lazy_scratch4", 4, with(scratch, {"--ep", "4", "--defer-init", "--init-shards"}))));
+  CHECK(read_params(dir.file("lazy_scratch4") + ".params") == read_params(dir.file("eager_scratch4") + ".params"));
   // Without load_parameters the FSDP refuses to compute.
   const auto exits = run(dir, "unloaded", 2, {"--model", "moe", "--steps", "1", "--defer-init"});
   REQUIRE(exits.size() == 2);
@@ -399,13 +408,27 @@ TEST_CASE("Streaming import: a model built without its weights loads an HF direc
   CHECK(slurp(dir.file("unloaded") + ".rank0.err").find("never loaded") != std::string::npos);
 }
 
-TEST_CASE("Streaming import needs about 1/N of the model per rank (peak RSS, 18M parameters on 4 ranks)",
+TEST_CASE("Streaming import and construction need about 1/N of the model per rank (peak RSS, 18M parameters on 4 ranks)",
           "[fsdp]") {
   rhine::test::TempDir dir("fsdp_import_rss");
   REQUIRE(all_ok(run(dir, "export", 0, {"--wide", "--parallel", "none", "--export-hf", dir.file("hf")})));
   const std::vector<std::string> base{"--wide", "--steps", "0", "--batch", "4", "--import", dir.file("hf")};
   REQUIRE(all_ok(run(dir, "eager", 4, base)));
   REQUIRE(all_ok(run(dir, "meta", 4, with(base, {"--defer-init"}))));
+  // Streaming construction from scratch: no import, each rank draws its rows.
+  REQUIRE(all_ok(run(dir, "scratch", 4, {"--wide", "--steps", "0", "--batch", "4", "--defer-init", "--init-shards"})));
+  for (int r = 0; r < 4; ++r) {
+    const auto s = report(dir, "scratch", r);
+    const auto model = static_cast<double>(s["model_bytes"].get<std::int64_t>());
+    const auto grown = static_cast<double>(s["import_peak_rss_growth_bytes"].get<std::int64_t>());
+    // The largest parameter (the 33.5 MB embedding, nearly half of this
+    // narrow model) is bounded by the largest unit (the root: embedding + norm).
+    const auto largest = 4.0 * static_cast<double>(s["memory"]["largest_unit_elements"].get<std::int64_t>());
+    INFO("rank " << r << ": from scratch, peak RSS growth while building " << grown / 1e6 << " MB of a "
+                 << model / 1e6 << " MB model whose largest unit is " << largest / 1e6 << " MB");
+    CHECK(grown < model / 4 + largest + 0.15 * model);  // this rank's shards and one whole parameter at a time
+    CHECK(grown < 0.85 * static_cast<double>(report(dir, "eager", r)["import_peak_rss_growth_bytes"].get<std::int64_t>()));
+  }
   for (int r = 0; r < 4; ++r) {
     const auto e = report(dir, "eager", r), m = report(dir, "meta", r);
     const auto model = static_cast<double>(m["model_bytes"].get<std::int64_t>());

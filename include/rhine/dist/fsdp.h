@@ -73,9 +73,10 @@
 /// reduce-scatters stay within a copy, and the shard gradients are then
 /// all-reduced across the N/S copies. Expert parallelism is then S.
 ///
-/// Streaming import: a model built with CausalLMOptions::defer_init has no
-/// weights yet; the FSDP keeps this rank's (unwritten) rows, frees the rest
-/// and refuses to compute until load_parameters() has read them.
+/// Streaming construction: a model built with CausalLMOptions::defer_init has
+/// no weights yet; the FSDP keeps this rank's (unwritten) rows, frees the
+/// rest and refuses to compute until load_parameters() has read them (an HF
+/// import) or initialize() has drawn them (training from scratch).
 ///
 /// Muon orthogonalises whole matrices: give it `muon_shards()`
 /// (`muon.set_shards(fsdp.muon_shards())`), which all-gathers each unit's
@@ -246,6 +247,12 @@ class FSDP {
   /// directory, model.safetensors of a Trainer checkpoint). Throws rhine::Error
   /// naming a missing tensor or a shape that differs.
   void load_parameters(const io::RowReader& reader);
+  /// For a model built with CausalLMOptions::defer_init and trained from
+  /// scratch: writes this rank's rows of the values the model's constructor
+  /// would have drawn (CausalLMImpl::init_plan, the same generator and order:
+  /// bitwise the eager build's), one parameter whole at a time. Not
+  /// collective (every rank draws everything and keeps its rows).
+  void initialize();
   /// Restores `optimizer` (built over parameters()) from a state saved with
   /// any partition: `meta` the merged optimizer meta, slots read from `reader`
   /// as `prefix` + "<param>/<slot>" (save() uses prefix "optim/").

@@ -37,6 +37,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "rhine/nn/config.h"
@@ -158,10 +159,23 @@ struct CausalLMOptions {
   /// small tensors are built as usual. Such a model computes only under FSDP
   /// (rhine/dist/fsdp.h), which keeps this rank's rows and frees the rest,
   /// after FSDP::load_parameters has read this rank's rows of an HF
-  /// directory or checkpoint; forward() otherwise throws a rhine::Error.
+  /// directory or checkpoint, or FSDP::initialize has written them (a model
+  /// trained from scratch: the values the constructor would have drawn,
+  /// one parameter at a time); forward() otherwise throws a rhine::Error.
   /// (The whole model's size is still reserved as virtual memory for a
   /// moment, which needs the kernel's default overcommit heuristic.)
   bool defer_init = false;
+};
+
+/// One step of CausalLM's initialisation (HF's): the constructor runs the
+/// steps of CausalLMImpl::init_plan in order, all drawing from one generator
+/// (CausalLMImpl::init_generator); parameters without a step keep what their
+/// layer built (norms' ones, the router's bias).
+struct ParamInit {
+  std::string name;  ///< the parameter, as named_parameters() names it
+  double std = 0.0;  ///< N(0, std) when > 0; zeros when 0
+  /// Writes the step's values into `t` (the parameter's shape), drawing from `gen`.
+  void apply(at::Tensor& t, c10::optional<at::Generator>& gen) const;
 };
 
 /// Calls around each block of CausalLM::forward: the one extension point that
@@ -229,6 +243,12 @@ class CausalLMImpl : public torch::nn::Module {
   /// Buffers that hold state of their own (e_score_correction_bias), by name:
   /// named_buffers() without the MTP modules' aliases of the embedding and head.
   std::vector<std::pair<std::string, at::Tensor>> state_buffers();
+  /// The initialisation steps, in the order the constructor applies them
+  /// (also under defer_init, which skips them: FSDP::initialize replays them).
+  std::vector<ParamInit> init_plan() const;
+  /// A fresh generator for init_plan: options.init_seed's, or nullopt (the
+  /// global generator).
+  c10::optional<at::Generator> init_generator() const;
   /// Points the MTP modules' `embed_tokens.weight` and `shared_head.head.weight`
   /// buffers at the storage of model.embed_tokens.weight and the output
   /// weight again (done by the constructor and by `to`; call it after

@@ -44,10 +44,11 @@ struct RunConfig {
   /// state sharded). "fsdp": the ranks one copy of the model is sharded
   /// over, the world size by default; fewer (dividing it) is hybrid
   /// sharding, world/fsdp copies (FSDPOptions::shard_size). Giving it makes
-  /// zero default to 3. "ep": expert parallelism, 1 or the fsdp size (the
-  /// routed experts partitioned over a copy's ranks,
-  /// rhine/dist/expert_parallel.h); ep > 1 needs zero 2 or 3 and makes zero
-  /// default to 3.
+  /// zero default to 3. "ep": expert parallelism, dividing the fsdp size
+  /// (the routed experts partitioned over groups of ep ranks, and each
+  /// group's experts sharded over the fsdp/ep ranks in the same place of the
+  /// other groups, rhine/dist/expert_parallel.h); ep > 1 needs zero 2 or 3
+  /// and makes zero default to 3.
   struct Parallel {
     int zero = 0;
     int fsdp = 0;  ///< 0: not given
@@ -136,6 +137,7 @@ struct RunConfig {
 
 /// How the run shares the model, for the log ("", "; optimizer state sharded (ZeRO-1)", ...).
 inline std::string describe_parallel(const RunConfig& run, const dist::World& world) {
+  const int ep_sharded = (run.parallel.fsdp > 0 ? run.parallel.fsdp : world.world_size()) / run.parallel.ep;
   if (run.parallel.zero >= 2)
     return fmt::format("; FSDP ZeRO-{} over {} rank(s){}{}, gathers in {}{}", run.parallel.zero,
                        run.parallel.fsdp > 0 ? run.parallel.fsdp : world.world_size(),
@@ -144,7 +146,9 @@ inline std::string describe_parallel(const RunConfig& run, const dist::World& wo
                            : "",
                        run.parallel.zero == 3 && !run.parallel.reshard_after_forward ? " (kept after forward)" : "",
                        run.parallel.param_dtype,
-                       run.parallel.ep > 1 ? fmt::format(", routed experts over {} ranks (EP)", run.parallel.ep) : "");
+                       run.parallel.ep > 1 ? fmt::format(", routed experts over {} ranks (EP){}", run.parallel.ep,
+                                                         ep_sharded > 1 ? fmt::format(", each EP rank's sharded over {} (EDP)", ep_sharded) : "")
+                                           : "");
   return run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "";
 }
 
@@ -196,8 +200,8 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
     RHINE_CHECK(world.world_size() % shard == 0, "run", "parallel.fsdp must divide the number of ranks, got",
                 run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) +
                                        "; fsdp ranks share one copy of the model, WORLD_SIZE / fsdp copies");
-    RHINE_CHECK(run.parallel.ep == 1 || run.parallel.ep == shard, "run",
-                "parallel.ep must be 1 or the fsdp size (the ranks of one copy), got", run.parallel.ep,
+    RHINE_CHECK(shard % run.parallel.ep == 0, "run", "parallel.ep must divide the fsdp size (the ranks of one copy), got",
+                run.parallel.ep,
                 "fsdp is " + std::to_string(shard) + " (WORLD_SIZE " + std::to_string(world.world_size()) + ")");
     dist::FSDPOptions fo;
     fo.shard_size = shard;

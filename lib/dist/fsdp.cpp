@@ -77,7 +77,12 @@ struct FSDP::State : nn::ForwardHooks {
     std::int64_t own_rows = 0;                  ///< rows this rank holds (may be 0)
     std::int64_t row_begin = 0;                 ///< its first row: rank * rpr
     std::size_t unit = 0;                       ///< index into units
-    int owner = -1;  ///< expert parallelism: the rank holding this routed expert's weight whole (-1: row-sharded)
+    /// Expert parallelism: the EP rank owning this routed expert (-1: not an
+    /// owned expert). With EP smaller than the shard group the owners shard
+    /// it by rows over the expert-data-parallel group (`edp`); else it is
+    /// whole on its owner.
+    int owner = -1;
+    bool edp = false;
     bool trainable = false;
     std::int64_t off = 0;   ///< offset of its padded shard in the unit's shard buffer
     std::int64_t goff = 0;  ///< offset in the unit's gradient chunk (trainable only)
@@ -95,24 +100,39 @@ struct FSDP::State : nn::ForwardHooks {
     bool live = false;   ///< the merged weight has memory now
     at::Tensor mask;     ///< the dropout mask of the last refresh (undefined: none)
   };
+  /// The parameters of a unit sharded over one group of ranks, in one flat
+  /// buffer per rank: one all-gather and one reduce-scatter serve them.
+  struct Shards {
+    World* group = nullptr;  ///< the shard group, or the expert-data-parallel group
+    int n = 1;               ///< its size
+    std::vector<std::size_t> params;
+    std::int64_t chunk = 0, gchunk = 0;
+    std::int64_t gflags = 0;  ///< where the gradient chunk's flags begin (Param::gflag)
+    at::Tensor shards;        ///< fp32 [chunk]: this rank's padded shards of these parameters
+    at::Tensor send, recv;    ///< all-gather buffers while one is in flight
+    PendingOp pending;
+  };
   struct Unit {
     std::string name;
-    std::vector<std::size_t> params;  ///< row-sharded parameters
-    std::vector<std::size_t> owned;   ///< routed experts' parameters (expert parallelism), on their owner whole
-    std::vector<Adapter> adapters;    ///< LoRA adapters whose base weight is in this unit
-    std::int64_t chunk = 0, gchunk = 0, elements = 0;
-    std::int64_t gflags = 0;  ///< where the gradient chunk's flags begin (Param::gflag)
-    at::Tensor shards;  ///< fp32 [chunk]: this rank's padded shards of every parameter
-    at::Tensor send, recv;  ///< all-gather buffers while one is in flight
-    PendingOp pending;
+    Shards main;     ///< row-sharded over the shard group
+    Shards experts;  ///< this rank's EP share of the routed experts, row-sharded over its expert-data-parallel group
+    std::vector<std::size_t> owned;  ///< routed experts whole on their owner (EP = the shard group)
+    std::vector<Adapter> adapters;   ///< LoRA adapters whose base weight is in this unit
+    std::int64_t elements = 0;       ///< elements this rank holds while the unit is gathered
     bool gathering = false, gathered = false, reduced = false;
-    std::int64_t version = -1;  ///< ZeRO-2: shards' version when last gathered
+    std::int64_t version = -1;  ///< ZeRO-2: shards' versions when last gathered
+    std::int64_t shards_version() const {
+      return main.shards._version() + (experts.shards.defined() ? experts.shards._version() : 0);
+    }
   };
 
   World* world = nullptr;  ///< the shard group: the run's World, or this rank's part of it (hybrid)
   World* run_world = nullptr;        ///< every rank of the run
   std::unique_ptr<World> shard_group;    ///< hybrid: the ranks sharing one copy of the model
   std::unique_ptr<World> replica_group;  ///< hybrid: the ranks holding the same shards (one per copy)
+  std::unique_ptr<World> ep_group;       ///< EP smaller than the shard group: the ranks tokens travel between
+  std::unique_ptr<World> edp_group;      ///< ... and the ranks sharding the same experts
+  int ep_rank = 0;                       ///< this rank's place in its EP group (the experts it owns)
   nn::CausalLM model{nullptr};
   FSDPOptions o;
   int n = 1, rank = 0;  ///< shard group size and this rank's place in it
@@ -132,10 +152,13 @@ struct FSDP::State : nn::ForwardHooks {
   void launch_gather(std::size_t u) {
     Unit& unit = units[u];
     if (unit.gathered || unit.gathering) return;
-    const auto opts = unit.shards.options().dtype(o.param_dtype);
-    unit.send = o.param_dtype == c10::kFloat ? unit.shards : world->to_device(unit.shards.to(o.param_dtype));
-    unit.recv = world->to_device(at::empty({n * unit.chunk}, opts));
-    unit.pending = world->all_gather_into_tensor_async(unit.recv, unit.send);
+    for (Shards* sh : {&unit.main, &unit.experts}) {
+      if (sh->params.empty()) continue;
+      const auto opts = sh->shards.options().dtype(o.param_dtype);
+      sh->send = o.param_dtype == c10::kFloat ? sh->shards : sh->group->to_device(sh->shards.to(o.param_dtype));
+      sh->recv = sh->group->to_device(at::empty({sh->n * sh->chunk}, opts));
+      sh->pending = sh->group->all_gather_into_tensor_async(sh->recv, sh->send);
+    }
     unit.gathering = true;
   }
 
@@ -143,24 +166,28 @@ struct FSDP::State : nn::ForwardHooks {
     Unit& unit = units[u];
     if (unit.gathered) return;
     if (!unit.gathering) launch_gather(u);
-    unit.pending.wait();
     at::NoGradGuard no_grad;
-    const at::Tensor all = unit.recv.view({n, unit.chunk});
-    for (std::size_t i : unit.params) {
-      Param& p = params[i];
-      alloc_storage(p.var);
-      // Rank r's padded rows sit at [r, off, off + rpr * inner) of the gathered buffer.
-      const at::Tensor per_rank = all.narrow(1, p.off, p.rpr * p.inner).view({n, p.rpr, p.inner});
-      at::Tensor dst = p.var.variable_data();
-      if (p.rows == n * p.rpr)  // rows divide evenly: one strided copy
-        dst.view({n, p.rpr, p.inner}).copy_(per_rank);
-      else
-        dst.view({p.rows, p.inner}).copy_(per_rank.reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows));
+    for (Shards* sh : {&unit.main, &unit.experts}) {
+      if (sh->params.empty()) continue;
+      sh->pending.wait();
+      const std::int64_t n = sh->n;
+      const at::Tensor all = sh->recv.view({n, sh->chunk});
+      for (std::size_t i : sh->params) {
+        Param& p = params[i];
+        alloc_storage(p.var);
+        // Rank r's padded rows sit at [r, off, off + rpr * inner) of the gathered buffer.
+        const at::Tensor per_rank = all.narrow(1, p.off, p.rpr * p.inner).view({n, p.rpr, p.inner});
+        at::Tensor dst = p.var.variable_data();
+        if (p.rows == n * p.rpr)  // rows divide evenly: one strided copy
+          dst.view({n, p.rpr, p.inner}).copy_(per_rank);
+        else
+          dst.view({p.rows, p.inner}).copy_(per_rank.reshape({n * p.rpr, p.inner}).narrow(0, 0, p.rows));
+      }
+      sh->send = sh->recv = at::Tensor();
     }
-    unit.send = unit.recv = at::Tensor();
     unit.gathering = false;
     unit.gathered = true;
-    unit.version = unit.shards._version();
+    unit.version = unit.shards_version();
     mem.gathered_elements += unit.elements;
     mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
   }
@@ -200,7 +227,8 @@ struct FSDP::State : nn::ForwardHooks {
     Unit& unit = units[u];
     if (unit.gathering) complete_gather(u);  // an unused prefetch
     if (!unit.gathered) return;
-    for (std::size_t i : unit.params) free_storage(params[i].var);
+    for (const Shards* sh : {&unit.main, &unit.experts})
+      for (std::size_t i : sh->params) free_storage(params[i].var);
     for (Adapter& a : unit.adapters) {
       if (!a.live) continue;
       free_storage(a.layer.linear->weight);
@@ -237,24 +265,30 @@ struct FSDP::State : nn::ForwardHooks {
     Unit& unit = units[u];
     at::NoGradGuard no_grad;
     if (!sync) {  // accumulate locally in fp32
-      for (std::size_t i : unit.params) {
-        Param& p = params[i];
-        if (!p.trainable) continue;
-        p.acc = take_gradient(p);
-        if (p.acc.defined()) mem.full_grad_elements += p.acc.numel();
-      }
+      for (const Shards* sh : {&unit.main, &unit.experts})
+        for (std::size_t i : sh->params) {
+          Param& p = params[i];
+          if (!p.trainable) continue;
+          p.acc = take_gradient(p);
+          if (p.acc.defined()) mem.full_grad_elements += p.acc.numel();
+        }
       mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements);
       return;
     }
-    if (unit.gchunk == 0) {
-      unit.reduced = true;
-      return;
-    }
-    const auto f32 = unit.shards.options().dtype(c10::kFloat);
-    at::Tensor send = world->to_device(at::zeros({n * unit.gchunk}, f32));
-    const at::Tensor send2 = send.view({n, unit.gchunk});
+    for (const Shards* sh : {&unit.main, &unit.experts})
+      if (sh->gchunk > 0) reduce_scatter(*sh);
+    unit.reduced = true;
+  }
+
+  /// The gradients of `sh`'s parameters, reduce-scattered over its group into
+  /// the shards' gradients (then over the copies, hybrid): the mean over all ranks.
+  void reduce_scatter(const Shards& sh) {
+    const std::int64_t n = sh.n;
+    const auto f32 = sh.shards.options().dtype(c10::kFloat);
+    at::Tensor send = sh.group->to_device(at::zeros({n * sh.gchunk}, f32));
+    const at::Tensor send2 = send.view({n, sh.gchunk});
     std::int64_t full = 0;  // full-size gradient elements held for this reduce-scatter
-    for (std::size_t i : unit.params) {
+    for (std::size_t i : sh.params) {
       Param& p = params[i];
       if (!p.trainable) continue;
       at::Tensor g = take_gradient(p);
@@ -269,14 +303,14 @@ struct FSDP::State : nn::ForwardHooks {
       send2.narrow(1, p.goff, p.rpr * p.inner).view({n, p.rpr, p.inner}).copy_(g2.view({n, p.rpr, p.inner}));
     }
     mem.peak_full_grad_elements = std::max(mem.peak_full_grad_elements, mem.full_grad_elements + full);
-    at::Tensor out = world->to_device(at::empty({unit.gchunk}, f32));
-    world->reduce_scatter_tensor(out, send, ReduceOp::kSum);
+    at::Tensor out = sh.group->to_device(at::empty({sh.gchunk}, f32));
+    sh.group->reduce_scatter_tensor(out, send, ReduceOp::kSum);
     if (replica_group) replica_group->all_reduce_(out, ReduceOp::kSum);  // hybrid: the other copies' sums
     out.div_(total);
-    const at::Tensor flags = out.narrow(0, unit.gflags, unit.gchunk - unit.gflags).to(c10::kCPU);
-    for (std::size_t i : unit.params) {
+    const at::Tensor flags = out.narrow(0, sh.gflags, sh.gchunk - sh.gflags).to(c10::kCPU);
+    for (std::size_t i : sh.params) {
       Param& p = params[i];
-      if (!p.trainable || p.own_rows == 0 || flags[p.gflag - unit.gflags].item<float>() == 0.0f) continue;
+      if (!p.trainable || p.own_rows == 0 || flags[p.gflag - sh.gflags].item<float>() == 0.0f) continue;
       at::Tensor piece = out.narrow(0, p.goff, p.rpr * p.inner).view({p.rpr, p.inner}).narrow(0, 0, p.own_rows)
                              .view(p.shard.sizes());
       if (p.shard.grad().defined())
@@ -284,7 +318,6 @@ struct FSDP::State : nn::ForwardHooks {
       else
         p.shard.mutable_grad() = piece;
     }
-    unit.reduced = true;
   }
 
   // --- hooks ---------------------------------------------------------------------
@@ -312,7 +345,7 @@ struct FSDP::State : nn::ForwardHooks {
       // (an optimizer step bumps their version); decided together.
       double stale = 0;
       for (const auto& unit : units)
-        if (unit.version != unit.shards._version()) stale = 1;
+        if (unit.version != unit.shards_version()) stale = 1;
       if (n > 1) stale = world->host_sum({stale})[0];
       if (stale > 0) {
         for (std::size_t u = 0; u < units.size(); ++u) release(u);
@@ -388,10 +421,11 @@ struct FSDP::State : nn::ForwardHooks {
     for (std::size_t u = 0; u < units.size(); ++u) {
       units[u].reduced = false;
       if (o.zero_stage == 3) release(u);
-      for (std::size_t i : units[u].params)
-        RHINE_CHECK(!params[i].var.grad().defined(), kComponent,
-                    "a gradient arrived after its unit was reduce-scattered:", params[i].name,
-                    "this is a bug in FSDP's hook placement; please report it with the model config");
+      for (const Shards* sh : {&units[u].main, &units[u].experts})
+        for (std::size_t i : sh->params)
+          RHINE_CHECK(!params[i].var.grad().defined(), kComponent,
+                      "a gradient arrived after its unit was reduce-scattered:", params[i].name,
+                      "this is a bug in FSDP's hook placement; please report it with the model config");
     }
     order.clear();
   }
@@ -484,14 +518,28 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
   for (std::int64_t i = 0; i < blocks; ++i)
     s.units[static_cast<std::size_t>(1 + i)].name = "model.layers." + std::to_string(i);
   const bool ep = options.expert_parallel > 1;
+  const int e = options.expert_parallel;
+  s.ep_rank = s.rank;
   if (ep) {
-    RHINE_CHECK(options.expert_parallel == s.n, kComponent,
-                "expert_parallel must be 1 or the number of ranks a copy is sharded over, got",
-                std::to_string(options.expert_parallel) + " with shard_size " + std::to_string(s.n),
-                "set \"ep\" to the shard size (the copies then hold the same experts), or 1");
+    RHINE_CHECK(s.n % e == 0, kComponent, "expert_parallel must divide the ranks a copy is sharded over, got",
+                std::to_string(e) + " with " + std::to_string(s.n) + " ranks",
+                "EP groups of expert_parallel consecutive ranks split the experts; the ranks with the same place "
+                "in their EP group shard those experts (expert data parallelism)");
     RHINE_CHECK(cfg.uses_moe(), kComponent, "expert parallelism needs an MoE model, got n_routed_experts",
                 cfg.n_routed_experts, "set \"ep\": 1 for dense models");
-    expert_owner(0, cfg.n_routed_experts, s.n);  // E divides by N
+    expert_owner(0, cfg.n_routed_experts, e);  // E divides by EP
+    if (e < s.n) {  // EP groups {0..e-1}, {e..2e-1}, ...; EDP groups: the same place in each
+      s.ep_group = std::make_unique<World>(s.world->split(s.rank / e));
+      s.edp_group = std::make_unique<World>(s.world->split(s.rank % e));
+      s.ep_rank = s.rank % e;
+    }
+  }
+  const int d = ep ? s.n / e : 1;  // expert data parallelism: the ranks sharding one EP rank's experts
+  for (auto& unit : s.units) {
+    unit.main.group = s.world;
+    unit.main.n = s.n;
+    unit.experts.group = s.edp_group.get();
+    unit.experts.n = d;
   }
 
   // Parameters into units, by name: "model.layers.{i}." -> unit 1 + i, the rest root.
@@ -509,58 +557,72 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     p.own_rows = std::clamp<std::int64_t>(p.rows - p.row_begin, 0, p.rpr);
     p.unit = u;
     p.trainable = p.var.requires_grad();
-    // "model.layers.{i}.mlp.experts.{e}.": a routed expert, whole on its owner under expert parallelism.
+    // "model.layers.{i}.mlp.experts.{e}.": a routed expert under expert
+    // parallelism: whole on its owner (EP = the shard group), or row-sharded
+    // over the owners' expert-data-parallel group (EP smaller).
     const std::string experts = ".mlp.experts.";
     const auto at = name.find(experts);
+    std::vector<std::size_t>* list = &s.units[u].main.params;
     if (ep && u > 0 && at != std::string::npos) {
-      p.owner = expert_owner(std::stoll(name.substr(at + experts.size())), cfg.n_routed_experts, s.n);
+      p.owner = expert_owner(std::stoll(name.substr(at + experts.size())), cfg.n_routed_experts, e);
+      p.edp = d > 1;
       p.rpr = p.rows;
       p.row_begin = 0;
-      p.own_rows = p.owner == s.rank ? p.rows : 0;
+      p.own_rows = p.owner == s.ep_rank ? p.rows : 0;
+      list = &s.units[u].owned;
+      if (p.edp && p.owner == s.ep_rank) {
+        p.rpr = std::max<std::int64_t>(1, ceil_div(p.rows, d));
+        p.row_begin = s.edp_group->rank() * p.rpr;
+        p.own_rows = std::clamp<std::int64_t>(p.rows - p.row_begin, 0, p.rpr);
+        list = &s.units[u].experts.params;
+      }
     }
     s.by_name[name] = s.params.size();
-    (p.owner >= 0 ? s.units[u].owned : s.units[u].params).push_back(s.params.size());
+    list->push_back(s.params.size());
     s.params.push_back(std::move(p));
   }
 
   // Shard buffers: each parameter's padded rows, then this rank's rows copied in.
   at::NoGradGuard no_grad;
   for (auto& unit : s.units) {
-    for (std::size_t i : unit.params) {
-      auto& p = s.params[i];
-      p.off = unit.chunk;
-      unit.chunk += p.rpr * p.inner;
-      if (p.trainable) {
-        p.goff = unit.gchunk;
-        unit.gchunk += p.rpr * p.inner;
+    for (State::Shards* sh : {&unit.main, &unit.experts}) {
+      for (std::size_t i : sh->params) {
+        auto& p = s.params[i];
+        p.off = sh->chunk;
+        sh->chunk += p.rpr * p.inner;
+        if (p.trainable) {
+          p.goff = sh->gchunk;
+          sh->gchunk += p.rpr * p.inner;
+        }
+        unit.elements += p.var.numel();
+        s.mem.model_elements += p.var.numel();
       }
-      unit.elements += p.var.numel();
+      sh->gflags = sh->gchunk;
+      for (std::size_t i : sh->params)  // one flag per trainable parameter after the gradients
+        if (s.params[i].trainable) s.params[i].gflag = sh->gchunk++;
+      s.mem.buffer_elements += sh->chunk;
+      sh->shards = world.device_zeros(sh->chunk, c10::kFloat);
+      for (std::size_t i : sh->params) {
+        auto& p = s.params[i];
+        at::Tensor padded = sh->shards.narrow(0, p.off, p.rpr * p.inner).view({p.rpr, p.inner});
+        if (p.own_rows > 0)
+          padded.narrow(0, 0, p.own_rows)
+              .copy_(p.var.detach().reshape({p.rows, p.inner}).narrow(0, p.row_begin, p.own_rows));
+        std::vector<std::int64_t> shard_shape = p.shape;
+        if (shard_shape.empty())
+          shard_shape = {p.own_rows};  // a scalar: one row
+        else
+          shard_shape[0] = p.own_rows;
+        p.shard = padded.narrow(0, 0, p.own_rows).view(shard_shape).detach().requires_grad_(p.trainable);
+        s.mem.shard_elements += p.shard.numel();
+        if (p.edp) s.mem.expert_elements += p.shard.numel();
+        // The model's parameter: full shape in param_dtype, memory freed until gathered.
+        p.var.set_data(at::empty(p.shape, sh->shards.options().dtype(options.param_dtype)));
+        free_storage(p.var);
+        if (p.trainable && p.own_rows > 0) s.trainable.push_back({p.name, p.shard});
+      }
     }
-    unit.gflags = unit.gchunk;
-    for (std::size_t i : unit.params)  // one flag per trainable parameter after the gradients
-      if (s.params[i].trainable) s.params[i].gflag = unit.gchunk++;
     s.mem.largest_unit_elements = std::max(s.mem.largest_unit_elements, unit.elements);
-    s.mem.model_elements += unit.elements;
-    s.mem.buffer_elements += unit.chunk;
-    unit.shards = world.device_zeros(unit.chunk, c10::kFloat);
-    for (std::size_t i : unit.params) {
-      auto& p = s.params[i];
-      at::Tensor padded = unit.shards.narrow(0, p.off, p.rpr * p.inner).view({p.rpr, p.inner});
-      if (p.own_rows > 0)
-        padded.narrow(0, 0, p.own_rows)
-            .copy_(p.var.detach().reshape({p.rows, p.inner}).narrow(0, p.row_begin, p.own_rows));
-      std::vector<std::int64_t> shard_shape = p.shape;
-      if (shard_shape.empty())
-        shard_shape = {p.own_rows};  // a scalar: one row
-      else
-        shard_shape[0] = p.own_rows;
-      p.shard = padded.narrow(0, 0, p.own_rows).view(shard_shape).detach().requires_grad_(p.trainable);
-      s.mem.shard_elements += p.shard.numel();
-      // The model's parameter: full shape in param_dtype, memory freed until gathered.
-      p.var.set_data(at::empty(p.shape, unit.shards.options().dtype(options.param_dtype)));
-      free_storage(p.var);
-      if (p.trainable && p.own_rows > 0) s.trainable.push_back({p.name, p.shard});
-    }
     // Routed experts (expert parallelism): the owner keeps the model's fp32
     // tensor, which is its shard too; the other ranks free it for good.
     for (std::size_t i : unit.owned) {
@@ -587,13 +649,14 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     const auto& base = s.params[s.by_name.at(layer.name + ".weight")];
     State::Adapter a;
     a.layer = layer;
-    a.owned = base.owner >= 0;
-    a.local = base.owner < 0 || base.owner == s.rank;
+    a.owned = base.owner >= 0 && !base.edp;
+    a.local = base.owner < 0 || base.owner == s.ep_rank;
     layer.linear->weight = base.var;
     s.units[base.unit].adapters.push_back(std::move(a));
   }
   if (ep) {
-    auto dispatch = std::make_shared<ExpertParallel>(*s.world);  // tokens travel within the copy
+    // Tokens travel within the EP group (the copy, unless EP is smaller).
+    auto dispatch = std::make_shared<ExpertParallel>(s.ep_group ? *s.ep_group : *s.world);
     for (auto& layer : model->moe_layers()) layer->set_expert_dispatch(dispatch);
   }
   model->set_forward_hooks(state_);
@@ -654,16 +717,19 @@ class FSDPMuonShards : public MuonShards {
     }
     std::map<std::string, at::Tensor> out;
     for (const auto& unit : s.units) {
-      std::vector<std::size_t> members;
-      std::int64_t total = 0;
-      for (std::size_t i : unit.params)
-        if (all.count(s.params[i].name)) {
-          members.push_back(i);
-          total += s.params[i].rpr * s.params[i].inner;
-        }
       std::map<std::string, at::Tensor> whole;
-      if (total > 0) {  // one all-gather of the unit's update rows, padded as the shards are
-        at::Tensor send = s.world->device_zeros(total, c10::kFloat);
+      for (const FSDP::State::Shards* sh : {&unit.main, &unit.experts}) {
+        std::vector<std::size_t> members;
+        std::int64_t total = 0;
+        for (std::size_t i : sh->params)
+          if (all.count(s.params[i].name)) {
+            members.push_back(i);
+            total += s.params[i].rpr * s.params[i].inner;
+          }
+        if (total == 0) continue;
+        // One all-gather (within the group that shards them) of the unit's
+        // update rows, padded as the shards are.
+        at::Tensor send = sh->group->device_zeros(total, c10::kFloat);
         std::int64_t off = 0;
         std::vector<std::int64_t> offs;
         for (std::size_t i : members) {
@@ -674,9 +740,9 @@ class FSDPMuonShards : public MuonShards {
             send.narrow(0, off, p.own_rows * p.inner).copy_(it->second.reshape({-1}));
           off += p.rpr * p.inner;
         }
-        at::Tensor recv = s.world->device_zeros(s.n * total, c10::kFloat);
-        s.world->all_gather_into_tensor(recv, send);
-        const at::Tensor all_rows = recv.view({s.n, total});
+        at::Tensor recv = sh->group->device_zeros(sh->n * total, c10::kFloat);
+        sh->group->all_gather_into_tensor(recv, send);
+        const at::Tensor all_rows = recv.view({sh->n, total});
         for (std::size_t k = 0; k < members.size(); ++k) {
           const auto& p = s.params[members[k]];
           if (!rows.count(p.name)) continue;  // a matrix this rank holds no rows of
@@ -746,13 +812,25 @@ at::Tensor FSDP::full_parameter(const std::string& name) {
   RHINE_CHECK(it != s.by_name.end(), kComponent, "no parameter named", name, "see parameter_names()");
   const auto& p = s.params[it->second];
   at::NoGradGuard no_grad;
+  if (p.edp) {  // a routed expert sharded over its owners' EDP group: they gather it, the first sends it
+    at::Tensor whole = s.world->device_zeros(p.rows * p.inner, c10::kFloat);
+    if (p.owner == s.ep_rank) {
+      const auto& sh = s.units[p.unit].experts;
+      at::Tensor mine = sh.shards.narrow(0, p.off, p.rpr * p.inner);
+      at::Tensor all = sh.group->device_zeros(sh.n * p.rpr * p.inner, c10::kFloat);
+      sh.group->all_gather_into_tensor(all, mine);
+      whole.copy_(State::unpad(all.view({sh.n, p.rpr * p.inner}), 0, p).reshape({-1}));
+    }
+    s.world->broadcast_(whole, p.owner);  // rank p.owner: EP place p.owner, EDP place 0
+    return whole.view(p.shape);
+  }
   if (p.owner >= 0) {  // a routed expert: its owner sends it
     at::Tensor whole = p.owner == s.rank ? s.world->to_device(p.var.detach().clone())
                                          : s.world->device_zeros(p.rows * p.inner, c10::kFloat).view(p.shape);
     s.world->broadcast_(whole, p.owner);
     return whole;
   }
-  at::Tensor mine = s.units[p.unit].shards.narrow(0, p.off, p.rpr * p.inner);
+  at::Tensor mine = s.units[p.unit].main.shards.narrow(0, p.off, p.rpr * p.inner);
   at::Tensor all = s.world->device_zeros(s.n * p.rpr * p.inner, c10::kFloat);
   s.world->all_gather_into_tensor(all, mine);
   return State::unpad(all.view({s.n, p.rpr * p.inner}), 0, p).reshape(p.shape).clone();

@@ -202,7 +202,8 @@ struct World::Impl {
   std::shared_ptr<DeviceStorages> device_storages = std::make_shared<DeviceStorages>();
   /// What split() needs to build groups like these.
   bool loopback = false;
-  int splits = 0;  ///< split() calls so far: each gets its own key space on the store
+  int splits = 0;      ///< split() calls so far: each gets its own key space on the store
+  std::string prefix;  ///< this World's key space ("" for the run's World)
 
   void remember(const at::Tensor& t) {
     if (!strict) return;
@@ -681,7 +682,8 @@ World World::split(int color) {
   impl->strict = impl_->strict;
   impl->device_storages = impl_->device_storages;
   impl->loopback = impl_->loopback;
-  build_groups(*impl, "split" + std::to_string(call) + "/" + std::to_string(color) + "/", index,
+  impl->prefix = impl_->prefix + "split" + std::to_string(call) + "/" + std::to_string(color) + "/";
+  build_groups(*impl, impl->prefix, index,
                sub.world_size_, backend_, options_,
                "for split " + std::to_string(call) + " (color " + std::to_string(color) + ")");
   sub.impl_ = std::move(impl);

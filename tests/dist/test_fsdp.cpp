@@ -328,6 +328,44 @@ TEST_CASE("Hybrid sharding (2 copies x 2 ranks), with expert parallelism in each
   CHECK(slurp(dir.file("bad") + ".rank0.err").find("shard_size must divide") != std::string::npos);
 }
 
+TEST_CASE("Expert parallelism smaller than the shard group: experts sharded over the expert-data-parallel group",
+          "[fsdp][ep]") {
+  // 4 ranks, EP 2: EP groups {0,1} and {2,3} split the 8 experts of every MoE
+  // layer (tokens travel within a group); ranks {0,2} and {1,3} (the EDP
+  // groups) shard their 4 experts by rows, gathered per block like every
+  // other weight. Everything else is sharded over all 4 ranks.
+  rhine::test::TempDir dir("fsdp_edp");
+  const std::vector<std::string> moe{"--model", "moe", "--steps", "3", "--batch", "8"};
+  REQUIRE(all_ok(run(dir, "ref", 0, with(moe, {"--parallel", "none"}))));
+  expect_equal_to(dir, "ref", "edp", 4, with(moe, {"--ep", "2"}));
+  expect_equal_to(dir, "ref", "edp_z2_ckpt", 4, with(moe, {"--ep", "2", "--zero", "2", "--ckpt"}));
+  REQUIRE(all_ok(run(dir, "ref_muon", 0, with(moe, {"--parallel", "none", "--optim", "muon"}))));
+  expect_equal_to(dir, "ref_muon", "edp_muon", 4, with(moe, {"--ep", "2", "--optim", "muon"}));
+  REQUIRE(all_ok(run(dir, "ref_lora", 0, with(moe, {"--parallel", "none", "--lora"}))));
+  expect_equal_to(dir, "ref_lora", "edp_lora", 4, with(moe, {"--ep", "2", "--lora"}));
+  // Each rank holds half the rows of its EP group's 4 experts per MoE layer.
+  for (int r = 0; r < 4; ++r)
+    CHECK(report(dir, "edp", r)["memory"]["expert_elements"].get<std::int64_t>() == 3 * 4 * 3 * 8 * 16 / 2);
+  // Checkpoints: EP 2 of 4 -> EP 4, and EP 4 -> EP 2 of 4.
+  auto compare = [&](const std::string& a, const std::string& b) {
+    auto [rel, mx] = diff(read_params(dir.file(a) + ".params"), read_params(dir.file(b) + ".params"));
+    INFO(a << " vs " << b << ": relative " << rel);
+    CHECK(rel < 2e-5);
+  };
+  REQUIRE(all_ok(run(dir, "full_ep4", 4, with(moe, {"--ep", "4"}))));
+  REQUIRE(all_ok(run(dir, "save_edp", 4, with(moe, {"--ep", "2", "--save-at", "1", "--ckpt-dir", dir.file("ck_edp")}))));
+  REQUIRE(all_ok(run(dir, "to_ep4", 4, with(moe, {"--ep", "4", "--resume", dir.file("ck_edp")}))));
+  compare("to_ep4", "full_ep4");
+  REQUIRE(all_ok(run(dir, "save_ep4", 4, with(moe, {"--ep", "4", "--save-at", "2", "--ckpt-dir", dir.file("ck_ep4")}))));
+  REQUIRE(all_ok(run(dir, "to_edp", 4, with(moe, {"--ep", "2", "--resume", dir.file("ck_ep4")}))));
+  compare("to_edp", "edp");
+  // EP that does not divide the shard group is refused.
+  const auto exits = run(dir, "bad", 4, with(moe, {"--ep", "3"}));
+  REQUIRE(exits.size() == 4);
+  CHECK(exits[0].code == 3);
+  CHECK(slurp(dir.file("bad") + ".rank0.err").find("expert_parallel must divide") != std::string::npos);
+}
+
 TEST_CASE("LoRA under FSDP: the frozen base sharded, the adapters trained as one process trains them",
           "[fsdp][lora]") {
   // FSDP gathers each block's base weights and adapters, computes W + s B A

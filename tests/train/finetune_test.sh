@@ -22,7 +22,8 @@
 #  8. a DeepSeek-V3-style MoE model (MLA, MTP) with "parallel": {"ep": 2}
 #     (routed experts over the two ranks) gives the losses of two FSDP ranks
 #     without it to 1e-5, four EP ranks resuming its checkpoint and hybrid
-#     sharding ("fsdp": 2 of 4 ranks, "ep": 2) follow them to 1e-4, and that
+#     sharding ("fsdp": 2 of 4 ranks, "ep": 2) and "fsdp": 4 with "ep": 2
+#     (experts sharded over the EDP group) follow them to 1e-4, and that
 #     EP checkpoint exports to a valid HF directory;
 #  9. rhine-finetune under FSDP streams the base model in (built without its
 #     weights, each rank reads its rows) and its losses equal the data
@@ -203,8 +204,11 @@ grep -q "resumed from" moe_ep4.log.0 || fail "the 4-rank EP run did not resume: 
 # Hybrid: 2 copies x 2 ranks, EP 2 within each copy.
 mkmoe moe_hsdp '{"fsdp": 2, "ep": 2}'; n_ranks 4 moe_hsdp.json moe_hsdp.log
 grep -q "FSDP ZeRO-3 over 2 rank(s) x 2 copies (hybrid)" moe_hsdp.log.0 || fail "hybrid was not used: $(head -5 moe_hsdp.log.0)"
-follows moe_z3 8 1e-5 moe_ep2 && follows moe_z3 8 1e-4 moe_ep4 moe_hsdp || fail "EP changed the losses"
-echo "EP losses follow FSDP without EP (2 ranks to 1e-5; 2 -> 4 EP ranks resumed, and 2 copies x EP 2, to 1e-4)"
+# EP smaller than FSDP: 4 ranks, EP 2, each EP rank's experts sharded over 2 (the issue's example layout).
+mkmoe moe_edp '{"fsdp": 4, "ep": 2, "zero": 3, "reshard_after_forward": true}'; n_ranks 4 moe_edp.json moe_edp.log
+grep -q "sharded over 2 (EDP)" moe_edp.log.0 || fail "EDP was not used: $(head -5 moe_edp.log.0)"
+follows moe_z3 8 1e-5 moe_ep2 && follows moe_z3 8 1e-4 moe_ep4 moe_hsdp moe_edp || fail "EP changed the losses"
+echo "EP losses follow FSDP without EP (2 ranks to 1e-5; 2 -> 4 EP ranks resumed, 2 copies x EP 2, and FSDP 4 x EP 2, to 1e-4)"
 "$build/tools/rhine-convert" rhine-to-hf --checkpoint moe_ep2/checkpoints --out moe-ep2-hf > convert-ep.txt 2>&1 \
   || fail "rhine-convert of an EP checkpoint: $(tail -3 convert-ep.txt)"
 r=$($check model moe-ep2-hf)

@@ -66,7 +66,9 @@
 /// stays whole, in fp32, on the rank that owns it (rhine/dist/expert_parallel.h
 /// installs the all-to-all dispatch on the MoE layers); it is never gathered,
 /// its gradient is divided by N in finish(), and it is one piece of its
-/// owner's file in a sharded checkpoint.
+/// owner's file in a sharded checkpoint. With a smaller EP, a unit's routed
+/// experts form a second shard buffer, row-sharded over the expert-data-
+/// parallel group (see FSDPOptions::expert_parallel).
 ///
 /// Hybrid sharding (`shard_size` S < N ranks): consecutive groups of S ranks
 /// each shard one copy of the model (World::split); gathers and
@@ -132,10 +134,15 @@ struct FSDPOptions {
   /// Issue the next block's all-gather while this one computes.
   bool prefetch = true;
   /// Expert parallelism (rhine/dist/expert_parallel.h): 1 shards the routed
-  /// experts by rows like every other weight; the shard group's size (the
-  /// world size unless shard_size says less) partitions them instead, each
-  /// expert whole on one rank of each copy, tokens sent to it by all-to-all
-  /// within the copy; the copies' owners of an expert all-reduce its gradient.
+  /// experts by rows like every other weight. EP > 1 (dividing the shard
+  /// group, S ranks: the world size unless shard_size says less) groups
+  /// consecutive ranks by EP; each EP group partitions the experts over its
+  /// ranks and tokens travel to them by all-to-all within the group. With
+  /// EP = S every expert is whole on its owner (fp32, never gathered; the
+  /// hybrid copies' owners all-reduce its gradient). With EP < S the S/EP
+  /// ranks holding the same place in their EP groups (the expert-data-
+  /// parallel group) shard those experts by rows, gathered and
+  /// reduce-scattered within that group like any other unit's weights.
   int expert_parallel = 1;
   /// Hybrid sharding (HSDP, dp x fsdp): the ranks one copy of the model is
   /// sharded over; 0 = all of them. With N ranks and shard_size S (S divides

@@ -348,8 +348,12 @@ Plan plan(const nn::ModelConfig& c, const Layout& l) {
       const double rows = static_cast<double>(p.shape[0]), inner = k / rows;
       const int n = expert ? std::max(1, l.fsdp / l.ep) : l.fsdp;
       S += expert ? ceil_div(rows, n) * inner / l.ep : ceil_div(rows, n) * inner;
-      // Under expert parallelism the owner keeps its experts whole: never gathered.
-      if (!(expert && l.ep > 1)) unit_gathered[static_cast<std::size_t>(p.unit)] += k;
+      // Under expert parallelism with ep == fsdp the owner keeps its experts
+      // whole (never gathered); with a smaller ep the owners gather theirs.
+      if (!(expert && l.ep > 1))
+        unit_gathered[static_cast<std::size_t>(p.unit)] += k;
+      else if (l.ep < l.fsdp)
+        unit_gathered[static_cast<std::size_t>(p.unit)] += k / l.ep;
     }
   }
   root_gathered = unit_gathered[0];
@@ -470,10 +474,6 @@ Plan plan(const nn::ModelConfig& c, const Layout& l) {
   t.mfu = t.tokens_per_s_per_device * t.model_flops_per_token / d.peak_flops;
 
   // --- what Rhine does not do (yet), and what is not modelled -------------------
-  if (sharded && l.dp > 1)
-    out.notes.push_back("hybrid dp x fsdp (FSDP2's HSDP) is not in Rhine yet: Rhine's FSDP shards over every rank");
-  if (l.ep > 1 && l.ep != N)
-    out.notes.push_back("Rhine's expert parallelism needs ep == the number of ranks today");
   if (l.ep > 1 && !sharded)
     out.notes.push_back("Rhine's expert parallelism runs under FSDP (zero 2/3) only today");
   if (d.baseline_bytes == 0)

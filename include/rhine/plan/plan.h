@@ -150,8 +150,8 @@ const DeviceKind& device_kind(const std::string& name);
 /// How the ranks share the model, and the batch (one options struct).
 struct Layout {
   /// Ranks = dp x fsdp. ZeRO 0/1: dp ranks of data parallelism (fsdp 1).
-  /// ZeRO 2/3: fsdp ranks shard, dp replicas of that (hybrid, FSDP2's HSDP;
-  /// Rhine itself has dp = 1 today).
+  /// ZeRO 2/3: fsdp ranks shard, dp replicas of that (hybrid, FSDP2's HSDP:
+  /// Rhine's FSDPOptions::shard_size, the run config's "fsdp").
   int dp = 1;
   int fsdp = 1;
   /// Expert parallelism: routed experts split over ep ranks (divides the

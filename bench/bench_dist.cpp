@@ -20,7 +20,10 @@
 //  - "dist_layout" with params.model "moe" (sweep experts): a DeepSeek-V3-style
 //    model of the same width (MLA, 16 routed + 1 shared experts, top-2, every
 //    layer but the first MoE) under ddp, fsdp and fsdp_ep (ZeRO-3 with the
-//    routed experts partitioned over the ranks, tokens sent by all-to-all).
+//    routed experts partitioned over the ranks, tokens sent by all-to-all),
+//    and on 4 ranks fsdp_ep_half (EP 2, each pair's experts sharded over the
+//    2 ranks at the same place: expert data parallelism) and hsdp_ep (2
+//    copies x 2 ranks, EP 2 in each).
 #include <ATen/ops/randint.h>
 #include <sys/wait.h>
 #include <torch/nn/module.h>
@@ -51,13 +54,17 @@ namespace {
 struct Opts {
   int steps = 10, batch = 8, seq = 128, hidden = 256, layers = 4, vocab = 2048;
   int rank = -1, procs = 1, threads = 1, port = 0;
-  int layout = 0;  ///< 0: data parallel (GradientSync), 2: FSDP ZeRO-2, 3: FSDP ZeRO-3, 4: ZeRO-3 + EP
+  /// 0: data parallel (GradientSync), 2: FSDP ZeRO-2, 3: FSDP ZeRO-3, 4: ZeRO-3 + EP over all ranks,
+  /// 5: ZeRO-3 + EP over half the ranks (experts sharded over the EDP pairs),
+  /// 6: hybrid, 2 copies each sharded over half the ranks with EP there.
+  int layout = 0;
   int moe = 0;     ///< 1: the DeepSeek-V3-style MoE model
   std::string sweep = "all";
 };
 
 const char* layout_name(int layout) {
-  return layout == 0 ? "ddp" : layout == 2 ? "zero2" : layout == 3 ? "fsdp" : "fsdp_ep";
+  return layout == 0 ? "ddp" : layout == 2 ? "zero2" : layout == 3 ? "fsdp" : layout == 4 ? "fsdp_ep"
+         : layout == 5 ? "fsdp_ep_half" : "hsdp_ep";
 }
 
 double tensor_mb(const std::vector<at::Tensor>& ts) {
@@ -97,8 +104,9 @@ int worker(const Opts& o) {
   std::unique_ptr<rhine::dist::GradientSync> sync;
   if (o.layout >= 2) {
     rhine::dist::FSDPOptions fo;
-    fo.zero_stage = o.layout == 4 ? 3 : o.layout;
-    fo.expert_parallel = o.layout == 4 ? o.procs : 1;
+    fo.zero_stage = o.layout >= 4 ? 3 : o.layout;
+    fo.expert_parallel = o.layout == 4 ? o.procs : o.layout >= 5 ? o.procs / 2 : 1;
+    if (o.layout == 6) fo.shard_size = o.procs / 2;
     fsdp = std::make_unique<rhine::dist::FSDP>(world, lm, fo);
   } else {
     sync = std::make_unique<rhine::dist::GradientSync>(world, params);
@@ -262,9 +270,9 @@ int main(int argc, char** argv) {
     if (want("experts")) {
       o.sweep = "experts";
       o.moe = 1;
-      for (int layout : {0, 3, 4})
+      for (int layout : {0, 3, 4, 5, 6})
         for (int procs : {1, 2, 4}) {
-          if (layout == 4 && procs == 1) continue;
+          if ((layout == 4 && procs == 1) || (layout >= 5 && procs < 4)) continue;
           o.layout = layout;
           run_config(o, procs, 1, port++);
         }

@@ -146,9 +146,11 @@ inline std::string describe_parallel(const RunConfig& run, const dist::World& wo
                            : "",
                        run.parallel.zero == 3 && !run.parallel.reshard_after_forward ? " (kept after forward)" : "",
                        run.parallel.param_dtype,
-                       run.parallel.ep > 1 ? fmt::format(", routed experts over {} ranks (EP){}", run.parallel.ep,
-                                                         ep_sharded > 1 ? fmt::format(", each EP rank's sharded over {} (EDP)", ep_sharded) : "")
-                                           : "");
+                       run.parallel.ep > 1
+                           ? fmt::format(", routed experts over {} ranks (EP){}", run.parallel.ep,
+                                         ep_sharded > 1 ? fmt::format(", each EP rank's sharded over {} (EDP)", ep_sharded)
+                                                        : "")
+                           : "");
   return run.zero1 && world.world_size() > 1 ? "; optimizer state sharded (ZeRO-1)" : "";
 }
 
@@ -200,8 +202,8 @@ inline TrainerParts make_trainer(const RunConfig& run, dist::World& world, const
     RHINE_CHECK(world.world_size() % shard == 0, "run", "parallel.fsdp must divide the number of ranks, got",
                 run.parallel.fsdp, "WORLD_SIZE is " + std::to_string(world.world_size()) +
                                        "; fsdp ranks share one copy of the model, WORLD_SIZE / fsdp copies");
-    RHINE_CHECK(shard % run.parallel.ep == 0, "run", "parallel.ep must divide the fsdp size (the ranks of one copy), got",
-                run.parallel.ep,
+    RHINE_CHECK(shard % run.parallel.ep == 0, "run",
+                "parallel.ep must divide the fsdp size (the ranks of one copy), got", run.parallel.ep,
                 "fsdp is " + std::to_string(shard) + " (WORLD_SIZE " + std::to_string(world.world_size()) + ")");
     dist::FSDPOptions fo;
     fo.shard_size = shard;

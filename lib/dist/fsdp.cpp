@@ -337,7 +337,9 @@ struct FSDP::State : nn::ForwardHooks {
 
   void forward_begin() override {
     RHINE_CHECK(!unloaded, kComponent, "the model was built without its weights and they were never loaded",
-                "CausalLMOptions::defer_init", "call FSDP::load_parameters (an HF directory or a checkpoint) or FSDP::initialize (from scratch) first");
+                "CausalLMOptions::defer_init",
+                "call FSDP::load_parameters (an HF directory or a checkpoint) or FSDP::initialize (from scratch) "
+                "first");
     grad_forward = at::GradMode::is_enabled() && !trainable.empty();
     order.clear();
     if (o.zero_stage == 2) {

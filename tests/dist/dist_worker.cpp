@@ -165,7 +165,8 @@ void check_collectives(rhine::dist::World& world) {
     RHINE_CHECK(pair.world_size() == pairs && pair.rank() == r % 2, "dist_worker", "split into pairs: size/rank",
                 std::to_string(pair.world_size()) + "/" + std::to_string(pair.rank()), "");
     RHINE_CHECK(stride.world_size() == (n - r % 2 + 1) / 2 && stride.rank() == r / 2, "dist_worker",
-                "split by parity: size/rank", std::to_string(stride.world_size()) + "/" + std::to_string(stride.rank()), "");
+                "split by parity: size/rank",
+                std::to_string(stride.world_size()) + "/" + std::to_string(stride.rank()), "");
     at::Tensor t = pair.to_device(at::full({2}, double(r + 1), at::kFloat));
     pair.all_reduce_(t);
     double want_pair = 0, want_both = 0;

@@ -4,7 +4,8 @@
 // rank builds the model from the same seed.
 //
 //   fsdp_worker --out PREFIX [--model dense|moe] [--parallel none|ddp|fsdp]
-//               [--zero 3|2] [--ep N] [--shard S] [--optim adamw|muon [--no-muon-shards]] [--no-reshard] [--no-prefetch] [--param-bf16]
+//               [--zero 3|2] [--ep N] [--shard S] [--optim adamw|muon [--no-muon-shards]]
+//               [--no-reshard] [--no-prefetch] [--param-bf16]
 //               [--autocast] [--ckpt] [--clip X] [--steps 3] [--batch 8]
 //               [--seq 8] [--accum 1] [--timeout-ms 20000]
 //               [--die-rank R --die-after K]   rank R exits after K steps

@@ -198,7 +198,8 @@ TEST_CASE("init fails with a [dist] error when the other rank never joins", "[di
 
 // --- two processes on loopback --------------------------------------------------
 
-TEST_CASE("Collectives across two and four Gloo ranks, split groups, and unequal parameters are detected", "[dist][process][slow]") {
+TEST_CASE("Collectives across two and four Gloo ranks, split groups, and unequal parameters are detected",
+          "[dist][process][slow]") {
   rhine::test::TempDir dir("dist_coll");
   // sum/avg/max/min, broadcast from the last rank, all_gather, barrier.
   REQUIRE(all_ok(run_world(dir, "coll", 2, {"--collectives", "--steps", "0"})));

@@ -215,19 +215,26 @@ r=$($check model moe-ep2-hf)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
 
 # 9. rhine-finetune's streaming import under FSDP.
-for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
-  sed "s/\"out_dir\": \"cpt\", \"export_dir\": \"cpt-hf\"/\"out_dir\": \"ft-${v%%:*}\", \"export_dir\": \"ft-${v%%:*}-hf\", \"parallel\": ${v#*:}/; s/\"steps\": 40/\"steps\": 6/; s/\"log_every\": 100/\"log_every\": 1/" cpt.json > ft-${v%%:*}.json
-  prog=$ft two_ranks ft-${v%%:*}.json ft-${v%%:*}.log
-done
+# dp_and_fsdp CONFIG NAME: rhine-finetune CONFIG for 6 logged steps on two ranks, as data parallel
+# (NAME-dp) and under FSDP ZeRO-3 (NAME-fsdp), each with its own out_dir and export_dir.
+dp_and_fsdp() {
+  for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
+    python3 - "$1" "$2-${v%%:*}" "${v#*:}" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(out_dir=sys.argv[2], export_dir=sys.argv[2] + "-hf", parallel=json.loads(sys.argv[3]), steps=6, log_every=1)
+json.dump(c, open(sys.argv[2] + ".json", "w"))
+PY
+    prog=$ft two_ranks "$2-${v%%:*}.json" "$2-${v%%:*}.log"
+  done
+}
+dp_and_fsdp cpt.json ft
 grep -q "FSDP ZeRO-3 over 2 rank" ft-fsdp.log.0 || fail "rhine-finetune did not use FSDP: $(head -5 ft-fsdp.log.0)"
 follows ft-dp 6 1e-5 ft-fsdp || fail "the streaming import changed the losses"
 echo "rhine-finetune under FSDP (streaming import) equals data parallel over 6 steps"
 
 # 10. LoRA SFT under FSDP (the base streamed in and sharded, the adapters sharded and trained).
-for v in dp:'{"zero": 0}' fsdp:'{"zero": 3}'; do
-  sed "s/\"out_dir\": \"lora\", \"export_dir\": \"lora-hf\"/\"out_dir\": \"lora-${v%%:*}\", \"export_dir\": \"lora-${v%%:*}-hf\", \"parallel\": ${v#*:}/; s/\"steps\": 30/\"steps\": 6/; s/\"log_every\": 100/\"log_every\": 1/" lora.json > lora-${v%%:*}.json
-  prog=$ft two_ranks lora-${v%%:*}.json lora-${v%%:*}.log
-done
+dp_and_fsdp lora.json lora
 grep -q "FSDP ZeRO-3 over 2 rank" lora-fsdp.log.0 || fail "LoRA did not use FSDP: $(head -5 lora-fsdp.log.0)"
 follows lora-dp 6 1e-5 lora-fsdp || fail "LoRA under FSDP changed the losses"
 [[ -f lora-fsdp/adapter/adapter_model.safetensors ]] || fail "no PEFT adapter from the FSDP run"

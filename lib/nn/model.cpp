@@ -495,6 +495,8 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
     // MTP: depth k predicts t_{i+k+1} = labels[i+k] from h^{k-1}_i and t_{i+k}.
     if (!model->mtp.empty() && o.mtp_lambda != 0.0) {
       const auto D = static_cast<double>(model->mtp.size());
+      // Packed rows: no MTP target in the next document (mtp_labels).
+      const at::Tensor documents = o.document_mask ? (pos == 0).to(at::kLong).cumsum(1) : at::Tensor();
       at::Tensor hk = h_main, total;
       for (std::size_t k = 1; k <= model->mtp.size(); ++k) {
         auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
@@ -508,7 +510,7 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
         const at::Tensor& logits_k = outs[1];
         auto [ce_k, z_k, n_k] =
             (options.fused_kernels ? fused_lm_loss : lm_loss)(logits_k.reshape({B * T, -1}),
-                    mtp_labels(labels, k, o.ignore_index).reshape({B * T}), o.ignore_index, 0.0);
+                    mtp_labels(labels, k, o.ignore_index, documents).reshape({B * T}), o.ignore_index, 0.0);
         out.stats.mtp_ce.push_back(ce_k.item<double>());
         out.stats.mtp_tokens.push_back(n_k);
         total = total.defined() ? total + ce_k : ce_k;

@@ -46,12 +46,22 @@ std::pair<at::Tensor, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_prev
   return {h, logits};
 }
 
-at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index) {
+at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index,
+                      const at::Tensor& documents) {
   RHINE_CHECK(labels.dim() == 2 && k >= 1, "mtp", "labels must be [B, T] and depth k >= 1",
               (std::vector<std::int64_t>{labels.dim(), k}), "");
+  RHINE_CHECK(!documents.defined() || documents.sizes() == labels.sizes(), "mtp",
+              "documents must have the shape of labels", documents.defined() ? documents.sizes().vec() : std::vector<std::int64_t>{},
+              "pass each position's document index [B, T]");
   const auto T = labels.size(1);
   at::Tensor out = at::full_like(labels, ignore_index);
-  if (k < T) out.narrow(1, 0, T - k).copy_(labels.narrow(1, k, T - k));
+  if (k >= T) return out;
+  at::Tensor ahead = labels.narrow(1, k, T - k);  // [B, T-k]
+  if (documents.defined()) {  // targets in the next document carry no loss
+    const at::Tensor same = documents.narrow(1, k, T - k) == documents.narrow(1, 0, T - k);
+    ahead = at::where(same, ahead, at::full_like(ahead, ignore_index));
+  }
+  out.narrow(1, 0, T - k).copy_(ahead);
   return out;
 }
 

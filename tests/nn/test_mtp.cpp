@@ -22,6 +22,60 @@ TEST_CASE("MTP label and input shifting", "[nn][mtp]") {
   CHECK(at::equal(mtp_inputs(ids, 1), at::tensor({11, 12, 13, 10}, at::kLong).view({1, 4})));
 }
 
+TEST_CASE("MTP targets stop at document boundaries", "[nn][mtp]") {
+  // documents: row 0 = doc 0 for 3 positions, doc 1 for 3; row 1 one document.
+  auto labels = at::tensor({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, at::kLong).view({2, 6});
+  auto docs = at::tensor({1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1}, at::kLong).view({2, 6});
+  CHECK(at::equal(mtp_labels(labels, 1, -100, docs),
+                  at::tensor({2, 3, -100, 5, 6, -100, 8, 9, 10, 11, 12, -100}, at::kLong).view({2, 6})));
+  CHECK(at::equal(mtp_labels(labels, 2, -100, docs),
+                  at::tensor({3, -100, -100, 6, -100, -100, 9, 10, 11, 12, -100, -100}, at::kLong).view({2, 6})));
+  CHECK_THROWS_WITH(mtp_labels(labels, 1, -100, docs.narrow(1, 0, 5)), Contains("[mtp] documents must have"));
+}
+
+TEST_CASE("two documents packed in one row give the MTP loss and gradients of each alone", "[nn][mtp]") {
+  // The main loss and the MTP loss summed over tokens, packed (document mask,
+  // positions restarting) against the two documents trained alone, float64.
+  // Without the boundary, the first document's last positions would learn
+  // the second document's tokens and the sums would differ.
+  Fixture fx("deepseek_v3_tiny");
+  const auto all = fx.ids(0);                                    // [2, 9]
+  const at::Tensor a = all[0].narrow(0, 0, 5), b = all[1].narrow(0, 0, 6);
+  // The stream a b x: each document's labels are its next tokens.
+  const at::Tensor la = at::cat({a.narrow(0, 1, 4), b.narrow(0, 0, 1)});
+  const at::Tensor lb = at::cat({b.narrow(0, 1, 5), all[1].narrow(0, 6, 1)});
+  auto summed = [&](CausalLM& lm, const at::Tensor& ids, const at::Tensor& labels, bool packed) {
+    ForwardOptions o;
+    o.labels = labels.unsqueeze(0);
+    o.mtp_lambda = 1.0;  // one MTP layer: mtp_loss = its mean CE
+    if (packed) {
+      o.position_ids = at::cat({at::arange(5, at::kLong), at::arange(6, at::kLong)}).unsqueeze(0);
+      o.document_mask = true;
+    }
+    auto out = lm->forward(ids.unsqueeze(0), o);
+    REQUIRE(out.stats.mtp_tokens.size() == 1);
+    const auto n = static_cast<double>(out.stats.n_tokens), n1 = static_cast<double>(out.stats.mtp_tokens[0]);
+    return std::make_tuple((out.loss - out.mtp_loss) * n + out.mtp_loss * n1, out.stats.n_tokens,
+                           out.stats.mtp_tokens[0]);
+  };
+  CausalLM packed = nn_test::deepseek_model(fx), alone = nn_test::deepseek_model(fx);
+  auto [lp, np, mp] = summed(packed, at::cat({a, b}), at::cat({la, lb}), true);
+  auto [l1, n1, m1] = summed(alone, a, la, false);
+  auto [l2, n2, m2] = summed(alone, b, lb, false);
+  CHECK(np == n1 + n2);
+  CHECK(mp == m1 + m2);  // 4 + 5: no target across the boundary
+  CHECK(lp.item<double>() == Approx((l1 + l2).item<double>()).epsilon(1e-12));
+  lp.backward();
+  (l1 + l2).backward();
+  auto gp = packed->named_parameters(), ga = alone->named_parameters();
+  for (const auto& p : gp) {
+    INFO(p.key());
+    const at::Tensor x = p.value().grad(), y = ga[p.key()].grad();
+    REQUIRE(x.defined() == y.defined());
+    if (x.defined()) CHECK(rel_err(x, y) < 1e-10);
+  }
+}
+
 TEST_CASE("MTP loss matches the float64 reference and a direct computation", "[nn][mtp]") {
   Fixture fx("deepseek_v3_tiny");
   CausalLM lm = nn_test::deepseek_model(fx);

@@ -74,7 +74,12 @@ class MTPLayerImpl : public DecoderLayerImpl {
 
 /// Targets of MTP depth k from next-token labels [B, T] (labels[i] = t_{i+1}):
 /// labels rolled left by k, the last k positions set to ignore_index.
-at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index);
+/// `documents` [B, T] int64 (packed rows: each position's document index;
+/// undefined: one document per row): a target is kept only where
+/// documents[i + k] == documents[i], so that no position learns a token of
+/// the next document, exactly as each document trained alone would.
+at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index,
+                      const at::Tensor& documents = {});
 
 /// Inputs of MTP depth k: ids [B, T] rolled left by k (position i holds
 /// t_{i+k}; the last k positions wrap around and carry no loss).

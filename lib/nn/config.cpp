@@ -114,7 +114,8 @@ ModelConfig ModelConfig::from_json(const Json& j) {
   c.mlp_bias = f.get("mlp_bias", false);
   c.tie_word_embeddings = f.get("tie_word_embeddings", false);
   c.sliding_window = f.optional<std::int64_t>("sliding_window");
-  c.qk_norm = f.get("qk_norm", false);
+  // Apertus always normalises q and k; transformers' ApertusConfig has no qk_norm key.
+  c.qk_norm = f.get("qk_norm", c.model_type == "apertus");
   c.post_norm = f.get("post_norm", false);
   c.rope_interleave = f.get("rope_interleave", false);
   c.bos_token_id = f.optional<std::int64_t>("bos_token_id");
@@ -157,8 +158,10 @@ ModelConfig ModelConfig::from_json(const Json& j) {
   c.topk_group = f.optional<std::int64_t>("topk_group").value_or(1);
   c.routed_scaling_factor = f.get("routed_scaling_factor", 1.0);
   c.norm_topk_prob = f.get("norm_topk_prob", false);
-  c.scoring_func = f.get<std::string>("scoring_func", "softmax");
-  c.topk_method = f.get<std::string>("topk_method", "greedy");
+  // transformers' DeepseekV3 config has neither key (its model always routes this way).
+  const bool v3 = c.model_type == "deepseek_v3";
+  c.scoring_func = f.get<std::string>("scoring_func", v3 ? "sigmoid" : "softmax");
+  c.topk_method = f.get<std::string>("topk_method", v3 ? "noaux_tc" : "greedy");
   c.num_nextn_predict_layers = f.get<std::int64_t>("num_nextn_predict_layers", 0);
   // DeepSeek interleaves the rope dims in its checkpoints (section 1.5);
   // HF's rope_interleave defaults to true for V3.

@@ -35,8 +35,19 @@ Routing route_tokens(const at::Tensor& logits, const at::Tensor& bias, const Mod
   }
   r.indices = std::get<1>(sel.topk(K, -1));  // [N, K]
   at::Tensor w = r.scores.gather(1, r.indices);
-  if (c.norm_topk_prob) w = w / (w.sum(-1, true) + 1e-20);
-  r.weights = w * c.routed_scaling_factor;
+  if (c.model_type == "deepseek_v2") {
+    // DeepSeek-V2's MoEGate (modeling_deepseek.py): renormalise only for K > 1 with
+    // norm_topk_prob, and scale only when not renormalised. transformers' port always
+    // scales and never renormalises; the two agree for the released norm_topk_prob false.
+    if (K > 1 && c.norm_topk_prob)
+      r.weights = w / (w.sum(-1, true) + 1e-20);
+    else
+      r.weights = w * c.routed_scaling_factor;
+  } else {
+    // DeepSeek-V3 (and transformers' DeepseekV3 port): renormalise, then always scale.
+    if (c.norm_topk_prob) w = w / (w.sum(-1, true) + 1e-20);
+    r.weights = w * c.routed_scaling_factor;
+  }
   r.counts = at::bincount(r.indices.reshape({N * K}), {}, E);
   return r;
 }

@@ -193,6 +193,32 @@ TEST_CASE("DeepSeek-V3 keys are parsed, kept and written back", "[nn][config]") 
   CHECK(ModelConfig::from_json(written) == c);
 }
 
+TEST_CASE("configs saved by transformers 5 leave out keys their model_type implies",
+          "[nn][config]") {
+  // transformers' DeepseekV3Config writes neither scoring_func nor topk_method (its model
+  // always routes with sigmoid scores and the noaux_tc group rule), and ApertusConfig has no
+  // qk_norm key (the model always normalises q and k). Found by tests/oracle.
+  Json v3 = Json::parse(R"({"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 16,
+    "intermediate_size": 24, "moe_intermediate_size": 8, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "n_shared_experts": 1,
+    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+    "kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+    "v_head_dim": 4, "first_k_dense_replace": 1, "norm_topk_prob": true})");
+  ModelConfig c = ModelConfig::from_json(v3);
+  CHECK(c.scoring_func == "sigmoid");
+  CHECK(c.topk_method == "noaux_tc");
+  v3["model_type"] = "deepseek_v2";
+  c = ModelConfig::from_json(v3);
+  CHECK(c.scoring_func == "softmax");
+  CHECK(c.topk_method == "greedy");
+  const Json apertus = Json::parse(R"({"model_type": "apertus", "vocab_size": 64, "hidden_size": 16,
+    "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2})");
+  CHECK(ModelConfig::from_json(apertus).qk_norm);
+  CHECK_FALSE(ModelConfig::from_json(Json::parse(R"({"model_type": "llama", "vocab_size": 64,
+    "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2})"))
+                  .qk_norm);
+}
+
 TEST_CASE("bad configs fail with clear messages", "[nn][config]") {
   using rhine::Error;
   SECTION("heads do not divide hidden_size") {

@@ -53,7 +53,7 @@ std::vector<std::int64_t> ids_of(const Routing& r) {
 
 }  // namespace
 
-TEST_CASE("V2 routing: softmax, group max, no renormalisation, scaling", "[nn][moe][routing]") {
+TEST_CASE("V2 routing: softmax, group max, DeepSeek-V2's renormalise-or-scale rule", "[nn][moe][routing]") {
   ModelConfig c = moe_config("group_limited_greedy");
   c.n_routed_experts = 4;
   c.n_group = 2;
@@ -69,9 +69,15 @@ TEST_CASE("V2 routing: softmax, group max, no renormalisation, scaling", "[nn][m
   c.topk_method = "greedy";
   r = route_tokens(logits, at::Tensor(), c);
   CHECK(ids_of(r) == std::vector<std::int64_t>{1, 2});
-  c.norm_topk_prob = true;  // renormalised, then scaled
+  // DeepSeek-V2's gate: renormalised and then NOT scaled (V3 would scale too)...
+  c.norm_topk_prob = true;
   r = route_tokens(logits, at::Tensor(), c);
-  CHECK(r.weights[0][0].item<double>() == Approx(0.4 / 0.7 * 16).epsilon(1e-12));
+  CHECK(r.weights[0][0].item<double>() == Approx(0.4 / 0.7).epsilon(1e-12));
+  CHECK(r.weights[0][1].item<double>() == Approx(0.3 / 0.7).epsilon(1e-12));
+  // ...and with one expert per token not renormalised but scaled.
+  c.num_experts_per_tok = 1;
+  r = route_tokens(logits, at::Tensor(), c);
+  CHECK(r.weights[0][0].item<double>() == Approx(0.4 * 16).epsilon(1e-12));
 }
 
 TEST_CASE("V3 routing: sigmoid, group top-2 sum, selection-only bias, renormalisation",

@@ -90,7 +90,8 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   /// Mistral: query i sees keys j with i - j < sliding_window; null = full.
   std::optional<std::int64_t> sliding_window;
-  /// Apertus: RMSNorm over head_dim on q and k before RoPE.
+  /// Apertus: RMSNorm over head_dim on q and k before RoPE (absent from
+  /// config.json: true for model_type apertus, else false).
   bool qk_norm = false;
   /// Apertus: post-norm layout (only false is supported, as released).
   bool post_norm = false;
@@ -119,11 +120,18 @@ struct ModelConfig {
   std::int64_t moe_layer_freq = 1;          ///< MoE every n-th layer (remote-code rule)
   std::int64_t n_group = 1;                 ///< expert groups (contiguous)
   std::int64_t topk_group = 1;              ///< groups kept per token
-  double routed_scaling_factor = 1.0;       ///< multiplies the routed weights
-  bool norm_topk_prob = false;              ///< renormalise the K selected weights
-  std::string scoring_func = "softmax";     ///< "softmax" (V2) or "sigmoid" (V3)
+  /// Multiplies the routed weights. deepseek_v2 follows DeepSeek-V2's own gate:
+  /// only when the weights are not renormalised (top-1, or norm_topk_prob false);
+  /// every other model_type always (V3's gate).
+  double routed_scaling_factor = 1.0;
+  /// Renormalise the K selected weights to sum 1 (deepseek_v2: only when K > 1).
+  bool norm_topk_prob = false;
+  /// "softmax" (V2) or "sigmoid" (V3). Absent from config.json: "sigmoid" for
+  /// model_type deepseek_v3 (transformers' V3 config has no such key), else "softmax".
+  std::string scoring_func = "softmax";
   /// "greedy", "group_limited_greedy" (V2: group max) or "noaux_tc" (V3:
-  /// selection bias e_score_correction_bias, group top-2 sum).
+  /// selection bias e_score_correction_bias, group top-2 sum). Absent from
+  /// config.json: "noaux_tc" for deepseek_v3, else "greedy".
   std::string topk_method = "greedy";
   std::int64_t num_nextn_predict_layers = 0;  ///< MTP depth D
 

@@ -74,7 +74,8 @@ def config_for(variant):
             raise SystemExit(f"unknown variant {variant}")
         return tf.DeepseekV2Config(**common, **mla, **v2)
     if variant == "deepseek_v3":
-        return tf.DeepseekV3Config(**common, **mla, q_lora_rank=32, num_experts_per_tok=2, n_group=4, topk_group=2,
+        # max_position_embeddings = factor * original, as YaRN expects.
+        return tf.DeepseekV3Config(**dict(common, max_position_embeddings=64), **mla, q_lora_rank=32, num_experts_per_tok=2, n_group=4, topk_group=2,
                                    norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=0,
                                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                     "original_max_position_embeddings": 16, "beta_fast": 32.0,

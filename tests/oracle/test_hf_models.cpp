@@ -17,11 +17,11 @@
 
 #include <ATen/core/grad_mode.h>
 
-#include <cstdlib>
 #include <filesystem>
 #include <string>
 
 #include "io/io_test_util.h"
+#include "oracle/oracle_util.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/nn/generate.h"
@@ -31,36 +31,6 @@
 namespace fs = std::filesystem;
 
 namespace {
-
-std::string reference_python() {
-  if (const char* env = std::getenv("RHINE_PYTHON"); env && *env) return env;
-  return RHINE_PYTHON_DEFAULT;
-}
-
-std::string script() { return std::string(RHINE_SOURCE_DIR) + "/tests/oracle/hf_models.py"; }
-
-/// Why the oracle cannot run ("" when it can): no Python, or one without transformers.
-std::string oracle_missing() {
-  static const std::string why = [] {
-    const std::string py = reference_python();
-    if (py.empty())
-      return std::string("no Python for the transformers oracle: set RHINE_PYTHON or build with "
-                         "scripts/build.sh (which passes the project's environment, scripts/setup-python.sh)");
-    const auto [status, out] = rhine::test::run_command(py + " " + script() + " --version 2>&1");
-    if (status != 0)
-      return "the Python " + py + " cannot import transformers (" + out.substr(0, 300) +
-             "); run scripts/setup-python.sh and point RHINE_PYTHON at its bin/python";
-    return std::string();
-  }();
-  return why;
-}
-
-void run_oracle(const std::string& args) {
-  const std::string cmd = reference_python() + " " + script() + " " + args + " 2>&1";
-  const auto [status, out] = rhine::test::run_command(cmd);
-  INFO(cmd << "\n" << out);
-  REQUIRE(status == 0);
-}
 
 /// Labels Rhine takes (already shifted): ids[:, 1:] and ignore_index at the end, which is
 /// what transformers' loss computes from labels = input_ids.
@@ -72,7 +42,7 @@ at::Tensor shifted_labels(const at::Tensor& ids) {
 
 void check_variant(const std::string& variant) {
   rhine::test::TempDir tmp("oracle_" + variant);
-  run_oracle("make " + variant + " " + tmp.path.string());
+  oracle::run("hf_models.py", "make " + variant + " " + tmp.path.string());
   const fs::path model_dir = tmp.path / "model";
   const auto ref = rhine::load_safetensors((tmp.path / "reference.safetensors").string());
   const at::Tensor ids = ref.at("input_ids");
@@ -144,7 +114,7 @@ void check_variant(const std::string& variant) {
   CHECK(io_test::rel_err(trained, ref.at("logits")) > 1e-3);
   rhine::io::save_hf_model(lm, tmp.path / "export");
   rhine::save_safetensors(tmp.file("in.safetensors"), {{"input_ids", ids}});
-  run_oracle("logits " + variant + " " + (tmp.path / "export").string() + " " + tmp.file("in.safetensors") + " " +
+  oracle::run("hf_models.py", "logits " + variant + " " + (tmp.path / "export").string() + " " + tmp.file("in.safetensors") + " " +
              tmp.file("out.safetensors"));
   const auto back = rhine::load_safetensors(tmp.file("out.safetensors"));
   const double e = io_test::rel_err(trained, back.at("logits"));
@@ -156,7 +126,8 @@ void check_variant(const std::string& variant) {
 
 #define RHINE_ORACLE_CASE(variant)                                                         \
   TEST_CASE("transformers oracle: " variant, "[oracle][slow]") {                           \
-    if (const std::string why = oracle_missing(); !why.empty()) RHINE_SKIP_TEST(why);      \
+    static const std::string why = oracle::missing("hf_models.py", "transformers");        \
+    if (!why.empty()) RHINE_SKIP_TEST(why);                                                \
     check_variant(variant);                                                                \
   }
 

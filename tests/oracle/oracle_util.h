@@ -1,0 +1,44 @@
+#pragma once
+// Helpers of the oracle tests: the Python that runs the reference scripts of tests/oracle/
+// and the skip reason when it cannot. Include after torch_test.h.
+#include <cstdlib>
+#include <string>
+
+#include "test_util.h"
+
+namespace oracle {
+
+/// The Python of the project's environment: $RHINE_PYTHON, else the CMake cache variable.
+inline std::string python() {
+  if (const char* env = std::getenv("RHINE_PYTHON"); env && *env) return env;
+  return RHINE_PYTHON_DEFAULT;
+}
+
+/// tests/oracle/<name>.
+inline std::string script(const std::string& name) {
+  return std::string(RHINE_SOURCE_DIR) + "/tests/oracle/" + name;
+}
+
+/// Why `script_name --version` cannot run ("" when it can): no Python, or one without the
+/// library the script imports (`library`, for the message).
+inline std::string missing(const std::string& script_name, const std::string& library) {
+  const std::string py = python();
+  if (py.empty())
+    return "no Python for the " + library + " oracle: set RHINE_PYTHON or build with scripts/build.sh "
+           "(which passes the project's environment, scripts/setup-python.sh)";
+  const auto [status, out] = rhine::test::run_command(py + " " + script(script_name) + " --version 2>&1");
+  if (status != 0)
+    return "the Python " + py + " cannot import " + library + " (" + out.substr(0, 300) +
+           "); run scripts/setup-python.sh and point RHINE_PYTHON at its bin/python";
+  return "";
+}
+
+/// Runs `python script_name args`; requires exit status 0 (the output is in the failure).
+inline void run(const std::string& script_name, const std::string& args) {
+  const std::string cmd = python() + " " + script(script_name) + " " + args + " 2>&1";
+  const auto [status, out] = rhine::test::run_command(cmd);
+  INFO(cmd << "\n" << out);
+  REQUIRE(status == 0);
+}
+
+}  // namespace oracle

@@ -5,9 +5,12 @@ the Hugging Face `tokenizers` library (Rust, the implementation transformers use
     python hf_encode.py --version
 
 LINES_JSONL holds one JSON string per line (so \\r, \\t and lone newlines survive). Output:
-per input line, the ids of Tokenizer.from_file(TOKENIZER_JSON).encode(text,
-add_special_tokens=False) as a JSON list. Added tokens in the text are matched, as the
-library always does. --version prints the library's version (and fails without it).
+per input line one JSON object of Tokenizer.from_file(TOKENIZER_JSON)'s results:
+  "ids"      encode(text, add_special_tokens=False).ids
+  "special"  encode(text, add_special_tokens=True).ids (the post-processor's BOS/EOS/...)
+  "decoded"  decode(ids, skip_special_tokens=False)
+Added tokens in the text are matched, as the library always does. --version prints the
+library's version (and fails without it).
 """
 import json
 import sys
@@ -28,7 +31,12 @@ def main(argv):
         for line in f:
             if line.strip():
                 text = json.loads(line)
-                out.append(json.dumps(tokenizer.encode(text, add_special_tokens=False).ids))
+                ids = tokenizer.encode(text, add_special_tokens=False).ids
+                out.append(json.dumps({
+                    "ids": ids,
+                    "special": tokenizer.encode(text, add_special_tokens=True).ids,
+                    "decoded": tokenizer.decode(ids, skip_special_tokens=False),
+                }))
     sys.stdout.write("\n".join(out) + ("\n" if out else ""))
     return 0
 

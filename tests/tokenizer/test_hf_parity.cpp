@@ -13,7 +13,9 @@
 //
 // Text: every line of the de/fr/nl/en sample and held-out pages (data/sample) plus a
 // hand-made list of hard cases. Both sides match added tokens in the text (HF always does;
-// Rhine with parse_special) and add no special tokens.
+// Rhine with parse_special), once without special tokens and once with the post-processor's
+// (add_special_tokens=True / EncodeOptions::add_special); and Rhine decodes HF's ids to HF's text.
+// Invalid UTF-8 is not among the cases: Python strings cannot carry it to the library.
 #include <catch2/catch.hpp>
 
 #include <unistd.h>
@@ -132,11 +134,19 @@ fs::path unpack_references(const fs::path& archive) {
   return dest;
 }
 
-/// Parses one output line of hf_encode.py (a JSON list of ids).
-std::vector<int32_t> parse_ids(const std::string& line) {
-  std::vector<int32_t> ids;
-  for (const auto& v : rhine::Json::parse(line)) ids.push_back(v.get<int32_t>());
-  return ids;
+/// One output line of hf_encode.py: ids without and with special tokens, and the decoded ids.
+struct HfResult {
+  std::vector<int32_t> ids, special;
+  std::string decoded;
+};
+
+HfResult parse_result(const std::string& line) {
+  const auto j = rhine::Json::parse(line);
+  HfResult r;
+  for (const auto& v : j.at("ids")) r.ids.push_back(v.get<int32_t>());
+  for (const auto& v : j.at("special")) r.special.push_back(v.get<int32_t>());
+  r.decoded = j.at("decoded").get<std::string>();
+  return r;
 }
 
 std::string ids_text(const std::vector<int32_t>& ids) {
@@ -213,24 +223,37 @@ TEST_CASE("tokenizer.json parity with Hugging Face tokenizers on real files", "[
     const std::string cmd = quoted(python) + " " + quoted(script.string()) + " " + quoted(file.string()) + " " +
                             quoted(input.string()) + " > " + quoted(output.string());
     REQUIRE(std::system(cmd.c_str()) == 0);
-    std::vector<std::vector<int32_t>> expected;
+    std::vector<HfResult> expected;
     {
       std::ifstream in(output);
-      for (std::string l; std::getline(in, l);) expected.push_back(parse_ids(l));
+      for (std::string l; std::getline(in, l);) expected.push_back(parse_result(l));
     }
     REQUIRE(expected.size() == lines.size());
     const auto tok = rhine::Tokenizer::load(file.string());
-    rhine::EncodeOptions o;
+    rhine::EncodeOptions o, with_special;
     o.parse_special = true;
-    std::size_t mismatch = 0, roundtrip_checked = 0, roundtrip_bad = 0, n_tokens = 0;
+    with_special.parse_special = true;
+    with_special.add_special = true;
+    std::size_t mismatch = 0, special_mismatch = 0, decode_mismatch = 0, roundtrip_checked = 0, roundtrip_bad = 0,
+                n_tokens = 0;
     for (std::size_t i = 0; i < lines.size(); ++i) {
       const auto got = tok.encode(lines[i], o);
       n_tokens += got.size();
-      if (got != expected[i]) {
+      if (got != expected[i].ids) {
         if (++mismatch <= 5)
           WARN(r.name << " line " << i << ": " << rhine::Json(lines[i]).dump() << "\n  rhine: " << ids_text(got)
-                      << "\n  hf:    " << ids_text(expected[i]));
+                      << "\n  hf:    " << ids_text(expected[i].ids));
       }
+      // With the post-processor's special tokens (add_special_tokens=True).
+      const auto got_special = tok.encode(lines[i], with_special);
+      if (got_special != expected[i].special && ++special_mismatch <= 5)
+        WARN(r.name << " line " << i << " with special tokens: " << rhine::Json(lines[i]).dump()
+                    << "\n  rhine: " << ids_text(got_special) << "\n  hf:    " << ids_text(expected[i].special));
+      // decode(ids) of HF's own ids, special tokens kept.
+      const std::string decoded = tok.decode(expected[i].ids);
+      if (decoded != expected[i].decoded && ++decode_mismatch <= 5)
+        WARN(r.name << " decode of line " << i << ": rhine " << rhine::Json(decoded).dump() << "\n  hf:    "
+                    << rhine::Json(expected[i].decoded).dump());
       // Round trip on text without added-token strings or literal U+2581 (Metaspace-style).
       const bool plain = lines[i].find('<') == std::string::npos && lines[i].find("\xE2\x96\x81") == std::string::npos;
       if (r.lossless && plain) {
@@ -246,10 +269,12 @@ TEST_CASE("tokenizer.json parity with Hugging Face tokenizers on real files", "[
       }
     }
     std::printf("[hf_parity] %-12s %s: %zu lines (%zu prose + %zu hard cases), %zu tokens, %zu mismatches "
-                "against tokenizers %s; round trip %zu lines, %zu differ\n",
+                "against tokenizers %s (%zu with special tokens, %zu decodes); round trip %zu lines, %zu differ\n",
                 r.name, tok.kind().c_str(), lines.size(), n_prose, lines.size() - n_prose, n_tokens, mismatch,
-                hf_version.c_str(), roundtrip_checked, roundtrip_bad);
+                hf_version.c_str(), special_mismatch, decode_mismatch, roundtrip_checked, roundtrip_bad);
     CHECK(mismatch == 0);
+    CHECK(special_mismatch == 0);
+    CHECK(decode_mismatch == 0);
     CHECK(roundtrip_bad == 0);
     total_mismatch += mismatch;
   }

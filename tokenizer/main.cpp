@@ -190,18 +190,36 @@ int run_train(const TrainArgs& a) {
   // Load it back with Rhine's reader: a model Rhine cannot read must not be reported as done.
   const auto tok = rhine::Tokenizer::load(a.out + ".model");
   // The tokenizer.json equivalent (HF's converter layout), checked on the sample: Rhine must
-  // encode it exactly as the .model.
+  // encode it as the .model. Unigram: HF's tokenizers (and Rhine reading a tokenizer.json)
+  // sums piece scores in double, libsentencepiece (and Rhine reading a .model) in float, so
+  // the two can pick different segmentations of equal score (to float precision) for a few
+  // lines. Such a line is counted; any other difference is an error.
   const auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(a.out + ".model", kComponent), a.out + ".model");
   const std::string json_path = a.out + ".tokenizer.json";
   rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, a.out + ".model").dump(1) + "\n");
   const auto tok_json = rhine::Tokenizer::load(json_path);
-  std::size_t checked = 0;
-  for (std::size_t i = 0; i < sample.size() && checked < 2000; i += 1 + sample.size() / 2000, ++checked)
-    RHINE_CHECK(tok.encode(sample[i]) == tok_json.encode(sample[i]), kComponent,
-                "the written tokenizer.json encodes differently from the .model", sample[i].substr(0, 80),
+  const bool unigram = proto.model_type == rhine::tokenizer::SpmModelProto::ModelType::unigram;
+  auto path_score = [&](const std::vector<int32_t>& ids) {
+    double sum = 0;
+    for (const int32_t id : ids) sum += proto.pieces[static_cast<std::size_t>(id)].score;
+    return sum;
+  };
+  std::size_t checked = 0, ties = 0;
+  for (std::size_t i = 0; i < sample.size() && checked < 2000; i += 1 + sample.size() / 2000, ++checked) {
+    const auto want = tok.encode(sample[i]), got = tok_json.encode(sample[i]);
+    if (want == got) continue;
+    const double a_score = path_score(want), b_score = path_score(got);
+    const bool tie = unigram && std::abs(a_score - b_score) <= 1e-5 * std::max(1.0, std::abs(a_score));
+    RHINE_CHECK(tie, kComponent, "the written tokenizer.json encodes differently from the .model", sample[i].substr(0, 80),
                 "please report this line; use the .model meanwhile");
-  std::fprintf(stderr, "[train] wrote %s.model, %s.vocab and %s (%s, %d pieces; tokenizer.json checked on %zu lines)\n",
+    ++ties;
+  }
+  std::fprintf(stderr, "[train] wrote %s.model, %s.vocab and %s (%s, %d pieces; tokenizer.json checked on %zu lines",
                a.out.c_str(), a.out.c_str(), json_path.c_str(), tok.kind().c_str(), tok.vocab_size(), checked);
+  if (ties)
+    std::fprintf(stderr, ", %zu of them segmented differently with equal score: HF sums Unigram scores in double, "
+                 "SentencePiece in float", ties);
+  std::fprintf(stderr, ")\n");
   return 0;
 }
 

@@ -426,6 +426,8 @@ UnigramModel::UnigramModel(const Json& j, const std::vector<std::string>& specia
   const auto unk = static_cast<std::size_t>(j["unk_id"].get<int64_t>());
   m.unk_id = static_cast<int32_t>(unk);
   m.pieces.reserve(v.size());
+  std::vector<double> scores;  // HF searches with the double scores (SpmUnigramModel)
+  scores.reserve(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) {
     RHINE_CHECK(v[i].is_array() && v[i].size() == 2 && v[i][0].is_string() && v[i][1].is_number(), "tokenizer",
                 "Unigram vocab entry " + std::to_string(i) + " of " + detail::quote(source) + " is not [piece, score]",
@@ -433,6 +435,7 @@ UnigramModel::UnigramModel(const Json& j, const std::vector<std::string>& specia
     SpmModelProto::Piece p;
     p.piece = v[i][0].get<std::string>();
     p.score = v[i][1].get<float>();
+    scores.push_back(v[i][1].get<double>());
     const bool is_byte = p.piece.size() == 6 && p.piece.compare(0, 3, "<0x") == 0 && p.piece[5] == '>' &&
                          std::isxdigit(static_cast<unsigned char>(p.piece[3])) &&
                          std::isxdigit(static_cast<unsigned char>(p.piece[4])) &&
@@ -443,7 +446,7 @@ UnigramModel::UnigramModel(const Json& j, const std::vector<std::string>& specia
     else if (std::find(special_tokens.begin(), special_tokens.end(), p.piece) != special_tokens.end()) p.type = T::control;
     m.pieces.push_back(std::move(p));
   }
-  model_ = std::make_unique<SpmUnigramModel>(std::make_shared<const SpmVocab>(m, source));
+  model_ = std::make_unique<SpmUnigramModel>(std::make_shared<const SpmVocab>(m, source), std::move(scores));
 }
 
 // --- WordPiece ----------------------------------------------------------------------------

@@ -234,7 +234,8 @@ class BpeModel final : public Model {
   uint64_t uid_ = 0;              // identifies this model to tokenize_bytes' per-thread cache
 };
 
-/// HF `Unigram`, run by the SentencePiece Viterbi (SpmUnigramModel) on the same pieces.
+/// HF `Unigram`, run by the SentencePiece Viterbi (SpmUnigramModel) on the same pieces in
+/// HF's double precision.
 class UnigramModel final : public Model {
  public:
   UnigramModel(const Json& j, const std::vector<std::string>& special_tokens, const std::string& source);

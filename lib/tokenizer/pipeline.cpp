@@ -324,12 +324,21 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const Json& j, const std::strin
       return std::make_unique<CharClassPreTokenizer>(K::whitespace_split, SplitBehavior::removed);
     if (type == "Punctuation")
       return std::make_unique<CharClassPreTokenizer>(K::punctuation, behavior_of(j, source, "Isolated"));
+    if (type == "BertPreTokenizer") {
+      // HF: split on whitespace (removed), then isolate punctuation, with the same character
+      // classes as WhitespaceSplit and Punctuation.
+      std::vector<std::unique_ptr<PreTokenizer>> stages;
+      stages.push_back(std::make_unique<CharClassPreTokenizer>(K::whitespace_split, SplitBehavior::removed));
+      stages.push_back(std::make_unique<CharClassPreTokenizer>(K::punctuation, SplitBehavior::isolated));
+      return std::make_unique<PreTokenizerSequence>(std::move(stages));
+    }
   } catch (const Json::exception& e) {
     RHINE_FAIL("tokenizer", "malformed " + type + " pre_tokenizer in " + detail::quote(source), Verbatim{e.what()},
                "compare with a tokenizer.json written by HF tokenizers");
   }
   unknown_type("pre_tokenizer", type, source,
-               "Sequence, Split, ByteLevel, Metaspace, Digits, Whitespace, WhitespaceSplit, Punctuation");
+               "Sequence, Split, ByteLevel, Metaspace, Digits, Whitespace, WhitespaceSplit, Punctuation, "
+               "BertPreTokenizer");
 }
 
 std::unique_ptr<Model> make_model(const Json& j, const std::vector<std::string>& special_tokens, const std::string& source) {

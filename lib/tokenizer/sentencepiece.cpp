@@ -329,7 +329,7 @@ struct SpmUnigramModel::Trie {
     uint32_t edge_begin = 0, edge_count = 0;
     int32_t value = -1;  // piece id ending here
     int32_t dense = -1;  // index of a 256-entry child table, or -1
-    float score = 0;
+    double score = 0;    // the piece's float score, or its double score in HF mode
     SpmModelProto::PieceType type = SpmModelProto::PieceType::normal;
   };
   struct Edge {
@@ -341,12 +341,13 @@ struct SpmUnigramModel::Trie {
   std::vector<Edge> edges;
   std::vector<uint32_t> dense;  // 256 children per table, 0 = none
 
-  explicit Trie(const SpmVocab& v) {
+  Trie(const SpmVocab& v, const std::vector<double>& f64_scores) {
     std::vector<std::pair<std::string_view, int32_t>> items;
     for (int32_t id = 0; id < v.size(); ++id) {
       const auto t = v.type(id);
+      // HF's Unigram (f64 scores) matches every vocabulary entry, byte and control pieces too.
       if (t == SpmModelProto::PieceType::normal || t == SpmModelProto::PieceType::user_defined ||
-          t == SpmModelProto::PieceType::unused)
+          t == SpmModelProto::PieceType::unused || !f64_scores.empty())
         items.emplace_back(v.piece(id), id);
     }
     std::sort(items.begin(), items.end());
@@ -355,7 +356,8 @@ struct SpmUnigramModel::Trie {
     for (uint32_t n = 0; n < nodes.size(); ++n) {
       Node& node = nodes[n];
       if (node.value >= 0) {
-        node.score = v.score(node.value);
+        node.score = f64_scores.empty() ? static_cast<double>(v.score(node.value))
+                                        : f64_scores[static_cast<std::size_t>(node.value)];
         node.type = v.type(node.value);
       }
       if (n == 0 || node.edge_count >= kDenseFrom) {
@@ -405,8 +407,13 @@ struct SpmUnigramModel::Trie {
   }
 };
 
-SpmUnigramModel::SpmUnigramModel(std::shared_ptr<const SpmVocab> vocab) : SpmModel(std::move(vocab)) {
-  trie_ = std::make_unique<Trie>(*vocab_);
+SpmUnigramModel::SpmUnigramModel(std::shared_ptr<const SpmVocab> vocab, std::vector<double> f64_scores)
+    : SpmModel(std::move(vocab)) {
+  RHINE_CHECK(f64_scores.empty() || f64_scores.size() == static_cast<std::size_t>(vocab_->size()), "tokenizer",
+              "Unigram double scores must be one per piece", f64_scores.size(), "");
+  trie_ = std::make_unique<Trie>(*vocab_, f64_scores);
+  f64_ = !f64_scores.empty();
+  if (f64_) f64_unk_score_ = *std::min_element(f64_scores.begin(), f64_scores.end()) - 10.0;
   min_score_ = FLT_MAX;
   max_score_ = FLT_MIN;
   for (int32_t id = 0; id < vocab_->size(); ++id) {
@@ -423,9 +430,11 @@ SpmUnigramModel::~SpmUnigramModel() = default;
 void SpmUnigramModel::tokenize(std::string_view text, std::vector<Token>& out) const {
   using T = SpmModelProto::PieceType;
   constexpr float kUnkPenalty = 10.0f;
+  // score: double, holding a float-rounded value in SentencePiece mode (so comparisons are
+  // libsentencepiece's float-vs-double ones) and the exact sum in HF mode.
   struct Best {
     int32_t id = -1;
-    float score = 0;
+    double score = 0;
     int32_t starts_at = -1;
   };
   const auto size = static_cast<int32_t>(text.size());
@@ -435,7 +444,7 @@ void SpmUnigramModel::tokenize(std::string_view text, std::vector<Token>& out) c
   best.assign(static_cast<std::size_t>(size) + 1, Best{});
   int32_t starts_at = 0;
   while (starts_at < size) {
-    const float score_here = best[starts_at].score;
+    const double score_here = best[starts_at].score;
     bool has_single = false;
     const int32_t mblen = std::min<int32_t>(utf8::one_char_len(static_cast<uint8_t>(text[starts_at])), size - starts_at);
     uint32_t node = 0;
@@ -453,11 +462,11 @@ void SpmUnigramModel::tokenize(std::string_view text, std::vector<Token>& out) c
       // makes the whole candidate a double, compared with the stored float. Same here, so that
       // near-ties resolve identically.
       const double sc = type == T::user_defined ? static_cast<double>(static_cast<float>(length) * max_score_) - 0.1
-                                                : static_cast<double>(tn.score);
-      const double cand = sc + static_cast<double>(score_here);
+                                                : tn.score;
+      const double cand = sc + score_here;
       Best& target = best[key];
-      if (target.starts_at == -1 || cand > static_cast<double>(target.score)) {
-        target.score = static_cast<float>(cand);
+      if (target.starts_at == -1 || cand > target.score) {
+        target.score = f64_ ? cand : static_cast<double>(static_cast<float>(cand));
         target.starts_at = starts_at;
         target.id = id;
       }
@@ -465,7 +474,8 @@ void SpmUnigramModel::tokenize(std::string_view text, std::vector<Token>& out) c
     }
     if (!has_single) {
       Best& target = best[starts_at + mblen];
-      const float cand = unk_score + score_here;
+      const double cand = f64_ ? f64_unk_score_ + score_here
+                               : static_cast<double>(unk_score + static_cast<float>(score_here));
       if (target.starts_at == -1 || cand > target.score) {
         target.score = cand;
         target.starts_at = starts_at;

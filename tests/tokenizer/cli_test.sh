@@ -28,10 +28,15 @@ for type in bpe unigram; do
   # --add-special puts BOS (id 1 with spm's defaults) in front.
   first=$(echo "Hallo Welt" | "$tool" encode -t "$work/$type.model" --add-special | cut -d' ' -f1)
   [[ $first == 1 ]] || { echo "FAIL: --add-special did not add BOS, got $first"; exit 1; }
-  # train also writes PREFIX.tokenizer.json; encode / decode read it with the same results.
-  "$tool" encode -t "$work/$type.tokenizer.json" < "$work/all.txt" > "$work/json.ids"
-  cmp "$work/json.ids" "$work/spm.ids" || { echo "FAIL: $type tokenizer.json ids differ from spm_encode"; diff "$work/json.ids" "$work/spm.ids" | head; exit 1; }
-  echo "$type: $(wc -l < "$work/all.txt") lines identical to spm_encode / spm_decode (.model and .tokenizer.json)"
+  # train also writes PREFIX.tokenizer.json; for BPE encode reads it with the same results.
+  # (A Unigram tokenizer.json follows HF's tokenizers, which sums scores in double where
+  # SentencePiece uses float, so a rare exact tie can go the other way: tests/oracle checks
+  # it against tokenizers.)
+  if [[ $type == bpe ]]; then
+    "$tool" encode -t "$work/$type.tokenizer.json" < "$work/all.txt" > "$work/json.ids"
+    cmp "$work/json.ids" "$work/spm.ids" || { echo "FAIL: $type tokenizer.json ids differ from spm_encode"; diff "$work/json.ids" "$work/spm.ids" | head; exit 1; }
+  fi
+  echo "$type: $(wc -l < "$work/all.txt") lines identical to spm_encode / spm_decode"
 done
 # A hand-made tokenizer.json (tests/fixtures/tokenizer, ids worked out in test_tokenizer_json.cpp).
 got=$(printf 'the hello the\n' | "$tool" encode -t "$src/tests/fixtures/tokenizer/tiny_byte_level.json")

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -282,7 +283,24 @@ TEST_CASE("the tokenizer.json written for a SentencePiece model encodes like lib
     CHECK(tok.vocab_size() == sp.GetPieceSize());
     CHECK(tok.bos_id() == sp.bos_id());
     CHECK(tok.unk_id() == sp.unk_id());
-    std::size_t mismatched = 0, decode_mismatch = 0;
+    // A Unigram tokenizer.json follows HF's tokenizers, not libsentencepiece, in two ways
+    // (both checked against tokenizers itself in tests/oracle/tokenizer_test.sh): it sums
+    // scores in double (SentencePiece: float), so an exact tie can go the other way, and
+    // every piece is matchable, so the text of a control or byte piece ("<s>", "<0x41>") in
+    // the input becomes that piece. Such lines are counted apart.
+    const bool unigram = proto.model_type == rhine::tokenizer::SpmModelProto::ModelType::unigram;
+    auto hf_unigram_difference = [&](const std::string& line, const std::vector<int>& a, const std::vector<int>& b) {
+      using T = rhine::tokenizer::SpmModelProto::PieceType;
+      for (const auto& p : proto.pieces)
+        if ((p.type == T::control || p.type == T::byte || p.type == T::unknown) && !p.piece.empty() &&
+            line.find(p.piece) != std::string::npos)
+          return true;
+      double sa = 0, sb = 0;
+      for (int id : a) sa += proto.pieces[static_cast<std::size_t>(id)].score;
+      for (int id : b) sb += proto.pieces[static_cast<std::size_t>(id)].score;
+      return std::abs(sa - sb) <= 1e-5 * std::max(1.0, std::abs(sa));
+    };
+    std::size_t mismatched = 0, decode_mismatch = 0, hf_differences = 0;
     std::vector<std::string> examples;
     for (const auto& line : lines) {
       std::vector<int> ref;
@@ -290,6 +308,10 @@ TEST_CASE("the tokenizer.json written for a SentencePiece model encodes like lib
       const auto ids = tok.encode(line);
       const std::vector<int> got(ids.begin(), ids.end());
       if (got != ref) {
+        if (unigram && hf_unigram_difference(line, ref, got)) {
+          ++hf_differences;
+          continue;
+        }
         if (++mismatched <= 5) examples.push_back(m.name + " json ids: '" + line + "'\n  spm:   " + show(ref) + "\n  rhine: " + show(got));
         continue;
       }
@@ -304,7 +326,9 @@ TEST_CASE("the tokenizer.json written for a SentencePiece model encodes like lib
     }
     for (const auto& e : examples) UNSCOPED_INFO(e);
     WARN(m.name << " as tokenizer.json (" << tok.kind() << "): " << lines.size() << " lines compared, " << mismatched
-                << " id mismatches, " << decode_mismatch << " decode mismatches (lines without unk)");
+                << " id mismatches, " << decode_mismatch << " decode mismatches (lines without unk), "
+                << hf_differences << " Unigram lines where HF's rules differ from SentencePiece's");
+    if (unigram) CHECK(hf_differences <= lines.size() / 100);
     // Models with user-defined symbols: libsentencepiece matches them in the raw text before
     // the charsmap, tokenizer.json (HF and Rhine) in the normalized text; they differ only
     // where the charsmap changes text around a symbol (a few mutated lines).

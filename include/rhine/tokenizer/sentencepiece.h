@@ -172,9 +172,15 @@ class SpmModel : public Model {
 
 /// SentencePiece Unigram (`unigram_model.cc EncodeOptimized`): Viterbi over byte positions
 /// in float arithmetic, user-defined bonus, unk at min_score - 10.
+///
+/// With `f64_scores` (one per piece) it is Hugging Face's Unigram instead (`encode_optimized`
+/// of the tokenizers crate): the same search over the given double scores, summed and kept in
+/// double, every piece matchable (byte and control pieces too), unk at the minimum over all
+/// pieces - 10. The two differ only where path scores
+/// tie in one precision and not in the other (e.g. "..." + "." against "." + "...").
 class SpmUnigramModel final : public SpmModel {
  public:
-  explicit SpmUnigramModel(std::shared_ptr<const SpmVocab> vocab);
+  explicit SpmUnigramModel(std::shared_ptr<const SpmVocab> vocab, std::vector<double> f64_scores = {});
   ~SpmUnigramModel() override;
   void tokenize(std::string_view text, std::vector<Token>& out) const override;
 
@@ -182,6 +188,8 @@ class SpmUnigramModel final : public SpmModel {
   struct Trie;
   std::unique_ptr<Trie> trie_;
   float min_score_ = 0, max_score_ = 0;
+  bool f64_ = false;          // HF's double-precision search (see the class comment)
+  double f64_unk_score_ = 0;  // its unk score
 };
 
 /// SentencePiece BPE (`bpe_model.cc`): merges chosen by piece score (max-heap, ties to the

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Hugging Face `tokenizers` and `sentencepiece` (Python) as oracles of Rhine's tokenizers,
+# through the rhine-tokenizer CLI (tests/oracle/hf_tokenizers.py is the reference side):
+#   1. tokenizers trained by `tokenizers` itself for each family Rhine reads (byte-level BPE
+#      with the llama3 split regex, BPE with byte fallback, Unigram with Metaspace, WordPiece)
+#      on the bundled de/fr/nl/en text: Rhine's ids (with and without special tokens) and
+#      decoded text equal the library's on the held-out pages and hard cases;
+#   2. what `rhine-tokenizer train` writes: PREFIX.tokenizer.json loads in `tokenizers` and
+#      PREFIX.model in `sentencepiece`, and both encode to Rhine's ids (BPE and Unigram; for
+#      the .model a Unigram line may be segmented differently at an exact score tie, which
+#      PyPI's sentencepiece breaks differently from Debian's libsentencepiece: see
+#      hf_tokenizers.py compare-spm).
+# `tokenizers` always matches added tokens in the text, so Rhine encodes tokenizer.json files
+# with --parse-special; sentencepiece never matches control pieces, nor does Rhine by default.
+#   tokenizer_test.sh RHINE_TOKENIZER SOURCE_DIR WORK_DIR PYTHON
+set -euo pipefail
+tool=$1 src=$2 work=$3 py=${RHINE_PYTHON:-$4}
+source "$src/tests/skip.sh"
+ref=$src/tests/oracle/hf_tokenizers.py
+[[ -n "$py" ]] || rhine_skip "no Python for the tokenizers/sentencepiece oracle: set RHINE_PYTHON or build with scripts/build.sh (which passes the project's environment, scripts/setup-python.sh)"
+version=$("$py" "$ref" --version 2>&1) ||
+  rhine_skip "the Python $py cannot import tokenizers and sentencepiece ($(echo "$version" | tail -1)); run scripts/setup-python.sh and point RHINE_PYTHON at its bin/python"
+fx=$src/data/sample
+rm -rf "$work" && mkdir -p "$work"
+cat $fx/heldout/*.txt > "$work/text.txt"
+# Hard cases: combining marks, emoji (ZWJ sequence, skin tone), CJK, control characters,
+# long digit runs, whitespace runs, special-token text, CRLF, a lone CR.
+printf '%s\n' \
+  $'e\u0301t\u00e9 a\u030a n\u0303 Gr\u00fc\u00df Gott! \u00c7a va? \u00c9\u00e9n fiets' \
+  $'emoji \U1F600\U1F44D\U1F3FD \U1F468\u200d\U1F469\u200d\U1F467 family' \
+  $'CJK \u4f60\u597d\uff0c\u4e16\u754c\u3002\u3053\u3093\u306b\u3061\u306f \ud55c\uad6d\uc5b4' \
+  $'control \x01\x02\x1b[0m bell\x07 del\x7f' \
+  'digits 12345678901234567890 3.14159 1,000,000' \
+  $'whitespace   runs\t\ttabs    end   ' \
+  '<s> </s> <unk> [CLS] [SEP] <|begin_of_text|> <0x41> literal specials' \
+  $'crlf line\r' \
+  $'lone\rcr' \
+  $'\u00a0nbsp\u2009thin\u3000ideographic \ufb01nance \u212b' \
+  "don't you'll I'M O'Neil" >> "$work/text.txt"
+n=$(wc -l < "$work/text.txt")
+
+same() {  # same WHAT FILE_A FILE_B
+  cmp -s "$2" "$3" && return 0
+  echo "FAIL: $1 differ (rhine $2 vs reference $3):"
+  diff <(nl -ba "$2") <(nl -ba "$3") | head -8
+  exit 1
+}
+
+# 1. Families trained by tokenizers.
+for family in byte_level_bpe bpe_byte_fallback unigram wordpiece; do
+  json=$work/$family.json
+  "$py" "$ref" train $family "$json" $fx/de.txt $fx/fr.txt $fx/nl.txt $fx/en.txt
+  for special in "" --add-special; do
+    "$tool" encode -t "$json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/$family.rhine$special.ids"
+    "$py" "$ref" encode json "$json" $special < "$work/text.txt" > "$work/$family.hf$special.ids"
+    same "$family ids${special:+ with special tokens}" "$work/$family.rhine$special.ids" "$work/$family.hf$special.ids"
+  done
+  "$tool" decode -t "$json" < "$work/$family.hf--add-special.ids" > "$work/$family.rhine.txt"
+  "$py" "$ref" decode json "$json" < "$work/$family.hf--add-special.ids" > "$work/$family.hf.txt"
+  same "$family decoded text" "$work/$family.rhine.txt" "$work/$family.hf.txt"
+  echo "$family (trained by tokenizers): $n lines, ids with and without special tokens and decoded text equal ($version)"
+done
+
+# 2. What rhine-tokenizer train writes, read by the reference libraries.
+for type in bpe unigram; do
+  "$tool" train -i de=$fx/de.txt -i fr=$fx/fr.txt -i nl=$fx/nl.txt -i en=$fx/en.txt \
+    --model-type $type --vocab-size 2000 --out "$work/rhine_$type" 2>"$work/train_$type.log"
+  for special in "" --add-special; do
+    "$tool" encode -t "$work/rhine_$type.model" $special --threads 1 < "$work/text.txt" > "$work/$type.rhine$special.ids"
+    "$py" "$ref" compare-spm $type "$work/rhine_$type.model" "$work/text.txt" "$work/$type.rhine$special.ids" $special ||
+      { echo "FAIL: rhine-tokenizer train $type .model: Rhine's ids are not sentencepiece's${special:+ (with BOS)}"; exit 1; }
+    "$tool" encode -t "$work/rhine_$type.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/$type.json$special.ids"
+    "$py" "$ref" encode json "$work/rhine_$type.tokenizer.json" $special < "$work/text.txt" > "$work/$type.hf$special.ids"
+    same "rhine-tokenizer train $type tokenizer.json vs tokenizers${special:+ with special tokens}" \
+      "$work/$type.json$special.ids" "$work/$type.hf$special.ids"
+  done
+  echo "rhine-tokenizer train $type: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
+done

@@ -27,6 +27,7 @@ are built):
   unigram           T5 / Gemma-1 style: NFKC, Metaspace pre-tokenizer, Unigram, EOS appended
   wordpiece         BERT style: BertNormalizer (lower case, accents stripped), BertPreTokenizer,
                     WordPiece with "##", [CLS] ... [SEP]
+  chatml_bpe        byte-level BPE with <|im_start|> and <|im_end|> (for hf_chat.py)
 """
 import json
 import sys
@@ -60,6 +61,16 @@ def train(family, out, paths):
         tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
             special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    elif family == "chatml_bpe":
+        # byte-level BPE with ChatML's turn tokens (Qwen / EuroLLM style), for the chat oracle
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(iterator(paths), trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     elif family == "bpe_byte_fallback":
         tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

@@ -1,7 +1,9 @@
 #pragma once
 // Helpers of the oracle tests: the Python that runs the reference scripts of tests/oracle/
 // and the skip reason when it cannot. Include after torch_test.h.
+#include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 
 #include "test_util.h"
@@ -19,17 +21,27 @@ inline std::string script(const std::string& name) {
   return std::string(RHINE_SOURCE_DIR) + "/tests/oracle/" + name;
 }
 
+/// `script_name --version` as last run by missing() (the library versions, for the log).
+inline std::string& version(const std::string& script_name) {
+  static std::map<std::string, std::string> versions;
+  return versions[script_name];
+}
+
 /// Why `script_name --version` cannot run ("" when it can): no Python, or one without the
-/// library the script imports (`library`, for the message).
+/// library the script imports (`library`, for the message). When it can, the versions it
+/// prints are written to the log ("[oracle] ...").
 inline std::string missing(const std::string& script_name, const std::string& library) {
   const std::string py = python();
   if (py.empty())
     return "no Python for the " + library + " oracle: set RHINE_PYTHON or build with scripts/build.sh "
            "(which passes the project's environment, scripts/setup-python.sh)";
-  const auto [status, out] = rhine::test::run_command(py + " " + script(script_name) + " --version 2>&1");
+  auto [status, out] = rhine::test::run_command(py + " " + script(script_name) + " --version 2>&1");
   if (status != 0)
     return "the Python " + py + " cannot import " + library + " (" + out.substr(0, 300) +
            "); run scripts/setup-python.sh and point RHINE_PYTHON at its bin/python";
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  version(script_name) = out;
+  std::printf("[oracle] %s: %s\n", script_name.c_str(), out.c_str());
   return "";
 }
 

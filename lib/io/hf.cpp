@@ -185,8 +185,25 @@ nn::CausalLM load_hf_model(const fs::path& dir, const ImportOptions& options) {
   if (!missing.empty() || !unexpected.empty()) {
     std::string value = "missing " + detail::display(missing) + ", unexpected " + detail::display(unexpected);
     std::string hint = "the checkpoint does not fit the " + config.model_type + " model its config.json describes";
+    std::string mtp_layers;  // "61" or "(61|62)": the MTP layers' indices, for the hint's regex
+    for (std::int64_t k = 0; k < config.num_nextn_predict_layers; ++k)
+      mtp_layers += (k ? "|" : "") + std::to_string(config.num_hidden_layers + k);
+    if (config.num_nextn_predict_layers > 1) mtp_layers = "(" + mtp_layers + ")";
+    const bool only_mtp_missing =
+        config.num_nextn_predict_layers > 0 && !missing.empty() && unexpected.empty() &&
+        std::all_of(missing.begin(), missing.end(), [&](const std::string& n) {
+          for (std::int64_t k = 0; k < config.num_nextn_predict_layers; ++k)
+            if (n.rfind("model.layers." + std::to_string(config.num_hidden_layers + k) + ".", 0) == 0) return true;
+          return false;
+        });
     if (std::count(missing.begin(), missing.end(), "lm_head.weight"))
       hint += " (no lm_head.weight: set tie_word_embeddings true if the output layer is the embedding)";
+    else if (only_mtp_missing)
+      hint += ": it holds no MTP module although num_nextn_predict_layers is " +
+              std::to_string(config.num_nextn_predict_layers) +
+              " (transformers drops them in save_pretrained); set num_nextn_predict_layers to 0 in config.json to "
+              "import it without MTP, or start the MTP modules fresh with ImportOptions::allowed_missing = "
+              "{R\"(model\\.layers\\." + mtp_layers + "\\..*)\"}";
     else
       hint += "; ImportOptions::allowed_extra / allowed_missing accept known differences";
     RHINE_FAIL(kImport,

@@ -4,13 +4,17 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "rhine/core/error.h"
 #include "rhine/data/loader.h"
 #include "rhine/data/sft.h"
+#include "rhine/dist/world.h"
 #include "rhine/formats/token_shard.h"
 #include "rhine/io/lora.h"
+#include "rhine/nn/moe.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/compat.h"
 
@@ -78,55 +82,140 @@ Json EvalResult::to_json() const {
   return j;
 }
 
+namespace {
+
+// True when the model's forward runs collectives (FSDP hooks, an expert-parallel dispatch):
+// then every rank must run every forward pass.
+bool forward_is_collective(nn::CausalLM& model) {
+  if (model->forward_hooks()) return true;
+  for (const auto& moe : model->moe_layers())
+    if (moe->expert_dispatch()) return true;
+  return false;
+}
+
+// One scored window: tokens [start, end) of document `doc`, predicting tokens start+1..end-1.
+struct Window {
+  std::size_t doc, start, end;
+};
+
+}  // namespace
+
 EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16) {
+  EvalOptions o;
+  o.bf16 = bf16;
+  return evaluate(model, heldout, o);
+}
+
+EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, const EvalOptions& options) {
+  RHINE_CHECK(options.batch_size >= 1, "evaluate", "batch_size must be >= 1", options.batch_size, "");
   const bool was_training = model->is_training();
   model->eval();
   at::NoGradGuard no_grad;
   // Adapters as trained so far (a sharded model's hooks refresh them per block).
   if (io::lora_options(*model) && !model->forward_hooks()) io::refresh_lora(*model);
   const auto device = model->output_weight().device();
-  EvalResult result;
+  const bool split = options.world != nullptr && options.world->world_size() > 1 && !forward_is_collective(model);
+  const int rank = split ? options.world->rank() : 0, ranks = split ? options.world->world_size() : 1;
+  const auto n_moe = static_cast<std::int64_t>(model->moe_layers().size());
+  const auto T = static_cast<std::size_t>(heldout.seq_len);
+
+  // Per language: nats, tokens, expert counts [n_moe, E] (host), summed over this rank's windows.
+  std::vector<std::string> names;
+  std::vector<double> sums;  // 2 per language
+  std::vector<at::Tensor> counts;
+  std::size_t window_index = 0;  // over all languages: the rank split
   for (const auto& [lang, l] : heldout.languages) {
-    double nats = 0.0;
-    std::int64_t n_tokens = 0;
-    at::Tensor counts;
+    names.push_back(lang);
+    // This rank's windows with at least one target, grouped by length in order of appearance.
+    std::map<std::size_t, std::vector<Window>> by_length;
+    std::vector<std::size_t> lengths;
     for (std::size_t d = 0; d < l.docs.size(); ++d) {
       const auto& doc = l.docs[d];
-      const auto T = static_cast<std::size_t>(heldout.seq_len);
       for (std::size_t start = 0; start + 1 < doc.size(); start += T) {
         const auto end = std::min(doc.size(), start + T + 1);
-        auto chunk = at::tensor(std::vector<std::int64_t>(doc.begin() + static_cast<std::ptrdiff_t>(start),
-                                                          doc.begin() + static_cast<std::ptrdiff_t>(end)))
-                         .view({1, -1})
-                         .to(device);
-        const auto n = chunk.size(1) - 1;
-        nn::ForwardOptions fo;
-        fo.labels = chunk.slice(1, 1, n + 1);
-        if (!l.targets.empty()) {  // score the targets only
+        if (!l.targets.empty()) {
           const auto& tg = l.targets[d];
-          auto keep = at::tensor(std::vector<std::uint8_t>(tg.begin() + static_cast<std::ptrdiff_t>(start + 1),
-                                                           tg.begin() + static_cast<std::ptrdiff_t>(end)))
-                          .to(at::kBool)
-                          .view({1, -1})
-                          .to(device);
-          fo.labels = fo.labels->masked_fill(keep.logical_not(), -100);
-          if (!keep.any().item<bool>()) continue;
+          if (std::none_of(tg.begin() + static_cast<std::ptrdiff_t>(start + 1), tg.begin() + static_cast<std::ptrdiff_t>(end),
+                           [](std::uint8_t t) { return t != 0; }))
+            continue;  // nothing scored here
         }
-        AutocastGuard autocast(device.type(), at::kBFloat16, bf16);
-        auto out = model->forward(chunk.slice(1, 0, n), fo);
-        nats += out.stats.ce_loss * static_cast<double>(out.stats.n_tokens);
-        n_tokens += out.stats.n_tokens;
-        if (out.expert_counts.defined())
-          counts = counts.defined() ? counts + out.expert_counts.cpu() : out.expert_counts.cpu();
+        if (window_index++ % static_cast<std::size_t>(ranks) != static_cast<std::size_t>(rank)) continue;
+        auto& group = by_length[end - start];
+        if (group.empty()) lengths.push_back(end - start);
+        group.push_back({d, start, end});
       }
     }
+    double nats = 0.0, n_tokens = 0.0;
+    at::Tensor lang_counts;
+    for (const auto len : lengths) {
+      const auto& group = by_length[len];
+      for (std::size_t b0 = 0; b0 < group.size(); b0 += static_cast<std::size_t>(options.batch_size)) {
+        const auto b1 = std::min(group.size(), b0 + static_cast<std::size_t>(options.batch_size));
+        std::vector<std::int64_t> ids, labels;
+        for (std::size_t b = b0; b < b1; ++b) {
+          const auto& w = group[b];
+          const auto& doc = l.docs[w.doc];
+          ids.insert(ids.end(), doc.begin() + static_cast<std::ptrdiff_t>(w.start),
+                     doc.begin() + static_cast<std::ptrdiff_t>(w.end) - 1);
+          for (std::size_t i = w.start + 1; i < w.end; ++i)
+            labels.push_back(l.targets.empty() || l.targets[w.doc][i] ? doc[i] : -100);
+        }
+        const auto rows = static_cast<std::int64_t>(b1 - b0), n = static_cast<std::int64_t>(len) - 1;
+        nn::ForwardOptions fo;
+        fo.labels = at::tensor(labels).view({rows, n}).to(device);
+        fo.mtp_lambda = 0.0;
+        AutocastGuard autocast(device.type(), at::kBFloat16, options.bf16);
+        auto out = model->forward(at::tensor(ids).view({rows, n}).to(device), fo);
+        nats += out.stats.ce_loss * static_cast<double>(out.stats.n_tokens);
+        n_tokens += static_cast<double>(out.stats.n_tokens);
+        if (out.expert_counts.defined())
+          lang_counts = lang_counts.defined() ? lang_counts + out.expert_counts.cpu() : out.expert_counts.cpu();
+      }
+    }
+    sums.push_back(nats);
+    sums.push_back(n_tokens);
+    counts.push_back(lang_counts);
+  }
+
+  // One host all-reduce: [nats, tokens] per language, then every language's expert counts.
+  if (split) {
+    std::vector<double> flat = sums;
+    if (n_moe > 0) {
+      for (std::size_t i = 0; i < counts.size(); ++i) {
+        // A rank without windows of a language has no counts yet: zeros of the model's shape.
+        const std::int64_t E = model->config().n_routed_experts;
+        at::Tensor c = counts[i].defined() ? counts[i].to(at::kDouble) : at::zeros({n_moe, E}, at::kDouble);
+        RHINE_CHECK(c.size(0) == n_moe && c.size(1) == E, "evaluate", "expert counts of an unexpected shape",
+                    c.sizes().vec(), "");
+        const double* p = c.contiguous().data_ptr<double>();
+        flat.insert(flat.end(), p, p + c.numel());
+      }
+    }
+    flat = options.world->host_sum(flat);
+    std::copy(flat.begin(), flat.begin() + static_cast<std::ptrdiff_t>(sums.size()), sums.begin());
+    if (n_moe > 0) {
+      const std::int64_t E = model->config().n_routed_experts;
+      for (std::size_t i = 0; i < counts.size(); ++i) {
+        const auto off = static_cast<std::ptrdiff_t>(sums.size() + i * static_cast<std::size_t>(n_moe * E));
+        counts[i] = at::tensor(std::vector<double>(flat.begin() + off, flat.begin() + off + n_moe * E))
+                        .view({n_moe, E})
+                        .round()
+                        .to(at::kLong);
+      }
+    }
+  }
+
+  EvalResult result;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const auto& l = heldout.languages.at(names[i]);
+    const double nats = sums[2 * i];
     LanguageEval e;
-    e.tokens = n_tokens;
+    e.tokens = static_cast<std::int64_t>(sums[2 * i + 1]);
     e.bytes = l.bytes;
-    e.loss = n_tokens > 0 ? nats / static_cast<double>(n_tokens) : 0.0;
+    e.loss = e.tokens > 0 ? nats / static_cast<double>(e.tokens) : 0.0;
     e.bits_per_byte = l.bytes > 0 ? nats / std::log(2.0) / static_cast<double>(l.bytes) : 0.0;
-    e.expert_counts = counts;
-    result.languages[lang] = e;
+    e.expert_counts = counts[i];
+    result.languages[names[i]] = e;
   }
   if (was_training) model->train();
   return result;

@@ -555,7 +555,11 @@ StepMetrics Trainer::train_step() {
 // --- evaluation and logging ---------------------------------------------------
 
 EvalResult Trainer::run_eval() {
-  auto r = evaluate(model_, *heldout_, o_.bf16);
+  EvalOptions eo;
+  eo.bf16 = o_.bf16;
+  eo.batch_size = o_.eval_batch_size;
+  eo.world = world_;  // split over data-parallel ranks; evaluate keeps collective forwards whole
+  auto r = evaluate(model_, *heldout_, eo);
   r.step = step_;
   log_eval(r);
   if (callbacks_.on_eval) callbacks_.on_eval(step_, r);

@@ -23,6 +23,7 @@
 #include "rhine/torch/runtime.h"
 #include "rhine/train/plot.h"
 #include "test_util.h"
+#include "tiny_config.h"
 #include "trainer_fixture.h"
 
 namespace fs = std::filesystem;
@@ -144,6 +145,17 @@ TEST_CASE("trainer: two data-parallel ranks (Gloo) equal one process with the wh
     INFO(name);
     const double rel = (t - pb.at(name)).norm().item<double>() / (t.norm().item<double>() + 1e-12);
     CHECK(rel < 1e-5);
+  }
+  // Evaluation split over the two ranks (one host all-reduce) gives one process's numbers.
+  const auto ea = rhine::read_json_file((one / "eval.json").string(), "test");
+  const auto eb = rhine::read_json_file((two / "eval.json").string(), "test");
+  REQUIRE(ea.size() == 2);
+  for (const auto& lang : {"de", "nl"}) {
+    INFO(lang);
+    CHECK(eb.at(lang).at("tokens") == ea.at(lang).at("tokens"));
+    CHECK(eb.at(lang).at("tokens").get<std::int64_t>() > 5);
+    CHECK(eb.at(lang).at("loss").get<double>() == Approx(ea.at(lang).at("loss").get<double>()).epsilon(1e-5));
+    CHECK(eb.at(lang).at("bpb").get<double>() == Approx(ea.at(lang).at("bpb").get<double>()).epsilon(1e-5));
   }
 }
 
@@ -431,6 +443,52 @@ TEST_CASE("trainer: per-language evaluation is the direct cross-entropy in bits 
   CHECK(chunked.languages.at("de").tokens == 6 + 2);
   CHECK(chunked.languages.at("nl").tokens == 4);
   CHECK(run.model->is_training());
+}
+
+TEST_CASE("evaluation: batched windows give the numbers of one window per pass (dense and MoE, SFT targets)",
+          "[trainer]") {
+  // float64 so that batching changes nothing but summation order.
+  for (const char* type : {"llama", "deepseek_v3"}) {
+    INFO(type);
+    at::manual_seed(5);
+    auto cfg = rhine::test::tiny_config(type);
+    rhine::nn::CausalLM lm(cfg);
+    lm->to(at::kDouble);
+    rhine::train::HeldoutSet h;
+    h.seq_len = 4;
+    for (int d = 0; d < 9; ++d) {  // lengths 2..18: full windows of 4 and last windows of 1..4
+      std::vector<std::int64_t> doc;
+      for (int t = 0; t < 2 + 2 * d; ++t) doc.push_back((5 * d + 3 * t + 1) % cfg.vocab_size);
+      auto& l = h.languages[d % 3 ? "fr" : "en"];
+      l.docs.push_back(doc);
+      l.bytes += 3 * doc.size();
+      if (d % 3) {  // fr: SFT-style targets (every third token not scored)
+        std::vector<std::uint8_t> t(doc.size(), 1);
+        for (std::size_t i = 0; i < t.size(); i += 3) t[i] = 0;
+        l.targets.push_back(t);
+      }
+    }
+    rhine::train::EvalOptions one, batched;
+    one.batch_size = 1;
+    batched.batch_size = 8;
+    const auto a = rhine::train::evaluate(lm, h, one), b = rhine::train::evaluate(lm, h, batched);
+    for (const auto& [lang, e] : a.languages) {
+      INFO(lang);
+      const auto& f = b.languages.at(lang);
+      CHECK(f.tokens == e.tokens);
+      CHECK(f.loss == Approx(e.loss).epsilon(1e-12));
+      CHECK(f.bits_per_byte == Approx(e.bits_per_byte).epsilon(1e-12));
+      CHECK(f.expert_counts.defined() == (cfg.n_routed_experts > 0));
+      if (f.expert_counts.defined()) CHECK(at::equal(f.expert_counts, e.expert_counts));
+    }
+    // ForwardOptions' default runs no MTP head: `loss` stays the next-token loss.
+    const auto ids = at::tensor(h.languages.at("en").docs.back()).view({1, -1});
+    rhine::nn::ForwardOptions fo;
+    fo.labels = ids;
+    const auto out = lm->forward(ids, fo);
+    CHECK_FALSE(out.mtp_loss.defined());
+    CHECK(out.loss.item<double>() == Approx(out.stats.ce_loss).epsilon(1e-6));
+  }
 }
 
 TEST_CASE("trainer: bad options are clear errors", "[trainer]") {

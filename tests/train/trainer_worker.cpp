@@ -9,7 +9,8 @@
 // data-parallel over Gloo (RHINE_TEST_ZERO1=1: with the optimizer state
 // sharded, ZeRO-1; RHINE_TEST_FSDP=3 or 2: fully sharded, FSDP ZeRO-3 or
 // ZeRO-2). At the end rank 0 writes OUT_DIR/final.safetensors (under FSDP
-// every parameter is gathered first).
+// every parameter is gathered first) and, without FSDP, OUT_DIR/eval.json: the trained model
+// evaluated on a fixed held-out set (split over the data-parallel ranks).
 #include <signal.h>
 
 #include <cstdio>
@@ -21,6 +22,7 @@
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/checkpoint.h"
+#include "rhine/core/json.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/runtime.h"
 #include "trainer_fixture.h"
@@ -95,6 +97,28 @@ int main(int argc, char** argv) try {
     for (const auto& [name, b] : run.model->state_buffers()) final_state[name] = b;
   }
   if (world.is_main()) rhine::save_safetensors(std::string(argv[2]) + "/final.safetensors", final_state);
+  // Evaluation of the trained model on a fixed held-out set (data parallel: split over the
+  // ranks); rank 0 writes OUT_DIR/eval.json.
+  if (!fsdp) {
+    rhine::train::HeldoutSet h;
+    h.seq_len = 5;
+    for (int d = 0; d < 7; ++d) {
+      std::vector<std::int64_t> doc;
+      for (int t = 0; t < 3 + 2 * d; ++t) doc.push_back((7 * d + 3 * t) % rhine::test::kVocab);
+      h.languages[d % 2 ? "de" : "nl"].docs.push_back(doc);
+      h.languages[d % 2 ? "de" : "nl"].bytes += static_cast<std::uint64_t>(4 * doc.size());
+    }
+    for (const auto& doc : h.languages["nl"].docs) {  // nl scores every other token (as SFT replies)
+      std::vector<std::uint8_t> t(doc.size());
+      for (std::size_t i = 0; i < t.size(); ++i) t[i] = i % 2;
+      h.languages["nl"].targets.push_back(t);
+    }
+    rhine::train::EvalOptions eo;
+    eo.batch_size = 2;
+    eo.world = &world;
+    const auto r = rhine::train::evaluate(run.model, h, eo);
+    if (world.is_main()) rhine::write_json_file(std::string(argv[2]) + "/eval.json", r.to_json());
+  }
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "%s\n", e.what());

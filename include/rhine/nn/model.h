@@ -105,9 +105,11 @@ struct ForwardOptions {
   KVCache* cache = nullptr;
   /// Return logits of the last position only ([B, 1, V]; generation).
   bool last_logits_only = false;
-  /// MTP loss weight lambda: loss += lambda / D * sum_k CE_k (0.3 then 0.1
-  /// in V3). MTP modules run only with labels and lambda > 0.
-  double mtp_lambda = 0.3;
+  /// MTP loss weight lambda: loss += lambda / D * sum_k CE_k (DeepSeek-V3
+  /// trains with 0.3, then 0.1). MTP modules run only with labels and
+  /// lambda > 0; the default 0 keeps `loss` the next-token loss for any
+  /// caller that passes labels (the Trainer sets TrainerOptions::mtp_lambda).
+  double mtp_lambda = 0.0;
   /// Weight of the sequence-wise balance loss of every MoE layer (V3: 1e-4).
   double moe_seq_aux_alpha = 0.0;
   /// Weight of V2's expert-level balance loss of every MoE layer (V2: 0.003).

@@ -23,6 +23,10 @@ class Tokenizer;
 struct SftExamples;
 }
 
+namespace rhine::dist {
+class World;
+}
+
 namespace rhine::train {
 
 /// Options of HeldoutSet::from_shards.
@@ -83,8 +87,26 @@ struct EvalResult {
 /// everything. 0 for an undefined tensor.
 double moe_imbalance(const at::Tensor& counts);
 
-/// Scores `heldout` with `model` in eval mode (no grad), under bf16 autocast
-/// when asked; the model is put back in train mode.
+/// Options of evaluate.
+struct EvalOptions {
+  /// Run the forward passes under bf16 autocast.
+  bool bf16 = false;
+  /// Windows per forward pass. Windows of equal length (every full window of
+  /// `seq_len` predictions, and equal-length last windows) share a batch, so no
+  /// padding is scored or routed; 1 scores one window per pass.
+  std::int64_t batch_size = 8;
+  /// Data parallel: each rank scores every world_size-th window and one host
+  /// all-reduce sums the results, which every rank returns. Only for a
+  /// replicated model: a model whose forward runs collectives (FSDP hooks,
+  /// expert parallelism) is scored whole on every rank, as without a world.
+  dist::World* world = nullptr;
+};
+
+/// Scores `heldout` with `model` in eval mode (no grad, no MTP heads); the
+/// model is put back in train mode. The numbers do not depend on
+/// batch_size or the world (up to floating-point summation order).
+EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, const EvalOptions& options);
+/// evaluate() with EvalOptions{bf16}.
 EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, bool bf16);
 
 }  // namespace rhine::train

@@ -104,6 +104,9 @@ struct TrainerOptions {
   std::int64_t eval_every = 0;
   /// Evaluate before the first step of a fresh run (the "before" numbers).
   bool eval_at_start = true;
+  /// Held-out windows per forward pass (EvalOptions::batch_size). Under data
+  /// parallelism the windows are split over the ranks.
+  std::int64_t eval_batch_size = 8;
 
   /// Metrics line (JSONL) and log line every N steps.
   std::int64_t log_every = 10;
@@ -206,7 +209,8 @@ class Trainer {
   /// `world` (both not owned, outliving the trainer). The caller builds the
   /// loader with the world's rank and size and broadcasts the parameters
   /// before fit(). Step losses, token counts and the stop-on-signal decision
-  /// are reduced over ranks, so every rank takes the same steps; rank 0 alone
+  /// are reduced over ranks, so every rank takes the same steps; evaluation
+  /// splits the held-out windows over the ranks; rank 0 alone
   /// prints, writes metrics.jsonl, the plot and checkpoints (the others wait
   /// at a barrier); every rank resumes from the same checkpoint directory
   /// (a shared filesystem).

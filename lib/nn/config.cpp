@@ -28,7 +28,7 @@ RopeParameters read_rope(const Json* scaling, std::optional<double> theta_v4, bo
   if (!scaling || scaling->is_null()) return r;
   RHINE_CHECK(scaling->is_object(), kComponent,
               std::string(v5 ? "rope_parameters" : "rope_scaling") + " must be an object or null",
-              Verbatim{scaling->dump()}, "see architectures.md section 4.1");
+              Verbatim{scaling->dump()}, "see docs/architectures.md section 4.1");
   JsonFields f(*scaling, v5 ? "model_config.rope_parameters" : "model_config.rope_scaling");
   // v4 writes "type" (legacy) or "rope_type"; Rhine writes both.
   auto type = f.optional<std::string>("rope_type");

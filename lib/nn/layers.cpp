@@ -1,4 +1,4 @@
-// Building blocks of Llama-family decoders. Formulas: architectures.md
+// Building blocks of Llama-family decoders. Formulas: docs/architectures.md
 // sections 0 (RMSNorm, SwiGLU), 4 (RoPE scaling), 5.3 (RoPE layouts), 6.4
 // (Apertus: xIELU, QK-norm). Dimension letters as in rhine/nn/layers.h.
 #include "rhine/nn/layers.h"

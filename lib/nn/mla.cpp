@@ -1,4 +1,4 @@
-// Multi-head Latent Attention: naive and absorbed forms (architectures.md
+// Multi-head Latent Attention: naive and absorbed forms (docs/architectures.md
 // 1.3-1.7). Dimension letters as in rhine/nn/mla.h.
 #include "rhine/nn/mla.h"
 

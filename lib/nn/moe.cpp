@@ -1,5 +1,5 @@
 // DeepSeekMoE: routing, grouped and loop dispatch, balance losses and the
-// aux-loss-free bias update (architectures.md section 2). Dimension letters
+// aux-loss-free bias update (docs/architectures.md section 2). Dimension letters
 // as in rhine/nn/moe.h.
 #include "rhine/nn/moe.h"
 

@@ -1,4 +1,4 @@
-// Multi-token prediction modules (architectures.md section 3). Dimension
+// Multi-token prediction modules (docs/architectures.md section 3). Dimension
 // letters as in rhine/nn/mtp.h.
 #include "rhine/nn/mtp.h"
 

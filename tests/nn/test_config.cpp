@@ -159,7 +159,7 @@ TEST_CASE("derived values: KV heads, head_dim, eos lists", "[nn][config]") {
 }
 
 TEST_CASE("DeepSeek-V3 keys are parsed, kept and written back", "[nn][config]") {
-  // Values from DeepSeek's config_671B.json / the HF config (architectures.md 1.1, 2.1, 4.2).
+  // Values from DeepSeek's config_671B.json / the HF config (docs/architectures.md 1.1, 2.1, 4.2).
   const Json j =
       Json::parse(R"({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
     "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,

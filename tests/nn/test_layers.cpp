@@ -1,5 +1,5 @@
 // Building blocks: RoPE frequencies against the generator script and the worked
-// values of architectures.md, RoPE layouts against closed forms, RMSNorm and xIELU
+// values of docs/architectures.md, RoPE layouts against closed forms, RMSNorm and xIELU
 // against their formulas, finite-difference gradients per block (float64), and
 // GQA == MHA with repeated KV heads.
 #include "nn_fixtures.h"
@@ -66,7 +66,7 @@ TEST_CASE("RoPE inverse frequencies match the generator script for every scaling
   }
 }
 
-TEST_CASE("YaRN and llama3 worked values from architectures.md", "[nn][rope]") {
+TEST_CASE("YaRN and llama3 worked values from docs/architectures.md", "[nn][rope]") {
   // 1.4: get_mscale worked values.
   CHECK(yarn_get_mscale(40.0, 1.0) == Approx(1.368888).epsilon(1e-6));
   CHECK(yarn_get_mscale(40.0, 0.707) == Approx(1.260804).epsilon(1e-6));

@@ -179,7 +179,7 @@ TEST_CASE("MLA gradients match float64 finite differences", "[nn][mla][grad]") {
 TEST_CASE("MLA softmax scale and cache sizes of the published configs", "[nn][mla]") {
   auto v3 = ModelConfig::from_file(nn_test::fixture_path("configs/deepseek-v3.json"));
   auto lite = ModelConfig::from_file(nn_test::fixture_path("configs/deepseek-v2-lite.json"));
-  // architectures.md 1.4 worked values.
+  // docs/architectures.md 1.4 worked values.
   CHECK(v3.mla_softmax_scale() == Approx(0.1352338).epsilon(1e-6));
   CHECK(lite.mla_softmax_scale() == Approx(0.1147214).epsilon(1e-6));
   CHECK(kv_cache_elements_per_token(v3) == 576);

@@ -97,7 +97,7 @@ TEST_CASE("parameters carry the Hugging Face names and counts match the closed f
   CHECK(lb->num_parameters() == parameter_count(biased.config));
 
   // Published sizes: EuroLLM-9B card 9.154B parameters, 0.524B each for embeddings and head
-  // (architectures.md 6.1); Mistral-7B 7.24B.
+  // (docs/architectures.md 6.1); Mistral-7B 7.24B.
   ModelConfig euro9 = ModelConfig::from_json(rhine::Json::parse(R"({"model_type": "llama",
       "vocab_size": 128000, "hidden_size": 4096, "intermediate_size": 12288,
       "num_hidden_layers": 42, "num_attention_heads": 32, "num_key_value_heads": 8})"));

@@ -1,5 +1,5 @@
 // Torch-free unit tests of the pipeline stages and of tiny in-memory SentencePiece models
-// with segmentations worked out by hand from the algorithms in architectures.md 8.1.
+// with segmentations worked out by hand from the algorithms in docs/architectures.md 8.1.
 #include <catch2/catch.hpp>
 
 #include "rhine/core/error.h"

@@ -29,7 +29,7 @@
 
 namespace rhine::nn {
 
-/// RoPE frequencies and their scaling (architectures.md section 4).
+/// RoPE frequencies and their scaling (docs/architectures.md section 4).
 struct RopeParameters {
   /// "default" (no scaling), "linear", "llama3" or "yarn".
   std::string rope_type = "default";
@@ -106,7 +106,7 @@ struct ModelConfig {
   std::vector<std::int64_t> eos_token_id;
   std::optional<std::int64_t> pad_token_id;
 
-  // --- DeepSeek MLA + MoE + MTP (architectures.md sections 1-3) ---------
+  // --- DeepSeek MLA + MoE + MTP (docs/architectures.md sections 1-3) ----
   std::optional<std::int64_t> q_lora_rank;  ///< null = no query compression
   std::int64_t kv_lora_rank = 0;            ///< d_c; > 0 = MLA attention
   std::int64_t qk_nope_head_dim = 0;        ///< d_h (non-rotary q/k part per head)
@@ -166,7 +166,7 @@ struct ModelConfig {
   std::int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   /// MLA softmax scale: qk_head_dim^-0.5, times mscale^2 with
   /// mscale = yarn_get_mscale(factor, mscale_all_dim) under yarn scaling with
-  /// a non-zero mscale_all_dim (architectures.md 1.4; 0.1352338 for V3).
+  /// a non-zero mscale_all_dim (docs/architectures.md 1.4; 0.1352338 for V3).
   double mla_softmax_scale() const;
   /// True when the MLP is gated (SwiGLU-style): every act but xielu.
   bool gated_mlp() const { return hidden_act != "xielu"; }

@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// Building blocks of Llama-family decoders, with parameters under the
-/// Hugging Face names (architectures.md sections 0, 4, 5, 6.4): RMSNorm,
+/// Hugging Face names (docs/architectures.md sections 0, 4, 5, 6.4): RMSNorm,
 /// RoPE (rotate_half and interleaved layouts; none / linear / llama3 / yarn
 /// scaling), SwiGLU and Apertus' ungated xIELU MLP, and GQA attention with
 /// optional QK-norm through rhine::attention.
@@ -53,7 +53,7 @@ struct RopeFrequencies {
   double attention_factor = 1.0;  ///< multiplies cos and sin (yarn's mscale)
 };
 
-/// Inverse frequencies for `dim` rotary dims (even) per architectures.md 4.2/4.3:
+/// Inverse frequencies for `dim` rotary dims (even) per docs/architectures.md 4.2/4.3:
 /// default theta^(-2j/dim); linear /factor; llama3 band-wise; yarn ramp + mscale.
 /// `max_position_embeddings` stands in for a missing original_max_position_embeddings.
 RopeFrequencies rope_frequencies(const RopeParameters& rope, std::int64_t dim,

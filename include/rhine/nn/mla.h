@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Multi-head Latent Attention (DeepSeek-V2/V3, architectures.md section 1),
+/// Multi-head Latent Attention (DeepSeek-V2/V3, docs/architectures.md section 1),
 /// with parameters under the HF names of `model.layers.{L}.self_attn.`:
 ///
 ///     q_proj             [H*(Dn+Dr), C]      (q_lora_rank null)

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// DeepSeekMoE (architectures.md section 2): fine-grained routed experts plus
+/// DeepSeekMoE (docs/architectures.md section 2): fine-grained routed experts plus
 /// shared experts, V2 routing (softmax, group max, no renormalisation) and V3
 /// routing (sigmoid, selection-only bias, group top-2 sum, renormalisation,
 /// routed_scaling_factor), router math in fp32, the aux-loss-free bias

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Multi-token prediction (DeepSeek-V3, architectures.md section 3). Module k
+/// Multi-token prediction (DeepSeek-V3, docs/architectures.md section 3). Module k
 /// (k = 1..D) sees the previous depth's hidden states h^{k-1} [B, T, C] (h^0:
 /// the main model's output after model.norm, as vLLM feeds it) and the
 /// tokens k positions ahead, and predicts the token k + 1 ahead:

@@ -85,6 +85,7 @@ int main(int argc, char** argv) try {
     const auto ids = at::randint(s.V, {s.B, s.T}, at::TensorOptions().dtype(at::kLong).device(gpu));
     rhine::nn::ForwardOptions fo;
     fo.labels = ids.roll(-1, 1);
+    fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
     rhine::cuda::reset_peak_memory(gpu);
     auto stats = rhine::bench::time_runs(
         [&] {

@@ -224,6 +224,7 @@ int main(int argc, char** argv) {
         auto ids = at::randint(config.vocab_size, {B, T}, at::kLong);
         rhine::nn::ForwardOptions fo;
         fo.labels = ids.roll(-1, 1);
+        fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
         auto labels = fo.labels->reshape({B * T});
         // The loss: CausalLM's own (lm_loss), or fused_lm_loss on its logits.
         auto forward = [&] {

@@ -131,6 +131,7 @@ double bench_train(const std::string& name, const ModelConfig& config, bool bf16
   auto ids = at::randint(config.vocab_size, {B, T}, at::kLong);
   rhine::nn::ForwardOptions fo;
   fo.labels = ids.roll(-1, 1);
+  fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
   auto s = rhine::bench::time_runs(
       [&] {
         opt.zero_grad();

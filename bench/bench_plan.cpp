@@ -127,6 +127,7 @@ int worker(const Opts& o) {
   for (int s = 0; s < o.steps; ++s) {
     rhine::nn::ForwardOptions fo;
     fo.labels = ids.slice(1, 1).contiguous();
+    fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
     auto out = lm->forward(ids.slice(1, 0, o.seq).contiguous(), fo);
     out.loss.backward();
     if (sync) sync->finish();

@@ -274,6 +274,7 @@ int run(const Args& a) {
         at::Tensor chunk = data.slice(0, micro * mb, (micro + 1) * mb);  // [mb, T+1]
         rhine::nn::ForwardOptions fo;
         fo.labels = chunk.slice(1, 1, T + 1).contiguous();
+        fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
         auto out = lm->forward(chunk.slice(1, 0, T).contiguous(), fo);
         at::Tensor loss = out.loss / static_cast<double>(a.accum);
         loss.backward();

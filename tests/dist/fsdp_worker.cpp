@@ -361,6 +361,7 @@ int run(const Args& a) {
         at::Tensor chunk = data.slice(0, micro * mb, (micro + 1) * mb);
         rhine::nn::ForwardOptions fo;
         fo.labels = chunk.slice(1, 1, T + 1).contiguous();
+        fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
         rhine::nn::ForwardOutput out;
         if (a.lora && !fsdp) rhine::io::refresh_lora(*lm);  // FSDP refreshes the adapters per block
         {

@@ -321,6 +321,7 @@ TEST_CASE("the example DeepSeek configs build and train a step", "[nn][mtp][exam
     auto ids = at::randint(0, 4000, {2, 16}, at::kLong);
     ForwardOptions o;
     o.labels = ids.roll(-1, 1);
+    o.mtp_lambda = 0.3;  // the Trainer's default
     auto out = lm->forward(ids, o);
     out.loss.backward();
     CHECK(std::isfinite(out.loss.item<double>()));

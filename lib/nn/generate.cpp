@@ -68,6 +68,61 @@ std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64
   return last;  // u beyond the rounded total: the last kept token
 }
 
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& seen, const std::vector<bool>& active,
+                         const GenerateOptions& o, std::vector<Rng>& rngs, at::Tensor* processed) {
+  RHINE_CHECK(logits.dim() == 2 && seen.sizes() == logits.sizes() &&
+                  static_cast<std::int64_t>(active.size()) == logits.size(0) &&
+                  static_cast<std::int64_t>(rngs.size()) == logits.size(0),
+              "generate", "sample_tokens takes logits [B, V], seen [B, V], B active flags and B generators",
+              logits.sizes().vec(), "");
+  RHINE_CHECK(
+      o.temperature >= 0 && o.top_p > 0 && o.top_p <= 1 && o.top_k >= 0 && o.repetition_penalty > 0,
+      "generate",
+      "invalid sampling options (temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty "
+      "> 0)",
+      (std::vector<double>{o.temperature, o.top_p, static_cast<double>(o.top_k), o.repetition_penalty}), "");
+  const auto B = logits.size(0), V = logits.size(1);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::Tensor l = logits.to(at::kFloat).contiguous();  // [B, V]
+  if (o.repetition_penalty != 1.0) {
+    // As sample_token: the division / product in double, rounded to float.
+    const at::Tensor ld = l.to(at::kDouble);
+    const at::Tensor pen = at::where(l > 0, ld / o.repetition_penalty, ld * o.repetition_penalty).to(at::kFloat);
+    l = at::where(seen, pen, l);
+  }
+  const auto fallback = at::full({B}, -1, l.options().dtype(at::kLong));
+  if (o.temperature == 0.0) {  // greedy: the first maximum
+    if (processed) *processed = l;
+    at::Tensor next = l.argmax(-1);
+    return at::where(at::tensor(std::vector<std::uint8_t>(active.begin(), active.end())).to(l.device()).to(at::kBool),
+                     next, fallback);
+  }
+  l = l / o.temperature;
+  if (o.top_k > 0 && o.top_k < V) {
+    const at::Tensor kth = std::get<0>(l.topk(o.top_k, -1)).amin(-1, /*keepdim=*/true);  // [B, 1]
+    l = l.masked_fill(l < kth, ninf);
+  }
+  if (o.top_p < 1.0) {
+    auto [sorted, order] = l.sort(/*dim=*/-1, /*descending=*/true);
+    const at::Tensor sp = sorted.softmax(-1);
+    const at::Tensor remove = (sp.cumsum(-1) - sp) >= o.top_p;  // [B, V] in sorted order
+    l = l.scatter(-1, order, sorted.masked_fill(remove, ninf));
+  }
+  if (processed) *processed = l;
+  const at::Tensor p = l.softmax(-1).to(at::kDouble);  // [B, V]
+  std::vector<double> u(static_cast<std::size_t>(B), 2.0);  // inactive rows: any value
+  for (std::int64_t b = 0; b < B; ++b)
+    if (active[static_cast<std::size_t>(b)]) u[static_cast<std::size_t>(b)] = rngs[static_cast<std::size_t>(b)].uniform();
+  const at::Tensor uu = at::tensor(u, at::kDouble).to(l.device()).unsqueeze(1);  // [B, 1]
+  // The first token whose running total exceeds u (its probability is then > 0); past the
+  // rounded total, the last token with probability > 0.
+  const at::Tensor idx = (p.cumsum(-1) <= uu).sum(-1);  // [B]
+  const at::Tensor last = (at::arange(V, idx.options()).unsqueeze(0) * (p > 0)).amax(-1);
+  const at::Tensor next = at::where(idx < V, idx, last);
+  return at::where(at::tensor(std::vector<std::uint8_t>(active.begin(), active.end())).to(l.device()).to(at::kBool),
+                   next, fallback);
+}
+
 GenerateResult generate(CausalLM& model, const std::vector<std::vector<std::int64_t>>& prompts,
                         const GenerateOptions& o, bool keep_logits) {
   RHINE_CHECK(!prompts.empty(), "generate", "no prompts given", prompts.size(),
@@ -103,31 +158,40 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<std::int6
   for (std::int64_t b = 0; b < B; ++b) rngs.emplace_back(o.seed, static_cast<std::uint64_t>(b));
   GenerateResult r;
   r.tokens.resize(B);
-  std::vector<std::vector<std::int64_t>> seen = prompts;
+  // Tokens the repetition penalty applies to: the prompts, then every emitted token.
+  const auto V = logits.size(-1);
+  at::Tensor seen = at::zeros({B, V}, at::kBool);
+  if (o.repetition_penalty != 1.0) {
+    auto* sp = seen.data_ptr<bool>();
+    for (std::int64_t b = 0; b < B; ++b)
+      for (const std::int64_t t : prompts[static_cast<std::size_t>(b)])
+        if (t >= 0 && t < V) sp[b * V + t] = true;
+  }
+  seen = seen.to(dev);
   std::vector<bool> done(B, false);
   f.attention_mask.reset();
   for (std::int64_t step = 0; step < o.max_new_tokens; ++step) {
-    at::Tensor lc = logits.to(at::kFloat).cpu();
-    at::Tensor kept = keep_logits ? at::empty_like(lc) : at::Tensor();
-    at::Tensor next = at::full({B, 1}, o.pad_token_id, at::kLong);
+    std::vector<bool> active(done.size());
+    for (std::size_t b = 0; b < done.size(); ++b) active[b] = !done[b];
+    at::Tensor processed;
+    const at::Tensor chosen = sample_tokens(logits, seen, active, o, rngs, keep_logits ? &processed : nullptr);  // [B]
+    const at::Tensor chosen_host = chosen.cpu();  // the step's one synchronisation
+    const auto* c = chosen_host.data_ptr<std::int64_t>();
+    if (keep_logits) r.step_logits.push_back(processed.cpu());
     for (std::int64_t b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      at::Tensor processed;
-      const std::int64_t t =
-          sample_token(lc[b], seen[b], o, rngs[b], keep_logits ? &processed : nullptr);
-      if (keep_logits) kept[b].copy_(processed);
-      r.tokens[b].push_back(t);
-      seen[b].push_back(t);
-      next[b][0] = t;
-      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), t) != o.stop_tokens.end())
-        done[b] = true;
+      if (done[static_cast<std::size_t>(b)]) continue;
+      r.tokens[static_cast<std::size_t>(b)].push_back(c[b]);
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), c[b]) != o.stop_tokens.end())
+        done[static_cast<std::size_t>(b)] = true;
     }
-    if (keep_logits) r.step_logits.push_back(kept);
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; }) ||
-        step + 1 == o.max_new_tokens)
-      break;
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; }) || step + 1 == o.max_new_tokens) break;
     // Finished rows keep decoding a padding token; their output is ignored.
-    logits = model->forward(next.to(dev), f).logits.select(1, 0);
+    const at::Tensor next = at::where(chosen < 0, at::full_like(chosen, o.pad_token_id), chosen).unsqueeze(1);
+    if (o.repetition_penalty != 1.0) {  // emitted tokens join the penalised set (finished rows: unchanged)
+      const at::Tensor at_next = next.clamp(0, V - 1);
+      seen.scatter_(1, at_next, seen.gather(1, at_next).logical_or((chosen >= 0).unsqueeze(1)));
+    }
+    logits = model->forward(next, f).logits.select(1, 0);
   }
   if (was_training) model->train();
   return r;

@@ -199,6 +199,25 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 
 // --- attention --------------------------------------------------------------
 
+at::Tensor cache_append(at::Tensor& buf, const at::Tensor& view, const at::Tensor& x, std::int64_t dim) {
+  const std::int64_t len = view.defined() ? view.size(dim) : 0, n = x.size(dim);
+  const at::Tensor src = view.defined() ? x.to(view.scalar_type()) : x;
+  const bool in_buf = view.defined() && buf.defined() && view.is_alias_of(buf) &&
+                      view.data_ptr() == buf.data_ptr() && view.sizes().size() == buf.sizes().size();
+  if (!view.defined() || !in_buf || buf.size(dim) < len + n) {
+    // Fresh storage: exactly the slots needed at first (a prefill that is never extended
+    // costs nothing extra), then double.
+    const std::int64_t old_cap = in_buf ? buf.size(dim) : 0;
+    auto sizes = src.sizes().vec();
+    sizes[static_cast<std::size_t>(dim)] = std::max(len + n, 2 * old_cap);
+    at::Tensor grown = at::empty(sizes, src.options());
+    if (len > 0) grown.narrow(dim, 0, len).copy_(view);
+    buf = grown;
+  }
+  buf.narrow(dim, len, n).copy_(src);
+  return buf.narrow(dim, 0, len + n);
+}
+
 AttentionImpl::AttentionImpl(const ModelConfig& c)
     : n_heads(c.num_attention_heads),
       n_kv_heads(c.num_key_value_heads),
@@ -228,12 +247,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   q = fused ? fused_rope(q, in.cos, in.sin, layout) : apply_rope(q, in.cos, in.sin, layout);
   k = fused ? fused_rope(k, in.cos, in.sin, layout) : apply_rope(k, in.cos, in.sin, layout);
   if (cache) {
-    if (cache->k.defined()) {
-      k = at::cat({cache->k, k.to(cache->k.scalar_type())}, 2);  // [B, Hkv, S, D]
-      v = at::cat({cache->v, v.to(cache->v.scalar_type())}, 2);
-    }
-    cache->k = k;
-    cache->v = v;
+    k = cache->k = cache_append(cache->k_buf, cache->k, k, 2);  // [B, Hkv, S, D]
+    v = cache->v = cache_append(cache->v_buf, cache->v, v, 2);
   }
   AttentionOptions opt = in.attention;
   opt.dropout_p = is_training() ? dropout : 0.0;

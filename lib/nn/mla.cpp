@@ -84,12 +84,8 @@ at::Tensor MLAImpl::forward_absorbed(const at::Tensor& x, const AttentionInputs&
   at::Tensor q = query(x, in);       // [B, H, T, Dn+Dr]
   auto [ckv, k_pe] = latent(x, in);  // [B, T, Rkv], [B, T, Dr]
   if (cache) {
-    if (cache->ckv.defined()) {
-      ckv = at::cat({cache->ckv, ckv.to(cache->ckv.scalar_type())}, 1);  // [B, S, Rkv]
-      k_pe = at::cat({cache->k_pe, k_pe.to(cache->k_pe.scalar_type())}, 1);  // [B, S, Dr]
-    }
-    cache->ckv = ckv;
-    cache->k_pe = k_pe;
+    ckv = cache->ckv = cache_append(cache->ckv_buf, cache->ckv, ckv, 1);      // [B, S, Rkv]
+    k_pe = cache->k_pe = cache_append(cache->k_pe_buf, cache->k_pe, k_pe, 1);  // [B, S, Dr]
   }
   const auto dt = q.scalar_type();
   at::Tensor w = kv_b_proj->weight.view({H, nope_dim + v_dim, kv_rank}).to(dt);  // [H, Dn+Dv, Rkv]

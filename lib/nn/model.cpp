@@ -412,7 +412,8 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
     pos = (start.unsqueeze(1) + new_valid.to(at::kLong).cumsum(1) - 1).clamp_min(0);  // [B, T]
   }
   at::Tensor key_valid =
-      (cache && past > 0) ? at::cat({cache->key_valid, new_valid}, 1) : new_valid;
+      cache ? cache_append(cache->key_valid_buf, past > 0 ? cache->key_valid : at::Tensor(), new_valid, 1)
+            : new_valid;
 
   AttentionInputs in, in_mla;
   const auto table_dtype =

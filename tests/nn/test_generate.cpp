@@ -147,3 +147,50 @@ TEST_CASE("sampling: seeds, temperature, top-k, top-p, repetition penalty",
     CHECK(generate(lm, {{1, 2, 3}, {4}}, g).tokens != a);
   }
 }
+
+TEST_CASE("batched sampling on the device equals sample_token row by row", "[nn][generate][sample]") {
+  // sample_token is the reference twin of sample_tokens (what generate runs).
+  at::manual_seed(3);
+  const int64_t B = 6, V = 97;
+  for (int variant = 0; variant < 6; ++variant) {
+    GenerateOptions o;
+    o.temperature = variant == 0 ? 0.0 : 0.7 + 0.2 * variant;
+    o.top_k = variant == 2 || variant == 5 ? 10 : 0;
+    o.top_p = variant >= 3 ? 0.9 : 1.0;
+    o.repetition_penalty = variant % 2 ? 1.3 : 1.0;
+    INFO("variant " << variant);
+    for (int trial = 0; trial < 20; ++trial) {
+      const auto logits = at::randn({B, V}, at::kDouble) * 3;
+      std::vector<std::vector<int64_t>> seen_ids(B);
+      at::Tensor seen = at::zeros({B, V}, at::kBool);
+      for (int64_t b = 0; b < B; ++b)
+        for (int k = 0; k < 5; ++k) {
+          const int64_t t = (b * 31 + k * 17 + trial) % V;
+          seen_ids[b].push_back(t);
+          seen[b][t] = true;
+        }
+      std::vector<bool> active(B, true);
+      active[2] = trial % 3 != 0;  // a finished row draws nothing
+      std::vector<rhine::Rng> a, r;
+      for (int64_t b = 0; b < B; ++b) {
+        a.emplace_back(100 + trial, b);
+        r.emplace_back(100 + trial, b);
+      }
+      at::Tensor processed;
+      const auto got = sample_tokens(logits, seen, active, o, a, &processed);
+      for (int64_t b = 0; b < B; ++b) {
+        INFO("row " << b);
+        if (!active[b]) {
+          CHECK(got[b].item<int64_t>() == -1);
+          continue;
+        }
+        at::Tensor want_processed;
+        const auto want = sample_token(logits[b], seen_ids[b], o, r[b], &want_processed);
+        CHECK(got[b].item<int64_t>() == want);
+        CHECK(at::equal(processed[b], want_processed));
+      }
+      // Inactive rows did not advance their generator.
+      CHECK(a[2].uniform() == r[2].uniform());
+    }
+  }
+}

@@ -61,4 +61,13 @@ std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64
                           const GenerateOptions& options, Rng& rng,
                           at::Tensor* processed = nullptr);
 
+/// The batched form of sample_token that `generate` runs, on the logits' device:
+/// logits [B, V] (any float dtype), `seen` [B, V] bool (the tokens the repetition
+/// penalty applies to), `active` (B flags: only active rows draw a number from their
+/// `rngs[b]`; the others get -1). Returns [B] int64 on the logits' device; row b equals
+/// sample_token(logits[b], its seen tokens, options, rngs[b]) (tested), and `processed`
+/// (when given) receives the filtered logits [B, V] fp32.
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& seen, const std::vector<bool>& active,
+                         const GenerateOptions& options, std::vector<Rng>& rngs, at::Tensor* processed = nullptr);
+
 }  // namespace rhine::nn

@@ -110,10 +110,20 @@ TORCH_MODULE(MLP);
 // --- attention --------------------------------------------------------------
 
 /// Keys and values a layer has seen so far: k [B, Hkv, S, D], v [B, Hkv, S, D]
-/// (after RoPE and k-norm). Undefined tensors = empty cache.
+/// (after RoPE and k-norm). Undefined tensors = empty cache. k and v are views
+/// of the first S slots of k_buf / v_buf, which grow by doubling (cache_append).
 struct LayerKV {
   at::Tensor k, v;
+  at::Tensor k_buf, v_buf;  ///< storage: [B, Hkv, capacity >= S, D]
 };
+
+/// Appends `x` to a cache along `dim` and returns the view of all cached slots:
+/// `view` (the current cached slots, undefined when empty) lives at the start of
+/// `buf`, whose capacity along `dim` doubles when full, so a token costs O(1)
+/// amortised copying instead of at::cat's O(S). A `view` that does not live in
+/// `buf` (set from outside) is copied into fresh storage first. The cache keeps the
+/// dtype it started with (`x` is converted).
+at::Tensor cache_append(at::Tensor& buf, const at::Tensor& view, const at::Tensor& x, std::int64_t dim);
 
 /// Per-call inputs shared by all layers: the rotary tables of the new tokens
 /// and the attention mask options (mask [B, 1, T, S] bool or is_causal).

@@ -36,7 +36,8 @@ namespace rhine::nn {
 /// The latent cache of one MLA layer: ckv [B, S, Rkv] (after kv_a_layernorm)
 /// and k_pe [B, S, Dr] (after RoPE). Undefined tensors = empty cache.
 struct LatentKV {
-  at::Tensor ckv, k_pe;
+  at::Tensor ckv, k_pe;          ///< [B, S, Rkv], [B, S, Dr]: views of the buffers below
+  at::Tensor ckv_buf, k_pe_buf;  ///< storage growing by doubling (cache_append, layers.h)
   /// Cached elements per token: Rkv + Dr.
   std::int64_t elements_per_token() const {
     return ckv.defined() ? ckv.size(-1) + k_pe.size(-1) : 0;

@@ -73,6 +73,7 @@ struct KVCache {
   std::vector<LatentKV> latent;
   /// [B, S] bool: which cached key slots are real tokens (false = padding).
   at::Tensor key_valid;
+  at::Tensor key_valid_buf;  ///< its storage (cache_append, layers.h)
   /// [B] int64: the position id the next token of each row gets.
   at::Tensor next_position;
   /// Number of cached key slots S.

@@ -13,10 +13,9 @@
 
 namespace rhine::nn {
 
-std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64_t>& seen,
-                          const GenerateOptions& o, Rng& rng, at::Tensor* processed) {
-  RHINE_CHECK(logits.dim() == 1, "generate", "sample_token takes one row of logits [V]",
-              logits.sizes().vec(), "");
+namespace {
+
+void check_sampling_options(const GenerateOptions& o) {
   RHINE_CHECK(
       o.temperature >= 0 && o.top_p > 0 && o.top_p <= 1 && o.top_k >= 0 && o.repetition_penalty > 0,
       "generate",
@@ -25,6 +24,15 @@ std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64
       (std::vector<double>{o.temperature, o.top_p, static_cast<double>(o.top_k),
                            o.repetition_penalty}),
       "");
+}
+
+}  // namespace
+
+std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64_t>& seen,
+                          const GenerateOptions& o, Rng& rng, at::Tensor* processed) {
+  RHINE_CHECK(logits.dim() == 1, "generate", "sample_token takes one row of logits [V]",
+              logits.sizes().vec(), "");
+  check_sampling_options(o);
   at::Tensor l = logits.to(at::kFloat).contiguous().clone();  // [V]
   const std::int64_t V = l.size(0);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -75,12 +83,7 @@ at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& seen, const
                   static_cast<std::int64_t>(rngs.size()) == logits.size(0),
               "generate", "sample_tokens takes logits [B, V], seen [B, V], B active flags and B generators",
               logits.sizes().vec(), "");
-  RHINE_CHECK(
-      o.temperature >= 0 && o.top_p > 0 && o.top_p <= 1 && o.top_k >= 0 && o.repetition_penalty > 0,
-      "generate",
-      "invalid sampling options (temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty "
-      "> 0)",
-      (std::vector<double>{o.temperature, o.top_p, static_cast<double>(o.top_k), o.repetition_penalty}), "");
+  check_sampling_options(o);
   const auto B = logits.size(0), V = logits.size(1);
   const float ninf = -std::numeric_limits<float>::infinity();
   at::Tensor l = logits.to(at::kFloat).contiguous();  // [B, V]

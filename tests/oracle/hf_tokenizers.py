@@ -49,28 +49,24 @@ def train(family, out, paths):
     from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                             trainers)
     vocab = 2000
-    if family == "byte_level_bpe":
+    def byte_level_bpe(specials):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
-        specials = ["<|begin_of_text|>", "<|end_of_text|>"]
         tok.train_from_iterator(iterator(paths), trainers.BpeTrainer(
             vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return tok
+
+    if family == "byte_level_bpe":
+        tok = byte_level_bpe(["<|begin_of_text|>", "<|end_of_text|>"])
         tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
             special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
     elif family == "chatml_bpe":
         # byte-level BPE with ChatML's turn tokens (Qwen / EuroLLM style), for the chat oracle
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(iterator(paths), trainers.BpeTrainer(
-            vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     elif family == "bpe_byte_fallback":
         tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

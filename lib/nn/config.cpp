@@ -142,7 +142,8 @@ ModelConfig ModelConfig::from_json(const Json& j) {
     c.rope.original_max_position_embeddings = c.max_position_embeddings;
 
   // DeepSeek keys: read for every model_type (MLA / MoE / MTP in an otherwise
-  // dense config is a Rhine extension); HF defaults when absent.
+  // dense config is a Rhine extension); neutral defaults when absent
+  // (no MLA or MoE, one expert group, scaling 1), except the deepseek_v3 routing defaults below.
   c.q_lora_rank = f.optional<std::int64_t>("q_lora_rank");
   c.kv_lora_rank = f.get<std::int64_t>("kv_lora_rank", 0);
   c.qk_nope_head_dim = f.get<std::int64_t>("qk_nope_head_dim", 0);

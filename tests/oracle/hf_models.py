@@ -183,7 +183,7 @@ def logits(variant, model_dir, inp, out):
 def main(argv):
     if argv[1:] == ["--version"]:
         import transformers
-        print(transformers.__version__)
+        print(f"transformers {transformers.__version__}, torch {torch.__version__}")
         return 0
     if len(argv) == 4 and argv[1] == "make":
         make(argv[2], argv[3])

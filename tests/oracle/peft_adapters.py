@@ -69,7 +69,8 @@ def logits(variant, base_dir, adapter_dir, inp, out):
 def main(argv):
     if argv[1:] == ["--version"]:
         import peft
-        print(peft.__version__)
+        import transformers
+        print(f"peft {peft.__version__}, transformers {transformers.__version__}")
         return 0
     if len(argv) == 4 and argv[1] == "make":
         make(argv[2], argv[3])

@@ -80,7 +80,7 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// xIELU (Apertus): alpha_p*x^2 + beta*x for x > 0, alpha_n*(expm1(min(x, eps)) - x)
 /// + beta*x otherwise, alpha_p = softplus(alpha_p_raw), alpha_n = beta +
 /// softplus(alpha_n_raw). Parameters `alpha_p` [1], `alpha_n` [1]; persistent
-/// buffers `beta` [1] (0.5) and `eps` [1] (-1e-6) as in HF.
+/// buffers `beta` (0.5) and `eps` (-1e-6), scalars (shape []) as in HF.
 class XIELUImpl : public torch::nn::Module {
  public:
   XIELUImpl();

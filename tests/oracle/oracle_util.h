@@ -6,6 +6,9 @@
 #include <map>
 #include <string>
 
+#include "rhine/io/lora.h"
+#include "rhine/nn/model.h"
+#include "rhine/optim/adamw.h"
 #include "test_util.h"
 
 namespace oracle {
@@ -51,6 +54,30 @@ inline void run(const std::string& script_name, const std::string& args) {
   const auto [status, out] = rhine::test::run_command(cmd);
   INFO(cmd << "\n" << out);
   REQUIRE(status == 0);
+}
+
+/// Trains the parameters of `lm` that require grad for `steps` AdamW steps (lr 1e-2) on
+/// `ids` with `labels`, so that an export differs from the model it came from. LoRA
+/// adapters are refreshed before every forward (and after the last step).
+inline void train_steps(rhine::nn::CausalLM& lm, const at::Tensor& ids, const at::Tensor& labels, int steps) {
+  rhine::NamedParameters params;
+  for (const auto& p : lm->named_parameters())
+    if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
+  rhine::AdamWOptions ao;
+  ao.lr = 1e-2;
+  rhine::AdamW opt(params, ao);
+  const bool lora = rhine::io::lora_options(*lm).has_value();
+  lm->train();
+  for (int step = 0; step < steps; ++step) {
+    if (lora) rhine::io::refresh_lora(*lm);
+    opt.zero_grad();
+    rhine::nn::ForwardOptions fo;
+    fo.labels = labels;
+    lm->forward(ids, fo).loss.backward();
+    opt.step();
+  }
+  if (lora) rhine::io::refresh_lora(*lm);
+  lm->eval();
 }
 
 }  // namespace oracle

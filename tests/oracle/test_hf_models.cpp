@@ -26,7 +26,6 @@
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/nn/generate.h"
-#include "rhine/optim/adamw.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -111,21 +110,7 @@ void check_variant(const std::string& variant) {
   }
 
   // 4. Train a few steps, export, let transformers load the export.
-  lm->train();
-  rhine::NamedParameters params;
-  for (const auto& p : lm->named_parameters())
-    if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
-  rhine::AdamWOptions ao;
-  ao.lr = 1e-2;
-  rhine::AdamW opt(params, ao);
-  for (int step = 0; step < 3; ++step) {
-    opt.zero_grad();
-    rhine::nn::ForwardOptions fo;
-    fo.labels = shifted_labels(ids);
-    lm->forward(ids, fo).loss.backward();
-    opt.step();
-  }
-  lm->eval();
+  oracle::train_steps(lm, ids, shifted_labels(ids), 3);
   at::Tensor trained;
   {
     at::NoGradGuard g;

@@ -21,7 +21,6 @@
 #include "rhine/io/hf.h"
 #include "rhine/io/lora.h"
 #include "rhine/io/safetensors.h"
-#include "rhine/optim/adamw.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -82,22 +81,7 @@ void check_variant(const std::string& variant, const std::vector<std::string>& t
   lo.target_modules = targets;
   lo.init_seed = 5;
   rhine::io::apply_lora(*mine, lo);
-  rhine::NamedParameters params;
-  for (const auto& p : mine->named_parameters())
-    if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
-  rhine::AdamWOptions ao;
-  ao.lr = 1e-2;
-  rhine::AdamW opt(params, ao);
-  mine->train();
-  for (int step = 0; step < 3; ++step) {
-    rhine::io::refresh_lora(*mine);
-    opt.zero_grad();
-    rhine::nn::ForwardOptions fo;
-    fo.labels = ids;  // any targets: the adapter only has to move
-    mine->forward(ids, fo).loss.backward();
-    opt.step();
-  }
-  rhine::io::refresh_lora(*mine);
+  oracle::train_steps(mine, ids, ids, 3);  // any targets: the adapter only has to move
   const at::Tensor trained = logits(mine, ids);
   CHECK(io_test::rel_err(trained, logits(lm, ids)) > 1e-3);  // not peft's adapter
   rhine::io::save_peft_adapter(*mine, tmp.path / "rhine_adapter");

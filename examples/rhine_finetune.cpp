@@ -32,18 +32,17 @@
 #include "rhine/core/log.h"
 #include "rhine/data/loader.h"
 #include "rhine/data/sft.h"
-#include "rhine/dist/grad_sync.h"
+#include "rhine/dist/fsdp.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/lora.h"
 #include "rhine/nn/generate.h"
-#include "rhine/optim/adamw.h"
 #include "rhine/optim/schedule.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/runtime.h"
 #include "rhine/train/evaluate.h"
+#include "rhine/train/run.h"
 #include "rhine/train/trainer.h"
-#include "run_config.h"
 
 namespace fs = std::filesystem;
 
@@ -57,7 +56,7 @@ struct FinetuneConfig {
   rhine::ChatTemplate chat_template;
   std::optional<rhine::io::LoraOptions> lora;
   bool pack = true;
-  rhine::examples::RunConfig run;  // schedule, batch, evaluation, checkpoints (run_config.h)
+  rhine::train::RunOptions run;  // schedule, batch, optimizer, evaluation, checkpoints (rhine/train/run.h)
 
   /// A required key holding a path or a list of paths.
   static std::vector<std::string> paths(rhine::JsonFields& f, const char* key) {
@@ -113,6 +112,7 @@ struct FinetuneConfig {
     c.run.warmup = 20;
     c.run.lr = 2e-5;
     c.run.weight_decay = 0.0;
+    c.run.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
     c.run.read(f, kTool);
     c.export_dir = f.get("export_dir", (fs::path(c.run.out_dir) / "export").string());
     f.reject_unknown();
@@ -139,7 +139,7 @@ int main(int argc, char** argv) try {
               "usage: rhine-finetune CONFIG.json (see examples/configs/finetune-*.json)");
   const auto cfg = FinetuneConfig::from_file(argv[1]);
   const auto& run = cfg.run;
-  auto [world, rt] = rhine::examples::start_process(run);
+  auto [world, rt] = rhine::train::start_process(run);
   const bool main_rank = world.is_main();
 
   // The base model (fp32 master weights) and its tokenizer.
@@ -172,17 +172,13 @@ int main(int argc, char** argv) try {
     const auto adapted = rhine::io::apply_lora(*lm, lo);
     if (main_rank) spdlog::info("LoRA r={} alpha={} on {} modules", lo.rank, lo.alpha, adapted.size());
   }
-  rhine::NamedParameters params;
+  const auto params = rhine::train::trainable_parameters(lm);
   std::int64_t trainable = 0;
-  for (const auto& p : lm->named_parameters())
-    if (p.value().requires_grad()) {
-      params.push_back({p.key(), p.value()});
-      trainable += p.value().numel();
-    }
+  for (const auto& p : params) trainable += p.tensor.numel();
   if (main_rank)
     spdlog::info("{} ({} layers, hidden {}): {:.2f}M parameters, {:.2f}M trained; tokenizer {}{}{}", cfg.base_model,
                  mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, trainable / 1e6, tok_path,
-                 rhine::examples::describe_parallel(run, world), stream ? "; each rank reads its rows of the base model" : "");
+                 run.describe_parallel(world), stream ? "; each rank reads its rows of the base model" : "");
 
   // Data: the training stream and the per-language held-out set.
   rhine::SftExamples sft_train, sft_heldout;  // before `source`: an SftLoader refers to sft_train
@@ -211,7 +207,7 @@ int main(int argc, char** argv) try {
     source = std::make_unique<rhine::SftLoader>(sft_train, lo);
     heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, run.seq_len, run.eval_tokens);
   } else {
-    source = std::make_unique<rhine::DataLoader>(rhine::examples::loader_options(run, cfg.train, world, tok));
+    source = std::make_unique<rhine::DataLoader>(rhine::train::loader_options(run, cfg.train, world, tok));
     rhine::train::HeldoutOptions ho;
     ho.shards = cfg.heldout;
     ho.max_tokens_per_language = run.eval_tokens;
@@ -220,9 +216,9 @@ int main(int argc, char** argv) try {
   }
 
   // Optimizer, schedule, trainer.
-  auto to = run.trainer_options();
-  to.router_bias_update_rate = 0.0;  // keep a pretrained router's balance as it is
-  auto parts = rhine::examples::make_trainer(run, world, lm, params, *source, to, stream ? cfg.base_model : "");
+  if (main_rank) spdlog::info("optimizer: {}", run.optimizer.describe(params, run.weight_decay));
+  auto parts = rhine::train::assemble_run(run, world, lm, params, *source, run.trainer_options(),
+                                          stream ? cfg.base_model : "");
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();
   // Under FSDP every rank takes part in the samples' forwards and in gathering

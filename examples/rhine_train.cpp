@@ -14,7 +14,7 @@
 // complete checkpoint, and Ctrl-C checkpoints before it exits.
 //
 // Data parallel: started by torchrun or srun (RANK, WORLD_SIZE, MASTER_ADDR,
-// MASTER_PORT; see README "Data parallel"), every rank trains on its share of
+// MASTER_PORT; see docs/dist.md, "Data parallel training"), every rank trains on its share of
 // each global batch (`batch_size` stays the global row count) over Gloo or
 // NCCL; rank 0 prints, evaluates into the log and writes checkpoints.
 #include <ATen/ATen.h>
@@ -29,17 +29,15 @@
 #include "rhine/core/json.h"
 #include "rhine/core/log.h"
 #include "rhine/data/loader.h"
-#include "rhine/dist/grad_sync.h"
 #include "rhine/dist/world.h"
 #include "rhine/nn/generate.h"
 #include "rhine/nn/model.h"
-#include "rhine/optim/adamw.h"
 #include "rhine/optim/schedule.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/runtime.h"
 #include "rhine/train/evaluate.h"
+#include "rhine/train/run.h"
 #include "rhine/train/trainer.h"
-#include "run_config.h"
 
 namespace {
 
@@ -47,8 +45,7 @@ struct TrainConfig {
   std::string tokenizer, train_shards, heldout_shards;
   rhine::Json model;
   double mixture_temperature = 1.0;
-  double z_loss = 0.0, router_bias_update_rate = 1e-3, moe_seq_aux_alpha = 0.0, mtp_lambda = 0.3;
-  rhine::examples::RunConfig run;  // schedule, batch, evaluation, checkpoints (run_config.h)
+  rhine::train::RunOptions run;  // schedule, batch, optimizer, evaluation, checkpoints (rhine/train/run.h)
 
   static TrainConfig from_file(const std::string& path) {
     auto j = rhine::read_json_file(path, "rhine-train");
@@ -59,10 +56,6 @@ struct TrainConfig {
     c.heldout_shards = f.require<std::string>("heldout_shards");
     c.model = *f.raw("model");
     c.mixture_temperature = f.get("mixture_temperature", c.mixture_temperature);
-    c.z_loss = f.get("z_loss", c.z_loss);
-    c.router_bias_update_rate = f.get("router_bias_update_rate", c.router_bias_update_rate);
-    c.moe_seq_aux_alpha = f.get("moe_seq_aux_alpha", c.moe_seq_aux_alpha);
-    c.mtp_lambda = f.get("mtp_lambda", c.mtp_lambda);
     c.run.out_dir = "build/demo/run";
     c.run.read(f, "rhine-train");
     f.reject_unknown();
@@ -80,7 +73,7 @@ int main(int argc, char** argv) try {
               "usage: rhine-train CONFIG.json (see examples/configs/)");
   const auto cfg = TrainConfig::from_file(argv[1]);
   const auto& run = cfg.run;
-  auto [world, rt] = rhine::examples::start_process(run);
+  auto [world, rt] = rhine::train::start_process(run);
 
   // Tokenizer and model.
   auto tok = rhine::Tokenizer::load(cfg.tokenizer);
@@ -108,7 +101,7 @@ int main(int argc, char** argv) try {
                mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6);
 
   // Data: training mixture and per-language held-out sets.
-  auto lo = rhine::examples::loader_options(run, {cfg.train_shards}, world, tok);
+  auto lo = rhine::train::loader_options(run, {cfg.train_shards}, world, tok);
   lo.mixture[0].second.temperature = cfg.mixture_temperature;
   rhine::DataLoader loader(lo);
   rhine::train::HeldoutOptions ho;
@@ -117,19 +110,13 @@ int main(int argc, char** argv) try {
   ho.seq_len = run.seq_len;
   const auto heldout = rhine::train::HeldoutSet::from_shards(ho, tok);
 
-  // Optimizer and schedule.
-  rhine::NamedParameters params;
-  for (const auto& p : lm->named_parameters())
-    if (p.value().requires_grad()) params.push_back({p.key(), p.value()});
+  // Optimizer, schedule, data parallelism and Trainer (rhine/train/run.h).
+  const auto params = rhine::train::trainable_parameters(lm);
   if (world.is_main())
-    spdlog::info("lr {} x {}; mixture {}{}", run.lr, run.schedule().describe(), rhine::describe(lo.mixture[0].second),
-                 rhine::examples::describe_parallel(run, world));
-  auto to = run.trainer_options();
-  to.z_loss = cfg.z_loss;
-  to.router_bias_update_rate = cfg.router_bias_update_rate;
-  to.moe_seq_aux_alpha = cfg.moe_seq_aux_alpha;
-  to.mtp_lambda = cfg.mtp_lambda;
-  auto parts = rhine::examples::make_trainer(run, world, lm, params, loader, to);
+    spdlog::info("lr {} x {}; {}; mixture {}{}", run.lr, run.schedule().describe(),
+                 run.optimizer.describe(params, run.weight_decay), rhine::describe(lo.mixture[0].second),
+                 run.describe_parallel(world));
+  auto parts = rhine::train::assemble_run(run, world, lm, params, loader, run.trainer_options());
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();
   // Under FSDP every rank takes part in the samples' forwards (they gather

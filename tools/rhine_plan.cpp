@@ -54,7 +54,7 @@ struct Input {
   bool fsdp_given = false;
 };
 
-/// Reads a config.json or a run config (the keys examples/run_config.h reads).
+/// Reads a config.json or a run config (the keys rhine/train/run.h reads).
 Input read_input(const std::string& path, std::optional<std::int64_t> vocab) {
   Input in;
   const std::string file = config_file(path);

@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "rhine/core/error.h"
@@ -38,6 +37,13 @@ namespace {
 // Rows per parallel task: enough work to amortise the task overhead.
 int64_t grain(int64_t N) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+}
+
+// Rows per block of the RMSNorm weight-gradient sum: about grain(N) rows, and
+// at most 256 blocks so that the partial sums stay small. A function of R and
+// N only, never of the thread count.
+int64_t rms_dw_block_rows(int64_t R, int64_t N) {
+  return std::max<int64_t>(grain(N), (R + 255) / 256);
 }
 
 // y [R, N] (acc dtype), rstd [R] (acc) from x [R, N], w [N] (acc).
@@ -64,34 +70,45 @@ void rms_forward(const x_t* x, const acc_t* w, acc_t* y, acc_t* rstd, int64_t R,
 
 // dx [R, N] (x dtype) and dw [N] (acc) from dy [R, N] (acc), x, w, rstd.
 // With n = x * rstd: dn = dy * w; dx = rstd * (dn - n * mean(dn * n)); dw = sum_r dy * n.
+// dw is summed in a fixed order whatever the number of threads: rows are cut
+// into blocks that depend only on R and N, each block's partial sum goes to
+// its own row of `partials`, and the blocks are added in block order. So a
+// run is bitwise reproducible with any thread count (and equal across counts).
 template <class x_t, class acc_t>
 void rms_backward(const acc_t* dy, const x_t* x, const acc_t* w, const acc_t* rstd, x_t* dx,
                   acc_t* dw, int64_t R, int64_t N) {
-  std::mutex m;
-  at::parallel_for(0, R, grain(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dw_local(dw ? N : 0, acc_t(0));
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* dyr = dy + r * N;
-      const x_t* xr = x + r * N;
-      const acc_t s = rstd[r];
-      acc_t dot = 0;  // sum(dn * n)
-      for (int64_t i = 0; i < N; ++i) {
-        const acc_t n = static_cast<acc_t>(xr[i]) * s;
-        dot += dyr[i] * w[i] * n;
-        if (dw) dw_local[i] += dyr[i] * n;
-      }
-      const acc_t mean = dot / acc_t(N);
-      if (dx) {
-        x_t* dxr = dx + r * N;
+  const int64_t block = rms_dw_block_rows(R, N), n_blocks = (R + block - 1) / std::max<int64_t>(block, 1);
+  std::vector<acc_t> partials(dw ? static_cast<size_t>(n_blocks * N) : 0, acc_t(0));
+  at::parallel_for(0, n_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t k = block_begin; k < block_end; ++k) {
+      acc_t* dw_k = dw ? partials.data() + k * N : nullptr;
+      for (int64_t r = k * block; r < std::min(R, (k + 1) * block); ++r) {
+        const acc_t* dyr = dy + r * N;
+        const x_t* xr = x + r * N;
+        const acc_t s = rstd[r];
+        acc_t dot = 0;  // sum(dn * n)
         for (int64_t i = 0; i < N; ++i) {
           const acc_t n = static_cast<acc_t>(xr[i]) * s;
-          dxr[i] = static_cast<x_t>(s * (dyr[i] * w[i] - n * mean));
+          dot += dyr[i] * w[i] * n;
+          if (dw_k) dw_k[i] += dyr[i] * n;
+        }
+        const acc_t mean = dot / acc_t(N);
+        if (dx) {
+          x_t* dxr = dx + r * N;
+          for (int64_t i = 0; i < N; ++i) {
+            const acc_t n = static_cast<acc_t>(xr[i]) * s;
+            dxr[i] = static_cast<x_t>(s * (dyr[i] * w[i] - n * mean));
+          }
         }
       }
     }
-    if (dw) {
-      std::lock_guard<std::mutex> lock(m);
-      for (int64_t i = 0; i < N; ++i) dw[i] += dw_local[i];
+  });
+  if (!dw) return;
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t sum = 0;
+      for (int64_t k = 0; k < n_blocks; ++k) sum += partials[k * N + i];
+      dw[i] += sum;
     }
   });
 }

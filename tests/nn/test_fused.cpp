@@ -2,6 +2,8 @@
 // with stated tolerances (||a - b|| / ||b||; NaN never passes).
 #include "nn_fixtures.h"
 
+#include <ATen/Parallel.h>
+
 #include "rhine/nn/fused.h"
 #include "rhine/nn/layers.h"
 
@@ -51,6 +53,26 @@ TEST_CASE("fused RMSNorm equals its twin in values and gradients", "[nn][fused]"
   SECTION("one row, long") {
     compare_rms(at::kFloat, at::kFloat, {1, 4096}, 1e-5);
   }
+}
+
+TEST_CASE("fused RMSNorm's weight gradient is bitwise the same for 1, 2, 3, 4 and 8 threads", "[nn][fused]") {
+  // The weight gradient sums over rows: in fixed blocks, added in block order.
+  const int before = at::get_num_threads();
+  at::manual_seed(23);
+  for (const auto& shape : {std::vector<int64_t>{16, 128, 256}, std::vector<int64_t>{3, 1000, 64}}) {
+    auto x0 = at::randn(shape).to(at::kBFloat16), w = at::randn({shape.back()}) * 0.5 + 1;
+    auto R = at::randn(shape);
+    at::Tensor reference;
+    for (int threads : {1, 2, 3, 4, 8}) {
+      at::set_num_threads(threads);
+      auto wg = w.clone().requires_grad_(true);
+      (fused_rms_norm(x0, wg, 1e-5).to(at::kFloat) * R).sum().backward();
+      if (!reference.defined()) reference = wg.grad().clone();
+      INFO("threads " << threads << ", rows " << shape[0] * shape[1]);
+      CHECK(at::equal(wg.grad(), reference));
+    }
+  }
+  at::set_num_threads(before);
 }
 
 TEST_CASE("fused RMSNorm gradient against finite differences (float64)", "[nn][fused][grad]") {

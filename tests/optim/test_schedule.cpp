@@ -186,3 +186,21 @@ TEST_CASE("SkipGuard skips non-finite values and spikes, counts them, and restor
   o.min_history = 1;
   CHECK_THROWS_WITH(rhine::SkipGuard(o), Contains("[skip_guard] min_history must be in [2, window]"));
 }
+
+TEST_CASE("SkipGuard's defaults leave early training alone and judge once half the window is in", "[skip_guard]") {
+  // Early training as the demo logs it: the gradient norm falls from 1.6
+  // towards 1 while the lr warms up, with a bump to 4.2 at step 28.
+  auto early = [](int k) { return 1.0 + 0.6 * std::exp(-k / 8.0) + 0.05 * std::sin(1.3 * k); };
+  rhine::SkipGuard g;  // defaults: window 100, min_history 50
+  for (int k = 0; k < 50; ++k) CHECK(g.check(9.0 - 0.01 * k, k == 28 ? 4.2 : early(k)).accept);
+  // After 50 accepted steps a spike is judged (threshold about 3.9 here).
+  CHECK_FALSE(g.check(8.5, 6.0).accept);
+  CHECK(g.n_outliers() == 1);
+  // With the old min_history of 20 the healthy bump at step 28 was skipped.
+  rhine::SkipGuardOptions o;
+  o.min_history = 20;
+  rhine::SkipGuard eager(o);
+  int skipped = 0;
+  for (int k = 0; k < 50; ++k) skipped += eager.check(9.0 - 0.01 * k, k == 28 ? 4.2 : early(k)).accept ? 0 : 1;
+  CHECK(skipped == 1);
+}

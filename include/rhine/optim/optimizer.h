@@ -66,8 +66,8 @@ bool glob_match(std::string_view pattern, std::string_view text);
 struct ParamGroupRules {
   /// Globs matched against the full parameter name; a match goes to the
   /// no-decay group. Defaults cover HF Llama/DeepSeek names (norms, biases,
-  /// `embed_tokens`).
-  std::vector<std::string> no_decay = {"*norm*", "*bias", "*embed*"};
+  /// `embed_tokens`, the MoE router `mlp.gate.weight`).
+  std::vector<std::string> no_decay = {"*norm*", "*bias", "*embed*", "*mlp.gate.weight"};
   /// Parameters with fewer than 2 dimensions (norm gains, biases, scalars)
   /// get no decay whatever their name.
   bool no_decay_below_2d = true;

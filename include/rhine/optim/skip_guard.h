@@ -6,6 +6,12 @@
 ///    over the last `window` accepted values (population std), checked once
 ///    `min_history` values are in. The floor keeps a nearly constant series
 ///    (std ~ 0) from flagging every tiny rise.
+/// Early training is not judged: while the loss falls fast and the learning
+/// rate warms up, the series is far from stationary and a sigma test flags
+/// healthy steps (the demo skipped its steps 28-32, gradient norms of 4-6
+/// against a falling mean near 1, at the end of its 30-step warm-up). So the
+/// test starts only after `min_history` accepted steps, half the window by
+/// default, as OLMo-core's skip-step optimizer waits for half its interval.
 /// Skipped values never enter the window. After `max_consecutive_outliers`
 /// outlier skips in a row the next outlier is accepted (and logged), so a
 /// lasting level shift (e.g. after an lr change) cannot stall training.
@@ -26,7 +32,8 @@ namespace rhine {
 struct SkipGuardOptions {
   int64_t window = 100;
   double n_sigma = 6.0;
-  int64_t min_history = 20;
+  /// Accepted steps before the outlier test starts (half the window).
+  int64_t min_history = 50;
   int64_t max_consecutive_outliers = 10;
   /// Floor of the std, as a fraction of |mean|.
   double min_std_fraction = 0.01;

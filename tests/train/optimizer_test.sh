@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The "optimizer" block of a run config, end to end through rhine-train, on a
+# small DeepSeek-V3-style model (MLA, MoE with a router, MTP), bf16 autocast,
+# two threads:
+#  1. for each of AdamW, Muon (with AdamW for the rest), AdEMAMix and Lion:
+#     the held-out bits per byte fall over 40 steps, and a run restarted from
+#     its step-20 checkpoint ends bitwise equal to the uninterrupted run
+#     (model.safetensors and optimizer.safetensors at step 40);
+#  2. the decay groups: weight decay only on matrices; norms, the embedding
+#     and the MoE router (mlp.gate.weight) in the "no_decay" group, as the
+#     checkpoint's optimizer state records them;
+#  3. Muon under FSDP (two ranks, each stepping row shards of the matrices it
+#     shares through FSDP::muon_shards) follows Muon on two data-parallel
+#     ranks;
+#  4. bad blocks fail with exit code 1 and a message naming the key.
+# Usage: optimizer_test.sh BUILD_DIR SOURCE_DIR
+set -euo pipefail
+build=$1 src=$2
+tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare train=$build/examples/rhine-train
+work=$(mktemp -d /tmp/rhine_optimizer_test.XXXXXX)
+[[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
+cd "$work"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+S=$src/data/sample
+export OMP_NUM_THREADS=2
+
+"$tok" train --model-type bpe --vocab-size 600 -i de=$S/de.txt -i fr=$S/fr.txt -i nl=$S/nl.txt -i en=$S/en.txt \
+  --out tok >/dev/null 2>&1 || fail "training the tokenizer"
+"$prep" -q -t tok.model -o shards/all de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt >/dev/null
+"$prep" -q -t tok.model -o shards/heldout de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt \
+  en=$S/heldout/en.txt >/dev/null
+
+# config NAME OPTIMIZER_JSON LR [EXTRA_KEYS]
+config() {
+  cat > "$1.json" <<EOF
+{"tokenizer": "tok.model", "train_shards": "shards/all", "heldout_shards": "shards/heldout", "out_dir": "$1",
+ "model": {"model_type": "deepseek_v3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, "kv_lora_rank": 16,
+           "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4,
+           "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+           "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+           "num_nextn_predict_layers": 1, "tie_word_embeddings": false},
+ "optimizer": $2, "lr": $3, "weight_decay": 0.1, "threads": 2, "bf16": true,
+ "seq_len": 64, "batch_size": 8, "steps": 40, "warmup": 4, "checkpoint_every": 20, "keep_last": 0,
+ "eval_tokens": 2000, "sample_tokens": 2, "log_every": 10, "moe_seq_aux_alpha": 0.0001 ${4:-}}
+EOF
+}
+# bpb_falls NAME: the mean held-out bpb of the last evaluation is below the first's.
+bpb_falls() {
+  python3 - "$1/metrics.jsonl" <<'PY'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if '"eval"' in l]
+mean = lambda e: sum(v["bpb"] for v in e["languages"].values()) / len(e["languages"])
+first, last = mean(ev[0]), mean(ev[-1])
+print(f"held-out bpb {first:.3f} -> {last:.3f}")
+sys.exit(0 if last < first - 0.05 else 1)
+PY
+}
+
+# 1. Each optimizer: loss falls, and the restart from step 20 is bitwise.
+for spec in 'adamw|{"type": "adamw"}|0.005' \
+            'muon|{"type": "muon", "momentum": 0.95}|0.005' \
+            'ademamix|{"type": "ademamix", "beta2": 0.95, "alpha": 5, "beta3_warmup": 40, "alpha_warmup": 40}|0.005' \
+            'lion|{"type": "lion", "beta1": 0.9, "beta2": 0.99}|0.0005'; do
+  IFS='|' read -r name block lr <<<"$spec"
+  config "$name" "$block" "$lr"
+  "$train" "$name.json" > "$name.log" 2>&1 || fail "rhine-train $name: $(tail -5 "$name.log")"
+  grep -q "$name" "$name.log" || fail "the log does not name the optimizer $name: $(head -5 "$name.log")"
+  msg=$(bpb_falls "$name") || fail "$name: held-out bpb did not fall: $msg"
+  echo "$name: $msg"
+  # Restart: a copy of the run without its step-40 checkpoint resumes from step 20.
+  cp -r "$name" "$name-resumed"
+  rm -rf "$name-resumed/checkpoints/step-00000040"
+  sed "s/\"out_dir\": \"$name\"/\"out_dir\": \"$name-resumed\"/" "$name.json" > "$name-resumed.json"
+  "$train" "$name-resumed.json" > "$name-resumed.log" 2>&1 || fail "rhine-train $name resumed: $(tail -5 "$name-resumed.log")"
+  grep -q "resumed from" "$name-resumed.log" || fail "$name did not resume: $(head -8 "$name-resumed.log")"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp -s "$name/checkpoints/step-00000040/$f" "$name-resumed/checkpoints/step-00000040/$f" \
+      || fail "$name: $f at step 40 differs after a restart from step 20"
+  done
+  echo "$name: restart from step 20 is bitwise equal at step 40"
+done
+
+# 2. Decay groups, as the checkpoint's optimizer state records them.
+python3 - adamw/checkpoints/step-00000040/trainer.json <<'PY' || fail "decay groups"
+import json, sys
+groups = {g["name"]: g for g in json.load(open(sys.argv[1]))["optimizer"]["groups"]}
+assert set(groups) == {"decay", "no_decay"}, groups.keys()
+assert groups["decay"]["options"]["weight_decay"] == 0.1 and groups["no_decay"]["options"]["weight_decay"] == 0.0
+no_decay, decay = set(groups["no_decay"]["params"]), set(groups["decay"]["params"])
+for name in ["model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+             "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.kv_a_layernorm.weight"]:
+    assert name in no_decay, name
+for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight", "lm_head.weight"]:
+    assert name in decay, name
+print(f"decay groups: {len(decay)} tensors with weight decay, {len(no_decay)} without (router, norms, embedding)")
+PY
+
+# 3. Muon under FSDP follows Muon data parallel (two ranks each, 8 steps).
+n_ranks() {  # n_ranks N CONFIG LOG
+  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  local pids=()
+  for ((r = 0; r < $1; r++)); do
+    RANK=$r WORLD_SIZE=$1 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
+      "$train" "$2" > "$3.$r" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || fail "rank of $2 failed: $(tail -3 "$3".*)"; done
+}
+for v in 'dp|{"zero": 0}' 'fsdp|{"zero": 3}'; do
+  IFS='|' read -r name par <<<"$v"
+  config "muon-$name" '{"type": "muon", "ns_dtype": "fp32"}' 0.005 ", \"parallel\": $par"
+  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": true/"bf16": false/' "muon-$name.json"
+  n_ranks 2 "muon-$name.json" "muon-$name.log"
+done
+grep -q "FSDP ZeRO-3 over 2 rank" muon-fsdp.log.0 || fail "FSDP was not used: $(head -5 muon-fsdp.log.0)"
+grep -q "muon on" muon-fsdp.log.0 && grep -q "muon on" muon-dp.log.0 || fail "Muon was not used: $(head -5 muon-fsdp.log.0)"
+python3 - muon-dp/metrics.jsonl muon-fsdp/metrics.jsonl <<'PY' || fail "Muon under FSDP left Muon data parallel"
+import json, sys
+loss = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if r.get("type") == "step"}
+a, b = loss(sys.argv[1]), loss(sys.argv[2])
+assert len(a) == 8 and a.keys() == b.keys(), (a, b)
+worst = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
+print(f"Muon under FSDP follows data parallel over 8 steps (largest relative loss difference {worst:.1e})")
+sys.exit(0 if worst < 1e-4 else 1)
+PY
+
+# 4. Bad blocks.
+bad() {  # bad BLOCK EXPECTED_TEXT
+  config bad "$1" 0.005
+  if "$train" bad.json > bad.log 2>&1; then fail "rhine-train accepted the optimizer block $1"; fi
+  grep -q -- "$2" bad.log || fail "the error for $1 does not say \"$2\": $(tail -3 bad.log)"
+}
+bad '{"type": "sgd"}' 'unknown optimizer type'
+bad '{"type": "adamw", "lr": 0.1}' 'set the top-level "lr"'
+bad '{"type": "lion", "beta3": 0.9}' 'beta3'
+bad '{"type": "adamw", "adamw": ["*embed*"]}' 'is a Muon key'
+echo "bad optimizer blocks fail with the key named"
+echo "PASS"

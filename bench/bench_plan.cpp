@@ -15,7 +15,7 @@
 // default) again with MALLOC_MMAP_THRESHOLD_=131072: by default glibc raises
 // its mmap threshold to the largest block freed so far (up to 32 MiB), after
 // which freed weights and activations stay in the heap; the fixed threshold
-// hands large blocks back, so the peak follows what is alive (docs/plan.md).
+// hands large blocks back, so the peak follows what is alive (docs/benchmarks.md, "The planner against measured peak memory (`bench_plan`)").
 //
 // Lines (JSON, bench.h): "plan_memory" with params {layout, procs, zero,
 // checkpointing, ...}, "measured_peak_mb" (the largest VmHWM over ranks),

@@ -1,6 +1,6 @@
 // rhine-tokenizer: train SentencePiece tokenizers on multilingual text (with
 // libsentencepiece's trainer), encode / decode with Rhine's own encoder, and report
-// per-language statistics. Links libsentencepiece, so never LibTorch (README,
+// per-language statistics. Links libsentencepiece, so never LibTorch (docs/torch.md,
 // "The protobuf clash").
 //
 //   rhine-tokenizer train --input de=de.txt --input fr=fr.txt --input nl=nl.txt --input en=en.txt

@@ -114,7 +114,7 @@ TEST_CASE("sft: ChatML conversation, loss on the assistant's replies and their e
   CHECK(ex.target_bytes == std::string("Hi!<|im_end|>\nGut.<|im_end|>\n").size());
 }
 
-TEST_CASE("sft: plain template with EOS after the reply; prompt/response and text lines", "[sft]") {
+TEST_CASE("sft: plain template with EOS after the reply, prompt/response and text lines", "[sft]") {
   const auto tok = char_tokenizer();
   rhine::SftOptions o;
   o.chat_template = rhine::ChatTemplate::named("plain");
@@ -261,7 +261,7 @@ TEST_CASE("sft: loader packs every example exactly once per epoch, inputs and ma
   }
 }
 
-TEST_CASE("sft: loader resume continues the same batches; two ranks split the global rows", "[sft]") {
+TEST_CASE("sft: loader resume continues the same batches, two ranks split the global rows", "[sft]") {
   const auto tok = char_tokenizer();
   const auto data = make_examples(tok, 37, temp_dir("resume"));
   rhine::SftLoaderOptions lo;

@@ -158,7 +158,7 @@ TEST_CASE("FSDP steps Muon on row shards (whole matrices gathered per unit) as o
   CHECK(err.find("muon_shards") != std::string::npos);
 }
 
-TEST_CASE("FSDP in bf16: autocast equals data parallel bitwise; bf16 gathers train as one rank does", "[fsdp]") {
+TEST_CASE("FSDP in bf16: autocast equals data parallel bitwise, bf16 gathers train as one rank does", "[fsdp]") {
   rhine::test::TempDir dir("fsdp_bf16");
   const std::vector<std::string> base{"--model", "dense", "--steps", "3", "--batch", "8", "--autocast"};
   // fp32 gathers under autocast cast each weight exactly as data parallel

@@ -39,7 +39,7 @@ std::vector<std::int64_t> steps(const CheckpointManager& m) {
 
 }  // namespace
 
-TEST_CASE("checkpoint: commit publishes step-N with a marker; rotation keeps the last N", "[checkpoint]") {
+TEST_CASE("checkpoint: commit publishes step-N with a marker, rotation keeps the last N", "[checkpoint]") {
   rhine::test::TempDir tmp("checkpoint");
   CheckpointOptions o;
   o.dir = (tmp.path / "ckpt").string();
@@ -63,7 +63,7 @@ TEST_CASE("checkpoint: commit publishes step-N with a marker; rotation keeps the
   CHECK(n == 2);
 }
 
-TEST_CASE("checkpoint: keep_every protects multiples; keep_last 0 keeps all", "[checkpoint]") {
+TEST_CASE("checkpoint: keep_every protects multiples, keep_last 0 keeps all", "[checkpoint]") {
   rhine::test::TempDir tmp("checkpoint");
   CheckpointOptions o;
   o.dir = tmp.path.string();
@@ -86,7 +86,7 @@ TEST_CASE("checkpoint: keep_every protects multiples; keep_last 0 keeps all", "[
   CHECK(steps(all) == std::vector<std::int64_t>{100, 200, 250, 300, 350});
 }
 
-TEST_CASE("checkpoint: an uncommitted writer leaves nothing; saving a step again replaces it", "[checkpoint]") {
+TEST_CASE("checkpoint: an uncommitted writer leaves nothing, saving a step again replaces it", "[checkpoint]") {
   rhine::test::TempDir tmp("checkpoint");
   CheckpointManager m({tmp.path.string(), 3, 0, true});
   {

@@ -213,7 +213,7 @@ TEST_CASE("memory formulas on a hand-computed model", "[plan]") {
   CHECK(shard > 5456 / 3.0);
 }
 
-TEST_CASE("expert parallelism divides the routed experts; MoE memory and all-to-all", "[plan]") {
+TEST_CASE("expert parallelism divides the routed experts, MoE memory and all-to-all", "[plan]") {
   const auto c = rhine::test::tiny_config("deepseek_v3");  // 4 routed experts
   const auto n = rhine::plan::count_parameters(c);
   Layout l;

@@ -213,7 +213,7 @@ TEST_CASE("trainer: kill -9 during a sharded FSDP save leaves the previous check
   CHECK(final_diff(killed / "final.safetensors", whole / "final.safetensors") == 0.0);
 }
 
-TEST_CASE("trainer: FSDP checkpoints reshard (4 ranks -> 2 -> 1 process; data parallel -> FSDP)",
+TEST_CASE("trainer: FSDP checkpoints reshard (4 ranks -> 2 -> 1 process, data parallel -> FSDP)",
           "[trainer][slow]") {
   // Reference: plain data parallel on 2 ranks to step 6, then on to step 8.
   // Every other run resumes across a change of layout and must follow it
@@ -324,7 +324,7 @@ TEST_CASE("trainer: accumulating 2 micro-batches equals one doubled batch", "[tr
   CHECK(per_lang == r1.tokens);
 }
 
-TEST_CASE("trainer: a NaN batch is skipped and counted; repeated NaNs stop with an intact checkpoint",
+TEST_CASE("trainer: a NaN batch is skipped and counted, repeated NaNs stop with an intact checkpoint",
           "[trainer]") {
   rhine::test::TempDir tmp("trainer-nan");
   rhine::test::write_tiny_shards(tmp.path / "shards");
@@ -379,7 +379,7 @@ TEST_CASE("trainer: a NaN batch is skipped and counted; repeated NaNs stop with 
     if (name != "model.embed_tokens.weight") CHECK(at::isfinite(tensor).all().item<bool>());
 }
 
-TEST_CASE("trainer: SIGINT checkpoints and returns; the next fit() resumes", "[trainer]") {
+TEST_CASE("trainer: SIGINT checkpoints and returns, the next fit() resumes", "[trainer]") {
   rhine::test::TempDir tmp("trainer-signal");
   rhine::test::write_tiny_shards(tmp.path / "shards");
   rhine::test::TinyRun run(tmp.path / "shards", 4);

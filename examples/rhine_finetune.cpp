@@ -148,6 +148,7 @@ int main(int argc, char** argv) try {
   rhine::io::ImportOptions io;
   io.device = rt.device;
   io.model.fused_kernels = run.fused_kernels;
+  io.model.activation_checkpointing = run.activation_checkpointing;
   // Under FSDP the import streams: the model is built without its weights
   // (LoRA adapters are added to it as they are), and after sharding each rank
   // reads only its rows of the base model's files, so no rank ever holds the
@@ -216,7 +217,9 @@ int main(int argc, char** argv) try {
   }
 
   // Optimizer, schedule, trainer.
-  if (main_rank) spdlog::info("optimizer: {}", run.optimizer.describe(params, run.weight_decay));
+  if (main_rank)
+    spdlog::info("optimizer: {}{}", run.optimizer.describe(params, run.weight_decay),
+                 run.activation_checkpointing ? "; activation checkpointing" : "");
   auto parts = rhine::train::assemble_run(run, world, lm, params, *source, run.trainer_options(),
                                           stream ? cfg.base_model : "");
   parts.trainer->set_heldout(&heldout);

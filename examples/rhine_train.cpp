@@ -87,6 +87,7 @@ int main(int argc, char** argv) try {
   rhine::nn::CausalLMOptions mo;
   mo.init_seed = run.seed;
   mo.fused_kernels = run.fused_kernels;
+  mo.activation_checkpointing = run.activation_checkpointing;
   // Under FSDP the model is built without its weights and each rank draws
   // only its rows (FSDP::initialize): no rank ever holds the whole model.
   mo.defer_init = run.parallel.zero >= 2;
@@ -97,8 +98,10 @@ int main(int argc, char** argv) try {
   } else {
     lm->to(rt.device);
   }
-  if (world.is_main()) spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings)", mcfg.model_type,
-               mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6);
+  if (world.is_main())
+    spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings){}", mcfg.model_type,
+                 mcfg.num_hidden_layers, mcfg.hidden_size, lm->num_parameters() / 1e6, lm->num_parameters(false) / 1e6,
+                 run.activation_checkpointing ? "; activation checkpointing" : "");
 
   // Data: training mixture and per-language held-out sets.
   auto lo = rhine::train::loader_options(run, {cfg.train_shards}, world, tok);

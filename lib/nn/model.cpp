@@ -37,59 +37,104 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, std::int64_t layer) {
     mlp = register_module("mlp", MLP(c));
 }
 
-at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in,
-                                     LayerKV* cache, LatentKV* latent) {
+BlockOutput DecoderLayerImpl::forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache,
+                                      LatentKV* latent, const BalanceLossWeights& balance) {
   at::Tensor a = mla ? mla(norm1(x), in, latent) : self_attn(norm1(x), in, cache);
   at::Tensor h = x + a;  // [B, T, C]
-  return h + (moe ? moe(norm2(h)) : mlp(norm2(h)));
+  if (!moe) return {h + mlp(norm2(h)), {}, {}};
+  MoEOutput m = moe(norm2(h), balance);
+  return {h + m.y, m.counts, m.aux_loss};
 }
 
 namespace {
 
-// Activation checkpointing: forward runs the block without keeping its
-// activations (custom Functions run forward in no-grad mode); backward runs it
-// again with grad enabled and back-propagates through the recomputation, as
-// torch.utils.checkpoint (reentrant) does. LibTorch C++ has no checkpoint API.
-struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            DecoderLayerImpl* layer, const AttentionInputs* in) {
+// Activation checkpointing, as torch.utils.checkpoint (reentrant) does it
+// (LibTorch C++ has no checkpoint API). Forward runs the block inside a custom
+// Function, so without a graph, and keeps only its input; backward runs it
+// again with grad enabled and back-propagates the incoming gradients through
+// the recomputation. The recomputation sees what the first run saw: the
+// generator state of the input's device (restored for the recomputation and
+// put back after it) and the autocast state (enabled and dtype, per device).
+// The block closure holds the module's shared holder, not a raw pointer.
+struct Recompute : torch::CustomClassHolder {
+  std::function<BlockOutput(const at::Tensor&)> fn;
+  c10::Device device{c10::kCPU};
+  at::Tensor rng_state;
+  bool autocast_cpu = false, autocast_cuda = false;
+  c10::ScalarType dtype_cpu = at::kBFloat16, dtype_cuda = at::kHalf;
+  bool has_aux = false;
+};
+
+at::Tensor generator_state(const c10::Device& device) {
+  at::Generator gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_generator_state(const c10::Device& device, const at::Tensor& state) {
+  at::Generator gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+// Outputs: h, the aux loss (a zero when the block has none) and the expert
+// counts (int64, not differentiable; empty for a dense block).
+struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                c10::intrusive_ptr<Recompute> r) {
     ctx->save_for_backward({x});
-    ctx->saved_data["layer"] = reinterpret_cast<std::int64_t>(layer);
-    ctx->saved_data["cos"] = in->cos;
-    ctx->saved_data["sin"] = in->sin;
-    ctx->saved_data["mask"] = in->attention.mask ? *in->attention.mask : at::Tensor();
-    ctx->saved_data["has_mask"] = in->attention.mask.has_value();
-    ctx->saved_data["is_causal"] = in->attention.is_causal;
-    ctx->saved_data["autocast_cpu"] = rhine::autocast_enabled(at::kCPU);
-    ctx->saved_data["autocast_cuda"] = rhine::autocast_enabled(at::kCUDA);
-    return layer->forward(x, *in, nullptr);
+    r->device = x.device();
+    r->rng_state = generator_state(r->device);
+    r->autocast_cpu = autocast_enabled(at::kCPU);
+    r->dtype_cpu = autocast_dtype(at::kCPU);
+    r->autocast_cuda = autocast_enabled(at::kCUDA);
+    r->dtype_cuda = autocast_dtype(at::kCUDA);
+    BlockOutput out = r->fn(x);
+    r->has_aux = out.aux_loss.defined();
+    at::Tensor aux = r->has_aux ? out.aux_loss : at::zeros({}, x.options().dtype(at::kFloat));
+    at::Tensor counts = out.counts.defined() ? out.counts : at::empty({0}, x.options().dtype(at::kLong));
+    ctx->mark_non_differentiable({counts});
+    ctx->saved_data["recompute"] = c10::IValue::make_capsule(c10::intrusive_ptr<torch::CustomClassHolder>(r));
+    return {out.h, aux, counts};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_out) {
+                                                 torch::autograd::variable_list grads) {
+    auto r = c10::static_intrusive_pointer_cast<Recompute>(ctx->saved_data["recompute"].toCapsule());
     at::Tensor x = ctx->get_saved_variables()[0];
-    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
-    AttentionInputs in;
-    in.cos = ctx->saved_data["cos"].toTensor();
-    in.sin = ctx->saved_data["sin"].toTensor();
-    if (ctx->saved_data["has_mask"].toBool())
-      in.attention.mask = ctx->saved_data["mask"].toTensor();
-    in.attention.is_causal = ctx->saved_data["is_causal"].toBool();
     at::Tensor xd = x.detach().requires_grad_(true);
-    at::Tensor y;
+    BlockOutput out;
     {
-      // Recompute under the same autocast state as the forward pass.
+      const at::Tensor now = generator_state(r->device);
+      set_generator_state(r->device, r->rng_state);
       at::AutoGradMode grad(true);
-      AutocastGuard cpu(at::kCPU, at::kBFloat16, ctx->saved_data["autocast_cpu"].toBool());
-      AutocastGuard cuda(at::kCUDA, at::kBFloat16, ctx->saved_data["autocast_cuda"].toBool());
-      y = layer->forward(xd, in, nullptr);
+      AutocastGuard cpu(at::kCPU, r->dtype_cpu, r->autocast_cpu);
+      AutocastGuard cuda(at::kCUDA, r->dtype_cuda, r->autocast_cuda);
+      out = r->fn(xd);
+      set_generator_state(r->device, now);
     }
-    torch::autograd::backward({y}, {grad_out[0]});
-    return {xd.grad(), at::Tensor(), at::Tensor()};
+    std::vector<at::Tensor> outputs{out.h}, gradients{grads[0]};
+    if (r->has_aux && grads[1].defined()) {
+      outputs.push_back(out.aux_loss);
+      gradients.push_back(grads[1]);
+    }
+    torch::autograd::backward(outputs, gradients);
+    return {xd.grad(), at::Tensor()};
   }
 };
 
 }  // namespace
+
+BlockOutput checkpoint_block(std::function<BlockOutput(const at::Tensor&)> fn, const at::Tensor& x) {
+  auto r = c10::make_intrusive<Recompute>();
+  r->fn = std::move(fn);
+  auto outs = CheckpointFunction::apply(x, r);
+  BlockOutput out;
+  out.h = outs[0];
+  if (r->has_aux) out.aux_loss = outs[1];
+  if (outs[2].numel() > 0) out.counts = outs[2];
+  return out;
+}
 
 DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) {
   embed_tokens = register_module("embed_tokens", detail::make_embedding(c.vocab_size, c.hidden_size));
@@ -207,16 +252,6 @@ std::vector<MoE> CausalLMImpl::moe_layers() const {
   for (const auto& m : model->mtp)
     if (m->moe) out.push_back(m->moe);
   return out;
-}
-
-at::Tensor CausalLMImpl::expert_counts() const {
-  std::vector<at::Tensor> rows;
-  for (auto& m : moe_layers())
-    rows.push_back(m->last_counts.defined()
-                       ? m->last_counts
-                       : at::zeros({config_.n_routed_experts},
-                                   m->gate->weight.options().dtype(at::kLong)));
-  return rows.empty() ? at::Tensor() : at::stack(rows);
 }
 
 void CausalLMImpl::update_router_bias(const at::Tensor& counts, double gamma) {
@@ -438,33 +473,35 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   const AttentionInputs& block_in = config_.uses_mla() ? in_mla : in;
 
   const bool ckpt = options.activation_checkpointing && is_training() && at::GradMode::is_enabled();
-  auto moes = moe_layers();
-  const bool balance = o.moe_seq_aux_alpha != 0.0 || o.moe_expert_aux_alpha != 0.0;
-  RHINE_CHECK(!(ckpt && balance && !moes.empty()), "causal_lm",
-              "MoE balance losses are not supported with activation checkpointing",
-              o.moe_seq_aux_alpha + o.moe_expert_aux_alpha,
-              "use the aux-loss-free bias update, or turn checkpointing off");
-  for (auto& m : moes) {
-    m->seq_aux_alpha = o.moe_seq_aux_alpha;
-    m->expert_aux_alpha = o.moe_expert_aux_alpha;
-    m->last_counts = at::Tensor();
-    m->last_aux_loss = at::Tensor();
-  }
+  const BalanceLossWeights balance{o.moe_seq_aux_alpha, o.moe_expert_aux_alpha};
+  // MoE statistics of this forward, per MoE layer in moe_layers() order.
+  std::vector<at::Tensor> counts, aux_losses;
+  std::vector<at::Tensor> mtp_counts(model->mtp.size());  // (undefined: the MTP module did not run)
 
   at::Tensor h = model->embed_tokens(ids);  // [B, T, C]
   for (std::size_t i = 0; i < model->blocks.size(); ++i) {
-    auto& block = model->blocks[i];
+    DecoderLayer block = model->blocks[i];
+    BlockOutput stats;
     auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
-      // A custom Function's output needs grad only when an input does: with a
-      // frozen embedding (LoRA) the first block's input gets a leaf that does,
-      // else nothing behind it would train (torch.utils.checkpoint's reentrant caveat).
-      if (ckpt)
-        return {BlockCheckpoint::apply(x[0].requires_grad() ? x[0] : x[0].detach().requires_grad_(true), block.get(),
-                                       &block_in)};
-      return {block(x[0], block_in, cache ? &cache->layers[i] : nullptr,
-                    cache && !cache->latent.empty() ? &cache->latent[i] : nullptr)};
+      if (ckpt) {
+        // A custom Function's output needs grad only when an input does: with a
+        // frozen embedding (LoRA) the first block's input gets a leaf that does,
+        // else nothing behind it would train (torch.utils.checkpoint's reentrant caveat).
+        const at::Tensor input = x[0].requires_grad() ? x[0] : x[0].detach().requires_grad_(true);
+        stats = checkpoint_block([block, in = block_in, balance](const at::Tensor& xi) mutable {
+          return block->forward(xi, in, nullptr, nullptr, balance);
+        }, input);
+      } else {
+        stats = block(x[0], block_in, cache ? &cache->layers[i] : nullptr,
+                      cache && !cache->latent.empty() ? &cache->latent[i] : nullptr, balance);
+      }
+      return {stats.h};
     };
     h = hooks_ ? hooks_->run_block(i, {h}, run)[0] : run({h})[0];
+    if (block->moe) {
+      counts.push_back(stats.counts);
+      if (stats.aux_loss.defined()) aux_losses.push_back(stats.aux_loss);
+    }
   }
   h = model->norm(h);
   const at::Tensor h_main = h;  // [B, T, C] post-norm: the input of MTP depth 1
@@ -500,15 +537,21 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
       const at::Tensor documents = o.document_mask ? (pos == 0).to(at::kLong).cumsum(1) : at::Tensor();
       at::Tensor hk = h_main, total;
       for (std::size_t k = 1; k <= model->mtp.size(); ++k) {
+        BlockOutput stats;
         auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
-          auto [hn, logits] = model->mtp[k - 1]->forward(x[0], mtp_inputs(ids, k),
-                                                         model->embed_tokens->weight, output_weight(), block_in);
-          return {hn, logits};
+          auto [block, logits] = model->mtp[k - 1]->forward(x[0], mtp_inputs(ids, k), model->embed_tokens->weight,
+                                                            output_weight(), block_in, balance);
+          stats = block;
+          return {block.h, logits};
         };
         const std::size_t index = model->blocks.size() + k - 1;
         auto outs = hooks_ ? hooks_->run_block(index, {hk}, run) : run({hk});
         hk = outs[0];
         const at::Tensor& logits_k = outs[1];
+        if (model->mtp[k - 1]->moe) {
+          mtp_counts[k - 1] = stats.counts;
+          if (stats.aux_loss.defined()) aux_losses.push_back(stats.aux_loss);
+        }
         auto [ce_k, z_k, n_k] =
             (options.fused_kernels ? fused_lm_loss : lm_loss)(logits_k.reshape({B * T, -1}),
                     mtp_labels(labels, k, o.ignore_index, documents).reshape({B * T}), o.ignore_index, 0.0);
@@ -521,12 +564,15 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
       out.loss = out.loss + out.mtp_loss;
     }
   }
-  // MoE statistics and balance losses of every MoE layer that ran.
-  if (!moes.empty()) {
-    out.expert_counts = expert_counts();
-    for (auto& m : moes)
-      if (m->last_aux_loss.defined())
-        out.aux_loss = out.aux_loss.defined() ? out.aux_loss + m->last_aux_loss : m->last_aux_loss;
+  // MoE statistics and balance losses of every MoE layer that ran (MTP
+  // layers that did not run count zeros).
+  for (std::size_t k = 0; k < model->mtp.size(); ++k)
+    if (model->mtp[k]->moe)
+      counts.push_back(mtp_counts[k].defined() ? mtp_counts[k]
+                                               : at::zeros({config_.n_routed_experts}, ids.options().dtype(at::kLong)));
+  if (!counts.empty()) {
+    out.expert_counts = at::stack(counts);
+    for (const auto& a : aux_losses) out.aux_loss = out.aux_loss.defined() ? out.aux_loss + a : a;
     if (out.aux_loss.defined()) {
       out.stats.aux_loss = out.aux_loss.item<double>();
       if (out.loss.defined()) out.loss = out.loss + out.aux_loss;

@@ -147,14 +147,13 @@ MoEImpl::MoEImpl(const ModelConfig& c) {
         "shared_experts", MLP(expert_config(c, c.moe_intermediate_size * c.n_shared_experts)));
 }
 
-at::Tensor MoEImpl::forward(const at::Tensor& x) {
+MoEOutput MoEImpl::forward(const at::Tensor& x, const BalanceLossWeights& balance) {
   RHINE_CHECK(x.dim() == 3, "moe", "x must be [B, T, C]", x.sizes().vec(), "");
   const auto B = x.size(0), T = x.size(1), C = x.size(2), N = B * T;
   const auto E = static_cast<std::int64_t>(expert_list.size());
   at::Tensor x2 = x.reshape({N, C});
   Routing r = gate(x2);
   const auto K = r.indices.size(1);
-  last_counts = r.counts;  // [E]
 
   at::Tensor y;
   if (expert_dispatch_) {
@@ -190,17 +189,17 @@ at::Tensor MoEImpl::forward(const at::Tensor& x) {
     y = y.defined() ? y.to(s.scalar_type()) + s : s;
   }
 
-  last_aux_loss = at::Tensor();
-  if (seq_aux_alpha != 0.0 || expert_aux_alpha != 0.0) {
+  MoEOutput out;
+  out.counts = r.counts;  // [E]
+  if (balance.any()) {
     at::Tensor aux = at::zeros({}, r.scores.options());
-    if (seq_aux_alpha != 0.0)
-      aux = aux + seq_aux_alpha * sequence_balance_loss(r.scores.view({B, T, E}),
-                                                        r.indices.view({B, T, K}));
-    if (expert_aux_alpha != 0.0)
-      aux = aux + expert_aux_alpha * expert_balance_loss(r.scores, r.indices);
-    last_aux_loss = aux;
+    if (balance.sequence != 0.0)
+      aux = aux + balance.sequence * sequence_balance_loss(r.scores.view({B, T, E}), r.indices.view({B, T, K}));
+    if (balance.expert != 0.0) aux = aux + balance.expert * expert_balance_loss(r.scores, r.indices);
+    out.aux_loss = aux;
   }
-  return y.view({B, T, C});
+  out.y = y.view({B, T, C});
+  return out;
 }
 
 void MoEImpl::update_bias(const at::Tensor& counts, double gamma) {

@@ -32,18 +32,16 @@ MTPLayerImpl::MTPLayerImpl(const ModelConfig& c, std::int64_t layer) : DecoderLa
   embed_tokens = register_module("embed_tokens", WeightAlias());
 }
 
-std::pair<at::Tensor, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_prev,
-                                                        const at::Tensor& ids_ahead,
-                                                        const at::Tensor& embedding,
-                                                        const at::Tensor& head,
-                                                        const AttentionInputs& in) {
+std::pair<BlockOutput, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_prev, const at::Tensor& ids_ahead,
+                                                         const at::Tensor& embedding, const at::Tensor& head,
+                                                         const AttentionInputs& in, const BalanceLossWeights& balance) {
   at::Tensor e = enorm(at::embedding(embedding, ids_ahead));  // [B, T, C]
   at::Tensor hh = hnorm(h_prev);                             // [B, T, C]
   // Embedding first, as the released weights and every implementation do.
   at::Tensor x = eh_proj(at::cat({e, hh.to(e.scalar_type())}, -1));  // [B, T, C]
-  at::Tensor h = DecoderLayerImpl::forward(x, in);                  // [B, T, C]
-  at::Tensor logits = at::linear(shared_head->norm(h), head);       // [B, T, V]
-  return {h, logits};
+  BlockOutput block = DecoderLayerImpl::forward(x, in, nullptr, nullptr, balance);  // h [B, T, C]
+  at::Tensor logits = at::linear(shared_head->norm(block.h), head);                  // [B, T, V]
+  return {block, logits};
 }
 
 at::Tensor mtp_labels(const at::Tensor& labels, std::int64_t k, std::int64_t ignore_index,

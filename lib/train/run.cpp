@@ -99,6 +99,7 @@ void RunOptions::read(JsonFields& f, const std::string& component) {
   bf16 = f.get("bf16", bf16);
   resume = f.get("resume", resume);
   fused_kernels = f.get("fused_kernels", fused_kernels);
+  activation_checkpointing = f.get("activation_checkpointing", activation_checkpointing);
   threads = f.get("threads", threads);
   z_loss = f.get("z_loss", z_loss);
   router_bias_update_rate = f.get("router_bias_update_rate", router_bias_update_rate);

@@ -8,6 +8,7 @@
 #include "deepseek_fixtures.h"
 
 #include "rhine/nn/mtp.h"
+#include "rhine/torch/compat.h"
 
 using namespace rhine::nn;
 using Catch::Matchers::Contains;
@@ -112,11 +113,11 @@ TEST_CASE("MTP loss matches the float64 reference and a direct computation", "[n
         rope_frequencies(fx.config.rope, 4, fx.config.max_position_embeddings), pos,
         RopeLayout::Interleaved, at::kDouble);
     in.attention.is_causal = true;
-    for (auto& b : lm->model->blocks) h0 = b(h0, in);
+    for (auto& b : lm->model->blocks) h0 = b(h0, in).h;
     h0 = lm->model->norm(h0);
     auto e = mtp_layer->enorm(lm->model->embed_tokens(ids.roll(-1, 1)));
     auto x = mtp_layer->eh_proj(at::cat({e, mtp_layer->hnorm(h0)}, -1));
-    auto h1 = mtp_layer->DecoderLayerImpl::forward(x, in);
+    auto h1 = mtp_layer->DecoderLayerImpl::forward(x, in).h;
     auto logits = lm->lm_head(mtp_layer->shared_head->norm(h1));  // [2, 9, V]
     auto [ce1, z1, n1] = lm_loss(logits.narrow(1, 0, 8).reshape({16, -1}),
                                  o.labels->narrow(1, 1, 8).reshape({16}), -100, 0.0);
@@ -328,4 +329,88 @@ TEST_CASE("the example DeepSeek configs build and train a step", "[nn][mtp][exam
     CHECK(out.stats.mtp_ce.size() == 1);
     CHECK(out.expert_counts.size(0) == 2);  // layer 1 and the MTP layer
   }
+}
+
+TEST_CASE("activation checkpointing gives the gradients of the plain forward (MLA + MoE + MTP, balance losses)",
+          "[nn][mtp][checkpoint]") {
+  // The V3 fixture: MLA with q_lora_rank, 8 routed + 1 shared experts (layer 1),
+  // one MTP module that is an MoE layer too. Packed rows (two documents each),
+  // sequence-wise and expert-level balance losses, MTP weight 0.3.
+  Fixture fx("deepseek_v3_tiny");
+  for (const bool bf16 : {false, true}) {
+    INFO((bf16 ? "float32 weights, bf16 autocast" : "float64"));
+    auto run = [&](bool checkpointing) {
+      CausalLM lm = nn_test::deepseek_model(fx);
+      if (bf16) lm->to(at::kFloat);
+      lm->options.activation_checkpointing = checkpointing;
+      lm->train();
+      ForwardOptions o;
+      auto ids = at::arange(24, at::kLong).remainder(47).view({2, 12});
+      o.position_ids = at::cat({at::arange(5, at::kLong), at::arange(7, at::kLong)}).unsqueeze(0).expand({2, 12});
+      o.document_mask = true;
+      o.labels = ids.roll(-1, 1);
+      o.mtp_lambda = 0.3;
+      o.moe_seq_aux_alpha = 0.01;
+      o.moe_expert_aux_alpha = 0.02;
+      ForwardOutput out;
+      {
+        rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16, bf16);
+        out = lm->forward(ids, o);
+      }
+      out.loss.backward();  // outside autocast, as the Trainer does
+      return std::make_pair(out, lm);
+    };
+    auto [plain, lm_plain] = run(false);
+    auto [ckpt, lm_ckpt] = run(true);
+    REQUIRE(plain.aux_loss.defined());
+    REQUIRE(ckpt.aux_loss.defined());
+    CHECK(ckpt.loss.item<double>() == plain.loss.item<double>());
+    CHECK(ckpt.aux_loss.item<double>() == plain.aux_loss.item<double>());
+    CHECK(at::equal(ckpt.expert_counts, plain.expert_counts));  // statistics come back through the output
+    CHECK(ckpt.expert_counts.size(0) == 2);                      // layer 1 and the MTP module
+    auto grads = lm_ckpt->named_parameters();
+    int compared = 0;
+    for (const auto& p : lm_plain->named_parameters()) {
+      INFO("parameter " << p.key());
+      const auto& g = grads[p.key()].grad();
+      REQUIRE(p.value().grad().defined() == g.defined());
+      if (!g.defined()) continue;
+      CHECK(rel_err(g, p.value().grad()) < (bf16 ? 1e-6 : 1e-13));
+      ++compared;
+    }
+    CHECK(compared > 30);
+  }
+}
+
+TEST_CASE("checkpoint_block recomputes under the first run's RNG and autocast state", "[nn][checkpoint]") {
+  // A block that draws dropout masks (the RNG) and multiplies under autocast:
+  // without restoring either, the recomputation would differ from the first run.
+  at::manual_seed(5);
+  auto w0 = at::randn({16, 16});
+  auto x0 = at::randn({4, 16});
+  auto run = [&](bool checkpointing) {
+    auto w = w0.clone().requires_grad_(true);
+    auto x = x0.clone().requires_grad_(true);
+    auto fn = [w](const at::Tensor& xi) {
+      BlockOutput o;
+      o.h = at::dropout(at::matmul(xi, w), 0.5, /*train=*/true);
+      o.aux_loss = (o.h.to(at::kFloat) * o.h.to(at::kFloat)).mean() * 0.1;
+      return o;
+    };
+    at::manual_seed(9);
+    BlockOutput out;
+    {
+      rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16, true);
+      out = checkpointing ? checkpoint_block(fn, x) : fn(x);
+    }
+    CHECK(out.h.scalar_type() == at::kBFloat16);
+    at::randn({100});  // the generator moves on before backward, as in training
+    ((out.h.to(at::kFloat) * at::ones({4, 16})).sum() + out.aux_loss).backward();
+    return std::make_tuple(out.h.to(at::kFloat), w.grad(), x.grad());
+  };
+  auto [h_plain, gw_plain, gx_plain] = run(false);
+  auto [h_ckpt, gw_ckpt, gx_ckpt] = run(true);
+  CHECK(at::equal(h_ckpt, h_plain));
+  CHECK(at::equal(gw_ckpt, gw_plain));
+  CHECK(at::equal(gx_ckpt, gx_plain));
 }

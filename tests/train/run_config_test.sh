@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The "optimizer" block of a run config, end to end through rhine-train, on a
-# small DeepSeek-V3-style model (MLA, MoE with a router, MTP), bf16 autocast,
-# two threads:
+# The run config's blocks (rhine/train/run.h), end to end through
+# rhine-train, on a small DeepSeek-V3-style model (MLA, MoE with a router,
+# MTP), bf16 autocast, two threads:
 #  1. for each of AdamW, Muon (with AdamW for the rest), AdEMAMix and Lion:
 #     the held-out bits per byte fall over 40 steps, and a run restarted from
 #     its step-20 checkpoint ends bitwise equal to the uninterrupted run
@@ -12,12 +12,14 @@
 #  3. Muon under FSDP (two ranks, each stepping row shards of the matrices it
 #     shares through FSDP::muon_shards) follows Muon on two data-parallel
 #     ranks;
-#  4. bad blocks fail with exit code 1 and a message naming the key.
-# Usage: optimizer_test.sh BUILD_DIR SOURCE_DIR
+#  4. bad blocks fail with exit code 1 and a message naming the key;
+#  5. "activation_checkpointing": true gives the losses of the same run
+#     without it (with the sequence-wise balance loss on).
+# Usage: run_config_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 build=$1 src=$2
 tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare train=$build/examples/rhine-train
-work=$(mktemp -d /tmp/rhine_optimizer_test.XXXXXX)
+work=$(mktemp -d /tmp/rhine_run_config_test.XXXXXX)
 [[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
 cd "$work"
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -135,4 +137,22 @@ bad '{"type": "adamw", "lr": 0.1}' 'set the top-level "lr"'
 bad '{"type": "lion", "beta3": 0.9}' 'beta3'
 bad '{"type": "adamw", "adamw": ["*embed*"]}' 'is a Muon key'
 echo "bad optimizer blocks fail with the key named"
+
+# 5. Activation checkpointing (float32, 8 steps, one process).
+for ck in false true; do
+  config "ckpt-$ck" '{"type": "adamw"}' 0.005 ", \"activation_checkpointing\": $ck"
+  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": true/"bf16": false/' "ckpt-$ck.json"
+  "$train" "ckpt-$ck.json" > "ckpt-$ck.log" 2>&1 || fail "rhine-train ckpt-$ck: $(tail -5 "ckpt-$ck.log")"
+done
+grep -q "activation checkpointing" ckpt-true.log || fail "checkpointing was not used: $(head -5 ckpt-true.log)"
+! grep -q "activation checkpointing" ckpt-false.log || fail "checkpointing was used without the key"
+python3 - ckpt-false/metrics.jsonl ckpt-true/metrics.jsonl <<'PY' || fail "activation checkpointing changed the losses"
+import json, sys
+loss = lambda p: {r["step"]: (r["loss"], r["aux"]) for r in map(json.loads, open(p)) if r.get("type") == "step"}
+a, b = loss(sys.argv[1]), loss(sys.argv[2])
+assert len(a) == 8 and a.keys() == b.keys(), (a, b)
+worst = max(abs(a[k][i] - b[k][i]) / abs(a[k][i]) for k in a for i in (0, 1))
+print(f"activation checkpointing: losses and balance losses of 8 steps follow the plain run (largest relative difference {worst:.1e})")
+sys.exit(0 if worst < 1e-5 else 1)
+PY
 echo "PASS"

@@ -52,12 +52,21 @@ class MTPLayerImpl;
 /// One pre-norm block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
 /// attn is standard attention or MLA (config.uses_mla()), mlp a dense MLP or
 /// an MoE (config.is_moe_layer(layer)); both registered as `self_attn` / `mlp`.
+/// What a block returns: the hidden state and, for an MoE block, its routing
+/// statistics (MoEOutput's counts and aux_loss; undefined for a dense block).
+struct BlockOutput {
+  at::Tensor h;         ///< [B, T, C]
+  at::Tensor counts;    ///< [E] int64
+  at::Tensor aux_loss;  ///< scalar fp32, weighted balance losses (when a weight is set)
+};
+
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   explicit DecoderLayerImpl(const ModelConfig& config, std::int64_t layer = 0);
-  /// x [B, T, C] -> [B, T, C]. `cache` serves standard attention, `latent` MLA.
-  at::Tensor forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache = nullptr,
-                     LatentKV* latent = nullptr);
+  /// x [B, T, C] -> h [B, T, C] (and MoE statistics). `cache` serves standard
+  /// attention, `latent` MLA; `balance` weighs an MoE block's balance losses.
+  BlockOutput forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache = nullptr,
+                      LatentKV* latent = nullptr, const BalanceLossWeights& balance = {});
   RMSNorm norm1{nullptr}, norm2{nullptr};
   Attention self_attn{nullptr};  ///< standard attention (null for MLA layers)
   MLA mla{nullptr};              ///< MLA (null otherwise); named self_attn
@@ -65,6 +74,15 @@ class DecoderLayerImpl : public torch::nn::Module {
   MoE moe{nullptr};              ///< MoE (null otherwise); named mlp
 };
 TORCH_MODULE(DecoderLayer);
+
+/// Activation checkpointing of one block (what
+/// CausalLMOptions::activation_checkpointing applies to every block): runs
+/// fn(x) without keeping its activations and returns its outputs; in
+/// backward runs fn again, under the generator state of x's device and the
+/// autocast state of the first run, and back-propagates the gradients of h
+/// and aux_loss through it. `fn` must hold what it uses (module holders,
+/// inputs) by value. x must require grad for any gradient to flow.
+BlockOutput checkpoint_block(std::function<BlockOutput(const at::Tensor&)> fn, const at::Tensor& x);
 
 /// The KV cache of a whole model for incremental decoding.
 struct KVCache {
@@ -148,7 +166,11 @@ struct ForwardOutput {
 
 /// Options of CausalLM that are not part of config.json.
 struct CausalLMOptions {
-  /// Recompute each block in backward instead of keeping its activations.
+  /// Recompute each block in backward instead of keeping its activations
+  /// (checkpoint_block): the block's input is kept, its forward runs without
+  /// a graph, and backward runs it again under the RNG and autocast state of
+  /// the first run, so gradients equal those without checkpointing (tested
+  /// on MLA + MoE + MTP with balance losses, in bf16 autocast).
   bool activation_checkpointing = false;
   /// Seed of the N(0, initializer_range) initialisation (LibTorch's generator).
   std::optional<std::uint64_t> init_seed;
@@ -234,9 +256,6 @@ class CausalLMImpl : public torch::nn::Module {
 
   /// The MoE modules in layer order (main layers, then MTP layers).
   std::vector<MoE> moe_layers() const;
-  /// [n_moe_layers, E] int64 expert counts of the last forward (as
-  /// ForwardOutput::expert_counts).
-  at::Tensor expert_counts() const;
   /// Aux-loss-free balancing (DeepSeek-V3): for every MoE layer l,
   /// e_score_correction_bias += gamma * sign(mean(counts[l]) - counts[l]).
   /// Call after each optimizer step with global counts [n_moe_layers, E]

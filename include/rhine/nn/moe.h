@@ -106,6 +106,23 @@ class ExpertDispatch {
   virtual at::Tensor run(MoEImpl& layer, const at::Tensor& x, const Routing& routing) = 0;
 };
 
+/// Weights of the balance losses an MoE forward computes (0: not computed).
+struct BalanceLossWeights {
+  double sequence = 0.0;  ///< V3's sequence-wise loss (1e-4 in V3)
+  double expert = 0.0;    ///< V2's expert-level loss (0.003 in V2)
+  bool any() const { return sequence != 0.0 || expert != 0.0; }
+};
+
+/// What one MoE layer's forward returns (its statistics travel with the
+/// output, never in the module, so a recomputed forward cannot clobber them).
+struct MoEOutput {
+  at::Tensor y;         ///< [B, T, C]
+  at::Tensor counts;    ///< [E] int64: (token, slot) pairs routed to each expert
+  /// Scalar fp32 (differentiable): sequence * sequence_balance_loss +
+  /// expert * expert_balance_loss; undefined when no weight is set.
+  at::Tensor aux_loss;
+};
+
 /// How MoE runs the routed experts.
 enum class MoEDispatch {
   Grouped,  ///< sort by expert, one batched call per expert (default)
@@ -116,9 +133,9 @@ enum class MoEDispatch {
 class MoEImpl : public torch::nn::Module {
  public:
   explicit MoEImpl(const ModelConfig& config);
-  /// x [B, T, C] -> [B, T, C]. Records `last_counts` and, when an alpha is
-  /// set, `last_aux_loss`.
-  at::Tensor forward(const at::Tensor& x);
+  /// x [B, T, C] -> y [B, T, C], the expert counts and, when a weight is
+  /// set, the balance loss.
+  MoEOutput forward(const at::Tensor& x, const BalanceLossWeights& balance = {});
   /// Adds the aux-loss-free update b_e += gamma * sign(mean(counts) - counts_e)
   /// to e_score_correction_bias. counts [E] (any dtype: e.g. all-reduced over
   /// data-parallel ranks first). No-op without the bias (not noaux_tc).
@@ -133,14 +150,6 @@ class MoEImpl : public torch::nn::Module {
   /// parallelism). Set by a parallel wrapper, once, after construction.
   void set_expert_dispatch(std::shared_ptr<ExpertDispatch> d) { expert_dispatch_ = std::move(d); }
   const std::shared_ptr<ExpertDispatch>& expert_dispatch() const { return expert_dispatch_; }
-  /// Weights of the losses computed in forward (0 = not computed).
-  double seq_aux_alpha = 0.0, expert_aux_alpha = 0.0;
-  /// [E] int64: tokens routed to each expert by the last forward.
-  at::Tensor last_counts;
-  /// Scalar fp32 (differentiable): seq_aux_alpha * sequence_balance_loss +
-  /// expert_aux_alpha * expert_balance_loss of the last forward; undefined
-  /// when both alphas are 0.
-  at::Tensor last_aux_loss;
 
  private:
   std::shared_ptr<ExpertDispatch> expert_dispatch_;

@@ -62,10 +62,11 @@ class MTPLayerImpl : public DecoderLayerImpl {
   MTPLayerImpl(const ModelConfig& config, std::int64_t layer);
   /// h_prev [B, T, C]; ids_ahead [B, T] int64 (token i + k at position i);
   /// embedding [V, C] and head [V, C] are the main model's trained tensors.
-  /// Returns (h^k [B, T, C], logits [B, T, V]).
-  std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& h_prev, const at::Tensor& ids_ahead,
-                                            const at::Tensor& embedding, const at::Tensor& head,
-                                            const AttentionInputs& in);
+  /// Returns h^k [B, T, C] with the block's MoE statistics (BlockOutput), and
+  /// the logits [B, T, V].
+  std::pair<BlockOutput, at::Tensor> forward(const at::Tensor& h_prev, const at::Tensor& ids_ahead,
+                                             const at::Tensor& embedding, const at::Tensor& head,
+                                             const AttentionInputs& in, const BalanceLossWeights& balance = {});
   RMSNorm enorm{nullptr}, hnorm{nullptr};
   torch::nn::Linear eh_proj{nullptr};
   SharedHead shared_head{nullptr};

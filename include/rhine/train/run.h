@@ -106,6 +106,9 @@ struct RunOptions {
   std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
   std::int64_t sample_tokens = 40;
   bool bf16 = true, resume = true, fused_kernels = true;
+  /// Recompute each block in backward (nn::CausalLMOptions::activation_checkpointing):
+  /// the program building the model applies it.
+  bool activation_checkpointing = false;
   /// TrainerOptions of the same names.
   double z_loss = 0.0, router_bias_update_rate = 1e-3, moe_seq_aux_alpha = 0.0, mtp_lambda = 0.3;
   /// The "optimizer" block.

@@ -89,6 +89,7 @@ Input read_input(const std::string& path, std::optional<std::int64_t> vocab) {
   l.seq_len = j.value("seq_len", l.seq_len);
   l.grad_accum = j.value("grad_accum", l.grad_accum);
   l.bf16 = j.value("bf16", true);
+  l.activation_checkpointing = j.value("activation_checkpointing", l.activation_checkpointing);
   if (j.contains("batch_size")) in.global_batch = j["batch_size"].get<std::int64_t>();
   if (j.value("zero1", false)) l.zero = 1;
   if (j.contains("parallel")) {

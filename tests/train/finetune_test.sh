@@ -32,24 +32,14 @@
 #     writes its PEFT adapter and a valid merged HF export.
 # Usage: finetune_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
-build=$1 src=$2
-tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare
-train=$build/examples/rhine-train ft=$build/examples/rhine-finetune
+source "$(dirname "$0")/test_lib.sh"
+setup_run_test finetune_test "$1" "$2"
 check="/usr/bin/python3 $src/tests/fixtures/hf/check_hf_dir.py"
-work=$(mktemp -d /tmp/rhine_finetune_test.XXXXXX)
-[[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
-cd "$work"
-fail() { echo "FAIL: $*" >&2; exit 1; }
-S=$src/data/sample
 export OMP_NUM_THREADS=2
 
 # 1. Tokenizer, shards, base model.
-"$tok" train --model-type bpe --vocab-size 800 -i de=$S/de.txt -i fr=$S/fr.txt -i nl=$S/nl.txt -i en=$S/en.txt \
-  --out tok >/dev/null 2>&1 || fail "training the tokenizer"
-"$prep" -q -t tok.model -o shards/all de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt >/dev/null
+make_shards 800
 "$prep" -q -t tok.model -o shards/nl nl=$S/nl.txt >/dev/null
-"$prep" -q -t tok.model -o shards/heldout de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt \
-  en=$S/heldout/en.txt >/dev/null
 cat > base.json <<EOF
 {"tokenizer": "tok.model", "train_shards": "shards/all", "heldout_shards": "shards/heldout", "out_dir": "base",
  "model": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
@@ -153,15 +143,6 @@ for run in sys.argv[4:]:
 PY
 }
 # 6. rhine-train data parallel, with and without ZeRO-1.
-n_ranks() {  # n_ranks N CONFIG LOG
-  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  local pids=()
-  for ((r = 0; r < $1; r++)); do
-    RANK=$r WORLD_SIZE=$1 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
-      "${prog:-$train}" "$2" > "$3.$r" 2>&1 & pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p" || fail "rank of $2 failed: $(tail -3 "$3".*)"; done
-}
 two_ranks() { n_ranks 2 "$@"; }
 for z in false true; do
   sed "s/\"out_dir\": \"base\"/\"out_dir\": \"dp-$z\", \"zero1\": $z/; s/\"steps\": 60/\"steps\": 8/; s/\"log_every\": 100/\"log_every\": 1/" base.json > dp-$z.json

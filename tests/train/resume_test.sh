@@ -10,21 +10,10 @@
 #  3. rhine-finetune LoRA SFT of the same model.
 # Usage: resume_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
-build=$1 src=$2
-tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare
-train=$build/examples/rhine-train ft=$build/examples/rhine-finetune
-work=$(mktemp -d /tmp/rhine_resume_test.XXXXXX)
-[[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
-cd "$work"
-fail() { echo "FAIL: $*" >&2; exit 1; }
-S=$src/data/sample
+source "$(dirname "$0")/test_lib.sh"
+setup_run_test resume_test "$1" "$2"
 unset OMP_NUM_THREADS  # the config's "threads": 4 decides
-
-"$tok" train --model-type bpe --vocab-size 600 -i de=$S/de.txt -i fr=$S/fr.txt -i nl=$S/nl.txt -i en=$S/en.txt \
-  --out tok >/dev/null 2>&1 || fail "training the tokenizer"
-"$prep" -q -t tok.model -o shards/all de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt >/dev/null
-"$prep" -q -t tok.model -o shards/heldout de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt \
-  en=$S/heldout/en.txt >/dev/null
+make_shards 600
 common='"threads": 4, "bf16": true, "fused_kernels": true, "seq_len": 64, "batch_size": 8, "steps": 20, "warmup": 3,
  "checkpoint_every": 4, "keep_last": 0, "eval_tokens": 1000, "sample_tokens": 2, "log_every": 1'
 

@@ -17,20 +17,10 @@
 #     without it (with the sequence-wise balance loss on).
 # Usage: run_config_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
-build=$1 src=$2
-tok=$build/tokenizer/rhine-tokenizer prep=$build/tools/rhine-prepare train=$build/examples/rhine-train
-work=$(mktemp -d /tmp/rhine_run_config_test.XXXXXX)
-[[ -n "${KEEP:-}" ]] || trap 'rm -rf "$work"' EXIT
-cd "$work"
-fail() { echo "FAIL: $*" >&2; exit 1; }
-S=$src/data/sample
+source "$(dirname "$0")/test_lib.sh"
+setup_run_test run_config_test "$1" "$2"
 export OMP_NUM_THREADS=2
-
-"$tok" train --model-type bpe --vocab-size 600 -i de=$S/de.txt -i fr=$S/fr.txt -i nl=$S/nl.txt -i en=$S/en.txt \
-  --out tok >/dev/null 2>&1 || fail "training the tokenizer"
-"$prep" -q -t tok.model -o shards/all de=$S/de.txt fr=$S/fr.txt nl=$S/nl.txt en=$S/en.txt >/dev/null
-"$prep" -q -t tok.model -o shards/heldout de=$S/heldout/de.txt fr=$S/heldout/fr.txt nl=$S/heldout/nl.txt \
-  en=$S/heldout/en.txt >/dev/null
+make_shards 600
 
 # config NAME OPTIMIZER_JSON LR [EXTRA_KEYS]
 config() {
@@ -99,15 +89,6 @@ print(f"decay groups: {len(decay)} tensors with weight decay, {len(no_decay)} wi
 PY
 
 # 3. Muon under FSDP follows Muon data parallel (two ranks each, 8 steps).
-n_ranks() {  # n_ranks N CONFIG LOG
-  local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  local pids=()
-  for ((r = 0; r < $1; r++)); do
-    RANK=$r WORLD_SIZE=$1 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port OMP_NUM_THREADS=1 RHINE_DIST_STRICT_DEVICE=1 \
-      "$train" "$2" > "$3.$r" 2>&1 & pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p" || fail "rank of $2 failed: $(tail -3 "$3".*)"; done
-}
 for v in 'dp|{"zero": 0}' 'fsdp|{"zero": 3}'; do
   IFS='|' read -r name par <<<"$v"
   config "muon-$name" '{"type": "muon", "ns_dtype": "fp32"}' 0.005 ", \"parallel\": $par"

@@ -1,7 +1,11 @@
 // tokenizer.json models: BPE (with the byte-level fast path), Unigram, WordPiece (hf_stages.h).
 #include <algorithm>
+#include <charconv>
 #include <climits>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <string_view>
 #include <atomic>
 #include <mutex>
 
@@ -12,6 +16,55 @@
 namespace rhine::tokenizer {
 
 namespace {
+
+// `x` as Hugging Face tokenizers reads it from tokenizer.json. tokenizers parses JSON with
+// serde_json's default float parser, which is not always correctly rounded: it turns all the
+// significant digits into an integer, rounds that to a double, then divides (or multiplies)
+// by a power of ten, rounding a second time. About one Unigram score in seven (275 of the
+// 2,000 scores of a vocabulary `tokenizers` trained) then sits one ulp away from the decimal
+// in the file, and a search that sums scores can break an exact tie the other way. Rhine
+// takes the scores the same way, starting from the shortest decimal that gives `x` back
+// (what tokenizers and Python write).
+double as_tokenizers_reads(double x) {
+  if (!std::isfinite(x)) return x;
+  char buf[64];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, x);
+  if (ec != std::errc()) return x;
+  std::string_view s(buf, static_cast<std::size_t>(end - buf));
+  const bool negative = !s.empty() && s.front() == '-';
+  if (negative) s.remove_prefix(1);
+  std::uint64_t significand = 0;
+  int exponent = 0;
+  bool fraction = false;
+  std::size_t i = 0;
+  for (; i < s.size() && s[i] != 'e'; ++i) {
+    if (s[i] == '.') {
+      fraction = true;
+      continue;
+    }
+    if (significand > (UINT64_MAX - 9) / 10) return x;  // serde's overflow path; shortest output never gets here
+    significand = significand * 10 + static_cast<std::uint64_t>(s[i] - '0');
+    if (fraction) --exponent;
+  }
+  if (i < s.size()) exponent += std::atoi(std::string(s.substr(i + 1)).c_str());
+  static const auto pow10 = [] {
+    std::vector<double> p(309);
+    for (int k = 0; k <= 308; ++k) p[static_cast<std::size_t>(k)] = std::strtod(("1e" + std::to_string(k)).c_str(), nullptr);
+    return p;
+  }();
+  double f = static_cast<double>(significand);
+  for (;;) {
+    const int a = std::abs(exponent);
+    if (a <= 308) {
+      f = exponent >= 0 ? f * pow10[static_cast<std::size_t>(a)] : f / pow10[static_cast<std::size_t>(a)];
+      break;
+    }
+    if (f == 0.0 || exponent > 0) return x;
+    f /= 1e308;
+    exponent += 308;
+  }
+  return negative ? -f : f;
+}
 
 // Reads {"token": id, ...} into a dense id -> token table.
 std::vector<std::string> read_vocab_object(const Json& v, const char* model, const std::string& source) {
@@ -435,7 +488,7 @@ UnigramModel::UnigramModel(const Json& j, const std::vector<std::string>& specia
     SpmModelProto::Piece p;
     p.piece = v[i][0].get<std::string>();
     p.score = v[i][1].get<float>();
-    scores.push_back(v[i][1].get<double>());
+    scores.push_back(as_tokenizers_reads(v[i][1].get<double>()));
     const bool is_byte = p.piece.size() == 6 && p.piece.compare(0, 3, "<0x") == 0 && p.piece[5] == '>' &&
                          std::isxdigit(static_cast<unsigned char>(p.piece[3])) &&
                          std::isxdigit(static_cast<unsigned char>(p.piece[4])) &&

@@ -21,6 +21,21 @@ void SkipGuardOptions::validate() const {
               max_consecutive_outliers, "e.g. 10");
 }
 
+SkipGuardOptions SkipGuardOptions::from_json(const Json& j, const std::string& component) {
+  JsonFields f(j, component);
+  SkipGuardOptions o;
+  o.window = f.get("window", o.window);
+  o.n_sigma = f.get("n_sigma", o.n_sigma);
+  o.min_history = f.get("min_history", o.min_history);
+  o.max_consecutive_outliers = f.get("max_consecutive_outliers", o.max_consecutive_outliers);
+  o.min_std_fraction = f.get("min_std_fraction", o.min_std_fraction);
+  o.check_loss = f.get("check_loss", o.check_loss);
+  o.check_grad_norm = f.get("check_grad_norm", o.check_grad_norm);
+  f.reject_unknown();
+  o.validate();
+  return o;
+}
+
 SkipGuard::SkipGuard(const SkipGuardOptions& options) : o_(options) { o_.validate(); }
 
 bool SkipGuard::is_outlier(const std::deque<double>& w, double x, std::string& why,

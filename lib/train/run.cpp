@@ -107,18 +107,7 @@ void RunOptions::read(JsonFields& f, const std::string& component) {
   mtp_lambda = f.get("mtp_lambda", mtp_lambda);
   zero1 = f.get("zero1", zero1);
   if (const Json* o = f.raw("optimizer")) optimizer = OptimizerChoice::from_json(*o, component);
-  if (const Json* s = f.raw("skip_guard")) {
-    JsonFields sf(*s, component + " skip_guard");
-    skip_guard.window = sf.get("window", skip_guard.window);
-    skip_guard.n_sigma = sf.get("n_sigma", skip_guard.n_sigma);
-    skip_guard.min_history = sf.get("min_history", skip_guard.min_history);
-    skip_guard.max_consecutive_outliers = sf.get("max_consecutive_outliers", skip_guard.max_consecutive_outliers);
-    skip_guard.min_std_fraction = sf.get("min_std_fraction", skip_guard.min_std_fraction);
-    skip_guard.check_loss = sf.get("check_loss", skip_guard.check_loss);
-    skip_guard.check_grad_norm = sf.get("check_grad_norm", skip_guard.check_grad_norm);
-    sf.reject_unknown();
-    skip_guard.validate();
-  }
+  if (const Json* s = f.raw("skip_guard")) skip_guard = SkipGuardOptions::from_json(*s, component + " skip_guard");
   if (const Json* p = f.raw("parallel")) {
     JsonFields pf(*p, component + " parallel");
     parallel.fsdp = pf.get("fsdp", parallel.fsdp);

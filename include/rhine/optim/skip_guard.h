@@ -41,6 +41,8 @@ struct SkipGuardOptions {
   bool check_grad_norm = true;
 
   void validate() const;
+  /// Strict (unknown keys are rejected), validated; absent keys keep the defaults.
+  static SkipGuardOptions from_json(const Json& j, const std::string& component = "skip_guard");
 };
 
 /// What SkipGuard::check decided.

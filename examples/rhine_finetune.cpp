@@ -142,13 +142,17 @@ int main(int argc, char** argv) try {
   auto [world, rt] = rhine::train::start_process(run);
   const bool main_rank = world.is_main();
 
-  // The base model (fp32 master weights) and its tokenizer.
+  // The base model and its tokenizer.
   const auto tok_path = tokenizer_path(cfg);
   auto tok = rhine::Tokenizer::load(tok_path);
   rhine::io::ImportOptions io;
   io.device = rt.device;
   io.model.fused_kernels = run.fused_kernels;
   io.model.activation_checkpointing = run.activation_checkpointing;
+  // LoRA under bf16 autocast: the frozen base stays in its stored dtype (a bf16
+  // checkpoint stays bf16: nothing updates it, and autocast computes in bf16
+  // anyway); the adapters are float32. Full fine-tuning keeps fp32 master weights.
+  if (cfg.lora && run.bf16 && run.parallel.zero < 2) io.dtype = std::nullopt;
   // Under FSDP the import streams: the model is built without its weights
   // (LoRA adapters are added to it as they are), and after sharding each rank
   // reads only its rows of the base model's files, so no rank ever holds the
@@ -220,7 +224,9 @@ int main(int argc, char** argv) try {
   if (main_rank)
     spdlog::info("optimizer: {}{}", run.optimizer.describe(params, run.weight_decay),
                  run.activation_checkpointing ? "; activation checkpointing" : "");
-  auto parts = rhine::train::assemble_run(run, world, lm, params, *source, run.trainer_options(),
+  auto trainer_options = run.trainer_options();
+  if (cfg.lora) trainer_options.frozen_source = cfg.base_model;  // checkpoints hold the adapters only
+  auto parts = rhine::train::assemble_run(run, world, lm, params, *source, trainer_options,
                                           stream ? cfg.base_model : "");
   parts.trainer->set_heldout(&heldout);
   const auto r = parts.trainer->fit();

@@ -32,6 +32,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/core/file.h"
+#include "rhine/core/json.h"
 #include "rhine/core/log.h"
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/hf.h"
@@ -166,6 +167,14 @@ int cmd_rhine_to_hf(const std::string& checkpoint, const std::string& out, const
   }
   RHINE_CHECK(fs::exists(step_dir / "model.safetensors"), kTool, "the checkpoint holds no model.safetensors",
               step_dir.string(), "rhine-to-hf reads config.json + model.safetensors of a checkpoint");
+  if (fs::exists(step_dir / "trainer.json")) {
+    const auto state = rhine::read_json_file((step_dir / "trainer.json").string(), kTool);
+    RHINE_CHECK(!state.contains("frozen"), kTool,
+                "the checkpoint holds only the trained parameters (e.g. LoRA adapters) of a run on a frozen base",
+                state.contains("frozen") ? state["frozen"].value("source", std::string("?")) : std::string(),
+                "rhine-finetune writes the merged HF model (export_dir) and the PEFT adapter (out_dir/adapter) at "
+                "the end of a run; to resume, run it again with the same base model");
+  }
   auto lm = rhine::io::load_hf_model(step_dir);
   auto files = rhine::io::save_hf_model(lm, out, eo);
   std::printf("wrote %s from %s (%zu files)\n", out.c_str(), step_dir.c_str(), files.size());

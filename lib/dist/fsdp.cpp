@@ -90,16 +90,6 @@ struct FSDP::State : nn::ForwardHooks {
     at::Tensor shard;       ///< fp32 leaf [own_rows, ...] viewing the unit's buffer
     at::Tensor acc;         ///< fp32 full gradient accumulated under no_sync
   };
-  /// A LoRA adapter (rhine/io/lora.h): its Linear computes with W + s B A,
-  /// which FSDP refreshes after gathering W, A and B, frees with the unit and
-  /// rewrites in place before the unit's backward.
-  struct Adapter {
-    io::LoraLayer layer;
-    bool local = true;   ///< this rank runs it (false: a routed expert another rank owns)
-    bool owned = false;  ///< a routed expert's adapter on its owner: never gathered, never freed
-    bool live = false;   ///< the merged weight has memory now
-    at::Tensor mask;     ///< the dropout mask of the last refresh (undefined: none)
-  };
   /// The parameters of a unit sharded over one group of ranks, in one flat
   /// buffer per rank: one all-gather and one reduce-scatter serve them.
   struct Shards {
@@ -117,7 +107,6 @@ struct FSDP::State : nn::ForwardHooks {
     Shards main;     ///< row-sharded over the shard group
     Shards experts;  ///< this rank's EP share of the routed experts, row-sharded over its expert-data-parallel group
     std::vector<std::size_t> owned;  ///< routed experts whole on their owner (EP = the shard group)
-    std::vector<Adapter> adapters;   ///< LoRA adapters whose base weight is in this unit
     std::int64_t elements = 0;       ///< elements this rank holds while the unit is gathered
     bool gathering = false, gathered = false, reduced = false;
     std::int64_t version = -1;  ///< ZeRO-2: shards' versions when last gathered
@@ -198,43 +187,12 @@ struct FSDP::State : nn::ForwardHooks {
     for (std::size_t u = 0; u < units.size(); ++u) complete_gather(u);
   }
 
-  /// Forward: W + s B A for the unit's adapters from the gathered weights
-  /// (with autograd to A and B when forward records a graph).
-  void refresh_adapters(std::size_t u) {
-    for (Adapter& a : units[u].adapters) {
-      if (!a.local) continue;
-      a.mask = io::refresh_lora_layer(a.layer);
-      if (a.live || a.owned) continue;
-      a.live = true;
-      mem.gathered_elements += a.layer.linear->weight.numel();
-    }
-    mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
-  }
-
-  /// Backward: the merged weights forward saved get their memory and values back.
-  void rewrite_adapters(std::size_t u) {
-    for (Adapter& a : units[u].adapters) {
-      if (!a.local || a.live || a.owned || !a.layer.linear->weight.defined()) continue;
-      alloc_storage(a.layer.linear->weight);
-      io::rewrite_lora_layer(a.layer, a.mask);
-      a.live = true;
-      mem.gathered_elements += a.layer.linear->weight.numel();
-    }
-    mem.peak_gathered_elements = std::max(mem.peak_gathered_elements, mem.gathered_elements);
-  }
-
   void release(std::size_t u) {
     Unit& unit = units[u];
     if (unit.gathering) complete_gather(u);  // an unused prefetch
     if (!unit.gathered) return;
     for (const Shards* sh : {&unit.main, &unit.experts})
       for (std::size_t i : sh->params) free_storage(params[i].var);
-    for (Adapter& a : unit.adapters) {
-      if (!a.live) continue;
-      free_storage(a.layer.linear->weight);
-      a.live = false;
-      mem.gathered_elements -= a.layer.linear->weight.numel();
-    }
     unit.gathered = false;
     mem.gathered_elements -= unit.elements;
   }
@@ -324,7 +282,6 @@ struct FSDP::State : nn::ForwardHooks {
 
   void pre_backward(std::size_t u) {
     complete_gather(u);
-    rewrite_adapters(u);
     if (!o.prefetch) return;
     auto it = std::find(order.begin(), order.end(), u);
     if (it != order.end() && it != order.begin()) launch_gather(*(it - 1));
@@ -353,11 +310,9 @@ struct FSDP::State : nn::ForwardHooks {
         for (std::size_t u = 0; u < units.size(); ++u) release(u);
         gather_all();
       }
-      refresh_adapters(0);  // the blocks' adapters in run_block
       return;
     }
     complete_gather(0);
-    refresh_adapters(0);
     if (o.prefetch && units.size() > 1) launch_gather(1);
   }
 
@@ -478,9 +433,6 @@ std::vector<at::Tensor> FSDP::State::run_block(std::size_t index, const std::vec
   }
   const std::vector<at::Tensor> ins =
       graph ? UnitBoundary<false>::apply(at::TensorList(inputs), self, static_cast<std::int64_t>(u)) : inputs;
-  // After the input boundary: autograd then runs the adapters' W + s B A
-  // backward (higher sequence numbers) before the boundary's reduce-scatter.
-  refresh_adapters(u);
   std::vector<at::Tensor> outs = run(ins);
   order.push_back(u);
   if (graph) outs = UnitBoundary<true>::apply(at::TensorList(outs), self, static_cast<std::int64_t>(u));
@@ -643,19 +595,12 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     }
   }
   model->tie_mtp_weights();  // the MTP aliases follow the parameters' new storage
-  // LoRA: each adapter joins the unit of its base weight; its Linear computes
-  // with the base weight (an alias, apply_lora's state) until the first forward.
-  for (const auto& layer : io::lora_layers(*model)) {
+  // LoRA adapters (rhine/nn/adapter.h) are parameters of their block like any
+  // other: gathered, run as the low-rank path beside the frozen base, reduced.
+  // A merged one has written s B A into a base weight that is now sharded.
+  for (const auto& layer : io::lora_layers(*model))
     RHINE_CHECK(!layer.merged, kComponent, "a merged LoRA adapter cannot be sharded", layer.name,
                 "unmerge_lora before sharding, or shard the merged model without adapters");
-    const auto& base = s.params[s.by_name.at(layer.name + ".weight")];
-    State::Adapter a;
-    a.layer = layer;
-    a.owned = base.owner >= 0 && !base.edp;
-    a.local = base.owner < 0 || base.owner == s.ep_rank;
-    layer.linear->weight = base.var;
-    s.units[base.unit].adapters.push_back(std::move(a));
-  }
   if (ep) {
     // Tokens travel within the EP group (the copy, unless EP is smaller).
     auto dispatch = std::make_shared<ExpertParallel>(s.ep_group ? *s.ep_group : *s.world);
@@ -859,8 +804,6 @@ void FSDP::unshard() {
   at::NoGradGuard no_grad;
   for (std::size_t i = 0; i < s.params.size(); ++i) s.params[i].var.set_data(whole[i]);
   s.model->tie_mtp_weights();
-  for (const auto& unit : s.units)
-    for (const auto& a : unit.adapters) a.layer.linear->weight = s.params[s.by_name.at(a.layer.name + ".weight")].var;
   s.model->set_forward_hooks(nullptr);
   for (auto& layer : s.model->moe_layers()) layer->set_expert_dispatch(nullptr);
   s.model = nn::CausalLM(nullptr);

@@ -13,6 +13,7 @@
 #include "rhine/core/json.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/nn/adapter.h"
 
 namespace fs = std::filesystem;
 
@@ -22,38 +23,32 @@ namespace {
 constexpr const char* kComponent = "lora";
 constexpr const char* kPeftPrefix = "base_model.model.";
 
-// One adapter matrix registered on the adapted Linear as `lora_A` / `lora_B`
-// (so its parameter is `<module>.lora_A.weight`, PEFT's saved name). The A
-// side also carries the adapter's options and merge state.
-class LoraWeightImpl : public torch::nn::Module {
+// The A matrix of an adapter (rhine/nn/adapter.h) also keeps the options
+// apply_lora was given, for lora_options and the PEFT config.
+class LoraAImpl : public nn::LoraMatrixImpl {
  public:
-  explicit LoraWeightImpl(at::Tensor w) { weight = register_parameter("weight", std::move(w)); }
-  at::Tensor weight;
-  LoraOptions options;  // A only
-  bool merged = false;  // A only
+  LoraAImpl(at::Tensor w, LoraOptions o) : nn::LoraMatrixImpl(std::move(w)), options(std::move(o)) {
+    scaling = options.alpha / static_cast<double>(options.rank);
+    dropout = options.dropout;
+  }
+  LoraOptions options;
 };
 
 struct Adapted {
   std::string name;
   torch::nn::LinearImpl* linear;
-  LoraWeightImpl* a;
-  LoraWeightImpl* b;
+  LoraAImpl* a;
+  nn::LoraMatrixImpl* b;
 };
-
-LoraWeightImpl* child(const torch::nn::Module& m, const char* name) {
-  for (const auto& c : m.named_children())
-    if (c.key() == name) return dynamic_cast<LoraWeightImpl*>(c.value().get());
-  return nullptr;
-}
 
 std::vector<Adapted> adapted(const torch::nn::Module& model) {
   std::vector<Adapted> out;
   auto visit = [&](const std::string& name, const torch::nn::Module* m) {
     auto* lin = dynamic_cast<torch::nn::LinearImpl*>(const_cast<torch::nn::Module*>(m));
     if (!lin) return;
-    LoraWeightImpl* a = child(*lin, "lora_A");
-    LoraWeightImpl* b = child(*lin, "lora_B");
-    if (a && b) out.push_back({name, lin, a, b});
+    const nn::LoraPath p = nn::lora_path(*lin);
+    auto* a = dynamic_cast<LoraAImpl*>(p.a);
+    if (a && p.b) out.push_back({name, lin, a, p.b});
   };
   // include_self would need the root held by a shared_ptr; models on the stack are fine too.
   visit("", &model);
@@ -61,42 +56,10 @@ std::vector<Adapted> adapted(const torch::nn::Module& model) {
   return out;
 }
 
-at::Tensor base_weight(torch::nn::LinearImpl& lin) { return lin.named_parameters(/*recurse=*/false)["weight"]; }
-
-double scaling(const LoraOptions& o) { return o.alpha / static_cast<double>(o.rank); }
-
-// s B A [O, I] in the base dtype, from the current A and B (with autograd
-// unless a NoGradGuard is active); `dropout_mask` [1, I] or undefined.
-at::Tensor delta(const Adapted& l, const at::Tensor& base, const at::Tensor& dropout_mask = {}) {
-  at::Tensor a = l.a->weight;                                 // [r, I]
-  if (dropout_mask.defined()) a = a * dropout_mask;            // [r, I]
-  at::Tensor d = at::mm(l.b->weight, a) * scaling(l.a->options);  // [O, r] x [r, I] -> [O, I]
-  return d.to(base.scalar_type());
-}
-
-// Sets the Linear's weight to W + s B (A * mask); returns the mask drawn.
-at::Tensor refresh_one(const Adapted& l) {
-  at::Tensor base = base_weight(*l.linear);
-  if (l.a->merged) {
-    l.linear->weight = base;
-    return {};
-  }
-  at::Tensor mask;
-  const double p = l.a->options.dropout;
-  if (p > 0 && l.linear->is_training()) {
-    mask = at::empty({1, l.a->weight.size(1)}, l.a->weight.options().requires_grad(false)).bernoulli_(1 - p) /
-           (1 - p);
-  }
-  l.linear->weight = base + delta(l, base, mask);
-  return mask;
-}
-
-Adapted adapted_of(const LoraLayer& layer) {
-  LoraWeightImpl* a = child(*layer.linear, "lora_A");
-  LoraWeightImpl* b = child(*layer.linear, "lora_B");
-  RHINE_CHECK(a != nullptr && b != nullptr, kComponent, "the Linear has no adapter", layer.name,
-              "take layers from lora_layers() of the adapted model");
-  return {layer.name, layer.linear, a, b};
+// s B A [O, I] in the base weight's dtype, from the current A and B.
+at::Tensor delta(const Adapted& l) {
+  at::Tensor d = at::mm(l.b->weight, l.a->weight) * l.a->scaling;  // [O, r] x [r, I] -> [O, I]
+  return d.to(l.linear->weight.scalar_type());
 }
 
 bool selected(const std::string& name, const LoraOptions& o, const std::optional<std::regex>& re) {
@@ -151,7 +114,7 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
   for (auto& p : model.parameters()) p.set_requires_grad(false);
   std::vector<std::string> names;
   for (auto& [name, lin] : targets) {
-    at::Tensor w = base_weight(*lin);  // [O, I]
+    const at::Tensor& w = lin->weight;  // [O, I]; not read, only its shape, dtype and device
     const std::int64_t O = w.size(0), I = w.size(1);
     // Initialised in float32 on the CPU (same values on every device/dtype), then moved.
     at::Tensor a = at::empty({o.rank, I}, at::kFloat);
@@ -161,17 +124,14 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
     } else {
       a.normal_(0.0, 1.0 / static_cast<double>(o.rank), gen);
     }
-    a = a.to(w.options()).requires_grad_(true);
-    at::Tensor b = at::zeros({O, o.rank}, w.options()).requires_grad_(true);
-    auto A = lin->register_module("lora_A", std::make_shared<LoraWeightImpl>(a));
-    lin->register_module("lora_B", std::make_shared<LoraWeightImpl>(b));
-    A->options = o;
+    // A bf16 or fp16 base gets float32 adapters (PEFT's autocast_adapter_dtype).
+    const auto dtype = (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf) ? at::kFloat : w.scalar_type();
+    a = a.to(w.options().dtype(dtype)).requires_grad_(true);
+    at::Tensor b = at::zeros({O, o.rank}, w.options().dtype(dtype)).requires_grad_(true);
+    lin->register_module("lora_A", std::make_shared<LoraAImpl>(a, o));
+    lin->register_module("lora_B", std::make_shared<nn::LoraMatrixImpl>(b));
     names.push_back(name);
   }
-  // B = 0: W + s B A is W exactly, and the base weight is not read (it may
-  // not be written yet, CausalLMOptions::defer_init); refresh_lora before a
-  // training forward connects A and B.
-  for (auto& [name, lin] : targets) lin->weight = base_weight(*lin);
   return names;
 }
 
@@ -190,27 +150,10 @@ std::vector<at::Tensor> lora_parameters(const torch::nn::Module& model) {
   return out;
 }
 
-void refresh_lora(torch::nn::Module& model) {
-  for (const auto& l : adapted(model)) refresh_one(l);
-}
-
 std::vector<LoraLayer> lora_layers(const torch::nn::Module& model) {
   std::vector<LoraLayer> out;
   for (const auto& l : adapted(model)) out.push_back({l.name, l.linear, l.a->merged});
   return out;
-}
-
-at::Tensor refresh_lora_layer(const LoraLayer& layer) { return refresh_one(adapted_of(layer)); }
-
-void rewrite_lora_layer(const LoraLayer& layer, const at::Tensor& mask) {
-  const Adapted l = adapted_of(layer);
-  if (l.a->merged) return;
-  at::NoGradGuard no_grad;
-  at::Tensor base = base_weight(*l.linear);
-  at::Tensor w = l.linear->weight.variable_data();  // shares the memory, not the version counter
-  RHINE_CHECK(w.sizes() == base.sizes(), kComponent, "the adapted weight has another shape than the base",
-              layer.name, "refresh_lora_layer before rewriting");
-  at::add_out(w, base, delta(l, base, mask));
 }
 
 bool is_lora_parameter(const std::string& name) {
@@ -224,23 +167,17 @@ void merge_lora(torch::nn::Module& model) {
   at::NoGradGuard no_grad;
   for (const auto& l : adapted(model)) {
     if (l.a->merged) continue;
-    at::Tensor base = base_weight(*l.linear);
-    base.add_(delta(l, base));
+    l.linear->weight.add_(delta(l));
     l.a->merged = true;
-    l.linear->weight = base;
   }
 }
 
 void unmerge_lora(torch::nn::Module& model) {
+  at::NoGradGuard no_grad;
   for (const auto& l : adapted(model)) {
     if (!l.a->merged) continue;
-    {
-      at::NoGradGuard no_grad;
-      at::Tensor base = base_weight(*l.linear);
-      base.sub_(delta(l, base));
-    }
+    l.linear->weight.sub_(delta(l));
     l.a->merged = false;
-    refresh_one(l);
   }
 }
 
@@ -378,7 +315,6 @@ LoraOptions load_peft_adapter(torch::nn::Module& model, const fs::path& dir) {
     at::NoGradGuard no_grad;
     for (auto& [n, t] : want) t.copy_(file.at(n));
   }
-  refresh_lora(model);
   return o;
 }
 

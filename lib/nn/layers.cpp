@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/adapter.h"
 #include "rhine/nn/fused.h"
 #include "build.h"
 
@@ -183,9 +184,9 @@ MLPImpl::MLPImpl(const ModelConfig& c) : act(c.hidden_act) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  if (!gate_proj) return down_proj(act_fn(up_proj(x)));
-  at::Tensor g = gate_proj(x);  // [B, T, I]
-  if (fused && act == "silu") return down_proj(fused_swiglu(g, up_proj(x)));
+  if (!gate_proj) return linear(down_proj, act_fn(linear(up_proj, x)));
+  at::Tensor g = linear(gate_proj, x);  // [B, T, I]
+  if (fused && act == "silu") return linear(down_proj, fused_swiglu(g, linear(up_proj, x)));
   if (act == "silu")
     g = at::silu(g);
   else if (act == "gelu")
@@ -194,7 +195,7 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
     g = at::gelu(g, "tanh");
   else
     g = at::relu(g);
-  return down_proj(g * up_proj(x));
+  return linear(down_proj, g * linear(up_proj, x));
 }
 
 // --- attention --------------------------------------------------------------
@@ -237,9 +238,9 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in, LayerKV* cache) {
   const auto B = x.size(0), T = x.size(1);
-  at::Tensor q = q_proj(x).view({B, T, n_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
-  at::Tensor k = k_proj(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
-  at::Tensor v = v_proj(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  at::Tensor q = linear(q_proj, x).view({B, T, n_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
+  at::Tensor k = linear(k_proj, x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  at::Tensor v = linear(v_proj, x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
   if (q_norm) {  // Apertus: per-head RMSNorm before RoPE
     q = q_norm(q);
     k = k_norm(k);
@@ -255,7 +256,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const AttentionInputs& in
   // q, k, v can differ in dtype under autocast (the cache keeps its dtype).
   const auto dt = q.scalar_type();
   at::Tensor out = rhine::attention(q, k.to(dt), v.to(dt), opt);  // [B, H, T, D]
-  return o_proj(out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
+  return linear(o_proj, out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
 }
 
 }  // namespace rhine::nn

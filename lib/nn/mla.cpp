@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/adapter.h"
 #include "rhine/torch/compat.h"
 #include "build.h"
 
@@ -41,14 +42,15 @@ MLAImpl::MLAImpl(const ModelConfig& c)
 
 at::Tensor MLAImpl::query(const at::Tensor& x, const AttentionInputs& in) {
   const auto B = x.size(0), T = x.size(1);
-  at::Tensor q = q_proj ? q_proj(x) : q_b_proj(q_a_layernorm(q_a_proj(x)));  // [B, T, H*(Dn+Dr)]
+  at::Tensor q = q_proj ? linear(q_proj, x)
+                        : linear(q_b_proj, q_a_layernorm(linear(q_a_proj, x)));  // [B, T, H*(Dn+Dr)]
   q = q.view({B, T, n_heads, nope_dim + rope_dim}).transpose(1, 2);         // [B, H, T, Dn+Dr]
   at::Tensor q_pe = apply_rope(q.narrow(-1, nope_dim, rope_dim), in.cos, in.sin, layout);
   return at::cat({q.narrow(-1, 0, nope_dim), q_pe}, -1);
 }
 
 std::pair<at::Tensor, at::Tensor> MLAImpl::latent(const at::Tensor& x, const AttentionInputs& in) {
-  at::Tensor full = kv_a_proj_with_mqa(x);                       // [B, T, Rkv + Dr]
+  at::Tensor full = linear(kv_a_proj_with_mqa, x);                       // [B, T, Rkv + Dr]
   at::Tensor ckv = kv_a_layernorm(full.narrow(-1, 0, kv_rank));  // [B, T, Rkv]
   // One rotary key shared by all heads: rotate it as a single head.
   at::Tensor k_pe = apply_rope(full.narrow(-1, kv_rank, rope_dim).unsqueeze(1), in.cos, in.sin,
@@ -65,7 +67,7 @@ at::Tensor MLAImpl::forward_naive(const at::Tensor& x, const AttentionInputs& in
   const auto B = x.size(0), T = x.size(1), H = n_heads;
   at::Tensor q = query(x, in);           // [B, H, T, Dn+Dr]
   auto [ckv, k_pe] = latent(x, in);      // [B, T, Rkv], [B, T, Dr]
-  at::Tensor kv = kv_b_proj(ckv).view({B, T, H, nope_dim + v_dim}).transpose(1, 2);  // [B,H,T,Dn+Dv]
+  at::Tensor kv = linear(kv_b_proj, ckv).view({B, T, H, nope_dim + v_dim}).transpose(1, 2);  // [B,H,T,Dn+Dv]
   at::Tensor k_nope = kv.narrow(-1, 0, nope_dim);                                    // [B,H,T,Dn]
   at::Tensor v = kv.narrow(-1, nope_dim, v_dim);                                     // [B,H,T,Dv]
   at::Tensor k = at::cat({k_nope, k_pe.unsqueeze(1).expand({B, H, T, rope_dim}).to(k_nope.scalar_type())},
@@ -75,7 +77,7 @@ at::Tensor MLAImpl::forward_naive(const at::Tensor& x, const AttentionInputs& in
   opt.dropout_p = is_training() ? dropout : 0.0;
   const auto dt = q.scalar_type();
   at::Tensor out = rhine::attention(q, k.to(dt), v.to(dt), opt);  // [B, H, T, Dv]
-  return o_proj(out.transpose(1, 2).reshape({B, T, H * v_dim}));
+  return linear(o_proj, out.transpose(1, 2).reshape({B, T, H * v_dim}));
 }
 
 at::Tensor MLAImpl::forward_absorbed(const at::Tensor& x, const AttentionInputs& in,
@@ -88,7 +90,7 @@ at::Tensor MLAImpl::forward_absorbed(const at::Tensor& x, const AttentionInputs&
     k_pe = cache->k_pe = cache_append(cache->k_pe_buf, cache->k_pe, k_pe, 1);  // [B, S, Dr]
   }
   const auto dt = q.scalar_type();
-  at::Tensor w = kv_b_proj->weight.view({H, nope_dim + v_dim, kv_rank}).to(dt);  // [H, Dn+Dv, Rkv]
+  at::Tensor w = effective_weight(*kv_b_proj).view({H, nope_dim + v_dim, kv_rank}).to(dt);  // [H, Dn+Dv, Rkv]
   at::Tensor w_uk = w.narrow(1, 0, nope_dim);                                     // [H, Dn, Rkv]
   at::Tensor w_uv = w.narrow(1, nope_dim, v_dim);                                 // [H, Dv, Rkv]
   // q_nope W^UK: scores against the latent equal scores against k_nope.
@@ -101,7 +103,7 @@ at::Tensor MLAImpl::forward_absorbed(const at::Tensor& x, const AttentionInputs&
   opt.dropout_p = is_training() ? dropout : 0.0;
   at::Tensor o_lat = rhine::attention(qf, kf, vf, opt);          // [B, H, T, Rkv]
   at::Tensor o = at::matmul(o_lat, w_uv.transpose(1, 2));         // [B, H, T, Dv]
-  return o_proj(o.transpose(1, 2).reshape({B, T, H * v_dim}));
+  return linear(o_proj, o.transpose(1, 2).reshape({B, T, H * v_dim}));
 }
 
 std::int64_t kv_cache_elements_per_token(const ModelConfig& c) {

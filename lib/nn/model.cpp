@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/adapter.h"
 #include "rhine/nn/fused.h"
 #include "rhine/nn/mtp.h"
 #include "rhine/torch/compat.h"
@@ -507,7 +508,7 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   const at::Tensor h_main = h;  // [B, T, C] post-norm: the input of MTP depth 1
   if (o.last_logits_only) h = h.narrow(1, T - 1, 1);
   ForwardOutput out;
-  out.logits = lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
+  out.logits = lm_head ? linear(lm_head, h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
 
   if (cache) {
     cache->key_valid = key_valid;

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/adapter.h"
 #include "build.h"
 
 namespace rhine::nn {
@@ -38,7 +39,7 @@ std::pair<BlockOutput, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_pre
   at::Tensor e = enorm(at::embedding(embedding, ids_ahead));  // [B, T, C]
   at::Tensor hh = hnorm(h_prev);                             // [B, T, C]
   // Embedding first, as the released weights and every implementation do.
-  at::Tensor x = eh_proj(at::cat({e, hh.to(e.scalar_type())}, -1));  // [B, T, C]
+  at::Tensor x = linear(eh_proj, at::cat({e, hh.to(e.scalar_type())}, -1));  // [B, T, C]
   BlockOutput block = DecoderLayerImpl::forward(x, in, nullptr, nullptr, balance);  // h [B, T, C]
   at::Tensor logits = at::linear(shared_head->norm(block.h), head);                  // [B, T, V]
   return {block, logits};

@@ -13,7 +13,6 @@
 #include "rhine/data/sft.h"
 #include "rhine/dist/world.h"
 #include "rhine/formats/token_shard.h"
-#include "rhine/io/lora.h"
 #include "rhine/nn/moe.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/compat.h"
@@ -111,8 +110,6 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, const EvalOp
   const bool was_training = model->is_training();
   model->eval();
   at::NoGradGuard no_grad;
-  // Adapters as trained so far (a sharded model's hooks refresh them per block).
-  if (io::lora_options(*model) && !model->forward_hooks()) io::refresh_lora(*model);
   const auto device = model->output_weight().device();
   const bool split = options.world != nullptr && options.world->world_size() > 1 && !forward_is_collective(model);
   const int rank = split ? options.world->rank() : 0, ranks = split ? options.world->world_size() : 1;

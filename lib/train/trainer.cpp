@@ -26,7 +26,6 @@
 #include "rhine/dist/sharded_optimizer.h"
 #include "rhine/dist/world.h"
 #include "rhine/io/checkpoint.h"
-#include "rhine/io/lora.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/optim/clip.h"
@@ -112,16 +111,18 @@ void TrainerOptions::validate() const {
 
 // --- model state -------------------------------------------------------------
 
-std::map<std::string, at::Tensor> model_state(const nn::CausalLM& model) {
+std::map<std::string, at::Tensor> model_state(const nn::CausalLM& model, bool frozen) {
   std::map<std::string, at::Tensor> out;
-  for (const auto& p : model->named_parameters()) out[p.key()] = p.value().detach();
+  for (const auto& p : model->named_parameters())
+    if (frozen || p.value().requires_grad()) out[p.key()] = p.value().detach();
   for (const auto& b : model->named_buffers()) out[b.key()] = b.value().detach();
   return out;
 }
 
-void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tensor>& state) {
+void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tensor>& state, bool frozen) {
   std::map<std::string, at::Tensor> targets;
-  for (const auto& p : model->named_parameters()) targets[p.key()] = p.value();
+  for (const auto& p : model->named_parameters())
+    if (frozen || p.value().requires_grad()) targets[p.key()] = p.value();
   for (const auto& b : model->named_buffers()) targets[b.key()] = b.value();
   std::vector<std::string> missing, unexpected, shapes;
   for (const auto& [name, t] : targets)
@@ -138,9 +139,34 @@ void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tenso
               "model state does not match the model",
               fmt::format("missing {}, unexpected {}, shape mismatches {}", fmt::join(missing, ", "),
                           fmt::join(unexpected, ", "), fmt::join(shapes, ", ")),
-              "the checkpoint was written for another model config");
+              "the checkpoint was written for another model config (or other trained parameters, e.g. LoRA targets)");
   at::NoGradGuard no_grad;
   for (auto& [name, t] : targets) t.copy_(state.at(name));
+}
+
+Json frozen_fingerprint(const nn::CausalLM& model) {
+  std::int64_t tensors = 0, elements = 0;
+  double l1 = 0, l2 = 0;
+  for (const auto& p : model->parameters()) {
+    if (p.requires_grad()) continue;
+    ++tensors;
+    elements += p.numel();
+    // Reduced in float64 without a float64 copy of the tensor.
+    l1 += at::linalg_vector_norm(p, 1, c10::nullopt, false, at::kDouble).item<double>();
+    const double n2 = at::linalg_vector_norm(p, 2, c10::nullopt, false, at::kDouble).item<double>();
+    l2 += n2 * n2;
+  }
+  if (tensors == 0) return nullptr;
+  return {{"tensors", tensors}, {"elements", elements}, {"l1", l1}, {"l2", std::sqrt(l2)}};
+}
+
+bool same_frozen_parameters(const Json& a, const Json& b) {
+  if (a.is_null() || b.is_null()) return a.is_null() && b.is_null();
+  auto close = [&](const char* k) {
+    const double x = a.at(k).get<double>(), y = b.at(k).get<double>();
+    return std::abs(x - y) <= 1e-9 * std::max(std::abs(x), std::abs(y));
+  };
+  return a.at("tensors") == b.at("tensors") && a.at("elements") == b.at("elements") && close("l1") && close("l2");
 }
 
 // --- files of a run: checkpoints, metrics, progress line ----------------------
@@ -173,7 +199,6 @@ Trainer::Trainer(nn::CausalLM model, Optimizer* optimizer, dist::ShardedOptimize
       guard_(o_.skip),
       files_(std::make_unique<Files>()) {
   o_.validate();
-  has_lora_ = io::lora_options(*model_).has_value();
   if (!o_.out_dir.empty()) {
     std::error_code ec;
     fs::create_directories(o_.out_dir, ec);
@@ -292,10 +317,15 @@ fs::path Trainer::save_checkpoint() {
   }
   auto w = files_->ckpt->begin(step_);
   model_->config().save(w.path("config.json"));
-  save_safetensors(w.path("model.safetensors"), model_state(model_));
+  // Frozen parameters (a LoRA run's base) stay out; trainer.json says where they come from.
+  save_safetensors(w.path("model.safetensors"), model_state(model_, /*frozen=*/false));
   opt.tensors["rng/cpu"] = cpu_rng_state();
   save_safetensors(w.path("optimizer.safetensors"), opt.tensors);
-  write_json_file(w.path("trainer.json"), run_state_json(opt.meta));
+  Json state = run_state_json(opt.meta);
+  if (frozen_fingerprint_.is_null()) frozen_fingerprint_ = frozen_fingerprint(model_);
+  if (!frozen_fingerprint_.is_null())
+    state["frozen"] = {{"source", o_.frozen_source}, {"fingerprint", frozen_fingerprint_}};
+  write_json_file(w.path("trainer.json"), state);
   if (callbacks_.save_extra) callbacks_.save_extra(w);
   const auto path = w.commit();
   barrier();
@@ -402,8 +432,20 @@ void Trainer::load_checkpoint(const fs::path& dir) {
               "the checkpoint was written for another model config", dir.string(),
               "resume with the config of that run, or start in a new out_dir");
   if (fsdp_ != nullptr || fs::exists(dir / "shards.json")) return load_sharded_checkpoint(dir);
-  load_model_state(model_, load_safetensors((dir / "model.safetensors").string()));
   const auto state = read_json_file((dir / "trainer.json").string(), kComponent);
+  if (state.contains("frozen")) {  // written without the parameters that need no gradient
+    if (frozen_fingerprint_.is_null()) frozen_fingerprint_ = frozen_fingerprint(model_);
+    const Json& saved = state.at("frozen");
+    RHINE_CHECK(same_frozen_parameters(saved.at("fingerprint"), frozen_fingerprint_), kComponent,
+                "the checkpoint was trained on other frozen parameters than this model holds", dir.string(),
+                fmt::format("resume on the base it was trained on ({}) with the same LoRA targets; the checkpoint "
+                            "holds only the trained parameters (fingerprint {}, this model {})",
+                            saved.value("source", std::string("not recorded")), saved.at("fingerprint").dump(),
+                            frozen_fingerprint_.dump()));
+    load_model_state(model_, load_safetensors((dir / "model.safetensors").string()), /*frozen=*/false);
+  } else {
+    load_model_state(model_, load_safetensors((dir / "model.safetensors").string()));
+  }
   OptimizerState opt;
   opt.tensors = load_safetensors((dir / "optimizer.safetensors").string());
   auto rng = opt.tensors.find("rng/cpu");
@@ -480,8 +522,6 @@ StepMetrics Trainer::train_step() {
     fo.moe_seq_aux_alpha = o_.moe_seq_aux_alpha;
     fo.moe_expert_aux_alpha = o_.moe_expert_aux_alpha;
     nn::ForwardOutput out;
-    // W + s B A from the current adapters (FSDP refreshes them per block, after gathering).
-    if (has_lora_ && fsdp_ == nullptr) io::refresh_lora(*model_);
     {
       AutocastGuard autocast(device.type(), at::kBFloat16, o_.bf16);
       out = model_->forward(b.input_ids.to(device), fo);

@@ -363,7 +363,6 @@ int run(const Args& a) {
         fo.labels = chunk.slice(1, 1, T + 1).contiguous();
         fo.mtp_lambda = 0.3;  // MTP heads train (a model without them ignores it)
         rhine::nn::ForwardOutput out;
-        if (a.lora && !fsdp) rhine::io::refresh_lora(*lm);  // FSDP refreshes the adapters per block
         {
           rhine::AutocastGuard cast(at::kCPU, at::kBFloat16, a.autocast);
           out = lm->forward(chunk.slice(1, 0, T).contiguous(), fo);

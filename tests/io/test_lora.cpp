@@ -1,6 +1,7 @@
 // LoRA: the adapted Linear against PEFT's formula W x + b + s B (A x) in plain
-// ops, merged vs adapter-path logits, finite-difference gradients of A and B,
-// only adapter gradients, merge/unmerge, and the PEFT files checked by the
+// ops (dropout per input element), merged vs adapter-path logits,
+// finite-difference gradients of A and B, only adapter gradients, a bf16 base
+// under autocast against an fp32 one, merge/unmerge, and the PEFT files checked by the
 // independent python reader (tests/fixtures/hf/check_hf_dir.py).
 #include "torch_test.h"
 
@@ -15,6 +16,8 @@
 #include "rhine/core/json.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/lora.h"
+#include "rhine/nn/adapter.h"
+#include "rhine/torch/compat.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -35,7 +38,6 @@ void randomize_b(torch::nn::Module& m, std::uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   for (auto& p : m.named_parameters())
     if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0.0, 0.3, gen);
-  rhine::io::refresh_lora(m);
 }
 
 struct OneLinear : torch::nn::Module {
@@ -66,7 +68,7 @@ TEST_CASE("an adapted Linear computes PEFT's W x + b + (alpha/r) B A x", "[io][l
   randomize_b(m, 1);
   at::Tensor x = at::randn({4, 6}, at::kDouble);
   at::Tensor want = at::matmul(x, W.t()) + b + 2.0 * at::matmul(at::matmul(x, A.t()), B.t());  // [4, 5]
-  CHECK(io_test::rel_err(m.proj(x), want) < 1e-14);
+  CHECK(io_test::rel_err(rhine::nn::linear(m.proj, x), want) < 1e-14);  // how Rhine's layers call a Linear
   // Same seed, same A.
   OneLinear m2;
   m2.to(at::kDouble);
@@ -142,10 +144,7 @@ TEST_CASE("only adapter parameters get gradients and they match finite differenc
   CHECK(rhine::io::lora_parameters(*lm).size() == 4);
   auto ids = at::tensor(io_test::read_ids(hf_fixture("llama") / "ids.txt")[0], at::kLong).view({1, -1});
   at::Tensor proj = at::randn({1, ids.size(1), 32}, at::kDouble);
-  auto loss_fn = [&]() {
-    rhine::io::refresh_lora(*lm);
-    return (lm->forward(ids).logits * proj).sum();
-  };
+  auto loss_fn = [&]() { return (lm->forward(ids).logits * proj).sum(); };
   loss_fn().backward();
   for (const auto& p : lm->named_parameters()) {
     INFO(p.key());
@@ -181,7 +180,7 @@ TEST_CASE("only adapter parameters get gradients and they match finite differenc
   }
 }
 
-TEST_CASE("refresh after an optimizer step, dropout masks features only in training", "[io][lora]") {
+TEST_CASE("new adapter values act at once, and dropout drops adapter inputs only in training", "[io][lora]") {
   auto lm = llama64();
   rhine::io::LoraOptions o;
   o.target_modules = {"q_proj"};
@@ -194,24 +193,97 @@ TEST_CASE("refresh after an optimizer step, dropout masks features only in train
     at::NoGradGuard g;
     for (auto& p : rhine::io::lora_parameters(*lm)) p.add_(0.01);
   }
-  CHECK(at::equal(io_test::logits_of(lm, row), before));  // stale until refreshed (documented contract)
-  rhine::io::refresh_lora(*lm);
   CHECK(io_test::rel_err(io_test::logits_of(lm, row), before) > 1e-6);
 
-  auto d = llama64();
-  o.dropout = 0.5;
-  rhine::io::apply_lora(*d, o);
-  randomize_b(*d, 2);
-  d->eval();
-  rhine::io::refresh_lora(*d);
-  at::Tensor e1 = io_test::logits_of(d, row);
-  rhine::io::refresh_lora(*d);
-  CHECK(at::equal(io_test::logits_of(d, row), e1));
-  d->train();
-  rhine::io::refresh_lora(*d);
-  at::Tensor t1 = io_test::logits_of(d, row);
-  rhine::io::refresh_lora(*d);
-  CHECK_FALSE(at::equal(io_test::logits_of(d, row), t1));
+  // PEFT's lora_dropout: y = x W^T + b + s B A dropout(x), one mask element per input element.
+  OneLinear m;
+  m.to(at::kDouble);
+  rhine::io::LoraOptions d;
+  d.rank = 2;
+  d.alpha = 2.0;
+  d.dropout = 0.5;
+  d.target_modules = {"proj"};
+  rhine::io::apply_lora(m, d);
+  randomize_b(m, 3);
+  auto p = m.named_parameters();
+  const at::Tensor W = p["proj.weight"], b = p["proj.bias"], A = p["proj.lora_A.weight"], B = p["proj.lora_B.weight"];
+  at::Tensor x = at::randn({64, 6}, at::kDouble);
+  m.eval();
+  CHECK(io_test::rel_err(rhine::nn::linear(m.proj, x), at::matmul(x, W.t()) + b + at::matmul(at::matmul(x, A.t()), B.t())) <
+        1e-14);
+  m.train();
+  at::Tensor y = rhine::nn::linear(m.proj, x);
+  at::Tensor lora = y - at::matmul(x, W.t()) - b;             // [64, 5]
+  at::Tensor full = at::matmul(at::matmul(x, A.t()), B.t());  // without dropout
+  CHECK(io_test::rel_err(lora, full) > 0.1);                  // something was dropped
+  // The mask is nn.Dropout's on x (0 or 1/(1-p) per element), drawn from the global generator.
+  {
+    at::manual_seed(11);
+    at::Tensor y1 = rhine::nn::linear(m.proj, x);
+    at::manual_seed(11);
+    at::Tensor mask = at::dropout(at::ones_like(x), 0.5, true);      // what the layer draws: 0 or 2
+    at::Tensor want = at::matmul(x, W.t()) + b + at::matmul(at::matmul(x * mask, A.t()), B.t());
+    CHECK(io_test::rel_err(y1, want) < 1e-14);
+    CHECK(mask.eq(0).sum().item<std::int64_t>() > 100);               // per element, not per feature
+    CHECK(mask.eq(0).sum().item<std::int64_t>() < 284);
+  }
+}
+
+TEST_CASE("a bf16 base trains its float32 adapters under autocast and never gets a gradient", "[io][lora]") {
+  rhine::io::ImportOptions bf;
+  bf.dtype = at::kBFloat16;
+  auto lm = rhine::io::load_hf_model(hf_fixture("llama"), bf);
+  rhine::io::ImportOptions f32;
+  f32.dtype = at::kFloat;
+  auto ref = rhine::io::load_hf_model(hf_fixture("llama"), f32);
+  {  // the same (bf16-rounded) base values in both
+    at::NoGradGuard g;
+    auto rp = ref->named_parameters();
+    for (const auto& q : lm->named_parameters()) rp[q.key()].copy_(q.value());
+  }
+  rhine::io::LoraOptions o;
+  o.rank = 4;
+  o.target_modules = {"q_proj", "v_proj", "down_proj"};
+  o.init_seed = 3;
+  rhine::io::apply_lora(*lm, o);
+  rhine::io::apply_lora(*ref, o);
+  randomize_b(*lm, 6);
+  randomize_b(*ref, 6);
+  for (const auto& q : lm->named_parameters()) {
+    INFO(q.key());
+    const bool adapter = rhine::io::is_lora_parameter(q.key());
+    CHECK(q.value().scalar_type() == (adapter ? at::kFloat : at::kBFloat16));
+  }
+  auto ids = at::tensor(io_test::read_ids(hf_fixture("llama") / "ids.txt")[0], at::kLong).view({1, -1});
+  rhine::nn::ForwardOptions fo;
+  fo.labels = ids;
+  at::Tensor loss, ref_loss;
+  {
+    rhine::AutocastGuard cast(at::kCPU, at::kBFloat16, true);
+    loss = lm->forward(ids, fo).loss;
+    ref_loss = ref->forward(ids, fo).loss;
+  }
+  loss.backward();
+  ref_loss.backward();
+  // An fp32 base under autocast multiplies the same bf16 values; what differs
+  // is the residual stream, bf16 here (from the bf16 embedding) as in HF with
+  // torch_dtype=bfloat16. The exact gradients are the finite-difference test's.
+  CHECK(std::abs(loss.item<double>() - ref_loss.item<double>()) < 2e-2 * std::abs(ref_loss.item<double>()));
+  auto rp = ref->named_parameters();
+  for (const auto& q : lm->named_parameters()) {
+    INFO(q.key());
+    if (rhine::io::is_lora_parameter(q.key())) {
+      REQUIRE(q.value().grad().defined());
+      CHECK(q.value().grad().scalar_type() == at::kFloat);
+      CHECK(io_test::rel_err(q.value().grad(), rp[q.key()].grad()) < 0.2);
+    } else {
+      CHECK_FALSE(q.value().grad().defined());
+    }
+  }
+  // Merging writes into the bf16 base; the merged model keeps bf16.
+  rhine::io::merge_lora(*lm);
+  for (const auto& q : lm->named_parameters())
+    if (!rhine::io::is_lora_parameter(q.key())) CHECK(q.value().scalar_type() == at::kBFloat16);
 }
 
 TEST_CASE("PEFT adapter files: names and shapes per PEFT, reload, merged HF export", "[io][lora]") {
@@ -227,7 +299,6 @@ TEST_CASE("PEFT adapter files: names and shapes per PEFT, reload, merged HF expo
   rhine::io::apply_lora(*lm, o);
   randomize_b(*lm, 5);
   lm->eval();
-  rhine::io::refresh_lora(*lm);
   const fs::path adapter = tmp.path / "adapter";
   rhine::io::save_peft_adapter(*lm, adapter);
   auto report = io_test::python_check("peft '" + adapter.string() + "' '" + hf_fixture("llama").string() + "'");

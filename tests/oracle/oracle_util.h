@@ -57,8 +57,7 @@ inline void run(const std::string& script_name, const std::string& args) {
 }
 
 /// Trains the parameters of `lm` that require grad for `steps` AdamW steps (lr 1e-2) on
-/// `ids` with `labels`, so that an export differs from the model it came from. LoRA
-/// adapters are refreshed before every forward (and after the last step).
+/// `ids` with `labels`, so that an export differs from the model it came from.
 inline void train_steps(rhine::nn::CausalLM& lm, const at::Tensor& ids, const at::Tensor& labels, int steps) {
   rhine::NamedParameters params;
   for (const auto& p : lm->named_parameters())
@@ -66,17 +65,14 @@ inline void train_steps(rhine::nn::CausalLM& lm, const at::Tensor& ids, const at
   rhine::AdamWOptions ao;
   ao.lr = 1e-2;
   rhine::AdamW opt(params, ao);
-  const bool lora = rhine::io::lora_options(*lm).has_value();
   lm->train();
   for (int step = 0; step < steps; ++step) {
-    if (lora) rhine::io::refresh_lora(*lm);
     opt.zero_grad();
     rhine::nn::ForwardOptions fo;
     fo.labels = labels;
     lm->forward(ids, fo).loss.backward();
     opt.step();
   }
-  if (lora) rhine::io::refresh_lora(*lm);
   lm->eval();
 }
 

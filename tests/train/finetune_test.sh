@@ -11,7 +11,9 @@
 #  4. LoRA SFT lowers it too and trains only the adapters: in the merged
 #     export exactly the adapted q/v/down_proj weights differ from the base,
 #     every other tensor is bitwise equal (independent python reader); the
-#     PEFT adapter directory is written;
+#     PEFT adapter directory is written; its checkpoints hold only the
+#     adapters, resuming on another base is refused; on a bf16 base under
+#     bf16 autocast it trains too and exports bf16;
 #  5. a bad config fails with exit code 1 and names the key;
 #  6. rhine-train on two Gloo ranks with "zero1": true (optimizer state
 #     sharded) gives the losses of two ranks without it;
@@ -121,6 +123,44 @@ print("changed:", changed)
 assert changed == adapted, (changed, adapted)
 EOF
 echo "LoRA: only the adapted q_proj/v_proj/down_proj weights changed"
+
+# 4b. Its checkpoints hold the adapters only and name the base; resuming on
+#     another base, or exporting such a checkpoint alone, is refused.
+/usr/bin/python3 - lora/checkpoints <<'EOF' || fail "a LoRA checkpoint holds more than the adapters"
+import glob, json, struct, sys
+step = sorted(glob.glob(sys.argv[1] + "/step-*"))[-1]
+with open(step + "/model.safetensors", "rb") as f:
+    names = json.loads(f.read(struct.unpack("<Q", f.read(8))[0])).keys() - {"__metadata__"}
+params = [n for n in names if n.endswith((".weight", ".bias"))]
+assert params and all(".lora_" in n for n in params), sorted(params)
+frozen = json.load(open(step + "/trainer.json"))["frozen"]
+assert frozen["source"].endswith("step-00000060") and frozen["fingerprint"]["tensors"] > 0, frozen
+print(step, len(params), "adapter tensors")
+EOF
+sed -e 's|"steps": 30|"steps": 34|' -e "s|\"base_model\": \"$base\"|\"base_model\": \"cpt/checkpoints/step-00000040\"|" lora.json > lora-other.json
+! "$ft" lora-other.json > lora-other.txt 2>&1 || fail "rhine-finetune resumed a LoRA run on another base"
+grep -q "trained on other frozen parameters" lora-other.txt || fail "resume on another base: $(tail -3 lora-other.txt)"
+! "$build/tools/rhine-convert" rhine-to-hf --checkpoint lora/checkpoints --out lora-conv > lora-conv.txt 2>&1 \
+  || fail "rhine-convert exported an adapters-only checkpoint"
+grep -q "holds only the trained parameters" lora-conv.txt || fail "rhine-to-hf: $(tail -3 lora-conv.txt)"
+echo "LoRA checkpoints hold only the adapters; another base is refused on resume"
+
+# 4c. LoRA on a bf16 base under bf16 autocast: the base stays bf16 (float32
+#     adapters), the loss falls, and the merged export is bf16.
+"$build/tools/rhine-convert" dtype --model "$base" --out base-bf16 --to bf16 > /dev/null
+sft_config lora16 '{"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}' 0.02 |
+  sed -e "s|\"base_model\": \"$base\"|\"base_model\": \"base-bf16\"|" -e 's|"bf16": false|"bf16": true|' > lora16.json
+"$ft" lora16.json > lora16.txt 2>&1 || fail "rhine-finetune lora on bf16: $(tail -5 lora16.txt)"
+lower de lora16.txt
+/usr/bin/python3 - lora16-hf/model.safetensors <<'EOF' || fail "the LoRA export on a bf16 base is not bf16"
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    h = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+h.pop("__metadata__", None)
+dtypes = {v["dtype"] for v in h.values()}
+assert dtypes == {"BF16"}, dtypes
+EOF
+echo "LoRA on a bf16 base: exported in bf16"
 
 # 5. Bad config.
 sed 's/"steps"/"stepz"/' sft.json > bad.json

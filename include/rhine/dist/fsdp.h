@@ -87,11 +87,8 @@
 /// (rhine/optim/muon.h). check_optimizer refuses a Muon without it.
 ///
 /// LoRA (rhine/io/lora.h): base weights and adapters are sharded alike, only
-/// the adapters train. After a block's unit is gathered, each adapted Linear
-/// gets W + s B A (refresh_lora_layer, after the block's input boundary so
-/// that autograd reaches A and B before the reduce-scatter); it is freed with
-/// the unit and rewritten in place, with the same dropout mask, before the
-/// block's backward. Do not call refresh_lora on a sharded model.
+/// the adapters train; a gathered block runs the adapters' low-rank path
+/// beside its frozen base weights (rhine/nn/adapter.h), nothing else is needed.
 ///
 /// A trainable parameter no rank has a gradient for (an expert no token
 /// chose) keeps an undefined gradient, as in one process, so optimizers skip

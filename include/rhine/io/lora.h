@@ -4,25 +4,20 @@
 /// unmerge into the base weights, and the PEFT adapter layout
 /// (`adapter_config.json` + `adapter_model.safetensors`).
 ///
-/// An adapted Linear y = W x + b (W [O, I]) gains two parameters registered
+/// An adapted Linear y = x W^T + b (W [O, I]) gains two parameters registered
 /// on it under PEFT's names, `lora_A.weight` A [r, I] and `lora_B.weight`
-/// B [O, r], and computes y = (W + s B A) x + b with s = alpha / r. A starts
-/// as PEFT's kaiming-uniform (+-1/sqrt(I)) or N(0, 1/r^2) ("gaussian"), B as
-/// zeros, so a fresh adapter leaves the model unchanged. Every parameter
-/// except the adapters gets requires_grad = false.
-///
-/// Rhine's layers call their Linear modules directly, so the adapter is a
-/// reparametrisation of the weight the Linear uses: `refresh_lora` recomputes
-/// W + s B A (with autograd to A and B) and MUST be called before every
-/// forward that trains or sees new adapter values (after each optimizer
-/// step). For dropout = 0 this equals PEFT's W x + s B A x exactly (up to
-/// rounding). For dropout p > 0 (training mode only), each refresh drops
-/// whole input features of the adapter path (A's columns, scaled by 1/(1-p)),
-/// one mask per step instead of PEFT's mask per token.
+/// B [O, r], and computes y = x W^T + b + s (dropout(x) A^T) B^T with
+/// s = alpha / r, as a low-rank path beside the base product (rhine/nn/adapter.h):
+/// the base weight is only read, never gets a gradient and keeps its dtype
+/// (load the base in bf16 and train under bf16 autocast: the adapters are
+/// float32). A starts as PEFT's kaiming-uniform (+-1/sqrt(I)) or N(0, 1/r^2)
+/// ("gaussian"), B as zeros, so a fresh adapter leaves the model unchanged.
+/// Every parameter except the adapters gets requires_grad = false. Dropout
+/// p > 0 (training mode only) drops elements of the adapter's input, as PEFT.
 ///
 ///     rhine::io::LoraOptions lo;  lo.rank = 16;  lo.alpha = 32;  lo.target_modules = {"q_proj", "v_proj"};
 ///     rhine::io::apply_lora(*lm, lo);
-///     for (...) { rhine::io::refresh_lora(*lm); loss = lm->forward(ids, fo).loss; loss.backward(); opt.step(); }
+///     for (...) { loss = lm->forward(ids, fo).loss; loss.backward(); opt.step(); }
 ///     rhine::io::save_peft_adapter(*lm, "out/adapter");      // PEFT layout
 ///     rhine::io::merge_lora(*lm);  rhine::io::save_hf_model(lm, "out/merged");
 ///
@@ -66,12 +61,10 @@ struct LoraOptions {
 
 /// Adds adapters to every Linear of `model` whose name the options select
 /// (names relative to `model`, e.g. "model.layers.0.self_attn.q_proj") and
-/// freezes all other parameters. A fresh adapter is zero (B = 0), so each
-/// Linear keeps computing with its base weight W itself until the first
-/// refresh_lora (which training calls before every forward): apply_lora
-/// reads no base weight, so it also serves a model built with
-/// CausalLMOptions::defer_init whose weights are loaded later. Adapter
-/// parameters get the dtype and device of the base weight. Returns the
+/// freezes all other parameters. apply_lora reads no base weight, so it also
+/// serves a model built with CausalLMOptions::defer_init whose weights are
+/// loaded later. Adapter parameters get the device of the base weight and its
+/// dtype, float32 for a bf16 or fp16 base (PEFT's autocast_adapter_dtype). Returns the
 /// adapted module names. Throws "[lora] ..." when nothing matches, for
 /// rank < 1, dropout outside [0, 1), or a model that already has adapters.
 std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions& options);
@@ -83,41 +76,21 @@ std::optional<LoraOptions> lora_options(const torch::nn::Module& model);
 /// what the optimizer trains.
 std::vector<at::Tensor> lora_parameters(const torch::nn::Module& model);
 
-/// Recomputes W + s B A for every unmerged adapter (see the file comment).
-/// Cheap: one [O, r] x [r, I] product per adapted layer.
-void refresh_lora(torch::nn::Module& model);
-
-// --- for code that manages the base weights itself ------------------------------
-// FSDP (rhine/dist/fsdp.h) frees a block's base weights between forward and
-// backward and gathers them again; it refreshes each adapter right after the
-// gather, frees the merged weight W + s B A with the block, and rewrites it
-// in place (with the same dropout mask) before the block's backward.
-
 /// One adapted Linear.
 struct LoraLayer {
   std::string name;                          ///< e.g. "model.layers.0.self_attn.q_proj"
-  torch::nn::LinearImpl* linear = nullptr;   ///< `linear->weight` is what its forward computes with
-  bool merged = false;                       ///< merged: `linear->weight` is the base weight itself
+  torch::nn::LinearImpl* linear = nullptr;   ///< its `weight` is the base weight (merged: W + s B A)
+  bool merged = false;
 };
 /// The adapted Linears of `model`, in module order.
 std::vector<LoraLayer> lora_layers(const torch::nn::Module& model);
-/// refresh_lora for one layer: sets `linear->weight` to W + s B (A * mask)
-/// (with autograd to A and B unless grad mode is off) and returns the dropout
-/// mask it drew ([1, I]; undefined without dropout, outside training mode, or
-/// for a merged adapter).
-at::Tensor refresh_lora_layer(const LoraLayer& layer);
-/// Writes W + s B (A * mask) into the memory of `linear->weight` again,
-/// without autograd and without bumping its version: the tensor forward
-/// saved for backward is refilled, not replaced. `mask` is what
-/// refresh_lora_layer returned. Does nothing for a merged adapter.
-void rewrite_lora_layer(const LoraLayer& layer, const at::Tensor& mask);
 /// True for the parameter names apply_lora adds ("....lora_A.weight", "....lora_B.weight").
 bool is_lora_parameter(const std::string& name);
 
 /// Adds s B A into each base weight (the Linear then runs W' x without
 /// the adapter path). Merging merged adapters does nothing.
 void merge_lora(torch::nn::Module& model);
-/// Subtracts s B A again (restores the base weights up to rounding) and refreshes.
+/// Subtracts s B A again (restores the base weights up to rounding).
 void unmerge_lora(torch::nn::Module& model);
 /// True when some adapter of `model` is not merged.
 bool has_unmerged_lora(const torch::nn::Module& model);
@@ -141,7 +114,7 @@ void save_peft_adapter(const torch::nn::Module& model, const std::filesystem::pa
 
 /// Reads a PEFT LoRA adapter directory into `model`: adds adapters as
 /// adapter_config.json describes (when the model has none yet) and loads A
-/// and B, then refreshes. Errors "[lora] ..." list missing and unexpected
+/// and B. Errors "[lora] ..." list missing and unexpected
 /// tensors, name shape mismatches, and reject configs Rhine does not
 /// implement (use_dora, use_rslora, bias != "none", rank/alpha patterns,
 /// fan_in_fan_out). Returns the adapter's options.

@@ -97,6 +97,11 @@ struct TrainerOptions {
   /// On SIGINT/SIGTERM: finish the current step, checkpoint, return from fit()
   /// with `interrupted` set. A second signal during that save is ignored.
   bool checkpoint_on_signal = true;
+  /// Where the parameters that need no gradient come from (e.g. a LoRA run's
+  /// base model directory). Checkpoints hold only the trained parameters, the
+  /// buffers and optimizer state; they record this and a fingerprint of the
+  /// frozen values, and resuming checks the fingerprint.
+  std::string frozen_source;
   /// Write a final checkpoint when fit() reaches max_steps.
   bool checkpoint_at_end = true;
 
@@ -280,7 +285,7 @@ class Trainer {
   dist::FSDP* fsdp_ = nullptr;
   SkipGuard guard_;
 
-  bool has_lora_ = false;  // LoRA adapters (rhine/io/lora.h): refreshed before each forward (by FSDP under FSDP)
+  Json frozen_fingerprint_;  // of the frozen parameters, computed at the first checkpoint save or load
   std::int64_t step_ = 0;
   std::int64_t consecutive_skips_ = 0;
   double elapsed_before_ = 0.0;  // seconds of earlier (resumed) runs
@@ -292,10 +297,21 @@ class Trainer {
   std::unique_ptr<Files> files_;  // checkpoint manager, metrics file, progress line
 };
 
-/// Parameters and buffers of `model` under their HF names (what model.safetensors holds).
-std::map<std::string, at::Tensor> model_state(const nn::CausalLM& model);
+/// Parameters and buffers of `model` under their HF names (what model.safetensors
+/// holds). `frozen` = false leaves out the parameters that need no gradient
+/// (a LoRA run's base): what a run checkpoint holds.
+std::map<std::string, at::Tensor> model_state(const nn::CausalLM& model, bool frozen = true);
 /// Copies `state` into the model's parameters and buffers. Missing or
 /// unexpected names and shape mismatches are one error listing them.
-void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tensor>& state);
+/// `frozen` = false expects no parameter that needs no gradient.
+void load_model_state(nn::CausalLM& model, const std::map<std::string, at::Tensor>& state, bool frozen = true);
+/// Identifies the values of the parameters that need no gradient, so that a
+/// checkpoint without them can check it resumes on the same base:
+/// {"tensors", "elements", "l1", "l2"} (float64 norms over all of them).
+/// Null when every parameter trains.
+Json frozen_fingerprint(const nn::CausalLM& model);
+/// True when two frozen_fingerprint values describe the same parameters
+/// (norms equal to 1e-9 relative, which allows another summation order).
+bool same_frozen_parameters(const Json& a, const Json& b);
 
 }  // namespace rhine::train

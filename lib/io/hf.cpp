@@ -154,7 +154,15 @@ nn::CausalLM load_hf_model(const fs::path& dir, const ImportOptions& options) {
     config.extra.erase("quantization_config");
   }
 
-  nn::CausalLM lm(config, options.model);
+  // When the file must provide every parameter (no allowed_missing), the
+  // model is built without drawing its Linear and Embedding weights
+  // (CausalLMOptions::defer_init: never-written pages cost no memory) since
+  // the copies below overwrite them: a bf16 import then never holds a float32
+  // model, and the random initialisation is skipped.
+  nn::CausalLMOptions model_options = options.model;
+  const bool deferred = options.allowed_missing.empty() && !model_options.defer_init;
+  if (deferred) model_options.defer_init = true;
+  nn::CausalLM lm(config, model_options);
   if (dtype != at::kFloat) lm->to(dtype);
 
   std::map<std::string, at::Tensor> params, buffers;
@@ -284,6 +292,7 @@ nn::CausalLM load_hf_model(const fs::path& dir, const ImportOptions& options) {
                 "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight in",
                 dir.string(), "set tie_word_embeddings false in config.json to keep a separate output layer");
   }
+  if (deferred) lm->options.defer_init = false;  // every parameter is written now
   if (options.device != c10::Device(c10::kCPU)) lm->to(options.device);
   return lm;
 }

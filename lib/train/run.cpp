@@ -145,6 +145,10 @@ TrainerOptions RunOptions::trainer_options() const {
   to.out_dir = out_dir;
   to.resume = resume;
   to.eval_every = eval_every;
+  // An evaluation pass holds no more windows than a training micro-batch has
+  // rows (same length): with a large vocabulary the logits of a pass are the
+  // largest tensor, and evaluation should not need more memory than a step.
+  to.eval_batch_size = std::min<std::int64_t>(to.eval_batch_size, batch_size);
   to.checkpoint_every = checkpoint_every;
   to.keep_last = static_cast<int>(keep_last);
   to.log_every = log_every;

@@ -151,10 +151,15 @@ Json frozen_fingerprint(const nn::CausalLM& model) {
     if (p.requires_grad()) continue;
     ++tensors;
     elements += p.numel();
-    // Reduced in float64 without a float64 copy of the tensor.
-    l1 += at::linalg_vector_norm(p, 1, c10::nullopt, false, at::kDouble).item<double>();
-    const double n2 = at::linalg_vector_norm(p, 2, c10::nullopt, false, at::kDouble).item<double>();
-    l2 += n2 * n2;
+    // In float64, a slice at a time: a float64 copy of a 128k x 2048
+    // embedding alone would be 2 GB.
+    const at::Tensor flat = p.detach().reshape({-1});
+    constexpr std::int64_t kSlice = std::int64_t{1} << 22;
+    for (std::int64_t i = 0; i < flat.numel(); i += kSlice) {
+      const at::Tensor x = flat.narrow(0, i, std::min(kSlice, flat.numel() - i)).to(at::kDouble);
+      l1 += x.abs().sum().item<double>();
+      l2 += x.pow(2).sum().item<double>();
+    }
   }
   if (tensors == 0) return nullptr;
   return {{"tensors", tensors}, {"elements", elements}, {"l1", l1}, {"l2", std::sqrt(l2)}};

@@ -56,24 +56,27 @@ at::Tensor causal_mask(int64_t T, int64_t S, const c10::Device& device) {
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionOptions& options) {
   const int64_t groups = check_attention_shapes(q, k, v);
-  const int64_t T = q.size(2), S = k.size(2);
-  at::Tensor kk = groups > 1 ? k.repeat_interleave(groups, 1) : k;  // [B, H, S, D]
-  at::Tensor vv = groups > 1 ? v.repeat_interleave(groups, 1) : v;  // [B, H, S, Dv]
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), Hkv = k.size(1);
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  // GQA without copying K and V per query head: query head h reads KV head
+  // h / groups, so the `groups` heads of one KV head are G*T rows of one
+  // batched product with it ([B, Hkv, G*T, D] x [B, Hkv, D, S]).
+  at::Tensor qg = groups > 1 ? q.reshape({B, Hkv, groups * T, q.size(3)}) : q;
 
   // Softmax runs in fp32 at least (fp64 stays fp64), as low-precision
   // softmax over long rows loses the small probabilities.
   const auto acc = at::promote_types(q.scalar_type(), at::kFloat);
-  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)).to(acc) * scale;  // [B, H, T, S]
+  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).view({B, H, T, S}).to(acc) * scale;  // [B, H, T, S]
   if (auto mask = merged_mask(options, T, S, q.device())) {
     if (mask->scalar_type() == at::kBool)
       scores = scores.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
     else
       scores = scores + mask->to(acc);
   }
-  at::Tensor probs = at::softmax(scores, -1).to(vv.scalar_type());  // [B, H, T, S]
+  at::Tensor probs = at::softmax(scores, -1).to(v.scalar_type());  // [B, H, T, S]
   if (options.dropout_p > 0) probs = at::dropout(probs, options.dropout_p, /*train=*/true);
-  return at::matmul(probs, vv);  // [B, H, T, Dv]
+  if (groups == 1) return at::matmul(probs, v);  // [B, H, T, Dv]
+  return at::matmul(probs.reshape({B, Hkv, groups * T, S}), v).view({B, H, T, v.size(3)});  // [B, H, T, Dv]
 }
 
 namespace {

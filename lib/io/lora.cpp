@@ -125,7 +125,8 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
       a.normal_(0.0, 1.0 / static_cast<double>(o.rank), gen);
     }
     // A bf16 or fp16 base gets float32 adapters (PEFT's autocast_adapter_dtype).
-    const auto dtype = (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf) ? at::kFloat : w.scalar_type();
+    const bool reduced = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+    const auto dtype = reduced ? at::kFloat : w.scalar_type();
     a = a.to(w.options().dtype(dtype)).requires_grad_(true);
     at::Tensor b = at::zeros({O, o.rank}, w.options().dtype(dtype)).requires_grad_(true);
     lin->register_module("lora_A", std::make_shared<LoraAImpl>(a, o));

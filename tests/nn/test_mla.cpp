@@ -5,6 +5,9 @@
 // finite differences, softmax scale and cache sizes of the published configs.
 #include "deepseek_fixtures.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "rhine/io/lora.h"
 #include "rhine/nn/generate.h"
 #include "rhine/nn/mla.h"
 #include "rhine/nn/model.h"
@@ -111,6 +114,30 @@ TEST_CASE("latent-cached decoding equals the full forward", "[nn][mla][cache]") 
     seq.push_back(l[0][-1].argmax().item<std::int64_t>());
   }
   CHECK(res.tokens[0] == std::vector<std::int64_t>(seq.begin() + 3, seq.end()));
+}
+
+TEST_CASE("LoRA on kv_b_proj: the absorbed form reads the adapted weight", "[nn][mla][lora]") {
+  // The absorbed form multiplies by kv_b_proj's weight instead of calling the
+  // Linear, so it must see W + s B A (nn::effective_weight) as the naive form does.
+  Fixture fx("deepseek_v3_tiny");
+  CausalLM lm = nn_test::deepseek_model(fx);
+  rhine::io::LoraOptions o;
+  o.rank = 2;
+  o.target_modules = {"kv_b_proj"};
+  o.init_seed = 3;
+  REQUIRE(rhine::io::apply_lora(*lm, o).size() >= 2);
+  {
+    at::NoGradGuard g;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
+    for (auto& p : lm->named_parameters())
+      if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0.0, 0.5, gen);
+  }
+  const auto naive = lm->forward(fx.ids(0)).logits;
+  CHECK(rel_err(naive, fx.logits(0)) > 1e-3);  // the adapter changes the model
+  set_absorb(lm, true);
+  CHECK(rel_err(lm->forward(fx.ids(0)).logits, naive) < 1e-12);
+  rhine::io::merge_lora(*lm);
+  CHECK(rel_err(lm->forward(fx.ids(0)).logits, naive) < 1e-12);
 }
 
 TEST_CASE("MLA without compression reduces to multi-head attention", "[nn][mla]") {

@@ -59,6 +59,7 @@ struct Child {
 };
 
 Child run(const std::vector<std::string>& argv, const fs::path& log, int threads) {
+  std::fflush(nullptr);  // else the child's freopen writes our buffered lines again
   pid_t pid = ::fork();
   if (pid == 0) {
     std::FILE* f = std::freopen(log.c_str(), "w", stdout);

@@ -3,18 +3,29 @@
 // Links libsentencepiece and therefore not LibTorch.
 //
 //   bench_tokenizer [--model M.model] [--text FILE] [--vocab 8000] [--type bpe|unigram] [--runs 7]
+//                   [--cli-mb 20]
 //
 // Without --model it trains a SentencePiece model (byte fallback) on --text, by default the
 // de/fr/nl/en sample in data/sample (train and held-out pages).
+//
+// Then the command lines end to end, one core each (sched_setaffinity): `rhine-tokenizer
+// encode --threads 1` against `spm_encode --output_format=id` (libsentencepiece's tool, when
+// on PATH), stdin a file of --cli-mb MB of the text's lines repeated, stdout a file; the two
+// outputs must be byte for byte equal. Line "tokenizer_cli_speedup": spm time / Rhine time.
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
+#include <sched.h>
+#include <sys/wait.h>
+
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <thread>
 
 #include "bench.h"
@@ -24,9 +35,46 @@
 
 namespace fs = std::filesystem;
 
+namespace {
+
+/// Runs argv on one CPU with stdin and stdout redirected to files; seconds, or -1 on failure.
+double run_pinned(const std::vector<std::string>& argv, const fs::path& in, const fs::path& out) {
+  std::fflush(nullptr);  // else the child's freopen writes our buffered lines again
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(0, &one);
+    ::sched_setaffinity(0, sizeof one, &one);
+    if (!std::freopen(in.c_str(), "rb", stdin) || !std::freopen(out.c_str(), "wb", stdout)) ::_exit(126);
+    std::freopen("/dev/null", "w", stderr);
+    std::vector<char*> av;
+    for (const auto& a : argv) av.push_back(const_cast<char*>(a.c_str()));
+    av.push_back(nullptr);
+    ::execvp(av[0], av.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return -1;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool on_path(const std::string& program) {
+  const char* path = std::getenv("PATH");
+  std::stringstream dirs(path ? path : "");
+  for (std::string d; std::getline(dirs, d, ':');)
+    if (!d.empty() && ::access((fs::path(d) / program).c_str(), X_OK) == 0) return true;
+  return false;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   std::string model, text_path, type = "bpe";
   int vocab = 8000, runs = 7;
+  double cli_mb = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--model") model = v;
@@ -34,6 +82,7 @@ int main(int argc, char** argv) {
     else if (k == "--vocab") vocab = std::stoi(v);
     else if (k == "--type") type = v;
     else if (k == "--runs") runs = std::stoi(v);
+    else if (k == "--cli-mb") cli_mb = std::stod(v);
     else { std::cerr << "[bench_tokenizer] unknown option, got '" << k << "'\n"; return 2; }
   }
   // Text: lines of de/fr/nl/en prose.
@@ -137,6 +186,60 @@ int main(int argc, char** argv) {
                         {"cold_cache", s_spm.median / s_cold.median}, {"unit", "x"}, {"runs", runs}};
     std::printf("%s\n", j.dump().c_str());
   }
+
+  // The command lines end to end, one core each.
+  bool cli_equal = true;
+#ifdef RHINE_TOKENIZER_CLI
+  if (on_path("spm_encode") && cli_mb > 0) {
+    fs::create_directories(tmp);
+    const fs::path in = tmp / "cli.txt", out_spm = tmp / "spm.ids", out_rhine = tmp / "rhine.ids";
+    {
+      std::ofstream f(in, std::ios::binary);
+      std::size_t written = 0;
+      while (written < static_cast<std::size_t>(cli_mb * 1e6) && bytes > 0)
+        for (const auto& l : lines) {
+          f << l << '\n';
+          written += l.size() + 1;
+        }
+    }
+    const double mb_in = static_cast<double>(fs::file_size(in)) / 1e6;
+    const std::vector<std::string> spm = {"spm_encode", "--model=" + model, "--output_format=id"};
+    const std::vector<std::string> rhine_cmd = {RHINE_TOKENIZER_CLI, "encode", "-t", model, "--threads", "1"};
+    std::vector<double> t_spm, t_rhine;
+    for (int r = 0; r < runs; ++r) {  // alternating, so drifts in the machine's load hit both
+      t_spm.push_back(run_pinned(spm, in, out_spm));
+      t_rhine.push_back(run_pinned(rhine_cmd, in, out_rhine));
+    }
+    cli_equal = rhine::read_file(out_spm.string(), "bench_tokenizer") ==
+                rhine::read_file(out_rhine.string(), "bench_tokenizer");
+    const bool ok =
+        *std::min_element(t_spm.begin(), t_spm.end()) > 0 && *std::min_element(t_rhine.begin(), t_rhine.end()) > 0;
+    std::sort(t_spm.begin(), t_spm.end());
+    std::sort(t_rhine.begin(), t_rhine.end());
+    auto p = base;
+    p["MB"] = mb_in;
+    p["threads"] = 1;
+    p["outputs_equal"] = cli_equal;
+    if (ok) {
+      p["impl"] = "spm_encode";
+      rhine::bench::report_rate("tokenizer_cli_encode", p, {t_spm[t_spm.size() / 2], t_spm.front(), t_spm.back(), runs},
+                                mb_in, "MB/s");
+      p["impl"] = "rhine-tokenizer";
+      rhine::bench::report_rate("tokenizer_cli_encode", p,
+                                {t_rhine[t_rhine.size() / 2], t_rhine.front(), t_rhine.back(), runs}, mb_in, "MB/s");
+      p.erase("impl");
+      nlohmann::json j = {{"name", "tokenizer_cli_speedup"}, {"params", p},
+                          {"median", t_spm[t_spm.size() / 2] / t_rhine[t_rhine.size() / 2]}, {"unit", "x"},
+                          {"runs", runs}};
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::fprintf(stderr, "[bench_tokenizer] a command-line run failed\n");
+      cli_equal = false;
+    }
+  } else {
+    std::fprintf(stderr, "[bench_tokenizer] spm_encode is not on PATH: no command-line comparison\n");
+  }
+#endif
   if (fs::exists(tmp)) fs::remove_all(tmp);
-  return mismatches == 0 ? 0 : 1;
+  return mismatches == 0 && cli_equal ? 0 : 1;
 }

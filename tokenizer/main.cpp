@@ -16,8 +16,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -230,14 +232,19 @@ int run_encode(const std::string& path, bool add_special, bool parse_special, in
   rhine::EncodeOptions o;
   o.add_special = add_special;
   o.parse_special = parse_special;
+  // stdin in 1 MiB blocks split at '\n' (std::getline on a stdio-synced
+  // std::cin reads a character at a time), ids formatted with std::to_chars
+  // into one output buffer per batch of lines.
   std::vector<std::string> batch;
-  std::string line, out;
+  std::string pending, out;
   auto flush = [&] {
     const auto ids = tok.encode_batch(batch, o, threads);
     for (const auto& v : ids) {
+      char digits[16];
       for (std::size_t i = 0; i < v.size(); ++i) {
         if (i) out.push_back(' ');
-        out += std::to_string(v[i]);
+        const auto r = std::to_chars(digits, digits + sizeof digits, v[i]);
+        out.append(digits, r.ptr);
       }
       out.push_back('\n');
     }
@@ -245,10 +252,20 @@ int run_encode(const std::string& path, bool add_special, bool parse_special, in
     out.clear();
     batch.clear();
   };
-  while (std::getline(std::cin, line)) {
-    batch.push_back(std::move(line));
-    if (batch.size() == 4096) flush();
+  std::vector<char> block(std::size_t{1} << 20);
+  for (std::size_t n; (n = std::fread(block.data(), 1, block.size(), stdin)) > 0;) {
+    const char* p = block.data();
+    const char* end = p + n;
+    for (const char* nl; (nl = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p))));
+         p = nl + 1) {
+      pending.append(p, nl);
+      batch.push_back(std::move(pending));
+      pending.clear();
+      if (batch.size() == 4096) flush();
+    }
+    pending.append(p, end);
   }
+  if (!pending.empty()) batch.push_back(std::move(pending));  // a last line without '\n'
   flush();
   return 0;
 }

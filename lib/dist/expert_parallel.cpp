@@ -9,6 +9,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 
 namespace rhine::dist {
 
@@ -76,7 +77,7 @@ at::Tensor ExpertParallel::run(nn::MoEImpl& layer, const at::Tensor& x, const nn
   at::Tensor recv_counts = world.to_device(at::empty({E}, send_counts.options()));
   world.all_to_all_single(recv_counts, world.to_device(send_counts), std::vector<std::int64_t>(n, local),
                           std::vector<std::int64_t>(n, local));
-  recv_counts = recv_counts.to(at::kCPU);
+  recv_counts = to_host(recv_counts);
   const std::int64_t* recv = recv_counts.data_ptr<std::int64_t>();
   std::vector<std::int64_t> in_splits(n, 0), out_splits(n, 0);
   for (int j = 0; j < n; ++j)

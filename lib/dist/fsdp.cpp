@@ -16,6 +16,7 @@
 #include "rhine/dist/expert_parallel.h"
 #include "rhine/io/lora.h"
 #include "rhine/optim/optimizer.h"
+#include "rhine/torch/sync.h"
 
 namespace rhine::dist {
 
@@ -265,10 +266,10 @@ struct FSDP::State : nn::ForwardHooks {
     sh.group->reduce_scatter_tensor(out, send, ReduceOp::kSum);
     if (replica_group) replica_group->all_reduce_(out, ReduceOp::kSum);  // hybrid: the other copies' sums
     out.div_(total);
-    const at::Tensor flags = out.narrow(0, sh.gflags, sh.gchunk - sh.gflags).to(c10::kCPU);
+    const at::Tensor flags = to_host(out.narrow(0, sh.gflags, sh.gchunk - sh.gflags)).contiguous();
     for (std::size_t i : sh.params) {
       Param& p = params[i];
-      if (!p.trainable || p.own_rows == 0 || flags[p.gflag - sh.gflags].item<float>() == 0.0f) continue;
+      if (!p.trainable || p.own_rows == 0 || flags.data_ptr<float>()[p.gflag - sh.gflags] == 0.0f) continue;
       at::Tensor piece = out.narrow(0, p.goff, p.rpr * p.inner).view({p.rpr, p.inner}).narrow(0, 0, p.own_rows)
                              .view(p.shard.sizes());
       if (p.shard.grad().defined())
@@ -352,12 +353,12 @@ struct FSDP::State : nn::ForwardHooks {
       off += numel;
     }
     replica_group->all_reduce_(flat, ReduceOp::kSum);
-    const at::Tensor flags = flat.narrow(0, elements, static_cast<std::int64_t>(mine.size())).to(c10::kCPU);
+    const at::Tensor flags = to_host(flat.narrow(0, elements, static_cast<std::int64_t>(mine.size()))).contiguous();
     off = 0;
     for (std::size_t k = 0; k < mine.size(); ++k) {
       Param& p = params[mine[k]];
       const auto numel = p.var.numel();
-      if (flags[static_cast<std::int64_t>(k)].item<float>() > 0)
+      if (flags.data_ptr<float>()[k] > 0)
         p.var.mutable_grad() = flat.narrow(0, off, numel).view(p.var.sizes()).to(p.var.scalar_type());
       off += numel;
     }
@@ -734,7 +735,7 @@ double FSDP::grad_norm() {
       sq.push_back(at::linalg_vector_norm(p.tensor.grad(), 2, at::OptionalIntArrayRef{}, false, c10::kFloat)
                        .to(c10::kDouble)
                        .pow(2));
-  const double local = sq.empty() ? 0.0 : at::stack(sq).sum().item<double>();
+  const double local = sq.empty() ? 0.0 : host_value<double>(at::stack(sq).sum());
   const double total = s.n > 1 ? s.world->host_sum({local})[0] : local;
   return std::sqrt(total);
 }

@@ -26,6 +26,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 
 extern char** environ;
 
@@ -664,7 +665,7 @@ World World::split(int color) {
   std::vector<int> members;
   int index = 0;
   for (int r = 0; r < world_size_; ++r) {
-    if (colors[static_cast<std::size_t>(r)].item<std::int64_t>() != color) continue;
+    if (host_value<std::int64_t>(colors[static_cast<std::size_t>(r)]) != color) continue;
     if (r == rank_) index = static_cast<int>(members.size());
     members.push_back(r);
   }
@@ -749,7 +750,7 @@ std::uint64_t tensors_hash(const std::vector<at::Tensor>& tensors) {
     const auto dtype = static_cast<int>(t.scalar_type());
     mix(&dtype, sizeof dtype);
     for (int64_t s : t.sizes()) mix(&s, sizeof s);
-    at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    at::Tensor c = to_host(t.detach()).contiguous();
     mix(c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
   }
   return h;

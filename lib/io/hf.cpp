@@ -401,7 +401,7 @@ at::Tensor export_tensor(const std::string& name, const at::Tensor& t, const Exp
   at::Tensor c = t.detach();
   if (options.dtype && at::isFloatingType(c.scalar_type()) && !ends_with(name, "e_score_correction_bias"))
     c = c.to(*options.dtype);
-  return c.to(at::kCPU).contiguous();
+  return c.to(at::kCPU).contiguous();  // host read: the file being written
 }
 
 SafetensorsTensor view_of(const std::string& name, const at::Tensor& c) {

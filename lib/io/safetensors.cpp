@@ -269,7 +269,7 @@ std::vector<SafetensorsTensor> describe(const std::map<std::string, at::Tensor>&
     } catch (const Error& e) {
       RHINE_FAIL(kComponent, "cannot save tensor " + detail::quote(name), Verbatim{e.what()}, "");
     }
-    keep.push_back(t.detach().to(at::kCPU).contiguous());
+    keep.push_back(t.detach().to(at::kCPU).contiguous());  // host read: the file being written
     const at::Tensor& c = keep.back();
     out.push_back({name, d, c.sizes().vec(), c.data_ptr(),
                    static_cast<std::size_t>(c.numel() * c.element_size())});

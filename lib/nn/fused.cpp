@@ -22,7 +22,9 @@
 
 #include "rhine/core/error.h"
 #include "rhine/nn/layers.h"
+#include "rhine/nn/loss.h"
 #include "rhine/nn/model.h"
+#include "rhine/torch/sync.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RHINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -546,8 +548,9 @@ struct FusedLMLoss : public torch::autograd::Function<FusedLMLoss> {
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const double z_loss = ctx->saved_data["z_loss"].toDouble();
     const double denom = ctx->saved_data["denom"].toDouble();
-    const double dce = grads[0].defined() ? grads[0].item<double>() : 0.0;
-    const double dz = grads[1].defined() && z_loss > 0 ? grads[1].item<double>() : 0.0;
+    // CPU scalars (this kernel runs on the CPU only): no device to wait for.
+    const double dce = grads[0].defined() ? cpu_value<double>(grads[0].to(at::kDouble)) : 0.0;
+    const double dz = grads[1].defined() && z_loss > 0 ? cpu_value<double>(grads[1].to(at::kDouble)) : 0.0;
     at::Tensor dx = at::empty_like(x);  // in the logits' dtype
     const int64_t* tp = targets.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fused_lm_loss_backward", [&] {
@@ -601,16 +604,14 @@ at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up) {
   return FusedSwiGLU::apply(gate, up);
 }
 
-std::tuple<at::Tensor, at::Tensor, std::int64_t> fused_lm_loss(const at::Tensor& logits,
-                                                               const at::Tensor& targets,
-                                                               std::int64_t ignore_index,
-                                                               double z_loss) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lm_loss(const at::Tensor& logits, const at::Tensor& targets,
+                                                             std::int64_t ignore_index, double z_loss) {
   const auto t = logits.scalar_type();
   const bool covered = logits.device().is_cpu() && targets.device().is_cpu() &&
                        logits.dim() == 2 && targets.dim() == 1 &&
                        logits.size(0) == targets.size(0) &&
                        (t == at::kFloat || t == at::kBFloat16 || t == at::kDouble);
-  if (!covered) return lm_loss(logits, targets, ignore_index, z_loss);  // checks shapes
+  if (!covered) return chunked_lm_loss(logits, targets, ignore_index, z_loss);  // checks shapes
   at::Tensor tg = targets.to(at::kLong).contiguous();
   const int64_t N = tg.size(0), V = logits.size(1);
   const int64_t* tp = tg.data_ptr<int64_t>();
@@ -624,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, std::int64_t> fused_lm_loss(const at::Tensor&
   RHINE_CHECK(!bad, "lm_loss", "a target id is outside the vocabulary", V,
               "targets must be in [0, vocab_size) or equal ignore_index");
   auto out = FusedLMLoss::apply(logits, tg, ignore_index, z_loss, n);
-  return {out[0], out[1], n};
+  return {out[0], out[1], at::scalar_tensor(n, at::TensorOptions().dtype(at::kLong))};
 }
 
 at::Tensor fused_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {

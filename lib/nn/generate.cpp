@@ -10,6 +10,7 @@
 #include <set>
 
 #include "rhine/core/error.h"
+#include "rhine/torch/sync.h"
 
 namespace rhine::nn {
 
@@ -50,7 +51,7 @@ std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64
   }
   l.div_(o.temperature);
   if (o.top_k > 0 && o.top_k < V) {
-    const float kth = std::get<0>(l.topk(o.top_k)).min().item<float>();
+    const float kth = cpu_value<float>(std::get<0>(l.topk(o.top_k)).min());
     l.masked_fill_(l < kth, ninf);
   }
   if (o.top_p < 1.0) {
@@ -153,7 +154,7 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<std::int6
   KVCache cache = model->make_cache();
   ForwardOptions f;
   f.cache = &cache;
-  f.attention_mask = mask.to(dev);
+  if (!cpu_value<bool>(mask.all())) f.attention_mask = mask.to(dev);  // only when a row is padded
   f.last_logits_only = true;
   at::Tensor logits = model->forward(ids.to(dev), f).logits.select(1, 0);  // [B, V]
 
@@ -178,9 +179,9 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<std::int6
     for (std::size_t b = 0; b < done.size(); ++b) active[b] = !done[b];
     at::Tensor processed;
     const at::Tensor chosen = sample_tokens(logits, seen, active, o, rngs, keep_logits ? &processed : nullptr);  // [B]
-    const at::Tensor chosen_host = chosen.cpu();  // the step's one synchronisation
+    const at::Tensor chosen_host = to_host(chosen);  // the step's one synchronisation
     const auto* c = chosen_host.data_ptr<std::int64_t>();
-    if (keep_logits) r.step_logits.push_back(processed.cpu());
+    if (keep_logits) r.step_logits.push_back(to_host(processed));
     for (std::int64_t b = 0; b < B; ++b) {
       if (done[static_cast<std::size_t>(b)]) continue;
       r.tokens[static_cast<std::size_t>(b)].push_back(c[b]);

@@ -15,6 +15,7 @@
 #include "rhine/nn/fused.h"
 #include "rhine/nn/mtp.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 #include "build.h"
 
 namespace rhine::nn {
@@ -374,32 +375,6 @@ at::Tensor build_attention_mask(std::int64_t T, std::int64_t S, const at::Tensor
   return allowed.unsqueeze(1);  // [B, 1, T, S]
 }
 
-std::tuple<at::Tensor, at::Tensor, std::int64_t> lm_loss(const at::Tensor& logits,
-                                                         const at::Tensor& targets,
-                                                         std::int64_t ignore_index, double z_loss) {
-  RHINE_CHECK(logits.dim() == 2 && targets.dim() == 1 && logits.size(0) == targets.size(0),
-              "lm_loss", "logits must be [N, V] and targets [N]",
-              (std::vector<std::vector<std::int64_t>>{logits.sizes().vec(), targets.sizes().vec()}),
-              "flatten batch and time first");
-  at::Tensor lf = logits.scalar_type() == at::kDouble ? logits : logits.to(at::kFloat);
-  at::Tensor valid = targets != ignore_index;  // [N]
-  const std::int64_t n = valid.sum().item<std::int64_t>();
-  at::Tensor t = targets.masked_fill(valid.logical_not(), 0);
-  if (n > 0) {
-    const auto V = logits.size(1);
-    const auto bad = at::logical_and(valid, at::logical_or(t < 0, t >= V)).any().item<bool>();
-    RHINE_CHECK(!bad, "lm_loss", "a target id is outside the vocabulary", V,
-                "targets must be in [0, vocab_size) or equal ignore_index");
-  }
-  at::Tensor lse = at::logsumexp(lf, {-1});                     // [N]
-  at::Tensor picked = lf.gather(1, t.unsqueeze(1)).squeeze(1);  // [N]
-  at::Tensor w = valid.to(lf.scalar_type());
-  const double denom = static_cast<double>(std::max<std::int64_t>(n, 1));
-  at::Tensor ce = ((lse - picked) * w).sum() / denom;
-  at::Tensor z = z_loss > 0 ? (lse.pow(2) * w).sum() * (z_loss / denom) : at::zeros_like(ce);
-  return {ce, z, n};
-}
-
 ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions& o) {
   if (!hooks_) return forward_impl(ids, o);
   hooks_->forward_begin();
@@ -460,7 +435,13 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   else
     std::tie(in.cos, in.sin) = rope_cos_sin(freqs_, pos, layout, table_dtype);
   const bool windowed = config_.sliding_window && S > *config_.sliding_window;
-  const bool padded = !key_valid.all().item<bool>();
+  // Padding is known without reading the device: a host mask is read on the
+  // host, a device mask counts as padded (the masked path is correct either
+  // way), and the cache remembers whether its slots hold padding.
+  const bool new_padding = o.attention_mask && (o.attention_mask->device().is_cpu()
+                                                    ? !cpu_value<bool>(o.attention_mask->to(at::kBool).all())
+                                                    : true);
+  const bool padded = new_padding || (cache != nullptr && past > 0 && cache->padded);
   if (windowed || padded || o.document_mask) {
     std::optional<at::Tensor> docs;
     if (o.document_mask) docs = (pos == 0).to(at::kLong).cumsum(1);  // [B, T] document index
@@ -512,6 +493,7 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
 
   if (cache) {
     cache->key_valid = key_valid;
+    cache->padded = padded;
     cache->next_position = pos.select(1, T - 1) + 1;
   }
   if (o.labels) {
@@ -523,12 +505,15 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
                 "MTP losses need a forward without KV cache", o.mtp_lambda,
                 "set mtp_lambda = 0 when decoding");
     at::Tensor labels = o.labels->to(at::kLong);
-    const auto loss_fn = options.fused_kernels ? fused_lm_loss : lm_loss;
-    auto [ce, z, n] = loss_fn(out.logits.reshape({B * T, -1}), labels.reshape({B * T}),
-                              o.ignore_index, o.z_loss);
+    // The fused CPU loss, the chunked one elsewhere; the reference twin without fused kernels.
+    const auto loss_fn = [&](const at::Tensor& logits, const at::Tensor& targets, double z) {
+      return options.fused_kernels ? fused_lm_loss(logits, targets, o.ignore_index, z)
+                                   : lm_loss(logits, targets, o.ignore_index, z);
+    };
+    auto [ce, z, n] = loss_fn(out.logits.reshape({B * T, -1}), labels.reshape({B * T}), o.z_loss);
     out.loss = ce + z;
-    out.stats.ce_loss = ce.item<double>();
-    out.stats.z_loss = z.item<double>();
+    out.stats.ce_loss = ce.detach();
+    out.stats.z_loss = z.detach();
     out.stats.n_tokens = n;
 
     // MTP: depth k predicts t_{i+k+1} = labels[i+k] from h^{k-1}_i and t_{i+k}.
@@ -553,15 +538,14 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
           mtp_counts[k - 1] = stats.counts;
           if (stats.aux_loss.defined()) aux_losses.push_back(stats.aux_loss);
         }
-        auto [ce_k, z_k, n_k] =
-            (options.fused_kernels ? fused_lm_loss : lm_loss)(logits_k.reshape({B * T, -1}),
-                    mtp_labels(labels, k, o.ignore_index, documents).reshape({B * T}), o.ignore_index, 0.0);
-        out.stats.mtp_ce.push_back(ce_k.item<double>());
+        auto [ce_k, z_k, n_k] = loss_fn(logits_k.reshape({B * T, -1}),
+                                        mtp_labels(labels, k, o.ignore_index, documents).reshape({B * T}), 0.0);
+        out.stats.mtp_ce.push_back(ce_k.detach());
         out.stats.mtp_tokens.push_back(n_k);
         total = total.defined() ? total + ce_k : ce_k;
       }
       out.mtp_loss = total * (o.mtp_lambda / D);
-      out.stats.mtp_loss = out.mtp_loss.item<double>();
+      out.stats.mtp_loss = out.mtp_loss.detach();
       out.loss = out.loss + out.mtp_loss;
     }
   }
@@ -575,9 +559,13 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
     out.expert_counts = at::stack(counts);
     for (const auto& a : aux_losses) out.aux_loss = out.aux_loss.defined() ? out.aux_loss + a : a;
     if (out.aux_loss.defined()) {
-      out.stats.aux_loss = out.aux_loss.item<double>();
+      out.stats.aux_loss = out.aux_loss.detach();
       if (out.loss.defined()) out.loss = out.loss + out.aux_loss;
     }
+  }
+  if (out.loss.defined()) {
+    if (!out.stats.aux_loss.defined()) out.stats.aux_loss = at::zeros_like(out.stats.ce_loss);
+    if (!out.stats.mtp_loss.defined()) out.stats.mtp_loss = at::zeros_like(out.stats.ce_loss);
   }
   return out;
 }

@@ -11,6 +11,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 
 namespace rhine::nn {
 
@@ -94,7 +95,9 @@ ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r) {
   b.token = at::div(order, K, "floor");
   b.tokens = x.index_select(0, b.token);
   b.weights = r.weights.reshape({N * K}).index_select(0, order);
-  at::Tensor counts = r.counts.to(at::kCPU).contiguous();
+  // The split sizes on the host: one synchronisation per MoE layer, until a grouped GEMM
+  // takes device offsets.
+  at::Tensor counts = to_host(r.counts).contiguous();
   b.counts.assign(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + counts.numel());
   return b;
 }

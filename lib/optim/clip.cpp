@@ -9,7 +9,7 @@
 
 namespace rhine {
 
-double grad_norm(const std::vector<at::Tensor>& params) {
+at::Tensor grad_norm(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> norms;
   for (const auto& p : params) {
     const at::Tensor& g = p.grad();
@@ -18,22 +18,24 @@ double grad_norm(const std::vector<at::Tensor>& params) {
     const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     norms.push_back(at::linalg_vector_norm(g, 2, at::OptionalIntArrayRef{}, false, dt).to(at::kDouble));
   }
-  if (norms.empty()) return 0.0;
+  if (norms.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
   // Different devices: gather the per-tensor norms on the first one's device.
   for (auto& n : norms) n = n.to(norms.front().device());
-  return at::linalg_vector_norm(at::stack(norms), 2).item<double>();
+  return at::linalg_vector_norm(at::stack(norms), 2);
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
   RHINE_CHECK(max_norm > 0 && std::isfinite(max_norm), "clip", "max_norm must be finite and > 0",
               max_norm, "e.g. 1.0");
   at::NoGradGuard no_grad;
-  const double total = grad_norm(params);
-  if (!std::isfinite(total)) return total;
-  const double coef = max_norm / (total + 1e-6);
-  if (coef < 1.0) {
-    for (const auto& p : params)
-      if (p.grad().defined()) p.grad().mul_(coef);
+  at::Tensor total = grad_norm(params);
+  // min(1, max_norm / (total + 1e-6)), and 1 for a non-finite norm: decided on
+  // the device, so clipping never waits for the host.
+  at::Tensor coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+  coef = at::where(at::isfinite(total), coef, at::ones_like(coef));
+  for (const auto& p : params) {
+    at::Tensor g = p.grad();
+    if (g.defined()) g.mul_(coef.to(g.device()));
   }
   return total;
 }

@@ -16,6 +16,7 @@
 #include "rhine/nn/moe.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 
 namespace rhine::train {
 
@@ -69,7 +70,7 @@ double moe_imbalance(const at::Tensor& counts) {
   if (!counts.defined() || counts.numel() == 0) return 0.0;
   auto c = counts.to(at::kDouble);
   auto mean = c.mean(1).clamp_min(1e-12);
-  return (std::get<0>(c.max(1)) / mean).mean().item<double>();
+  return cpu_value<double>((std::get<0>(c.max(1)) / mean).mean());
 }
 
 Json EvalResult::to_json() const {
@@ -142,7 +143,8 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, const EvalOp
         group.push_back({d, start, end});
       }
     }
-    double nats = 0.0, n_tokens = 0.0;
+    // [nats, tokens] and the expert counts stay on the device: one host read per language.
+    at::Tensor lang_sums = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
     at::Tensor lang_counts;
     for (const auto len : lengths) {
       const auto& group = by_length[len];
@@ -163,15 +165,20 @@ EvalResult evaluate(nn::CausalLM& model, const HeldoutSet& heldout, const EvalOp
         fo.mtp_lambda = 0.0;
         AutocastGuard autocast(device.type(), at::kBFloat16, options.bf16);
         auto out = model->forward(at::tensor(ids).view({rows, n}).to(device), fo);
-        nats += out.stats.ce_loss * static_cast<double>(out.stats.n_tokens);
-        n_tokens += static_cast<double>(out.stats.n_tokens);
+        const at::Tensor n_t = out.stats.n_tokens.to(at::kDouble);
+        lang_sums = lang_sums + at::stack({out.stats.ce_loss.to(at::kDouble) * n_t, n_t});
         if (out.expert_counts.defined())
-          lang_counts = lang_counts.defined() ? lang_counts + out.expert_counts.cpu() : out.expert_counts.cpu();
+          lang_counts = lang_counts.defined() ? lang_counts + out.expert_counts : out.expert_counts;
       }
     }
-    sums.push_back(nats);
-    sums.push_back(n_tokens);
-    counts.push_back(lang_counts);
+    std::vector<at::Tensor> parts = {lang_sums};
+    if (lang_counts.defined()) parts.push_back(lang_counts.reshape({-1}).to(at::kDouble));
+    const at::Tensor host = to_host(at::cat(parts)).contiguous();
+    sums.push_back(host.data_ptr<double>()[0]);
+    sums.push_back(host.data_ptr<double>()[1]);
+    counts.push_back(lang_counts.defined()
+                         ? host.narrow(0, 2, lang_counts.numel()).view(lang_counts.sizes()).round().to(at::kLong)
+                         : at::Tensor());
   }
 
   // One host all-reduce: [nats, tokens] per language, then every language's expert counts.

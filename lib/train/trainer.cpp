@@ -30,6 +30,7 @@
 #include "rhine/io/safetensors.h"
 #include "rhine/optim/clip.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
 #include "rhine/train/plot.h"
 
 namespace rhine::train {
@@ -157,8 +158,9 @@ Json frozen_fingerprint(const nn::CausalLM& model) {
     constexpr std::int64_t kSlice = std::int64_t{1} << 22;
     for (std::int64_t i = 0; i < flat.numel(); i += kSlice) {
       const at::Tensor x = flat.narrow(0, i, std::min(kSlice, flat.numel() - i)).to(at::kDouble);
-      l1 += x.abs().sum().item<double>();
-      l2 += x.pow(2).sum().item<double>();
+      const at::Tensor sums = to_host(at::stack({x.abs().sum(), x.pow(2).sum()})).contiguous();
+      l1 += sums.data_ptr<double>()[0];
+      l2 += sums.data_ptr<double>()[1];
     }
   }
   if (tensors == 0) return nullptr;
@@ -498,7 +500,14 @@ StepMetrics Trainer::train_step() {
     micro.push_back(loader_.next());
     auto& b = micro.back();
     if (callbacks_.on_batch) callbacks_.on_batch(b);
-    counts[0] += static_cast<double>(b.labels.ne(-100).sum().item<std::int64_t>());
+    // The batch is still on the host: check and count it there (no device to wait for).
+    const auto V = model_->config().vocab_size;
+    const bool bad = cpu_value<bool>(at::logical_or(b.input_ids.lt(0).logical_or(b.input_ids.ge(V)).any(),
+                                                    b.labels.ne(-100).logical_and(b.labels.lt(0).logical_or(
+                                                        b.labels.ge(V))).any()));
+    RHINE_CHECK(!bad, kComponent, "a batch holds a token id outside the model's vocabulary", V,
+                "the tokenizer that wrote the shards must match the model's vocab_size");
+    counts[0] += static_cast<double>(cpu_value<std::int64_t>(b.labels.ne(-100).sum()));
     counts[1] += static_cast<double>(b.input_ids.numel());
     for (std::size_t l = 0; l < b.tokens_per_language.size(); ++l)
       counts[2 + l] += static_cast<double>(b.tokens_per_language[l]);
@@ -511,8 +520,10 @@ StepMetrics Trainer::train_step() {
     if (counts[2 + l] > 0) m.tokens_per_language[langs[l]] = static_cast<std::int64_t>(counts[2 + l]);
 
   optimizer_zero_grad();
-  std::vector<double> losses = {0.0, 0.0, 0.0, 0.0};  // this rank's share of [loss, ce, aux, mtp]
-  at::Tensor expert_counts;                            // [n_moe_layers, E], summed over micro-batches
+  // Statistics stay on the device until the one host read below: this rank's
+  // share of [loss, ce, aux, mtp] (float64) and the expert counts [n_moe_layers, E].
+  at::Tensor step_losses = at::zeros({4}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor expert_counts;
   for (std::size_t i = 0; i < micro.size(); ++i) {
     auto& b = micro[i];
     // Accumulation micro-steps communicate nothing; the last one launches the buckets.
@@ -534,35 +545,44 @@ StepMetrics Trainer::train_step() {
     // Token-weighted: the step's loss is the mean over all counted tokens of
     // all micro-batches of all ranks. GradientSync averages over ranks, hence
     // the factor world_size.
-    const double w = counted > 0 ? static_cast<double>(out.stats.n_tokens) / counted : 0.0;
-    (out.loss * (w * world_size())).backward();
-    losses[0] += out.loss.item<double>() * w;
-    losses[1] += out.stats.ce_loss * w;
-    losses[2] += out.stats.aux_loss * w;
-    losses[3] += out.stats.mtp_loss * w;
+    const at::Tensor w = out.stats.n_tokens.to(at::kDouble) * (counted > 0 ? 1.0 / counted : 0.0);  // device
+    (out.loss * (w * world_size()).to(out.loss.scalar_type())).backward();
+    step_losses = step_losses + at::stack({out.loss.detach(), out.stats.ce_loss, out.stats.aux_loss,
+                                           out.stats.mtp_loss}).to(at::kDouble) * w;
     if (out.expert_counts.defined())
-      expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts.cpu() : out.expert_counts.cpu();
+      expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts : out.expert_counts;
   }
   if (sync_ != nullptr) sync_->finish();
   if (fsdp_ != nullptr) fsdp_->finish();
+
+  at::Tensor norm;  // on the device (FSDP reduces its shards' norms itself)
+  if (fsdp_ != nullptr) {  // the global norm over every rank's shards
+    m.grad_norm = o_.grad_clip > 0 ? fsdp_->clip_grad_norm(o_.grad_clip) : fsdp_->grad_norm();
+  } else {
+    const auto params = trained_parameters();
+    norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+  }
+  // The step's one host read: losses, the gradient norm and the expert counts together.
+  std::vector<at::Tensor> parts = {step_losses};
+  if (norm.defined()) parts.push_back(norm.reshape({1}).to(device, at::kDouble));
+  if (expert_counts.defined()) parts.push_back(expert_counts.reshape({-1}).to(at::kDouble));
+  const at::Tensor host = to_host(at::cat(parts)).contiguous();
+  const double* hp = host.data_ptr<double>();
+  std::vector<double> losses(hp, hp + 4);
+  if (norm.defined()) m.grad_norm = hp[4];
   sum_over_ranks(losses);
   m.loss = losses[0];
   m.ce_loss = losses[1];
   m.aux_loss = losses[2];
   m.mtp_loss = losses[3];
   if (expert_counts.defined()) {  // global counts drive the bias update
-    expert_counts = expert_counts.to(at::kDouble).contiguous();
+    expert_counts = host.narrow(0, host.numel() - expert_counts.numel(), expert_counts.numel())
+                        .view(expert_counts.sizes())
+                        .clone();
     if (world_size() > 1) world_->host_all_reduce_(expert_counts, dist::ReduceOp::kSum);
     m.moe_imbalance = moe_imbalance(expert_counts);
   }
   if (counted == 0) m.loss = m.ce_loss = std::nan("");
-
-  if (fsdp_ != nullptr) {  // the global norm over every rank's shards
-    m.grad_norm = o_.grad_clip > 0 ? fsdp_->clip_grad_norm(o_.grad_clip) : fsdp_->grad_norm();
-  } else {
-    const auto params = trained_parameters();
-    m.grad_norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
-  }
   const auto decision = guard_.check(m.loss, m.grad_norm);
   m.lr = schedule_(step_);
   if (decision.accept) {

@@ -378,7 +378,8 @@ int run(const Args& a) {
         norm = a.clip > 0 ? fsdp->clip_grad_norm(a.clip) : fsdp->grad_norm();
       } else {
         if (sync) sync->finish();
-        norm = a.clip > 0 ? rhine::clip_grad_norm(stepped_tensors, a.clip) : rhine::grad_norm(stepped_tensors);
+        norm = (a.clip > 0 ? rhine::clip_grad_norm(stepped_tensors, a.clip) : rhine::grad_norm(stepped_tensors))
+                   .item<double>();
       }
       report["losses"].push_back(world.host_sum({loss_sum})[0] / n);
       report["norms"].push_back(norm);

@@ -1,4 +1,4 @@
-// Fused RoPE, SwiGLU and vocabulary cross-entropy == their plain-op twins
+// Fused RoPE, SwiGLU and vocabulary cross-entropy (fused and chunked) == their plain-op twins
 // (values and gradients, random inputs each run, stated tolerances:
 // METHOD ||fused - twin|| / ||twin||, fp64 < 1e-12, fp32 < 1e-5, bf16 < 1e-2;
 // NaN never passes), float64 finite differences for every backward, and a
@@ -11,6 +11,7 @@
 #include "rhine/core/error.h"
 #include "rhine/nn/fused.h"
 #include "rhine/nn/layers.h"
+#include "rhine/nn/loss.h"
 #include "rhine/nn/model.h"
 
 using namespace rhine::nn;
@@ -152,22 +153,49 @@ TEST_CASE("fused SwiGLU propagates NaN", "[nn][fused][swiglu]") {
 
 namespace {
 
-// Loss values, counts and logits gradients of fused_lm_loss vs lm_loss.
-void compare_loss(at::ScalarType t, int64_t N, int64_t V, double z_loss) {
+// The loss forms under test against the reference lm_loss: the fused CPU
+// kernel and the chunked form at several chunk sizes (1 row, a ragged 5, the
+// default, more rows than there are).
+enum class LossForm { Fused, Chunk1, Chunk5, ChunkDefault, ChunkHuge };
+const LossForm kForms[] = {LossForm::Fused, LossForm::Chunk1, LossForm::Chunk5, LossForm::ChunkDefault,
+                           LossForm::ChunkHuge};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_of(LossForm f, const at::Tensor& x, const at::Tensor& tg,
+                                                       int64_t ignore_index, double z_loss) {
+  switch (f) {
+    case LossForm::Fused: return fused_lm_loss(x, tg, ignore_index, z_loss);
+    case LossForm::Chunk1: return chunked_lm_loss(x, tg, ignore_index, z_loss, 1);
+    case LossForm::Chunk5: return chunked_lm_loss(x, tg, ignore_index, z_loss, 5);
+    case LossForm::ChunkDefault: return chunked_lm_loss(x, tg, ignore_index, z_loss);
+    case LossForm::ChunkHuge: return chunked_lm_loss(x, tg, ignore_index, z_loss, x.size(0) + 3);
+  }
+  return {};
+}
+
+int64_t count(const at::Tensor& n) {
+  CHECK(n.dim() == 0);
+  CHECK(n.scalar_type() == at::kLong);
+  return n.item<int64_t>();
+}
+
+// Loss values, counts and logits gradients of one form vs lm_loss.
+void compare_loss(LossForm form, at::ScalarType t, int64_t N, int64_t V, double z_loss) {
+  INFO("form " << static_cast<int>(form) << " dtype " << t << " N " << N << " V " << V);
   at::manual_seed(51);
   auto x0 = (at::randn({N, V}, at::kDouble) * 3).to(t);
   auto tg = at::randint(0, V, {N}, at::kLong);
   tg.index_put_({at::randperm(N).narrow(0, 0, N / 4)}, -100);  // a quarter ignored
   const double a = 0.7, b = 1.3;  // weights of ce and z in the total
-  auto run = [&](bool fused) {
+  auto run = [&](bool reference) {
     auto x = x0.clone().requires_grad_(true);
-    auto [ce, z, n] = fused ? fused_lm_loss(x, tg, -100, z_loss) : lm_loss(x, tg, -100, z_loss);
+    auto [ce, z, n] = reference ? lm_loss(x, tg, -100, z_loss) : loss_of(form, x, tg, -100, z_loss);
     (ce * a + z * b).backward();
     return std::make_tuple(ce, z, n, x.grad());
   };
-  auto [cef, zf, nf, gf] = run(true);
-  auto [cer, zr, nr, gr] = run(false);
-  CHECK(nf == nr);
+  auto [cef, zf, nf, gf] = run(false);
+  auto [cer, zr, nr, gr] = run(true);
+  CHECK(count(nf) == count(nr));
+  CHECK(count(nr) == N - N / 4);
   CHECK(cef.scalar_type() == cer.scalar_type());
   CHECK(gf.scalar_type() == t);  // no fp32 copy of bf16 logits' gradient
   const double tol = t == at::kDouble ? 1e-12 : 1e-5;
@@ -178,53 +206,70 @@ void compare_loss(at::ScalarType t, int64_t N, int64_t V, double z_loss) {
 
 }  // namespace
 
-TEST_CASE("fused cross-entropy equals lm_loss (values, counts, gradients)", "[nn][fused][loss]") {
-  for (double z : {0.0, 1e-2}) {
-    INFO("z_loss " << z);
-    compare_loss(at::kDouble, 24, 101, z);
-    compare_loss(at::kFloat, 64, 1000, z);
-    compare_loss(at::kBFloat16, 64, 1000, z);
-    compare_loss(at::kFloat, 9, 7, z);  // V under one vector of lanes
+TEST_CASE("fused and chunked cross-entropy equal lm_loss (values, counts, gradients)", "[nn][fused][loss]") {
+  for (const LossForm form : kForms)
+    for (double z : {0.0, 1e-2}) {
+      INFO("z_loss " << z);
+      compare_loss(form, at::kDouble, 24, 101, z);
+      compare_loss(form, at::kFloat, 64, 1000, z);
+      compare_loss(form, at::kBFloat16, 64, 1000, z);
+      compare_loss(form, at::kFloat, 9, 7, z);  // V under one vector of lanes
+    }
+}
+
+TEST_CASE("the chunked cross-entropy's rows per chunk", "[nn][loss]") {
+  CHECK(default_loss_chunk_rows(131072) == 128);  // 64 MiB of fp32 per chunk
+  CHECK(default_loss_chunk_rows(8000) == 2097);
+  CHECK(default_loss_chunk_rows(std::int64_t{1} << 30) == 1);
+  auto x = at::randn({4, 6});
+  CHECK_THROWS_WITH(chunked_lm_loss(x, at::zeros({4}, at::kLong), -100, 0.0, -1),
+                    Catch::Contains("[lm_loss] chunk_rows must be >= 0"));
+}
+
+TEST_CASE("fused and chunked cross-entropy gradients against finite differences (float64)",
+          "[nn][fused][loss][grad]") {
+  for (const LossForm form : kForms) {
+    INFO("form " << static_cast<int>(form));
+    at::manual_seed(52);
+    auto x = at::randn({5, 9}, at::kDouble) * 2;
+    auto tg = at::tensor(std::vector<int64_t>{3, -100, 0, 8, 2}, at::kLong);
+    auto f = [&](const at::Tensor& l) {
+      auto [ce, z, n] = loss_of(form, l, tg, -100, 0.05);
+      return ce * 0.9 + z * 1.7;
+    };
+    auto xg = x.clone().requires_grad_(true);
+    f(xg).backward();
+    auto num = nn_test::numeric_grad(x, [&] { return f(x).item<double>(); });
+    CHECK(rel_err(xg.grad(), num) < 1e-8);
+    CHECK(xg.grad()[1].abs().sum().item<double>() == 0.0);  // the ignored row
   }
 }
 
-TEST_CASE("fused cross-entropy gradient against finite differences (float64)", "[nn][fused][loss][grad]") {
-  at::manual_seed(52);
-  auto x = at::randn({5, 9}, at::kDouble) * 2;
-  auto tg = at::tensor(std::vector<int64_t>{3, -100, 0, 8, 2}, at::kLong);
-  auto f = [&](const at::Tensor& l) {
-    auto [ce, z, n] = fused_lm_loss(l, tg, -100, 0.05);
-    return ce * 0.9 + z * 1.7;
-  };
-  auto xg = x.clone().requires_grad_(true);
-  f(xg).backward();
-  auto num = nn_test::numeric_grad(x, [&] { return f(x).item<double>(); });
-  CHECK(rel_err(xg.grad(), num) < 1e-8);
-  CHECK(xg.grad()[1].abs().sum().item<double>() == 0.0);  // the ignored row
-}
-
-TEST_CASE("fused cross-entropy: edge cases and errors", "[nn][fused][loss]") {
-  SECTION("all ignored: zero loss, zero gradient, count 0 (as lm_loss)") {
-    auto x = at::randn({3, 10}).requires_grad_(true);
-    auto tg = at::full({3}, -1, at::kLong);
-    auto [ce, z, n] = fused_lm_loss(x, tg, -1, 1e-3);
-    CHECK(n == 0);
-    CHECK(ce.item<double>() == 0.0);
-    (ce + z).backward();
-    CHECK(x.grad().abs().sum().item<double>() == 0.0);
-  }
-  SECTION("a NaN logit gives a NaN loss") {
-    auto x = at::randn({3, 40});
-    x[1][7] = std::nan("");
-    auto [ce, z, n] = fused_lm_loss(x, at::tensor(std::vector<int64_t>{1, 2, 3}), -100, 0.0);
-    CHECK(std::isnan(ce.item<double>()));
-  }
-  SECTION("targets outside the vocabulary and bad shapes throw") {
-    auto x = at::randn({2, 5});
-    CHECK_THROWS_WITH(fused_lm_loss(x, at::tensor(std::vector<int64_t>{1, 5}), -100, 0.0),
-                      Catch::Contains("[lm_loss] a target id is outside the vocabulary"));
-    CHECK_THROWS_WITH(fused_lm_loss(x, at::tensor(std::vector<int64_t>{1, 2, 3}), -100, 0.0),
-                      Catch::Contains("[lm_loss]"));
+TEST_CASE("fused and chunked cross-entropy: edge cases and errors", "[nn][fused][loss]") {
+  for (const LossForm form : kForms) {
+    INFO("form " << static_cast<int>(form));
+    SECTION("all ignored: zero loss, zero gradient, count 0 (as lm_loss)") {
+      auto x = at::randn({3, 10}).requires_grad_(true);
+      auto tg = at::full({3}, -1, at::kLong);
+      auto [ce, z, n] = loss_of(form, x, tg, -1, 1e-3);
+      CHECK(count(n) == 0);
+      CHECK(ce.item<double>() == 0.0);
+      (ce + z).backward();
+      CHECK(x.grad().abs().sum().item<double>() == 0.0);
+    }
+    SECTION("a NaN logit gives a NaN loss") {
+      auto x = at::randn({3, 40});
+      x[1][7] = std::nan("");
+      auto [ce, z, n] = loss_of(form, x, at::tensor(std::vector<int64_t>{1, 2, 3}), -100, 0.0);
+      CHECK(std::isnan(ce.item<double>()));
+    }
+    SECTION("targets outside the vocabulary and bad shapes throw") {
+      auto x = at::randn({2, 5});
+      CHECK_THROWS_WITH(loss_of(form, x, at::tensor(std::vector<int64_t>{1, 5}), -100, 0.0),
+                        Catch::Contains("[lm_loss] a target id is outside the vocabulary"));
+      CHECK_THROWS_WITH(loss_of(form, x, at::tensor(std::vector<int64_t>{1, 2, 3}), -100, 0.0),
+                        Catch::Contains("[lm_loss]"));
+    }
   }
 }
 

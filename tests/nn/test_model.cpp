@@ -35,10 +35,10 @@ TEST_CASE("loss, ignore_index and z-loss match the reference", "[nn][model][loss
   o.labels = Fixture::as_tensor(c["labels"]);
   o.z_loss = c["z_loss"].get<double>();
   auto out = lm->forward(fx.ids(0), o);
-  CHECK(out.stats.ce_loss == Approx(c["ce_loss"].get<double>()).epsilon(1e-12));
-  CHECK(out.stats.z_loss == Approx(c["z_loss_value"].get<double>()).epsilon(1e-12));
-  CHECK(out.stats.n_tokens == 2 * 7 - 3);  // two trailing -100 and one in the middle
-  CHECK(out.loss.item<double>() == Approx(out.stats.ce_loss + out.stats.z_loss).epsilon(1e-14));
+  CHECK(out.stats.ce_loss.item<double>() == Approx(c["ce_loss"].get<double>()).epsilon(1e-12));
+  CHECK(out.stats.z_loss.item<double>() == Approx(c["z_loss_value"].get<double>()).epsilon(1e-12));
+  CHECK(out.stats.n_tokens.item<std::int64_t>() == 2 * 7 - 3);  // two trailing -100 and one in the middle
+  CHECK(out.loss.item<double>() == Approx((out.stats.ce_loss + out.stats.z_loss).item<double>()).epsilon(1e-14));
   // Loss gradients flow to every parameter.
   out.loss.backward();
   for (auto& p : lm->named_parameters()) {
@@ -146,7 +146,7 @@ TEST_CASE("bf16 autocast runs forward and backward end to end", "[nn][model][bf1
   }
   CHECK(out.logits.scalar_type() == at::kBFloat16);
   CHECK(rel_err(out.logits, ref.logits) < 3e-2);
-  CHECK(out.stats.ce_loss == Approx(ref.stats.ce_loss).epsilon(2e-2));
+  CHECK(out.stats.ce_loss.item<double>() == Approx(ref.stats.ce_loss.item<double>()).epsilon(2e-2));
   out.loss.backward();
   auto g = lm->model->layers[0]->named_parameters()["self_attn.q_proj.weight"].grad();
   CHECK(g.scalar_type() == at::kFloat);

@@ -55,9 +55,9 @@ TEST_CASE("two documents packed in one row give the MTP loss and gradients of ea
     }
     auto out = lm->forward(ids.unsqueeze(0), o);
     REQUIRE(out.stats.mtp_tokens.size() == 1);
-    const auto n = static_cast<double>(out.stats.n_tokens), n1 = static_cast<double>(out.stats.mtp_tokens[0]);
-    return std::make_tuple((out.loss - out.mtp_loss) * n + out.mtp_loss * n1, out.stats.n_tokens,
-                           out.stats.mtp_tokens[0]);
+    const auto n = out.stats.n_tokens.item<std::int64_t>(), n1 = out.stats.mtp_tokens[0].item<std::int64_t>();
+    return std::make_tuple((out.loss - out.mtp_loss) * static_cast<double>(n) + out.mtp_loss * static_cast<double>(n1),
+                           n, n1);
   };
   CausalLM packed = nn_test::deepseek_model(fx), alone = nn_test::deepseek_model(fx);
   auto [lp, np, mp] = summed(packed, at::cat({a, b}), at::cat({la, lb}), true);
@@ -87,14 +87,15 @@ TEST_CASE("MTP loss matches the float64 reference and a direct computation", "[n
   o.mtp_lambda = 0.3;
   auto out = lm->forward(ids, o);
   const double ce = c["ce_loss"].get<double>(), mtp = c["mtp_ce"][0].get<double>();
-  CHECK(out.stats.ce_loss == Approx(ce).epsilon(1e-12));
+  CHECK(out.stats.ce_loss.item<double>() == Approx(ce).epsilon(1e-12));
   REQUIRE(out.stats.mtp_ce.size() == 1);
-  CHECK(out.stats.mtp_ce[0] == Approx(mtp).epsilon(1e-12));
-  CHECK(out.stats.mtp_loss == Approx(0.3 / 1 * mtp).epsilon(1e-12));
+  CHECK(out.stats.mtp_ce[0].item<double>() == Approx(mtp).epsilon(1e-12));
+  CHECK(out.stats.mtp_loss.item<double>() == Approx(0.3 / 1 * mtp).epsilon(1e-12));
   CHECK(out.loss.item<double>() == Approx(ce + 0.3 * mtp).epsilon(1e-12));
   // Depth 1 has one target fewer per row than the main loss: 8+7 main, 7+6 MTP.
-  CHECK(out.stats.n_tokens == 15);
-  CHECK(out.stats.mtp_tokens == std::vector<std::int64_t>{13});
+  CHECK(out.stats.n_tokens.item<std::int64_t>() == 15);
+  REQUIRE(out.stats.mtp_tokens.size() == 1);
+  CHECK(out.stats.mtp_tokens[0].item<std::int64_t>() == 13);
   // The MTP layer's MoE routed tokens: counts equal the reference's.
   auto want = c["expert_counts"];
   REQUIRE(out.expert_counts.size(0) == 2);
@@ -121,8 +122,8 @@ TEST_CASE("MTP loss matches the float64 reference and a direct computation", "[n
     auto logits = lm->lm_head(mtp_layer->shared_head->norm(h1));  // [2, 9, V]
     auto [ce1, z1, n1] = lm_loss(logits.narrow(1, 0, 8).reshape({16, -1}),
                                  o.labels->narrow(1, 1, 8).reshape({16}), -100, 0.0);
-    CHECK(ce1.item<double>() == Approx(out.stats.mtp_ce[0]).epsilon(1e-12));
-    CHECK(n1 == 13);
+    CHECK(ce1.item<double>() == Approx(out.stats.mtp_ce[0].item<double>()).epsilon(1e-12));
+    CHECK(n1.item<std::int64_t>() == 13);
   }
 
   // lambda = 0: no MTP; gradients reach every parameter with MTP on.
@@ -277,7 +278,7 @@ TEST_CASE("MLA and MoE layers inside a llama config", "[nn][mtp][llama]") {
   // One MoE layer: 2 (the MTP layer 3 is dense: 3 % 2 != 0) -> one row.
   CHECK(out.expert_counts.sizes().vec() == std::vector<std::int64_t>{1, 4});
   CHECK(out.loss.item<double>() ==
-        Approx(out.stats.ce_loss + out.stats.mtp_loss + out.stats.aux_loss).epsilon(1e-6));
+        Approx((out.stats.ce_loss + out.stats.mtp_loss + out.stats.aux_loss).item<double>()).epsilon(1e-6));
   // Router bias update API: counts [n_moe_layers, E]; no bias outside noaux_tc.
   lm->update_router_bias(out.expert_counts, 1e-3);
   CHECK_THROWS_WITH(lm->update_router_bias(at::zeros({2, 4}), 1e-3),

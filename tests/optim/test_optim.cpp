@@ -215,9 +215,12 @@ TEST_CASE("Muon batches same-shape matrices without changing the result", "[muon
   CHECK(rel_err(to_vec(b), to_vec(b1)) < 1e-13);
 }
 
-TEST_CASE("Newton-Schulz output has singular values in [0.6, 1.2] for several shapes and dtypes", "[muon]") {
-  // Band measured here (Gaussian inputs with aspect ratio >= 1.5, 5 steps):
-  // fp64/fp32 [0.68, 1.14], bf16 [0.65, 1.15]. Square Gaussian
+TEST_CASE("Newton-Schulz output has singular values in [0.6, 1.2] (bf16 [0.55, 1.25]) for several shapes and dtypes",
+          "[muon]") {
+  // Band measured (Gaussian inputs with aspect ratio >= 1.5, 5 steps):
+  // fp64/fp32 [0.68, 1.14]; bf16 [0.65, 1.15] on an AVX-512 CPU and
+  // [0.597, 1.201] on an AVX2-only one (LibTorch's bf16 GEMM rounds
+  // differently per kernel), hence bf16's wider [0.55, 1.25]. Square Gaussian
   // matrices have singular values near 0 that 5 steps cannot lift; Muon
   // tolerates that (it orthogonalises what the gradient spans).
   const std::vector<std::vector<int64_t>> shapes = {{64, 256}, {256, 64}, {96, 160}, {3, 32, 96}};
@@ -227,8 +230,9 @@ TEST_CASE("Newton-Schulz output has singular values in [0.6, 1.2] for several sh
       auto sv = at::linalg_svdvals(rhine::newton_schulz5(G, 5, dtype).to(at::kDouble));
       const double lo = sv.min().item<double>(), hi = sv.max().item<double>();
       INFO(c10::toString(dtype) << " " << c10::str(at::IntArrayRef(shape)) << " sv in [" << lo << ", " << hi << "]");
-      CHECK(lo > 0.6);
-      CHECK(hi < 1.2);
+      const bool bf16 = dtype == at::kBFloat16;
+      CHECK(lo > (bf16 ? 0.55 : 0.6));
+      CHECK(hi < (bf16 ? 1.25 : 1.2));
     }
   }
   // With more steps the small ones keep rising: a square matrix after 12 steps.
@@ -313,7 +317,7 @@ void train_step(int k, const Problem& data, rhine::NamedParameters& w, rhine::Op
   if (k == 13) loss = loss * std::nan("");
   opt.zero_grad();
   loss.backward();
-  const double norm = rhine::clip_grad_norm(opt.parameters(), 1.0);
+  const double norm = rhine::clip_grad_norm(opt.parameters(), 1.0).item<double>();
   if (guard.check(loss.item<double>(), norm).accept) {
     opt.set_lr_scale(sched(opt.n_steps()));
     opt.step();

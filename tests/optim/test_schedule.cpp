@@ -129,20 +129,20 @@ TEST_CASE("clip_grad_norm returns the pre-clip norm of a direct float64 computat
     return std::sqrt(s);
   };
   const double before = direct();
-  CHECK(rhine::grad_norm(ps) == Approx(before).epsilon(1e-6));
-  CHECK(rhine::clip_grad_norm(ps, 1e6) == Approx(before).epsilon(1e-6));  // no clipping
+  CHECK(rhine::grad_norm(ps).item<double>() == Approx(before).epsilon(1e-6));
+  CHECK(rhine::clip_grad_norm(ps, 1e6).item<double>() == Approx(before).epsilon(1e-6));  // no clipping
   CHECK(direct() == before);
-  const double returned = rhine::clip_grad_norm(ps, 2.5);
+  const double returned = rhine::clip_grad_norm(ps, 2.5).item<double>();
   CHECK(returned == Approx(before).epsilon(1e-6));
   CHECK(direct() == Approx(2.5).epsilon(1e-2));  // bf16 gradient rounds on scaling
-  CHECK(rhine::grad_norm({ps[0], ps[1], ps[2], ps[3]}) <= 2.5);
+  CHECK(rhine::grad_norm({ps[0], ps[1], ps[2], ps[3]}).item<double>() <= 2.5);
 
   ps[1].grad()[3] = std::numeric_limits<float>::infinity();
   auto copy = ps[0].grad().clone();
-  CHECK(std::isinf(rhine::clip_grad_norm(ps, 1.0)));
+  CHECK(std::isinf(rhine::clip_grad_norm(ps, 1.0).item<double>()));
   CHECK(at::equal(copy, ps[0].grad()));  // left alone
   CHECK_THROWS_WITH(rhine::clip_grad_norm(ps, 0.0), Contains("[clip] max_norm must be finite and > 0"));
-  CHECK(rhine::grad_norm({at::zeros({2})}) == 0.0);
+  CHECK(rhine::grad_norm({at::zeros({2})}).item<double>() == 0.0);
 }
 
 TEST_CASE("SkipGuard skips non-finite values and spikes, counts them, and restores exactly", "[skip_guard]") {

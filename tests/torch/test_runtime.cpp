@@ -1,4 +1,5 @@
 #include "torch_test.h"
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
@@ -6,6 +7,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/threads.h"
 #include "rhine/torch/runtime.h"
+#include "rhine/torch/sync.h"
 
 using Catch::Matchers::Contains;
 
@@ -47,4 +49,18 @@ TEST_CASE("seeding makes LibTorch's random draws repeat", "[runtime]") {
   auto b = at::randn({16});
   CHECK(a.equal(b));
   CHECK_FALSE(at::randn({16}).equal(b));
+}
+
+TEST_CASE("host reads: to_host and host_value count, cpu_value refuses device tensors", "[torch][sync]") {
+  const auto before = rhine::host_sync_count();
+  const at::Tensor t = at::full({}, 2.5);
+  CHECK(rhine::host_value<double>(t) == 2.5);
+  CHECK(rhine::to_host(t).is_same(t));  // already on the host: the same tensor
+  CHECK(rhine::host_sync_count() - before == 2);
+  CHECK(rhine::cpu_value<double>(t) == 2.5);
+  CHECK(rhine::cpu_value<bool>(at::full({}, true)));
+  CHECK(rhine::host_sync_count() - before == 2);  // cpu_value is not counted
+  const at::Tensor meta = at::empty({}, at::TensorOptions().device(at::kMeta));
+  CHECK_THROWS_WITH(rhine::cpu_value<double>(meta),
+                    Contains("[sync] cpu_value reads host tensors only"));
 }

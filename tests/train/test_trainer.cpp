@@ -21,6 +21,7 @@
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/runtime.h"
+#include "rhine/torch/sync.h"
 #include "rhine/train/plot.h"
 #include "test_util.h"
 #include "tiny_config.h"
@@ -324,6 +325,64 @@ TEST_CASE("trainer: accumulating 2 micro-batches equals one doubled batch", "[tr
   CHECK(per_lang == r1.tokens);
 }
 
+TEST_CASE("trainer: a step reads the device once (losses, norm and expert counts in one host read)", "[trainer]") {
+  // Counted through rhine::to_host, which all library code uses (a CPU run
+  // counts what a GPU run would wait for). MoE layers still read their split
+  // sizes, one read per MoE layer per micro-batch.
+  rhine::test::TempDir tmp("trainer-syncs");
+  rhine::test::write_tiny_shards(tmp.path);
+  for (const char* type : {"llama", "deepseek_v3"}) {
+    for (int accum : {1, 3}) {
+      INFO(type << " grad_accum " << accum);
+      rhine::test::TinyRun run(tmp.path, 4);
+      std::uint64_t moe_layers = 0;
+      if (std::string(type) != "llama") {
+        auto cfg = rhine::test::tiny_config(type);
+        cfg.vocab_size = rhine::test::kVocab;
+        run.model = rhine::nn::CausalLM(cfg);
+        rhine::NamedParameters params;
+        for (const auto& p : run.model->named_parameters()) params.push_back({p.key(), p.value()});
+        run.optimizer = std::make_unique<rhine::AdamW>(params, rhine::test::tiny_adamw_options());
+        moe_layers = run.model->moe_layers().size();  // layer 1 and the MTP layer (mtp_lambda 0.3)
+        REQUIRE(moe_layers == 2);
+      }
+      auto o = quiet_options(3);
+      o.grad_accum = accum;
+      o.z_loss = 1e-4;
+      o.grad_clip = 1.0;
+      o.router_bias_update_rate = 1e-3;
+      Trainer t(run.model, *run.optimizer, run.schedule, *run.loader, o);
+      std::vector<std::uint64_t> per_step;
+      std::uint64_t start = 0;
+      int batches = 0;
+      t.callbacks().on_batch = [&](const rhine::Batch&) {
+        if (batches++ % accum == 0) start = rhine::host_sync_count();
+      };
+      t.callbacks().on_step = [&](const rhine::train::StepMetrics& m) {
+        per_step.push_back(rhine::host_sync_count() - start);
+        CHECK(std::isfinite(m.loss));
+        CHECK(m.grad_norm > 0);
+      };
+      t.fit();
+      REQUIRE(per_step.size() == 3);
+      for (const auto n : per_step) CHECK(n == 1 + moe_layers * static_cast<std::uint64_t>(accum));
+    }
+  }
+  SECTION("a dense forward with labels reads nothing") {
+    rhine::nn::CausalLM lm(rhine::test::tiny_config("llama"));
+    rhine::nn::ForwardOptions fo;
+    const at::Tensor ids = at::randint(0, 32, {2, 8}, at::kLong);
+    fo.labels = ids.roll(-1, 1);
+    fo.z_loss = 1e-4;
+    fo.document_mask = true;
+    fo.position_ids = at::arange(8, at::kLong).repeat({2, 1});
+    const auto before = rhine::host_sync_count();
+    auto out = lm->forward(ids, fo);
+    out.loss.backward();
+    CHECK(rhine::host_sync_count() == before);
+  }
+}
+
 TEST_CASE("trainer: a NaN batch is skipped and counted, repeated NaNs stop with an intact checkpoint",
           "[trainer]") {
   rhine::test::TempDir tmp("trainer-nan");
@@ -487,7 +546,7 @@ TEST_CASE("evaluation: batched windows give the numbers of one window per pass (
     fo.labels = ids;
     const auto out = lm->forward(ids, fo);
     CHECK_FALSE(out.mtp_loss.defined());
-    CHECK(out.loss.item<double>() == Approx(out.stats.ce_loss).epsilon(1e-6));
+    CHECK(out.loss.item<double>() == Approx(out.stats.ce_loss.item<double>()).epsilon(1e-6));
   }
 }
 

@@ -11,7 +11,7 @@
 /// | fused_rms_norm   | rms_norm (layers.h)           | x, w, rstd [R]            |
 /// | fused_rope       | apply_rope (layers.h)         | cos, sin (the tables)     |
 /// | fused_swiglu     | at::silu(gate) * up           | gate, up                  |
-/// | fused_lm_loss    | lm_loss (model.h)             | logits (as given), lse [N]|
+/// | fused_lm_loss    | lm_loss (loss.h)              | logits (as given), lse [N]|
 ///
 /// `CausalLMOptions::fused_kernels` (set_fused_kernels in layers.h) switches
 /// RMSNorm, RoPE and SwiGLU on in a model.
@@ -54,17 +54,16 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor fused_swiglu(const at::Tensor& gate, const at::Tensor& up);
 
 /// Cross-entropy over the vocabulary with ignore_index and optional z-loss,
-/// the contract of lm_loss (model.h): logits [N, V] (float32, bfloat16 or
+/// the contract of lm_loss (loss.h): logits [N, V] (float32, bfloat16 or
 /// float64; computed in fp32, fp64 for fp64), targets [N] int64. Returns
 /// (ce mean over counted tokens, z_loss * mean(lse^2) over counted tokens,
-/// counted tokens); both losses are 0-dim fp32 (fp64 for fp64 logits). One
+/// counted tokens as 0-dim int64); both losses are 0-dim fp32 (fp64 for fp64 logits). One
 /// pass per row forward (max, sum exp, pick) saving only lse [N]; backward
 /// writes d logits = (softmax - onehot) * dce / n + softmax * 2 z lse dz / n
 /// directly in the logits' dtype (no fp32 copy of bf16 logits is made).
+/// Other devices and dtypes fall back to chunked_lm_loss (loss.h).
 /// Throws `[lm_loss] ...` for bad shapes or a target outside [0, V).
-std::tuple<at::Tensor, at::Tensor, std::int64_t> fused_lm_loss(const at::Tensor& logits,
-                                                               const at::Tensor& targets,
-                                                               std::int64_t ignore_index,
-                                                               double z_loss);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lm_loss(const at::Tensor& logits, const at::Tensor& targets,
+                                                             std::int64_t ignore_index, double z_loss);
 
 }  // namespace rhine::nn

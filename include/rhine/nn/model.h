@@ -42,6 +42,7 @@
 
 #include "rhine/nn/config.h"
 #include "rhine/nn/layers.h"
+#include "rhine/nn/loss.h"
 #include "rhine/nn/mla.h"
 #include "rhine/nn/moe.h"
 
@@ -94,6 +95,9 @@ struct KVCache {
   at::Tensor key_valid_buf;  ///< its storage (cache_append, layers.h)
   /// [B] int64: the position id the next token of each row gets.
   at::Tensor next_position;
+  /// Whether `key_valid` may hold a false (kept on the host, so that decoding
+  /// picks the unmasked attention path without reading the device).
+  bool padded = false;
   /// Number of cached key slots S.
   std::int64_t length() const {
     if (!layers.empty() && layers[0].k.defined()) return layers[0].k.size(2);
@@ -135,15 +139,18 @@ struct ForwardOptions {
   double moe_expert_aux_alpha = 0.0;
 };
 
-/// Numbers a training loop logs per step.
+/// Numbers a training loop logs per step: detached 0-dim tensors on the
+/// model's device (so that a forward never waits for the host; read them with
+/// rhine::host_value, or pack them into one rhine::to_host per step, as the
+/// Trainer does). All defined when the forward had labels, undefined otherwise.
 struct ForwardStats {
-  double ce_loss = 0.0;       ///< mean cross-entropy over counted tokens
-  double z_loss = 0.0;        ///< z-loss term (already multiplied by its weight)
-  std::int64_t n_tokens = 0;  ///< tokens that carried loss
-  double aux_loss = 0.0;      ///< MoE balance losses (weighted, summed over layers)
-  double mtp_loss = 0.0;      ///< lambda / D * sum_k mtp_ce[k]
-  std::vector<double> mtp_ce;  ///< per MTP depth k: its mean cross-entropy
-  std::vector<std::int64_t> mtp_tokens;  ///< per depth: tokens that carried loss
+  at::Tensor ce_loss;   ///< fp32: mean cross-entropy over counted tokens
+  at::Tensor z_loss;    ///< fp32: z-loss term (already multiplied by its weight)
+  at::Tensor n_tokens;  ///< int64: tokens that carried loss
+  at::Tensor aux_loss;  ///< fp32: MoE balance losses (weighted, summed over layers; 0 without)
+  at::Tensor mtp_loss;  ///< fp32: lambda / D * sum_k mtp_ce[k] (0 when MTP did not run)
+  std::vector<at::Tensor> mtp_ce;      ///< per MTP depth k: its mean cross-entropy
+  std::vector<at::Tensor> mtp_tokens;  ///< per depth: tokens that carried loss (int64)
 };
 
 /// Outputs of CausalLM::forward.
@@ -309,13 +316,6 @@ std::int64_t parameter_count(const ModelConfig& config, bool include_embeddings 
 /// router, K routed experts and the shared experts; MTP modules excluded.
 /// Dense models: parameter_count without MTP.
 std::int64_t active_parameter_count(const ModelConfig& config, bool include_embeddings = true);
-
-/// Cross-entropy over the vocabulary with ignore_index and optional z-loss.
-/// logits [N, V] (any float dtype; computed in fp32), targets [N] int64.
-/// Returns (ce mean, z term, counted tokens); the plain-op reference.
-std::tuple<at::Tensor, at::Tensor, std::int64_t> lm_loss(const at::Tensor& logits,
-                                                         const at::Tensor& targets,
-                                                         std::int64_t ignore_index, double z_loss);
 
 /// The bool attention mask [B, 1, T, S] for T new tokens after S - T cached
 /// ones: causal (bottom-right), `key_valid` [B, S] padding, optional sliding

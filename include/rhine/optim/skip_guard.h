@@ -17,7 +17,7 @@
 /// lasting level shift (e.g. after an lr change) cannot stall training.
 /// Torch-free; its state is a small JSON that restores exactly.
 ///
-///     double norm = rhine::clip_grad_norm(params, 1.0);
+///     double norm = rhine::host_value<double>(rhine::clip_grad_norm(params, 1.0));
 ///     if (guard.check(loss, norm).accept) optimizer.step();
 
 #include <cstdint>

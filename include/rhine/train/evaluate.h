@@ -84,7 +84,8 @@ struct EvalResult {
 
 /// max(expert load) / mean(expert load), averaged over MoE layers, of
 /// counts [n_moe_layers, E]: 1 is perfectly balanced, E is one expert taking
-/// everything. 0 for an undefined tensor.
+/// everything. 0 for an undefined tensor. `counts` must be on the host (the
+/// Trainer and evaluate read them once per step or language).
 double moe_imbalance(const at::Tensor& counts);
 
 /// Options of evaluate.

@@ -26,6 +26,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/profile.h"
 #include "rhine/torch/sync.h"
 
 extern char** environ;
@@ -267,6 +268,7 @@ bool unsupported(const std::exception& e) {
 
 void PendingOp::wait() {
   if (!impl_) return;
+  RHINE_RANGE("rhine::wait");
   auto impl = std::move(impl_);
   wait_work(impl->work, impl->op, impl->rank, impl->world_size, impl->timeout);
   if (impl->divide.defined()) impl->divide.div_(impl->world_size);
@@ -312,6 +314,7 @@ void World::check_host_tensor(const at::Tensor& t, const std::string& op) const 
 // the group (a c10d exception becomes a [dist] error) and wait.
 
 PendingOp World::launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, const char* name) {
+  RHINE_RANGE(std::string("rhine::") + name);
   PendingOp pending;
   if (!impl_) return pending;
   std::vector<at::Tensor> tensors{tensor};
@@ -329,6 +332,7 @@ PendingOp World::launch_all_reduce(bool host, at::Tensor& tensor, ReduceOp op, c
 }
 
 void World::run_broadcast(bool host, at::Tensor& tensor, int root, const char* name) {
+  RHINE_RANGE(std::string("rhine::") + name);
   RHINE_CHECK(root >= 0 && root < world_size_, kComponent, std::string(name) + " root out of range",
               root, "use a rank in [0, world_size)");
   if (!impl_) return;
@@ -345,6 +349,7 @@ void World::run_broadcast(bool host, at::Tensor& tensor, int root, const char* n
 }
 
 std::vector<at::Tensor> World::run_all_gather(bool host, const at::Tensor& tensor, const char* name) {
+  RHINE_RANGE(std::string("rhine::") + name);
   if (!impl_) return {tensor.clone()};
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < world_size_; ++r) out[0].push_back(at::empty_like(tensor));
@@ -360,6 +365,7 @@ std::vector<at::Tensor> World::run_all_gather(bool host, const at::Tensor& tenso
 }
 
 void World::barrier() {
+  RHINE_RANGE("rhine::barrier");
   if (!impl_) return;
   c10::intrusive_ptr<c10d::Work> work;
   try {
@@ -388,6 +394,7 @@ std::vector<at::Tensor> World::all_gather(const at::Tensor& tensor) {
 }
 
 PendingOp World::all_gather_into_tensor_async(at::Tensor& out, const at::Tensor& input) {
+  RHINE_RANGE("rhine::all_gather_into_tensor");
   check_device_tensor(out, "all_gather_into_tensor");
   check_device_tensor(input, "all_gather_into_tensor");
   RHINE_CHECK(out.numel() == input.numel() * world_size_ && out.scalar_type() == input.scalar_type(),
@@ -435,6 +442,7 @@ void World::all_gather_into_tensor(at::Tensor& out, const at::Tensor& input) {
 }
 
 void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, ReduceOp op) {
+  RHINE_RANGE("rhine::reduce_scatter_tensor");
   check_device_tensor(out, "reduce_scatter_tensor");
   check_device_tensor(input, "reduce_scatter_tensor");
   RHINE_CHECK(input.numel() == out.numel() * world_size_ && out.scalar_type() == input.scalar_type(),
@@ -470,6 +478,7 @@ void World::reduce_scatter_tensor(at::Tensor& out, const at::Tensor& input, Redu
 
 void World::all_to_all_single(at::Tensor& out, const at::Tensor& input, const std::vector<std::int64_t>& out_splits,
                               const std::vector<std::int64_t>& in_splits) {
+  RHINE_RANGE("rhine::all_to_all_single");
   check_device_tensor(out, "all_to_all_single");
   check_device_tensor(input, "all_to_all_single");
   auto sum = [](const std::vector<std::int64_t>& v) { return std::accumulate(v.begin(), v.end(), std::int64_t{0}); };

@@ -15,6 +15,7 @@
 #include "rhine/nn/fused.h"
 #include "rhine/nn/mtp.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/profile.h"
 #include "rhine/torch/sync.h"
 #include "build.h"
 
@@ -460,8 +461,13 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   std::vector<at::Tensor> counts, aux_losses;
   std::vector<at::Tensor> mtp_counts(model->mtp.size());  // (undefined: the MTP module did not run)
 
-  at::Tensor h = model->embed_tokens(ids);  // [B, T, C]
+  at::Tensor h;
+  {
+    RHINE_RANGE("rhine::embed");
+    h = model->embed_tokens(ids);  // [B, T, C]
+  }
   for (std::size_t i = 0; i < model->blocks.size(); ++i) {
+    RHINE_RANGE("rhine::block." + std::to_string(i));
     DecoderLayer block = model->blocks[i];
     BlockOutput stats;
     auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
@@ -489,7 +495,10 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   const at::Tensor h_main = h;  // [B, T, C] post-norm: the input of MTP depth 1
   if (o.last_logits_only) h = h.narrow(1, T - 1, 1);
   ForwardOutput out;
-  out.logits = lm_head ? linear(lm_head, h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
+  {
+    RHINE_RANGE("rhine::lm_head");
+    out.logits = lm_head ? linear(lm_head, h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
+  }
 
   if (cache) {
     cache->key_valid = key_valid;
@@ -510,7 +519,10 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
       return options.fused_kernels ? fused_lm_loss(logits, targets, o.ignore_index, z)
                                    : lm_loss(logits, targets, o.ignore_index, z);
     };
-    auto [ce, z, n] = loss_fn(out.logits.reshape({B * T, -1}), labels.reshape({B * T}), o.z_loss);
+    auto [ce, z, n] = [&] {
+      RHINE_RANGE("rhine::loss");
+      return loss_fn(out.logits.reshape({B * T, -1}), labels.reshape({B * T}), o.z_loss);
+    }();
     out.loss = ce + z;
     out.stats.ce_loss = ce.detach();
     out.stats.z_loss = z.detach();
@@ -523,6 +535,7 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
       const at::Tensor documents = o.document_mask ? (pos == 0).to(at::kLong).cumsum(1) : at::Tensor();
       at::Tensor hk = h_main, total;
       for (std::size_t k = 1; k <= model->mtp.size(); ++k) {
+        RHINE_RANGE("rhine::mtp." + std::to_string(k));
         BlockOutput stats;
         auto run = [&](const std::vector<at::Tensor>& x) -> std::vector<at::Tensor> {
           auto [block, logits] = model->mtp[k - 1]->forward(x[0], mtp_inputs(ids, k), model->embed_tokens->weight,

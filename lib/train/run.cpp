@@ -108,6 +108,7 @@ void RunOptions::read(JsonFields& f, const std::string& component) {
   zero1 = f.get("zero1", zero1);
   if (const Json* o = f.raw("optimizer")) optimizer = OptimizerChoice::from_json(*o, component);
   if (const Json* s = f.raw("skip_guard")) skip_guard = SkipGuardOptions::from_json(*s, component + " skip_guard");
+  if (const Json* p = f.raw("profile")) profile = ProfileOptions::from_json(*p, component + " profile");
   if (const Json* p = f.raw("parallel")) {
     JsonFields pf(*p, component + " parallel");
     parallel.fsdp = pf.get("fsdp", parallel.fsdp);
@@ -157,6 +158,7 @@ TrainerOptions RunOptions::trainer_options() const {
   to.moe_seq_aux_alpha = moe_seq_aux_alpha;
   to.mtp_lambda = mtp_lambda;
   to.skip = skip_guard;
+  to.profile = profile;
   return to;
 }
 

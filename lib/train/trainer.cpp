@@ -108,6 +108,9 @@ void TrainerOptions::validate() const {
   RHINE_CHECK(router_bias_update_rate >= 0, kComponent, "router_bias_update_rate must be >= 0",
               router_bias_update_rate, "0 turns the update off");
   skip.validate();
+  RHINE_CHECK(!profile.enabled() || (profile.start >= 1 && !out_dir.empty()), kComponent,
+              "profile needs out_dir and start >= 1", profile.to_json().dump(),
+              "the trace goes to out_dir/profile/");
 }
 
 // --- model state -------------------------------------------------------------
@@ -312,6 +315,7 @@ OptimizerState Trainer::gather_optimizer_state() {
 // --- checkpoints -------------------------------------------------------------
 
 fs::path Trainer::save_checkpoint() {
+  RHINE_RANGE("rhine::checkpoint");
   RHINE_CHECK(files_->ckpt != nullptr, kComponent, "cannot checkpoint without a run directory", o_.out_dir,
               "set TrainerOptions::out_dir");
   if (fsdp_ != nullptr) return save_sharded_checkpoint();
@@ -489,6 +493,7 @@ void Trainer::load_checkpoint(const fs::path& dir) {
 // --- one optimizer step ------------------------------------------------------
 
 StepMetrics Trainer::train_step() {
+  RHINE_RANGE("rhine::step");
   const auto t0 = Clock::now();
   const auto device = model_->output_weight().device();
   const auto& langs = loader_.languages();
@@ -539,6 +544,7 @@ StepMetrics Trainer::train_step() {
     fo.moe_expert_aux_alpha = o_.moe_expert_aux_alpha;
     nn::ForwardOutput out;
     {
+      RHINE_RANGE("rhine::forward");
       AutocastGuard autocast(device.type(), at::kBFloat16, o_.bf16);
       out = model_->forward(b.input_ids.to(device), fo);
     }
@@ -546,27 +552,39 @@ StepMetrics Trainer::train_step() {
     // all micro-batches of all ranks. GradientSync averages over ranks, hence
     // the factor world_size.
     const at::Tensor w = out.stats.n_tokens.to(at::kDouble) * (counted > 0 ? 1.0 / counted : 0.0);  // device
-    (out.loss * (w * world_size()).to(out.loss.scalar_type())).backward();
+    {
+      RHINE_RANGE("rhine::backward");
+      (out.loss * (w * world_size()).to(out.loss.scalar_type())).backward();
+    }
     step_losses = step_losses + at::stack({out.loss.detach(), out.stats.ce_loss, out.stats.aux_loss,
                                            out.stats.mtp_loss}).to(at::kDouble) * w;
     if (out.expert_counts.defined())
       expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts : out.expert_counts;
   }
-  if (sync_ != nullptr) sync_->finish();
-  if (fsdp_ != nullptr) fsdp_->finish();
+  {
+    RHINE_RANGE("rhine::grad_sync");
+    if (sync_ != nullptr) sync_->finish();
+    if (fsdp_ != nullptr) fsdp_->finish();
+  }
 
   at::Tensor norm;  // on the device (FSDP reduces its shards' norms itself)
-  if (fsdp_ != nullptr) {  // the global norm over every rank's shards
-    m.grad_norm = o_.grad_clip > 0 ? fsdp_->clip_grad_norm(o_.grad_clip) : fsdp_->grad_norm();
-  } else {
-    const auto params = trained_parameters();
-    norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+  {
+    RHINE_RANGE("rhine::clip");
+    if (fsdp_ != nullptr) {  // the global norm over every rank's shards
+      m.grad_norm = o_.grad_clip > 0 ? fsdp_->clip_grad_norm(o_.grad_clip) : fsdp_->grad_norm();
+    } else {
+      const auto params = trained_parameters();
+      norm = o_.grad_clip > 0 ? clip_grad_norm(params, o_.grad_clip) : grad_norm(params);
+    }
   }
   // The step's one host read: losses, the gradient norm and the expert counts together.
   std::vector<at::Tensor> parts = {step_losses};
   if (norm.defined()) parts.push_back(norm.reshape({1}).to(device, at::kDouble));
   if (expert_counts.defined()) parts.push_back(expert_counts.reshape({-1}).to(at::kDouble));
-  const at::Tensor host = to_host(at::cat(parts)).contiguous();
+  const at::Tensor host = [&] {
+    RHINE_RANGE("rhine::host_read");
+    return to_host(at::cat(parts)).contiguous();
+  }();
   const double* hp = host.data_ptr<double>();
   std::vector<double> losses(hp, hp + 4);
   if (norm.defined()) m.grad_norm = hp[4];
@@ -586,6 +604,7 @@ StepMetrics Trainer::train_step() {
   const auto decision = guard_.check(m.loss, m.grad_norm);
   m.lr = schedule_(step_);
   if (decision.accept) {
+    RHINE_RANGE("rhine::optimizer");
     optimizer_step(m.lr);
     if (expert_counts.defined() && o_.router_bias_update_rate > 0)
       model_->update_router_bias(expert_counts.to(at::kLong), o_.router_bias_update_rate);
@@ -725,6 +744,8 @@ TrainResult Trainer::fit() {
   if (heldout_ && o_.eval_at_start && step_ == 0) result.first_eval = run_eval();
 
   const std::int64_t first_step = step_;
+  std::unique_ptr<Profiler> profiler;
+  const std::int64_t profile_end = o_.profile.start + o_.profile.steps - 1;  // last traced step
   while (step_ < o_.max_steps) {
     std::vector<double> stop = {g_signal != 0 ? 1.0 : 0.0};
     sum_over_ranks(stop);  // a signal on any rank stops all of them at the same step
@@ -732,9 +753,20 @@ TrainResult Trainer::fit() {
       result.interrupted = true;
       break;
     }
+    if (o_.profile.enabled() && !profiler && step_ + 1 >= o_.profile.start && step_ + 1 <= profile_end) {
+      const auto path = fs::path(o_.out_dir) / "profile" / fmt::format("trace.rank{}.json", world_ ? world_->rank() : 0);
+      if (is_main())
+        spdlog::info("[trainer] tracing steps {}-{} ({} profiler)", step_ + 1, profile_end, Profiler::backend());
+      profiler = std::make_unique<Profiler>(path.string());
+    }
     const auto t_step = Clock::now();
     auto m = train_step();
     step_seconds_ += seconds_since(t_step);
+    if (profiler && step_ >= profile_end) {
+      const auto path = profiler->finish();
+      profiler.reset();
+      if (is_main()) spdlog::info("[trainer] wrote the trace to {} (open it in https://ui.perfetto.dev)", path);
+    }
     ++steps_this_run_;
     m.elapsed_seconds = elapsed_before_ + seconds_since(t_start);
     result.tokens += m.tokens;

@@ -383,6 +383,38 @@ TEST_CASE("trainer: a step reads the device once (losses, norm and expert counts
   }
 }
 
+TEST_CASE("trainer: \"profile\" writes a Chrome trace of exactly the asked steps with Rhine's ranges", "[trainer]") {
+  rhine::test::TempDir tmp("trainer-profile");
+  rhine::test::write_tiny_shards(tmp.path / "shards");
+  rhine::test::TinyRun run(tmp.path / "shards", 4);
+  auto o = quiet_options(4);
+  o.out_dir = (tmp.path / "run").string();
+  o.profile = rhine::ProfileOptions::from_json(rhine::Json::parse(R"({"start": 2, "steps": 2})"), "test");
+  Trainer t(run.model, *run.optimizer, run.schedule, *run.loader, o);
+  t.fit();
+  const auto path = tmp.path / "run" / "profile" / "trace.rank0.json";
+  REQUIRE(std::filesystem::exists(path));
+  std::ifstream in(path);
+  const auto trace = rhine::Json::parse(in);
+  std::map<std::string, int> names;
+  // Kineto writes {"traceEvents": [...]}, the legacy profiler the bare array (both Chrome trace formats).
+  for (const auto& e : trace.is_array() ? trace : trace.at("traceEvents"))
+    if (e.contains("name") && e.value("ph", std::string()) != "M") ++names[e.at("name").get<std::string>()];
+  INFO(rhine::Json(names).dump());
+  CHECK(names["rhine::step"] == 2);  // steps 2 and 3, not 1 or 4
+  CHECK(names["rhine::optimizer"] == 2);
+  for (const char* range : {"rhine::forward", "rhine::backward", "rhine::grad_sync", "rhine::clip", "rhine::host_read",
+                            "rhine::embed", "rhine::block.0", "rhine::block.1", "rhine::lm_head", "rhine::loss"})
+    CHECK(names[range] == 2);
+  CHECK(names["aten::mm"] + names["aten::addmm"] + names["aten::matmul"] > 0);  // LibTorch's own ops
+  CHECK_THROWS_WITH(rhine::ProfileOptions::from_json(rhine::Json::parse(R"({"start": 0, "steps": 2})"), "run profile"),
+                    Catch::Contains("[run profile] profile needs start >= 1 and steps >= 1"));
+  CHECK_THROWS_WITH(rhine::ProfileOptions::from_json(rhine::Json::parse(R"({"step": 3})"), "run profile"),
+                    Catch::Contains("[run profile]"));
+  o.out_dir.clear();
+  CHECK_THROWS_WITH(o.validate(), Catch::Contains("[trainer] profile needs out_dir"));
+}
+
 TEST_CASE("trainer: a NaN batch is skipped and counted, repeated NaNs stop with an intact checkpoint",
           "[trainer]") {
   rhine::test::TempDir tmp("trainer-nan");

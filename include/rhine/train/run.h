@@ -138,6 +138,9 @@ struct RunOptions {
   } parallel;
   /// Intra-op threads (0: LibTorch's default).
   int threads = 0;
+  /// The "profile" block: {"start": N, "steps": K} traces steps N..N+K-1 into
+  /// out_dir/profile/ (TrainerOptions::profile).
+  ProfileOptions profile;
 
   /// Reads the keys above that `f` holds, checks them, and marks them read
   /// (the caller reads its own keys and then calls f.reject_unknown()).

@@ -57,6 +57,7 @@
 #include "rhine/optim/optimizer.h"
 #include "rhine/optim/schedule.h"
 #include "rhine/optim/skip_guard.h"
+#include "rhine/torch/profile.h"
 #include "rhine/train/evaluate.h"
 
 namespace rhine::io {
@@ -136,6 +137,11 @@ struct TrainerOptions {
   double moe_expert_aux_alpha = 0.0;
   /// Multi-token prediction loss weight lambda (models with MTP layers).
   double mtp_lambda = 0.3;
+
+  /// Trace steps start .. start + steps - 1 with LibTorch's profiler into
+  /// out_dir/profile/trace.rank<r>.json (a Chrome trace with Rhine's ranges,
+  /// rhine/torch/profile.h); needs out_dir. steps 0: off.
+  ProfileOptions profile;
 
   void validate() const;
 };

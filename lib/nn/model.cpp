@@ -376,6 +376,22 @@ at::Tensor build_attention_mask(std::int64_t T, std::int64_t S, const at::Tensor
   return allowed.unsqueeze(1);  // [B, 1, T, S]
 }
 
+std::vector<std::vector<std::int64_t>> document_starts_of(const at::Tensor& position_ids) {
+  RHINE_CHECK(position_ids.dim() == 2 && position_ids.device().is_cpu(), "causal_lm",
+              "document starts come from host position ids [B, T]", position_ids.sizes().vec(), "");
+  const at::Tensor p = position_ids.to(at::kLong).contiguous();
+  const auto B = p.size(0), T = p.size(1);
+  const auto* d = p.data_ptr<std::int64_t>();
+  std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) {
+    auto& row = out[static_cast<std::size_t>(b)];
+    row.push_back(0);  // tokens before the first position 0 form a document too
+    for (std::int64_t t = 1; t < T; ++t)
+      if (d[b * T + t] == 0) row.push_back(t);
+  }
+  return out;
+}
+
 ForwardOutput CausalLMImpl::forward(const at::Tensor& ids, const ForwardOptions& o) {
   if (!hooks_) return forward_impl(ids, o);
   hooks_->forward_begin();
@@ -443,7 +459,18 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
                                                     ? !cpu_value<bool>(o.attention_mask->to(at::kBool).all())
                                                     : true);
   const bool padded = new_padding || (cache != nullptr && past > 0 && cache->padded);
-  if (windowed || padded || o.document_mask) {
+  // Packed documents whose starts are known on the host run per document, without a mask.
+  std::vector<std::vector<std::int64_t>> starts;
+  if (o.document_mask && !windowed && !padded && cache == nullptr) {
+    if (!o.document_starts.empty())
+      starts = o.document_starts;
+    else if (pos.device().is_cpu())
+      starts = document_starts_of(pos);
+  }
+  if (!starts.empty()) {
+    in.attention.is_causal = true;
+    in.attention.document_starts = std::move(starts);
+  } else if (windowed || padded || o.document_mask) {
     std::optional<at::Tensor> docs;
     if (o.document_mask) docs = (pos == 0).to(at::kLong).cumsum(1);  // [B, T] document index
     std::optional<std::int64_t> window;

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
 #include <limits>
@@ -53,8 +55,50 @@ at::Tensor causal_mask(int64_t T, int64_t S, const c10::Device& device) {
   return at::ones({T, S}, at::TensorOptions().dtype(at::kBool).device(device)).tril(S - T);
 }
 
+namespace {
+
+void check_document_starts(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& o) {
+  const int64_t B = q.size(0), T = q.size(2);
+  RHINE_CHECK(o.is_causal && !o.mask && k.size(2) == T, "attention",
+              "document_starts need is_causal, no mask and as many keys as queries",
+              fmt::format("is_causal {}, mask {}, T {}, S {}", o.is_causal, o.mask.has_value(), T, k.size(2)),
+              "build a mask (nn::build_attention_mask) for caches, padding or windows");
+  RHINE_CHECK(static_cast<int64_t>(o.document_starts.size()) == B, "attention",
+              "document_starts needs one list per batch row", o.document_starts.size(), fmt::format("B is {}", B));
+  for (const auto& row : o.document_starts) {
+    bool ok = !row.empty() && row.front() == 0;
+    for (std::size_t i = 1; ok && i < row.size(); ++i) ok = row[i] > row[i - 1] && row[i] < T;
+    RHINE_CHECK(ok, "attention", "document starts must ascend from 0 and stay below T", row,
+                fmt::format("T is {}", T));
+  }
+}
+
+}  // namespace
+
+at::Tensor document_mask(const std::vector<std::vector<int64_t>>& document_starts, int64_t T,
+                         const c10::Device& device) {
+  const auto B = static_cast<int64_t>(document_starts.size());
+  at::Tensor doc = at::zeros({B, T}, at::kLong);  // document index of each token
+  auto* d = doc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (std::size_t i = 1; i < document_starts[b].size(); ++i)
+      for (int64_t t = document_starts[b][i]; t < T; ++t) d[b * T + t] = static_cast<int64_t>(i);
+  doc = doc.to(device);
+  at::Tensor same = doc.unsqueeze(2) == doc.unsqueeze(1);  // [B, T, T]
+  return same.logical_and(causal_mask(T, T, device)).unsqueeze(1);
+}
+
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionOptions& options) {
+  if (!options.document_starts.empty()) {  // the dense twin of the per-document path
+    check_attention_shapes(q, k, v);
+    check_document_starts(q, k, options);
+    AttentionOptions dense = options;
+    dense.document_starts.clear();
+    dense.is_causal = false;
+    dense.mask = document_mask(options.document_starts, q.size(2), q.device());
+    return attention_reference(q, k, v, dense);
+  }
   const int64_t groups = check_attention_shapes(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), Hkv = k.size(1);
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
@@ -119,6 +163,25 @@ std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& options) {
+  if (!options.document_starts.empty()) {
+    check_attention_shapes(q, k, v);
+    check_document_starts(q, k, options);
+    AttentionOptions one = options;  // causal inside one document
+    one.document_starts.clear();
+    const int64_t B = q.size(0), T = q.size(2);
+    std::vector<at::Tensor> rows;
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& starts = options.document_starts[static_cast<std::size_t>(b)];
+      const at::Tensor qb = q.narrow(0, b, 1), kb = k.narrow(0, b, 1), vb = v.narrow(0, b, 1);
+      std::vector<at::Tensor> docs;
+      for (std::size_t i = 0; i < starts.size(); ++i) {
+        const int64_t s = starts[i], n = (i + 1 < starts.size() ? starts[i + 1] : T) - s;
+        docs.push_back(attention(qb.narrow(2, s, n), kb.narrow(2, s, n), vb.narrow(2, s, n), one));
+      }
+      rows.push_back(docs.size() == 1 ? docs[0] : at::cat(docs, 2));
+    }
+    return B == 1 ? rows[0] : at::cat(rows, 0);
+  }
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 1)
   const int64_t groups = check_attention_shapes(q, k, v);
   const SdpaArgs a = sdpa_args(q, k, options);

@@ -538,6 +538,7 @@ StepMetrics Trainer::train_step() {
     fo.labels = b.labels.to(device);
     fo.position_ids = b.position_ids.to(device);
     fo.document_mask = o_.document_mask;
+    if (o_.document_mask) fo.document_starts = nn::document_starts_of(b.position_ids);  // on the host
     fo.z_loss = o_.z_loss;
     fo.mtp_lambda = o_.mtp_lambda;
     fo.moe_seq_aux_alpha = o_.moe_seq_aux_alpha;

@@ -65,6 +65,11 @@ TEST_CASE("packed documents: restarted position ids and document masks", "[nn][m
   // Equivalently: each document run on its own.
   auto a = lm->forward(ids.narrow(1, 0, 3)).logits, b = lm->forward(ids.narrow(1, 3, 4)).logits;
   CHECK(rel_err(packed, at::cat({a, b}, 1)) < 1e-12);
+  // Host position ids run attention per document; the starts can also be given
+  // (the Trainer's way, for position ids on a device).
+  CHECK(document_starts_of(*o.position_ids) == std::vector<std::vector<std::int64_t>>{{0, 3}});
+  o.document_starts = {{0, 3}};
+  CHECK(rel_err(lm->forward(ids, o).logits, packed) < 1e-12);
 }
 
 TEST_CASE("parameters carry the Hugging Face names and counts match the closed form", "[nn][model]") {

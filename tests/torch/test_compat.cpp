@@ -156,6 +156,48 @@ TEST_CASE("attention rejects bad shapes with clear errors", "[compat][attention]
   CHECK_THROWS_WITH(rhine::attention(at::randn({1, 2, 4, 6}), k, v), Contains("q and k head dims differ"));
 }
 
+TEST_CASE("attention per document (document_starts) equals the dense document mask and the loop oracle",
+          "[compat][attention]") {
+  at::manual_seed(4);
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 3, H = 4, Hkv = 2, T = 11, D = 8;
+  const std::vector<std::vector<int64_t>> starts = {{0, 4, 5, 9}, {0}, {0, 1, 10}};
+  auto q = at::randn({B, H, T, D}, opts).requires_grad_(true);
+  auto k = at::randn({B, Hkv, T, D}, opts).requires_grad_(true);
+  auto v = at::randn({B, Hkv, T, 6}, opts).requires_grad_(true);
+  rhine::AttentionOptions per_doc;
+  per_doc.is_causal = true;
+  per_doc.document_starts = starts;
+  rhine::AttentionOptions dense;
+  dense.mask = rhine::document_mask(starts, T, at::kCPU);
+  CHECK(dense.mask->sizes().vec() == std::vector<int64_t>{B, 1, T, T});
+  // Row 0: token 4 is a document of its own; token 6 sees 5..6 only.
+  CHECK(dense.mask->index({0, 0, 4}).sum().item<int64_t>() == 1);
+  CHECK(dense.mask->index({0, 0, 6}).sum().item<int64_t>() == 2);
+
+  auto out = rhine::attention(q, k, v, per_doc);
+  const at::Tensor mask = *dense.mask;
+  CHECK(rel_err(out, attention_loops(q, k, v, false, 1.0 / std::sqrt(double(D)), &mask)) < 1e-12);
+  CHECK(rel_err(out, rhine::attention_reference(q, k, v, per_doc)) < 1e-12);  // the twin applies the mask
+  auto w = at::randn(out.sizes(), opts);
+  auto grads = [&](const rhine::AttentionOptions& o) {
+    for (auto* t : {&q, &k, &v}) t->mutable_grad() = at::Tensor();
+    (rhine::attention(q, k, v, o) * w).sum().backward();
+    return std::vector<at::Tensor>{q.grad().clone(), k.grad().clone(), v.grad().clone()};
+  };
+  const auto g1 = grads(per_doc), g2 = grads(dense);
+  for (std::size_t i = 0; i < g1.size(); ++i) CHECK(rel_err(g1[i], g2[i]) < 1e-12);
+
+  rhine::AttentionOptions bad = per_doc;
+  bad.document_starts = {{0, 4}, {1}, {0}};
+  CHECK_THROWS_WITH(rhine::attention(q, k, v, bad), Contains("[attention] document starts must ascend from 0"));
+  bad.document_starts = {{0, 4}};
+  CHECK_THROWS_WITH(rhine::attention(q, k, v, bad), Contains("one list per batch row"));
+  bad = per_doc;
+  bad.is_causal = false;
+  CHECK_THROWS_WITH(rhine::attention(q, k, v, bad), Contains("need is_causal, no mask"));
+}
+
 TEST_CASE("causal_mask is bottom-right aligned", "[compat]") {
   auto m = rhine::causal_mask(2, 4, at::kCPU);
   auto expected = at::tensor({1, 1, 1, 0, 1, 1, 1, 1}).to(at::kBool).view({2, 4});

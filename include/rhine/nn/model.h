@@ -117,7 +117,16 @@ struct ForwardOptions {
   std::optional<at::Tensor> attention_mask;
   /// Packed sequences: a token attends only to earlier tokens of its own
   /// document, where a document starts wherever position_ids is 0.
+  /// Attention then runs once per document with no [B, 1, T, T] mask
+  /// (AttentionOptions::document_starts) when the starts are known on the
+  /// host: from `document_starts`, or from position_ids on the CPU. Otherwise
+  /// (position ids on a device and no starts), and with padding, a sliding
+  /// window shorter than T or a KV cache, the dense mask is built.
   bool document_mask = false;
+  /// With document_mask: where each row's documents start (token offsets,
+  /// ascending, the first 0), as the Trainer computes them from the batch
+  /// before it moves to the device. Empty: derived as above.
+  std::vector<std::vector<std::int64_t>> document_starts;
   /// Next-token targets aligned with the inputs ([B, T] int64, already shifted
   /// by the data loader); `ignore_index` entries carry no loss.
   std::optional<at::Tensor> labels;
@@ -316,6 +325,10 @@ std::int64_t parameter_count(const ModelConfig& config, bool include_embeddings 
 /// router, K routed experts and the shared experts; MTP modules excluded.
 /// Dense models: parameter_count without MTP.
 std::int64_t active_parameter_count(const ModelConfig& config, bool include_embeddings = true);
+
+/// Where each row's documents start, from host position ids [B, T]: offset 0
+/// and every t > 0 with position 0 (the documents of ForwardOptions::document_mask).
+std::vector<std::vector<std::int64_t>> document_starts_of(const at::Tensor& position_ids);
 
 /// The bool attention mask [B, 1, T, S] for T new tokens after S - T cached
 /// ones: causal (bottom-right), `key_valid` [B, S] padding, optional sliding

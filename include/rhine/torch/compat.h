@@ -22,6 +22,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 /// True when the LibTorch being compiled against is at least major.minor.
 #define RHINE_TORCH_VERSION_AT_LEAST(major, minor) \
@@ -48,12 +49,25 @@ struct AttentionOptions {
   std::optional<double> scale;
   /// Dropout on the attention probabilities (training only).
   double dropout_p = 0.0;
+  /// Packed documents without a mask: for each batch row, the token offsets
+  /// where its documents start (ascending, the first 0), on the host. Each
+  /// document attends causally to itself only, through one call of the fused
+  /// kernel per document, and no [B, 1, T, S] mask is built (O(sum L_i^2)
+  /// work instead of O(T^2)). Needs is_causal, no mask and T == S. Empty: off.
+  std::vector<std::vector<int64_t>> document_starts;
 };
+
+/// The bool mask [B, 1, T, T] that `document_starts` stands for (causal inside
+/// each document): the dense twin of the per-document path.
+at::Tensor document_mask(const std::vector<std::vector<int64_t>>& document_starts, int64_t T,
+                         const c10::Device& device);
 
 /// Scaled dot-product attention.
 ///   q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, T, Dv]
 /// with H a multiple of Hkv (MHA, GQA, MQA). A query row that sees no key at
-/// all (fully masked) yields NaN; mask such rows out of the loss.
+/// all (fully masked) yields NaN; mask such rows out of the loss. With
+/// `document_starts`, runs once per document (then `attention_reference`,
+/// the twin, applies `document_mask`).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& options = {});
 

@@ -1,7 +1,10 @@
 // Attention throughput through rhine::attention (fused kernels on LibTorch 2.x,
-// the math path on 1.13), fp32 and bf16 autocast, causal, GQA 4:1.
+// the math path on 1.13), fp32 and bf16 autocast, causal, GQA 4:1; and packed
+// documents per document vs through the dense document mask.
 // Prints JSON Lines (see bench.h).
 #include <ATen/ATen.h>
+
+#include <vector>
 
 #include "bench.h"
 #include "rhine/torch/compat.h"
@@ -28,6 +31,39 @@ int main() {
                                  {"dtype", bf16 ? "bf16" : "fp32"}, {"threads", info.threads},
                                  {"torch", info.torch_version}},
                                 s, flops / 1e9, "GFLOP/s");
+    }
+  }
+  // Packed documents: one call per document (AttentionOptions::document_starts)
+  // against the dense [B, 1, T, T] document mask it replaces, forward + backward,
+  // bf16, rows of T = 1024 tokens cut into documents of about `mean` tokens.
+  for (int64_t mean : {64, 256}) {
+    const int64_t B = 4, H = 8, Hkv = 2, D = 64, T = 1024;
+    std::vector<std::vector<int64_t>> starts(B);
+    at::manual_seed(3);
+    for (int64_t b = 0; b < B; ++b) {  // lengths uniform in [mean / 2, 3 mean / 2)
+      for (int64_t t = 0; t < T; t += mean / 2 + at::randint(0, mean, {1}, at::kLong).item<int64_t>())
+        starts[b].push_back(t);
+    }
+    const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+    auto q = at::randn({B, H, T, D}, opts).requires_grad_(true);
+    auto k = at::randn({B, Hkv, T, D}, opts).requires_grad_(true);
+    auto v = at::randn({B, Hkv, T, D}, opts).requires_grad_(true);
+    rhine::AttentionOptions per_doc;
+    per_doc.is_causal = true;
+    per_doc.document_starts = starts;
+    rhine::AttentionOptions dense;
+    dense.mask = rhine::document_mask(starts, T, at::kCPU);
+    for (const bool segmented : {false, true}) {
+      const auto& o = segmented ? per_doc : dense;
+      auto s = rhine::bench::time_runs([&] {
+        rhine::attention(q, k, v, o).sum().backward();
+        for (auto* t : {&q, &k, &v}) t->mutable_grad() = at::Tensor();
+      }, 7, 1);
+      rhine::bench::report("attention_packed_documents",
+                           {{"B", B}, {"H", H}, {"Hkv", Hkv}, {"T", T}, {"D", D}, {"mean_doc", mean},
+                            {"path", segmented ? "per_document" : "dense_mask"}, {"dtype", "bf16"},
+                            {"threads", info.threads}, {"torch", info.torch_version}},
+                           s, "ms", 1e3);
     }
   }
   return 0;

@@ -152,7 +152,10 @@ int main(int argc, char** argv) try {
   // LoRA under bf16 autocast: the frozen base stays in its stored dtype (a bf16
   // checkpoint stays bf16: nothing updates it, and autocast computes in bf16
   // anyway); the adapters are float32. Full fine-tuning keeps fp32 master weights.
-  if (cfg.lora && run.bf16 && run.parallel.zero < 2) io.dtype = std::nullopt;
+  // Without native bf16 the Trainer computes in fp32 (rhine::resolve_bf16), so
+  // the base is loaded in fp32 there.
+  const bool bf16 = rhine::resolve_bf16(run.bf16, run.bf16_emulated, rt.device, "rhine-finetune");
+  if (cfg.lora && bf16 && run.parallel.zero < 2) io.dtype = std::nullopt;
   // Under FSDP the import streams: the model is built without its weights
   // (LoRA adapters are added to it as they are), and after sharding each rank
   // reads only its rows of the base model's files, so no rank ever holds the

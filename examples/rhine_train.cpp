@@ -154,7 +154,7 @@ int main(int argc, char** argv) try {
   }
   printf_main("(%lld steps, %.0f s in this run, %.0f tokens/s, %s, %lld skipped steps)\n",
               static_cast<long long>(r.step), r.seconds, r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0,
-              run.bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
+              parts.trainer->options().bf16 ? "bf16 autocast" : "fp32", static_cast<long long>(r.skipped_steps));
 
   printf_main("\nSamples (prompt in [brackets], sampled with temperature 0.7, top-p 0.9)\n");
   rhine::DecodeOptions dec;

@@ -4,7 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
+#include <spdlog/spdlog.h>
+
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 
 #include "rhine/core/error.h"
 #include "rhine/core/threads.h"
@@ -53,6 +57,49 @@ c10::Device select_device(std::string_view spec) {
 
 void seed_everything(std::uint64_t seed) {
   at::manual_seed(seed);  // CPU and, when present, every CUDA generator
+}
+
+bool cpuinfo_has_bf16(std::string_view cpuinfo) {
+  // The flag lines ("flags" on x86, "Features" on Arm) list words separated by
+  // spaces; look for whole words only (avx512_bf16 must not match avx512_bf16x).
+  std::istringstream lines{std::string(cpuinfo)};
+  std::string line;
+  while (std::getline(lines, line)) {
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string key = line.substr(0, line.find_first_of(" \t:"));
+    if (key != "flags" && key != "Features") continue;
+    std::istringstream words(line.substr(colon + 1));
+    std::string w;
+    while (words >> w)
+      if (w == "avx512_bf16" || w == "amx_bf16" || w == "bf16") return true;
+  }
+  return false;
+}
+
+bool native_bf16(c10::Device device) {
+  if (device.is_cuda()) return true;
+  static const bool cpu = [] {
+    std::ifstream in("/proc/cpuinfo");  // Linux; elsewhere assume no native bf16
+    std::stringstream text;
+    text << in.rdbuf();
+    return cpuinfo_has_bf16(text.str());
+  }();
+  return cpu;
+}
+
+bool resolve_bf16(bool requested, bool emulated, c10::Device device, std::string_view component) {
+  if (!requested) return false;
+  if (emulated || native_bf16(device)) return true;
+  static bool warned = false;
+  if (!warned)
+    spdlog::warn("[{}] bf16 autocast requested, but this CPU has no native bf16 (no avx512_bf16, amx_bf16 or Arm "
+                 "bf16 in /proc/cpuinfo): its bf16 matmuls are emulated and far slower than fp32, so this run "
+                 "computes in fp32 (same master weights and checkpoints); \"bf16\": \"always\" in the run config "
+                 "(TrainerOptions::bf16_emulated) keeps bf16 anyway",
+                 component);
+  warned = true;
+  return false;
 }
 
 RuntimeInfo init_runtime(const RuntimeOptions& options) {

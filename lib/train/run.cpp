@@ -96,7 +96,15 @@ void RunOptions::read(JsonFields& f, const std::string& component) {
   keep_last = f.get("keep_last", keep_last);
   log_every = f.get("log_every", log_every);
   sample_tokens = f.get("sample_tokens", sample_tokens);
-  bf16 = f.get("bf16", bf16);
+  if (const Json* b = f.raw("bf16"); b && !b->is_null()) {
+    // true: bf16 autocast where the device computes bf16 natively (fp32 with
+    // a warning elsewhere); "always": also where the CPU only emulates it.
+    RHINE_CHECK(b->is_boolean() || (b->is_string() && b->get<std::string>() == "always"), component,
+                "\"bf16\" must be true, false or \"always\", got", b->dump(),
+                "true uses bf16 autocast where the hardware has bf16; \"always\" also on CPUs that emulate it");
+    bf16 = b->is_string() || b->get<bool>();
+    bf16_emulated = b->is_string();
+  }
   resume = f.get("resume", resume);
   fused_kernels = f.get("fused_kernels", fused_kernels);
   activation_checkpointing = f.get("activation_checkpointing", activation_checkpointing);
@@ -143,6 +151,7 @@ TrainerOptions RunOptions::trainer_options() const {
   to.grad_accum = static_cast<int>(grad_accum);
   to.grad_clip = grad_clip;
   to.bf16 = bf16;
+  to.bf16_emulated = bf16_emulated;
   to.out_dir = out_dir;
   to.resume = resume;
   to.eval_every = eval_every;

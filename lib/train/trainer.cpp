@@ -30,6 +30,7 @@
 #include "rhine/io/safetensors.h"
 #include "rhine/optim/clip.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/runtime.h"
 #include "rhine/torch/sync.h"
 #include "rhine/train/plot.h"
 
@@ -209,6 +210,7 @@ Trainer::Trainer(nn::CausalLM model, Optimizer* optimizer, dist::ShardedOptimize
       guard_(o_.skip),
       files_(std::make_unique<Files>()) {
   o_.validate();
+  o_.bf16 = resolve_bf16(o_.bf16, o_.bf16_emulated, model_->output_weight().device(), kComponent);
   if (!o_.out_dir.empty()) {
     std::error_code ec;
     fs::create_directories(o_.out_dir, ec);

@@ -64,3 +64,28 @@ TEST_CASE("host reads: to_host and host_value count, cpu_value refuses device te
   CHECK_THROWS_WITH(rhine::cpu_value<double>(meta),
                     Contains("[sync] cpu_value reads host tensors only"));
 }
+
+TEST_CASE("native bf16: read from the CPU's flags, whole words only; resolve_bf16 turns emulated bf16 down",
+          "[runtime]") {
+  const std::string amd_avx2 =
+      "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\n"
+      "flags\t\t: fpu sse2 avx avx2 fma\n";
+  const std::string sapphire = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n";
+  const std::string cooper = "flags\t\t: avx2 avx512f avx512_bf16\n";
+  const std::string grace = "processor\t: 0\nFeatures\t: fp asimd sve sve2 bf16 i8mm\n";
+  const std::string graviton2 = "processor\t: 0\nFeatures\t: fp asimd asimddp\n";
+  const std::string lookalike = "flags\t\t: avx512_bf16x bf16_more\nmodel name\t: bf16 avx512_bf16\n";
+  CHECK_FALSE(rhine::cpuinfo_has_bf16(amd_avx2));
+  CHECK(rhine::cpuinfo_has_bf16(sapphire));
+  CHECK(rhine::cpuinfo_has_bf16(cooper));
+  CHECK(rhine::cpuinfo_has_bf16(grace));
+  CHECK_FALSE(rhine::cpuinfo_has_bf16(graviton2));
+  CHECK_FALSE(rhine::cpuinfo_has_bf16(lookalike));  // not a flag line, not a whole word
+  CHECK_FALSE(rhine::cpuinfo_has_bf16(""));
+
+  const c10::Device cpu(c10::DeviceType::CPU);
+  CHECK_FALSE(rhine::resolve_bf16(false, true, cpu, "test"));
+  CHECK(rhine::resolve_bf16(true, true, cpu, "test"));
+  CHECK(rhine::resolve_bf16(true, false, cpu, "test") == rhine::native_bf16(cpu));
+  CHECK(rhine::native_bf16(c10::Device(c10::DeviceType::CUDA, 0)));
+}

@@ -149,7 +149,7 @@ echo "LoRA checkpoints hold only the adapters; another base is refused on resume
 #     adapters), the loss falls, and the merged export is bf16.
 "$build/tools/rhine-convert" dtype --model "$base" --out base-bf16 --to bf16 > /dev/null
 sft_config lora16 '{"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}' 0.02 |
-  sed -e "s|\"base_model\": \"$base\"|\"base_model\": \"base-bf16\"|" -e 's|"bf16": false|"bf16": true|' > lora16.json
+  sed -e "s|\"base_model\": \"$base\"|\"base_model\": \"base-bf16\"|" -e 's|"bf16": false|"bf16": "always"|' > lora16.json
 "$ft" lora16.json > lora16.txt 2>&1 || fail "rhine-finetune lora on bf16: $(tail -5 lora16.txt)"
 lower de lora16.txt
 /usr/bin/python3 - lora16-hf/model.safetensors <<'EOF' || fail "the LoRA export on a bf16 base is not bf16"

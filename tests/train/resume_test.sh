@@ -14,7 +14,7 @@ source "$(dirname "$0")/test_lib.sh"
 setup_run_test resume_test "$1" "$2"
 unset OMP_NUM_THREADS  # the config's "threads": 4 decides
 make_shards 600
-common='"threads": 4, "bf16": true, "fused_kernels": true, "seq_len": 64, "batch_size": 8, "steps": 20, "warmup": 3,
+common='"threads": 4, "bf16": "always", "fused_kernels": true, "seq_len": 64, "batch_size": 8, "steps": 20, "warmup": 3,
  "checkpoint_every": 4, "keep_last": 0, "eval_tokens": 1000, "sample_tokens": 2, "log_every": 1'
 
 # killed_and_resumed PROGRAM NAME: runs NAME.json uninterrupted (out_dir NAME) and, as NAME-k.json

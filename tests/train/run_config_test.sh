@@ -32,7 +32,7 @@ config() {
            "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
            "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
            "num_nextn_predict_layers": 1, "tie_word_embeddings": false},
- "optimizer": $2, "lr": $3, "weight_decay": 0.1, "threads": 2, "bf16": true,
+ "optimizer": $2, "lr": $3, "weight_decay": 0.1, "threads": 2, "bf16": "always",
  "seq_len": 64, "batch_size": 8, "steps": 40, "warmup": 4, "checkpoint_every": 20, "keep_last": 0,
  "eval_tokens": 2000, "sample_tokens": 2, "log_every": 10, "moe_seq_aux_alpha": 0.0001 ${4:-}}
 EOF
@@ -92,7 +92,7 @@ PY
 for v in 'dp|{"zero": 0}' 'fsdp|{"zero": 3}'; do
   IFS='|' read -r name par <<<"$v"
   config "muon-$name" '{"type": "muon", "ns_dtype": "fp32"}' 0.005 ", \"parallel\": $par"
-  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": true/"bf16": false/' "muon-$name.json"
+  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": "always"/"bf16": false/' "muon-$name.json"
   n_ranks 2 "muon-$name.json" "muon-$name.log"
 done
 grep -q "FSDP ZeRO-3 over 2 rank" muon-fsdp.log.0 || fail "FSDP was not used: $(head -5 muon-fsdp.log.0)"
@@ -122,7 +122,7 @@ echo "bad optimizer blocks fail with the key named"
 # 5. Activation checkpointing (float32, 8 steps, one process).
 for ck in false true; do
   config "ckpt-$ck" '{"type": "adamw"}' 0.005 ", \"activation_checkpointing\": $ck"
-  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": true/"bf16": false/' "ckpt-$ck.json"
+  sed -i 's/"steps": 40/"steps": 8/; s/"log_every": 10/"log_every": 1/; s/"bf16": "always"/"bf16": false/' "ckpt-$ck.json"
   "$train" "ckpt-$ck.json" > "ckpt-$ck.log" 2>&1 || fail "rhine-train ckpt-$ck: $(tail -5 "ckpt-$ck.log")"
 done
 grep -q "activation checkpointing" ckpt-true.log || fail "checkpointing was not used: $(head -5 ckpt-true.log)"

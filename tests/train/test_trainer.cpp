@@ -23,6 +23,7 @@
 #include "rhine/torch/runtime.h"
 #include "rhine/torch/sync.h"
 #include "rhine/train/plot.h"
+#include "rhine/train/run.h"
 #include "test_util.h"
 #include "tiny_config.h"
 #include "trainer_fixture.h"
@@ -592,6 +593,34 @@ TEST_CASE("trainer: bad options are clear errors", "[trainer]") {
   o.grad_accum = 1;
   o.grad_clip = -1;
   CHECK_THROWS_WITH(o.validate(), Catch::Contains("grad_clip"));
+}
+
+TEST_CASE("trainer: bf16 autocast only where the CPU computes bf16, unless bf16_emulated", "[trainer]") {
+  rhine::test::TempDir tmp("trainer-bf16");
+  rhine::test::write_tiny_shards(tmp.path);
+  rhine::test::TinyRun run(tmp.path, 4);
+  auto o = quiet_options(1);
+  o.bf16 = true;
+  const bool native = rhine::native_bf16(c10::Device(c10::DeviceType::CPU));
+  CHECK(Trainer(run.model, *run.optimizer, run.schedule, *run.loader, o).options().bf16 == native);
+  o.bf16_emulated = true;
+  CHECK(Trainer(run.model, *run.optimizer, run.schedule, *run.loader, o).options().bf16);
+  o.bf16 = false;
+  CHECK_FALSE(Trainer(run.model, *run.optimizer, run.schedule, *run.loader, o).options().bf16);
+
+  // The run config: true, false or "always"; anything else is a clear error.
+  auto parse = [](const std::string& text) {
+    const auto j = rhine::Json::parse(text);
+    rhine::JsonFields f(j, "run");
+    rhine::train::RunOptions r;
+    r.read(f, "run");
+    return r.trainer_options();
+  };
+  CHECK(parse(R"({"bf16": true})").bf16);
+  CHECK_FALSE(parse(R"({"bf16": true})").bf16_emulated);
+  CHECK(parse(R"({"bf16": "always"})").bf16_emulated);
+  CHECK_FALSE(parse(R"({"bf16": false})").bf16);
+  CHECK_THROWS_WITH(parse(R"({"bf16": "yes"})"), Catch::Contains("\"bf16\" must be true, false or \"always\""));
 }
 
 TEST_CASE("plot: metrics.jsonl becomes an SVG with a line per series", "[trainer]") {

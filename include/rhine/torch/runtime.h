@@ -49,4 +49,19 @@ c10::Device select_device(std::string_view spec = "auto");
 /// Seeds LibTorch's default CPU generator and every CUDA generator.
 void seed_everything(std::uint64_t seed);
 
+/// Whether `device` computes bf16 matmuls in hardware: every CUDA device, and
+/// CPUs whose flags name avx512_bf16 or amx_bf16 (x86) or bf16 (Arm, e.g.
+/// Grace). Other CPUs emulate bf16 through conversions: correct, but far
+/// slower than fp32 itself (about 170x for a 1024^3 matmul on an AVX2-only
+/// EPYC, LibTorch 1.13), so bf16 autocast there is a trap.
+bool native_bf16(c10::Device device);
+/// The same test on the text of /proc/cpuinfo (exposed for tests).
+bool cpuinfo_has_bf16(std::string_view cpuinfo);
+
+/// Whether a program should run bf16 autocast on `device`: `requested`, and
+/// either the device computes bf16 natively or `emulated` allows it anyway.
+/// When it turns a request down it logs one warning naming `component`, the
+/// reason and the override ("bf16": "always" in a run config).
+bool resolve_bf16(bool requested, bool emulated, c10::Device device, std::string_view component);
+
 }  // namespace rhine

@@ -106,6 +106,9 @@ struct RunOptions {
   std::int64_t eval_tokens = 20000, eval_every = 0, checkpoint_every = 0, keep_last = 2, log_every = 10;
   std::int64_t sample_tokens = 40;
   bool bf16 = true, resume = true, fused_kernels = true;
+  /// "bf16": "always": keep bf16 autocast on CPUs that only emulate bf16
+  /// (TrainerOptions::bf16_emulated); "bf16": true leaves such CPUs in fp32.
+  bool bf16_emulated = false;
   /// Recompute each block in backward (nn::CausalLMOptions::activation_checkpointing):
   /// the program building the model applies it.
   bool activation_checkpointing = false;

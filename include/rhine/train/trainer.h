@@ -80,8 +80,14 @@ struct TrainerOptions {
   int grad_accum = 1;
   /// Global gradient-norm clip; 0 disables clipping (the norm is still logged).
   double grad_clip = 1.0;
-  /// bf16 autocast for forward (CPU and CUDA); parameters and optimizer stay fp32.
+  /// bf16 autocast for forward (CPU and CUDA); parameters and optimizer stay
+  /// fp32. On a CPU without native bf16 (rhine::native_bf16) the Trainer runs
+  /// fp32 instead and warns once, unless bf16_emulated; options() tells
+  /// which precision it chose.
   bool bf16 = true;
+  /// Keep bf16 autocast even where the CPU only emulates bf16 (correct, but
+  /// its matmuls are far slower than fp32); tests use it to cover the bf16 path.
+  bool bf16_emulated = false;
   /// z-loss weight (PaLM), passed to the model.
   double z_loss = 0.0;
   /// Per-document attention inside packed rows (uses Batch::position_ids).

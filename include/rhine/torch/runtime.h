@@ -52,8 +52,8 @@ void seed_everything(std::uint64_t seed);
 /// Whether `device` computes bf16 matmuls in hardware: every CUDA device, and
 /// CPUs whose flags name avx512_bf16 or amx_bf16 (x86) or bf16 (Arm, e.g.
 /// Grace). Other CPUs emulate bf16 through conversions: correct, but far
-/// slower than fp32 itself (about 170x for a 1024^3 matmul on an AVX2-only
-/// EPYC, LibTorch 1.13), so bf16 autocast there is a trap.
+/// slower than fp32 itself (26x for a 1024^3 matmul under autocast on a
+/// 2-core AVX2 EPYC, LibTorch 1.13: rhine-info), so bf16 autocast there is a trap.
 bool native_bf16(c10::Device device);
 /// The same test on the text of /proc/cpuinfo (exposed for tests).
 bool cpuinfo_has_bf16(std::string_view cpuinfo);

@@ -284,6 +284,7 @@ int main(int argc, char** argv) try {
     g.repetition_penalty = 1.1;
     if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
     if (auto end = tok.token_to_id("<|im_end|>"); end >= 0) g.stop_tokens.push_back(end);
+    g.vocab_limit = tok.vocab_size();  // a padded vocabulary's extra rows are not text
     auto res = rhine::nn::generate(lm, {prompt}, g);
     std::string p = tok.decode(ids32(prompt), dec), text = tok.decode(ids32(res.tokens[0]), dec);
     for (auto* s : {&p, &text})

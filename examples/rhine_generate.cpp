@@ -25,7 +25,6 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -136,6 +135,7 @@ int main(int argc, char** argv) try {
               "pass the tokenizer the model was trained with (--tokenizer)");
   g.stop_tokens = config.eos_token_id;
   if (g.stop_tokens.empty() && tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
+  g.vocab_limit = tok.vocab_size();  // models often pad the vocabulary past the tokenizer's
 
   rhine::EncodeOptions eo;
   eo.add_special = true;  // BOS, as in training
@@ -169,10 +169,6 @@ int main(int argc, char** argv) try {
   std::size_t printed = prompt_text.size();
   for (std::int64_t step = 0; step < g.max_new_tokens; ++step) {
     at::Tensor row = logits.to(at::kFloat).cpu()[0];  // [V]
-    // Models often pad the vocabulary past the tokenizer's: never pick such ids.
-    if (tok.vocab_size() < row.size(0))
-      row.narrow(0, tok.vocab_size(), row.size(0) - tok.vocab_size())
-          .fill_(-std::numeric_limits<float>::infinity());
     const std::int64_t next = rhine::nn::sample_token(row, seen, g, rng);
     generated.push_back(next);
     seen.push_back(next);

@@ -169,6 +169,7 @@ int main(int argc, char** argv) try {
     g.repetition_penalty = 1.2;
     g.seed = run.seed;
     if (tok.eos_id() >= 0) g.stop_tokens = {tok.eos_id()};
+    g.vocab_limit = tok.vocab_size();  // a padded vocabulary's extra rows are not text
     auto res = rhine::nn::generate(lm, {prompt}, g);
     std::string text = tok.decode(ids32(res.tokens[0]), dec);
     for (auto& ch : text)

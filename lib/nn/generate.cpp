@@ -18,13 +18,19 @@ namespace {
 
 void check_sampling_options(const GenerateOptions& o) {
   RHINE_CHECK(
-      o.temperature >= 0 && o.top_p > 0 && o.top_p <= 1 && o.top_k >= 0 && o.repetition_penalty > 0,
+      o.temperature >= 0 && o.top_p > 0 && o.top_p <= 1 && o.top_k >= 0 && o.repetition_penalty > 0 &&
+          o.vocab_limit >= 0,
       "generate",
       "invalid sampling options (temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty "
-      "> 0)",
+      "> 0, vocab_limit >= 0)",
       (std::vector<double>{o.temperature, o.top_p, static_cast<double>(o.top_k),
-                           o.repetition_penalty}),
+                           o.repetition_penalty, static_cast<double>(o.vocab_limit)}),
       "");
+}
+
+// The logits of the ids that may be sampled: [..., 0, vocab_limit).
+at::Tensor sampled_columns(const at::Tensor& t, const GenerateOptions& o) {
+  return o.vocab_limit > 0 && o.vocab_limit < t.size(-1) ? t.narrow(-1, 0, o.vocab_limit) : t;
 }
 
 }  // namespace
@@ -34,7 +40,7 @@ std::int64_t sample_token(const at::Tensor& logits, const std::vector<std::int64
   RHINE_CHECK(logits.dim() == 1, "generate", "sample_token takes one row of logits [V]",
               logits.sizes().vec(), "");
   check_sampling_options(o);
-  at::Tensor l = logits.to(at::kFloat).contiguous().clone();  // [V]
+  at::Tensor l = sampled_columns(logits, o).to(at::kFloat).contiguous().clone();  // [V]
   const std::int64_t V = l.size(0);
   const float ninf = -std::numeric_limits<float>::infinity();
   float* lp = l.data_ptr<float>();
@@ -85,14 +91,14 @@ at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& seen, const
               "generate", "sample_tokens takes logits [B, V], seen [B, V], B active flags and B generators",
               logits.sizes().vec(), "");
   check_sampling_options(o);
-  const auto B = logits.size(0), V = logits.size(1);
+  const auto B = logits.size(0), V = sampled_columns(logits, o).size(1);
   const float ninf = -std::numeric_limits<float>::infinity();
-  at::Tensor l = logits.to(at::kFloat).contiguous();  // [B, V]
+  at::Tensor l = sampled_columns(logits, o).to(at::kFloat).contiguous();  // [B, V]
   if (o.repetition_penalty != 1.0) {
     // As sample_token: the division / product in double, rounded to float.
     const at::Tensor ld = l.to(at::kDouble);
     const at::Tensor pen = at::where(l > 0, ld / o.repetition_penalty, ld * o.repetition_penalty).to(at::kFloat);
-    l = at::where(seen, pen, l);
+    l = at::where(sampled_columns(seen, o), pen, l);
   }
   const auto fallback = at::full({B}, -1, l.options().dtype(at::kLong));
   if (o.temperature == 0.0) {  // greedy: the first maximum

@@ -129,6 +129,21 @@ TEST_CASE("sampling: seeds, temperature, top-k, top-p, repetition penalty",
     CHECK(kept[1].item<float>() == -2.0f);
     CHECK(kept[0].item<float>() == 2.0f);
   }
+  SECTION("vocab_limit: ids past it are never sampled, the rest as without it") {
+    o.temperature = 0.0;
+    CHECK(sample_token(logits, {}, o, rng) == 1);
+    o.vocab_limit = 1;  // only id 0 is left
+    CHECK(sample_token(logits, {}, o, rng, &kept) == 0);
+    CHECK(kept.size(0) == 1);
+    o.temperature = 1.0;
+    o.vocab_limit = 3;  // 0.15, 0.5, 0.05 renormalised
+    std::map<int64_t, int> counts;
+    for (int i = 0; i < 3000; ++i) ++counts[sample_token(logits, {}, o, rng)];
+    CHECK(counts.count(3) == 0);
+    CHECK(counts[1] > counts[0]);
+    o.vocab_limit = -1;
+    CHECK_THROWS_WITH(sample_token(logits, {}, o, rng), Catch::Contains("vocab_limit >= 0"));
+  }
   SECTION("same seed, same samples; other seed, other samples") {
     Fixture fx("llama_tiny");
     CausalLM lm(fx.config);
@@ -152,12 +167,13 @@ TEST_CASE("batched sampling on the device equals sample_token row by row", "[nn]
   // sample_token is the reference twin of sample_tokens (what generate runs).
   at::manual_seed(3);
   const int64_t B = 6, V = 97;
-  for (int variant = 0; variant < 6; ++variant) {
+  for (int variant = 0; variant < 8; ++variant) {
     GenerateOptions o;
-    o.temperature = variant == 0 ? 0.0 : 0.7 + 0.2 * variant;
+    o.temperature = variant == 0 || variant == 6 ? 0.0 : 0.7 + 0.2 * variant;
     o.top_k = variant == 2 || variant == 5 ? 10 : 0;
     o.top_p = variant >= 3 ? 0.9 : 1.0;
     o.repetition_penalty = variant % 2 ? 1.3 : 1.0;
+    o.vocab_limit = variant >= 6 ? 60 : 0;  // a vocabulary padded past the tokenizer's 60 ids
     INFO("variant " << variant);
     for (int trial = 0; trial < 20; ++trial) {
       const auto logits = at::randn({B, V}, at::kDouble) * 3;
@@ -188,6 +204,7 @@ TEST_CASE("batched sampling on the device equals sample_token row by row", "[nn]
         const auto want = sample_token(logits[b], seen_ids[b], o, r[b], &want_processed);
         CHECK(got[b].item<int64_t>() == want);
         CHECK(at::equal(processed[b], want_processed));
+        if (o.vocab_limit > 0) CHECK(want < o.vocab_limit);
       }
       // Inactive rows did not advance their generator.
       CHECK(a[2].uniform() == r[2].uniform());

@@ -37,6 +37,11 @@ struct GenerateOptions {
   std::uint64_t seed = 0;
   /// Id written into padding slots (never attended to).
   std::int64_t pad_token_id = 0;
+  /// Sample only ids below this (0: every id). A model whose vocabulary is
+  /// padded past its tokenizer's (rounded up to a multiple of 64 or 128, or
+  /// grown for new tokens) then never emits an id the tokenizer cannot
+  /// decode; the processed logits cover [0, vocab_limit).
+  std::int64_t vocab_limit = 0;
 };
 
 /// What `generate` returns besides the ids (for tests and tools).

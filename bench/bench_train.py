@@ -1,58 +1,62 @@
 #!/usr/bin/python3
-"""End-to-end training throughput: Rhine's `rhine-train` against the same model
-trained by plain PyTorch eager, in one run (issue #9).
+"""End-to-end training throughput: Rhine's `rhine-train` against the same model trained by
+PyTorch eager and by torch.compile, in one run (issues #9 and #17).
 
-For each demo config (examples/configs/demo-dense.json: Llama-style dense;
-examples/configs/demo-moe.json: DeepSeek-V3-style MLA + MoE + MTP) and each
-thread count:
-  a) `rhine-train` runs a copy of the config with `steps` reduced, evaluation
-     and checkpoints moved out of the timed window (eval_every = checkpoint_every
-     = 0: Rhine evaluates only before the first and after the last step), a
-     metrics line every step (log_every = 1), out_dir in a temporary directory;
-     tokens/s is the median of the per-step `tok_s` of metrics.jsonl after the
-     first --warmup-steps steps;
-  b) a fresh /usr/bin/python3 process (Debian's python3-torch: the same kernels
-     as libtorch-dev) trains the same model written here in plain PyTorch eager
-     (HF formulas; MoE as a loop over experts like HF and DeepSeek's model.py)
-     on the same demo shards (document order and row languages drawn with
-     numpy, not Rhine's generator), packed the way Rhine's loader packs them
-     ([bos] doc [eos], per-document positions and attention masks, labels -100
-     across documents), with the same batch_size x seq_len, AdamW (betas 0.9 /
-     0.95, the config's lr and weight decay on every parameter, warm-up +
-     cosine schedule), gradient clipping at the config's grad_clip, bf16
-     autocast when the config says bf16, and for MoE the sequence-wise aux loss,
-     the MTP loss (lambda 0.3, rhine-train's default) and the aux-loss-free bias
-     update (rate 1e-3); the step time covers the same work as Rhine's (batch,
-     forward, backward, clip, optimizer, bias update);
-  c) prints JSON Lines in Rhine's bench format: one "train_e2e" line per
-     (config, threads, implementation) with the median, min, max and 90th
-     percentile of the per-step tokens/s over all rounds, and one
-     "train_e2e_ratio" line: Rhine / PyTorch, the median over rounds of each
-     round's ratio of medians (a round is one Rhine run and one PyTorch run
-     right after each other; rounds alternate which side goes first, so a
-     neighbour's compile on the shared cores hits both sides alike).
-  d) with --dp N, rhine-train also runs as N local data-parallel ranks x 1
-     thread (Gloo on 127.0.0.1, started the way torchrun would) and
-     "train_e2e_dp_scaling" compares that with one process at 1 and N threads.
+For each config (--configs: the demo models, examples/configs/demo-{dense,moe}.json, and the
+models of issue #17 in bench/configs: a 15.7M Llama with GQA at 8 x 256 and a vocabulary of 8k,
+a 96M Llama at 2 x 1024, a 60M MLA + MoE), each thread count and each round:
+  a) every `rhine-train` given (--rhine-train, comma-separated: the Debian LibTorch 1.13 build and
+     the wheel's LibTorch 2.x build) runs a copy of the config with `steps` reduced (default: the
+     config's, at most 30), evaluation and checkpoints moved out of the timed window, a metrics
+     line every step, out_dir in a temporary directory; tokens/s is the median of the per-step
+     `tok_s` of metrics.jsonl after the first --warmup-steps steps;
+  b) every PyTorch side given (--peers: eager, compile; each in this script's Python or
+     @PYTHON) trains the same model written here in plain PyTorch (HF formulas; MoE as a loop
+     over experts like HF and DeepSeek's model.py; `compile` wraps the model in torch.compile,
+     inductor on the CPU, as a user would) on the same demo shards (document order and row
+     languages drawn with numpy, not Rhine's generator), packed the way Rhine's loader packs them
+     ([bos] doc [eos], per-document positions and attention masks, labels -100 across documents),
+     with the same batch_size x seq_len, AdamW (betas 0.9 / 0.95, the config's lr and weight decay
+     on every parameter, warm-up + cosine schedule), gradient clipping at the config's grad_clip,
+     the same precision, and for MoE the sequence-wise aux loss, the MTP loss (lambda 0.3,
+     rhine-train's default) and the aux-loss-free bias update (rate 1e-3); the step time covers
+     the same work as Rhine's (batch, forward, backward, clip, optimizer, bias update);
+  c) precision (--precision auto): bf16 autocast on both sides where the CPU computes bf16
+     natively (rhine-info says), fp32 where it only emulates it (there bf16 matmuls run tens of
+     times slower than fp32, and neither Rhine nor a user would train that way);
+  d) the matmul ceiling: rhine-info next to each rhine-train measures every GEMM of the model's
+     training step (forward, and backward to input and weight, experts at their mean load) in the
+     run's dtype and threads; the ceiling is their total FLOPs over the summed time at those rates,
+     and "ceiling_share" is a side's model FLOP/s (6 per weight and token, plus causal attention)
+     over the ceiling of its LibTorch;
+  e) prints JSON Lines in Rhine's bench format: one "train_e2e" line per (config, threads, side)
+     with the median, min, max and 90th percentile of the per-step tokens/s over all rounds, the
+     model GFLOP per token, achieved GFLOP/s and the ceiling share, and one "train_e2e_ratio" line
+     per (Rhine build, PyTorch side): the median over rounds of each round's ratio of medians,
+     with the goal of issue #17 (1.0x torch.compile, 1.5x eager);
+  f) with --dp N, the first rhine-train also runs as N local data-parallel ranks x 1 thread (Gloo
+     on 127.0.0.1, started the way torchrun would) and "train_e2e_dp_scaling" compares that with
+     one process at 1 and N threads.
 
-Before measuring, the PyTorch models are checked in float64 against the
-independent references that generate Rhine's nn test fixtures (--self-check).
-The parameter count of both sides is printed and checked: the Python model's
+Before measuring, the PyTorch models are checked in float64 against the independent references
+that generate Rhine's nn test fixtures (--self-check), in every Python used. The Python model's
 state_dict must have exactly the names and shapes of Rhine's final checkpoint
-(model.safetensors; Rhine's MTP embedding / head aliases of the tied embedding
-are not parameters), otherwise the script stops with an error.
+(model.safetensors; Rhine's MTP embedding / head aliases of the tied embedding are not
+parameters), otherwise the script stops with an error.
 
-Threads: rhine-train takes the config key "threads" (0 = OMP_NUM_THREADS when
-set, else every CPU); this script sets both "threads" and OMP_NUM_THREADS for
-Rhine, and OMP_NUM_THREADS + torch.set_num_threads for Python.
+Threads: rhine-train takes the config key "threads"; this script sets both "threads" and
+OMP_NUM_THREADS for Rhine, and OMP_NUM_THREADS + torch.set_num_threads for Python.
 
-The demo directory (tokenizer and shards) is what scripts/demo.sh creates
-(build/demo: tok.model, shards/train, shards/heldout). Run from anywhere:
+The demo directory (tokenizer and shards) is what scripts/demo.sh creates (build/demo:
+tok.model, shards/train, shards/heldout); configs with a larger vocabulary than the tokenizer's
+simply leave the extra rows untrained. Run from the repository, with the project's Python
+(scripts/setup-python.sh; PyTorch 2.x):
 
-    /usr/bin/python3 bench/bench_train.py [--rhine-train build/examples/rhine-train]
-        [--demo-dir build/demo] [--configs dense,moe] [--threads 1,2] [--steps 30]
-        [--warmup-steps 5] [--rounds 1] [--dp 2] [--verbose]
-    /usr/bin/python3 bench/bench_train.py --self-check   # the PyTorch models vs tests/fixtures/nn
+    py=$(scripts/setup-python.sh)/bin/python
+    $py bench/bench_train.py --configs dense16m,dense100m,moe,moe60m --threads 2 \\
+        --rhine-train build/examples/rhine-train,build-torch2/examples/rhine-train [--rounds 2]
+    /usr/bin/python3 bench/bench_train.py --peers eager   # against Debian's PyTorch 1.13 eager
+    $py bench/bench_train.py --self-check   # only: the PyTorch models vs tests/fixtures/nn
 """
 import argparse
 import json
@@ -66,7 +70,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"dense": "examples/configs/demo-dense.json", "moe": "examples/configs/demo-moe.json"}
+CONFIGS = {  # --configs names: the demo models and issue #17's models (bench/configs)
+    "dense": "examples/configs/demo-dense.json",       # 2.7M Llama-style, 16 x 128
+    "moe": "examples/configs/demo-moe.json",           # 5.8M MLA + MoE + MTP, 16 x 128
+    "dense16m": "bench/configs/train-dense-16m.json",  # 15.7M Llama, GQA, hidden 384, vocab 8k, 8 x 256
+    "dense100m": "bench/configs/train-dense-100m.json",  # 96M Llama, GQA, hidden 768, 12 layers, 2 x 1024
+    "moe60m": "bench/configs/train-moe-60m.json",      # 60M MLA + MoE (16 routed + 1 shared, top-2), 8 x 256
+}
 MTP_LAMBDA = 0.3          # rhine-train's default (the demo configs do not set mtp_lambda)
 ROUTER_BIAS_RATE = 1e-3   # rhine-train's default router_bias_update_rate
 
@@ -154,6 +164,80 @@ def schedule(step, warmup, total, floor):
         return step / warmup
     t = min(step - warmup, total - warmup) / (total - warmup)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# --- model FLOPs and the matmul ceiling on the model's own shapes -------------------------------
+
+def model_matmuls(c, B, T):
+    """The weight matmuls of one training step as (rows M, in, out): M rows through a weight
+    [out, in], experts at their mean load (N K / E rows each), and the attention score/value
+    FLOPs (causal: each token attends to T/2 positions on average), forward + backward."""
+    N, C, V = B * T, c["hidden_size"], c["vocab_size"]
+    L, D_mtp = c["num_hidden_layers"], c.get("num_nextn_predict_layers") or 0
+    mm, attn = [], 0.0
+    for layer in range(L + D_mtp):
+        if c.get("kv_lora_rank"):
+            H, R = c["num_attention_heads"], c["kv_lora_rank"]
+            Dn, Dr, Dv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+            q = c.get("q_lora_rank")
+            mm += [(N, C, q), (N, q, H * (Dn + Dr))] if q else [(N, C, H * (Dn + Dr))]
+            mm += [(N, C, R + Dr), (N, R, H * (Dn + Dv)), (N, H * Dv, C)]
+            dqk, dv = Dn + Dr, Dv
+        else:
+            H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
+            D = c.get("head_dim") or C // H
+            mm += [(N, C, H * D), (N, C, Hkv * D), (N, C, Hkv * D), (N, H * D, C)]
+            dqk, dv = D, D
+        attn += 3 * N * H * T * (dqk + dv)  # fwd 2 H (T/2)(dqk + dv) per token; bwd twice that
+        moe = (c.get("n_routed_experts") or 0) > 0 and layer >= c.get("first_k_dense_replace", 0) \
+            and layer % c.get("moe_layer_freq", 1) == 0
+        if moe:
+            E, K, Ie, S = c["n_routed_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], \
+                c.get("n_shared_experts") or 0
+            M = max(1, round(N * K / E))
+            mm += [(M, C, Ie), (M, C, Ie), (M, Ie, C)] * E + [(N, C, E)]
+            if S:
+                mm += [(N, C, Ie * S), (N, C, Ie * S), (N, Ie * S, C)]
+        else:
+            I = c["intermediate_size"]
+            mm += [(N, C, I), (N, C, I), (N, I, C)]
+        if layer >= L:  # an MTP module: eh_proj and its pass through the shared head
+            mm += [(N, 2 * C, C), (N, C, V)]
+    mm.append((N, C, V))  # the LM head
+    return mm, attn
+
+
+def step_flops(c, B, T):
+    """Model FLOPs of one training step (forward + backward: 6 per weight and row) and per token."""
+    mm, attn = model_matmuls(c, B, T)
+    total = sum(6.0 * M * i * o for M, i, o in mm) + attn
+    return total, total / (B * T)
+
+
+def gemm_shapes(c, B, T):
+    """{(m, n, k): FLOPs} of the step's GEMMs: each weight matmul runs forward [M,in]x[in,out],
+    backward to the input [M,out]x[out,in] and to the weight [out,M]x[M,in]."""
+    shapes = {}
+    for M, i, o in model_matmuls(c, B, T)[0]:
+        for sh in ((M, o, i), (M, i, o), (o, i, M)):
+            shapes[sh] = shapes.get(sh, 0.0) + 2.0 * M * i * o
+    return shapes
+
+
+def matmul_ceiling(rhine_info, c, B, T, threads, bf16):
+    """GFLOP/s the step's GEMMs reach alone (rhine-info --gemm on this LibTorch, the run's dtype and
+    threads): total FLOPs over the sum of each shape's FLOPs / its measured rate."""
+    shapes = gemm_shapes(c, B, T)
+    cmd = [rhine_info, "--json", "--threads", str(threads), "--dtype", "bf16" if bf16 else "fp32"]
+    for m, n, k in shapes:
+        cmd += ["--gemm", f"{m}x{n}x{k}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if p.returncode != 0:
+        sys.exit(f"[bench_train] rhine-info failed, got exit code {p.returncode}:\n{p.stderr[-2000:]}")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    rate = {(g["m"], g["n"], g["k"]): g["gflops"] for g in info["gemm"]}
+    total = sum(shapes.values())
+    return total / 1e9 / sum(f / 1e9 / rate[sh] for sh, f in shapes.items()), info["torch"]
 
 
 # --- the PyTorch side ---------------------------------------------------------------------------
@@ -498,14 +582,17 @@ def python_worker(a):
     B, T = cfg["batch_size"], cfg["seq_len"]
     loader = PackedLoader(os.path.join(a.demo_dir, "shards", "train"), B, T, bos, eos,
                           cfg.get("mixture_temperature", 1.0), cfg.get("seed", 1))
-    bf16, clip = cfg.get("bf16", True), cfg.get("grad_clip", 1.0)
+    bf16, clip = cfg.get("bf16", True) not in (False, None), cfg.get("grad_clip", 1.0)
+    # torch.compile the way a user would: the whole model (inductor on the CPU); the MoE's
+    # per-expert loop breaks the graph at counts.tolist(), as it does for HF's and DeepSeek's code.
+    model = torch.compile(lm) if a.compile else lm
     steps = []
     for step in range(cfg["steps"]):
         t0 = time.perf_counter()
         ids, labels, pos = loader.next()
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, ce = lm(ids, labels, pos)
+            loss, ce = model(ids, labels, pos)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else torch.tensor(0.0)
         opt.step()
@@ -516,7 +603,7 @@ def python_worker(a):
         rec = {"step": step + 1, "loss": loss.item(), "ce": ce.item(), "grad_norm": float(gnorm)}
         rec["tok_s"] = B * T / (time.perf_counter() - t0)
         steps.append(rec)
-    print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+    print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "compile": a.compile,
                       "n_params": sum(p.numel() for p in lm.parameters()),
                       "state": {k: list(v.shape) for k, v in lm.state_dict().items()},
                       "steps": steps}), flush=True)
@@ -560,7 +647,7 @@ def self_check():
         return W
 
     def rel(a, b):
-        return float((a - b).norm() / b.norm())
+        return float((a - b).detach().norm() / b.detach().norm())
 
     failures = []
     tiny = {"vocab_size": 48, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
@@ -616,13 +703,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_rhine(a, cfg_path, out_dir, threads, procs=1):
+def run_rhine(a, rhine_train, cfg_path, out_dir, threads, procs=1):
     """One rhine-train run; procs > 1 starts that many data-parallel ranks (Gloo on 127.0.0.1) the way
     torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); rank 0 writes the metrics."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if procs > 1:
         env.update(WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([a.rhine_train, cfg_path], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if procs > 1
+    ranks = [subprocess.Popen([rhine_train, cfg_path], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if procs > 1
                               else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(procs)]
     outs = [r.communicate() for r in ranks]
@@ -639,10 +726,10 @@ def run_rhine(a, cfg_path, out_dir, threads, procs=1):
             "model_line": next((l.split("] ", 2)[-1] for l in p.stderr.splitlines() if "parameters" in l), "")}
 
 
-def run_python(a, cfg_path, threads):
+def run_python(a, cfg_path, threads, python, compile_model):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker-config", cfg_path, "--demo-dir", a.demo_dir,
-           "--threads", str(threads)]
+    cmd = [python, os.path.abspath(__file__), "--worker-config", cfg_path, "--demo-dir", a.demo_dir,
+           "--threads", str(threads)] + (["--compile"] if compile_model else [])
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"[bench_train] the PyTorch run failed, got exit code {p.returncode}:\n{p.stderr[-3000:]}")
@@ -673,22 +760,32 @@ def stats(v):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rhine-train", default=os.path.join(ROOT, "build/examples/rhine-train"))
+    ap.add_argument("--rhine-train", default=os.path.join(ROOT, "build/examples/rhine-train"),
+                    help="one or more rhine-train binaries, comma-separated (e.g. the Debian and the wheel "
+                         "build); rhine-info next to each measures its matmul ceiling")
+    ap.add_argument("--peers", default="eager,compile",
+                    help="PyTorch sides, comma-separated: eager, compile (torch.compile, inductor), each "
+                         "optionally @PYTHON (default: the Python running this script)")
     ap.add_argument("--demo-dir", default=os.path.join(ROOT, "build/demo"),
                     help="tok.model and shards/{train,heldout}, as scripts/demo.sh makes them")
-    ap.add_argument("--configs", default="dense,moe")
+    ap.add_argument("--configs", default="dense,moe", help="comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the median")
-    ap.add_argument("--rounds", type=int, default=1, help="Rhine/PyTorch pairs per setting (order alternates)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 autocast where the CPU has native bf16 (rhine-info), fp32 elsewhere")
+    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the config's, at most 30)")
+    ap.add_argument("--warmup-steps", type=int, default=-1,
+                    help="first steps left out of the median (default: steps / 5, at least 2)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of every side per setting (order rotates)")
     ap.add_argument("--dp", type=int, default=0, metavar="N",
                     help="also run rhine-train data parallel: N local ranks x 1 thread (Gloo), compared with "
                          "one process at 1 and N threads")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the matmul-ceiling measurement")
     ap.add_argument("--verbose", action="store_true", help="per-step tokens/s and losses on stderr")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (printed on stderr)")
     ap.add_argument("--self-check", action="store_true",
                     help="only check the PyTorch models against tests/fixtures/nn's float64 references")
     ap.add_argument("--worker-config", help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.demo_dir = os.path.abspath(a.demo_dir)
     if a.self_check:
@@ -700,15 +797,31 @@ def main():
         if not os.path.exists(os.path.join(a.demo_dir, f)):
             sys.exit(f"[bench_train] missing demo data, got no {f} in {a.demo_dir}; run scripts/demo.sh first "
                      "(it trains the tokenizer and writes the shards) or pass --demo-dir")
-    chk = subprocess.run([sys.executable, os.path.abspath(__file__), "--self-check"], capture_output=True, text=True)
-    sys.stderr.write(chk.stderr)
-    if chk.returncode != 0:
-        sys.exit(1)
-    if not os.access(a.rhine_train, os.X_OK):
-        sys.exit(f"[bench_train] rhine-train not found, got {a.rhine_train}; build it "
-                 "(cmake --build build --target rhine-train) or pass --rhine-train PATH")
-    if a.steps <= a.warmup_steps + 2:
-        sys.exit(f"[bench_train] --steps must exceed --warmup-steps + 2, got {a.steps}")
+    a.rhine = [os.path.abspath(r) for r in a.rhine_train.split(",")]
+    for r in a.rhine:
+        if not os.access(r, os.X_OK):
+            sys.exit(f"[bench_train] rhine-train not found, got {r}; build it "
+                     "(cmake --build build --target rhine-train) or pass --rhine-train PATH")
+    a.peer_list = []
+    for spec in a.peers.split(",") if a.peers else []:
+        mode, _, python = spec.partition("@")
+        if mode not in ("eager", "compile"):
+            sys.exit(f"[bench_train] --peers takes eager or compile (optionally @PYTHON), got {spec}")
+        a.peer_list.append((mode, python or sys.executable))
+    for python in sorted({p for _, p in a.peer_list}):
+        chk = subprocess.run([python, os.path.abspath(__file__), "--self-check"], capture_output=True, text=True)
+        sys.stderr.write(chk.stderr)
+        if chk.returncode != 0:
+            sys.exit(1)
+    for c in a.configs.split(","):
+        if c not in CONFIGS:
+            sys.exit(f"[bench_train] unknown config, got {c}; use one of {', '.join(CONFIGS)}")
+    info = subprocess.run([os.path.join(os.path.dirname(a.rhine[0]), "rhine-info"), "--json"],
+                          capture_output=True, text=True)
+    native = info.returncode == 0 and json.loads(info.stdout.strip().splitlines()[-1]).get("native_bf16", False)
+    a.bf16 = a.precision == "bf16" or (a.precision == "auto" and native)
+    print(f"# precision: {'bf16 autocast' if a.bf16 else 'fp32'} (--precision {a.precision}; native bf16 on "
+          f"this CPU: {'yes' if native else 'no'})", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="rhine-bench-train-")
     try:
         measure(a, tmp)
@@ -719,10 +832,23 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)  # each run leaves a checkpoint (tens of MB)
 
 
+def timed_median(run, warmup_steps):
+    return median([s["tok_s"] for s in run["steps"] if s["step"] > warmup_steps])
+
+
 def measure(a, tmp):
     order = 0
     for name in a.configs.split(","):
         base = json.load(open(os.path.join(ROOT, CONFIGS[name])))
+        steps = a.steps or min(base["steps"], 30)
+        warm = a.warmup_steps if a.warmup_steps >= 0 else max(2, steps // 5)
+        if steps <= warm + 2:
+            sys.exit(f"[bench_train] steps must exceed warm-up steps + 2, got {steps} and {warm}")
+        vocab = sentencepiece_ids(os.path.join(a.demo_dir, "tok.model"))[0]
+        model = dict(base["model"])
+        model.setdefault("vocab_size", vocab)
+        B, T = base["batch_size"], base["seq_len"]
+        flops, flops_per_token = step_flops(model, B, T)
         single = {}  # threads -> median tokens/s of one rhine-train process
         for threads in [int(t) for t in a.threads.split(",")] + ([-a.dp] if a.dp > 1 else []):
             procs, threads = (-threads, 1) if threads < 0 else (1, threads)
@@ -731,26 +857,25 @@ def measure(a, tmp):
             cfg.update(tokenizer=os.path.join(a.demo_dir, "tok.model"),
                        train_shards=os.path.join(a.demo_dir, "shards/train"),
                        heldout_shards=os.path.join(a.demo_dir, "shards/heldout"),
-                       steps=a.steps, warmup=min(base.get("warmup", 0), a.steps // 3),
+                       steps=steps, warmup=min(base.get("warmup", 0), steps // 3),
                        eval_every=0, checkpoint_every=0, log_every=1, eval_tokens=1000, sample_tokens=1,
-                       threads=threads)
-            res = {"rhine": [], "pytorch_eager": []}
+                       threads=threads, bf16="always" if a.bf16 else False)
             if procs > 1:
+                runs = []
                 for rnd in range(a.rounds):
                     cfg["out_dir"] = os.path.join(tmp, f"run-{tag}-{rnd}")
                     cfg_path = os.path.join(tmp, f"{tag}-{rnd}.json")
                     with open(cfg_path, "w") as f:
                         json.dump(cfg, f, indent=1)
-                    res["rhine"].append(run_rhine(a, cfg_path, cfg["out_dir"], 1, procs))
-                timed = [s["tok_s"] for r in res["rhine"] for s in r["steps"] if s["step"] > a.warmup_steps]
+                    runs.append(run_rhine(a, a.rhine[0], cfg_path, cfg["out_dir"], 1, procs))
+                timed = [s["tok_s"] for r in runs for s in r["steps"] if s["step"] > warm]
                 s = stats(timed)
                 print(json.dumps({"name": "train_e2e", "params": {
                     "config": os.path.basename(CONFIGS[name]), "impl": "rhine", "procs": procs, "threads": 1,
-                    "B": cfg["batch_size"], "T": cfg["seq_len"], "bf16": cfg.get("bf16", True), "steps": a.steps,
-                    "timed_steps": f"{a.warmup_steps + 1}..{a.steps}", "rounds": a.rounds,
-                    "ce_first": round(res["rhine"][0]["steps"][0]["ce"], 4),
-                    "ce_last": round(res["rhine"][0]["steps"][-1]["ce"], 4),
-                    "runtime": res["rhine"][0]["log"]}, **s, "unit": "tokens/s"}), flush=True)
+                    "B": B, "T": T, "bf16": a.bf16, "steps": steps, "timed_steps": f"{warm + 1}..{steps}",
+                    "rounds": a.rounds, "ce_first": round(runs[0]["steps"][0]["ce"], 4),
+                    "ce_last": round(runs[0]["steps"][-1]["ce"], 4), "runtime": runs[0]["log"]},
+                    **s, "unit": "tokens/s"}), flush=True)
                 print(json.dumps({"name": "train_e2e_dp_scaling", "params": {
                     "config": os.path.basename(CONFIGS[name]), "numerator": f"{procs} procs x 1 thread",
                     "vs_1proc_1thread": s["median"] / single[1] if 1 in single else None,
@@ -759,58 +884,90 @@ def measure(a, tmp):
                     "median": s["median"] / single[1] if 1 in single else None, "unit": "x (vs 1 process x 1 thread)",
                     "runs": a.rounds}), flush=True)
                 continue
+            # Every side once per round, the order rotating from round to round (and setting to
+            # setting), so that a neighbour's load on the shared cores hits all sides alike.
+            sides = [("rhine", r) for r in a.rhine] + [(mode, python) for mode, python in a.peer_list]
+            res = {side: [] for side in sides}
             for rnd in range(a.rounds):
-                out_dir = os.path.join(tmp, f"run-{tag}-{rnd}")
-                cfg["out_dir"] = out_dir
-                cfg_path = os.path.join(tmp, f"{tag}-{rnd}.json")
-                with open(cfg_path, "w") as f:
-                    json.dump(cfg, f, indent=1)
-                sides = ["rhine", "pytorch_eager"] if order % 2 == 0 else ["pytorch_eager", "rhine"]
+                k = order % len(sides)
                 order += 1
-                for side in sides:
-                    res[side].append(run_rhine(a, cfg_path, out_dir, threads) if side == "rhine"
-                                     else run_python(a, cfg_path, threads))
+                for side in sides[k:] + sides[:k]:
+                    out_dir = os.path.join(tmp, f"run-{tag}-{rnd}-{len(res[side])}-{sides.index(side)}")
+                    cfg["out_dir"] = out_dir
+                    cfg_path = out_dir + ".json"
+                    with open(cfg_path, "w") as f:
+                        json.dump(cfg, f, indent=1)
+                    res[side].append(run_rhine(a, side[1], cfg_path, out_dir, threads) if side[0] == "rhine"
+                                     else run_python(a, cfg_path, threads, side[1], side[0] == "compile"))
+            # Names: rhine@<LibTorch version>, pytorch_eager@<torch version>, pytorch_compile@...
+            label, torch_of = {}, {}
+            for side, runs in res.items():
+                if side[0] == "rhine":
+                    ver = runs[0]["log"].split("LibTorch ", 1)[-1].split(",")[0]
+                    label[side] = f"rhine@{ver}"
+                else:
+                    ver = runs[0]["torch"]
+                    label[side] = f"pytorch_{side[0]}@{ver}"
+                torch_of[side] = ".".join(ver.split("+")[0].split(".")[:2])
             if a.verbose:
                 for side, runs in res.items():
                     for r in runs:
-                        print(f"# {tag} {side}: tok/s " + " ".join(f"{s['tok_s']:.0f}" for s in r["steps"]) +
+                        print(f"# {tag} {label[side]}: tok/s " + " ".join(f"{s['tok_s']:.0f}" for s in r["steps"]) +
                               "; ce " + " ".join(f"{s['ce']:.3f}" for s in r["steps"]), file=sys.stderr)
-            n_rhine = check_same_model(res["rhine"][0]["state"], res["pytorch_eager"][0]["state"])
-            n_py = res["pytorch_eager"][0]["n_params"]
-            if n_rhine != n_py:
-                sys.exit(f"[bench_train] parameter counts differ, got Rhine {n_rhine} and PyTorch {n_py}")
-            B, T = cfg["batch_size"], cfg["seq_len"]
-            med, p90 = {}, {}
+            rhine0 = res[sides[0]][0]
+            for side in sides[len(a.rhine):]:
+                n_rhine = check_same_model(rhine0["state"], res[side][0]["state"])
+                if n_rhine != res[side][0]["n_params"]:
+                    sys.exit(f"[bench_train] parameter counts differ, got Rhine {n_rhine} and PyTorch "
+                             f"{res[side][0]['n_params']}")
+            n_params = sum(math.prod(v) for k, v in rhine0["state"].items()
+                           if not k.endswith("e_score_correction_bias") and ".shared_head.head." not in k
+                           and not (k.endswith(".embed_tokens.weight") and k != "model.embed_tokens.weight"))
+            # The matmul ceiling on the model's shapes, once per LibTorch (rhine-info of a build
+            # whose LibTorch has the side's major.minor version).
+            ceilings = {}
+            if not a.no_ceiling:
+                for r in a.rhine:
+                    ceil, ver = matmul_ceiling(os.path.join(os.path.dirname(r), "rhine-info"), model, B, T, threads,
+                                               a.bf16)
+                    ceilings[".".join(ver.split("+")[0].split(".")[:2])] = (ceil, os.path.dirname(r))
+            med = {}
             for side, runs in res.items():
-                timed = [s["tok_s"] for r in runs for s in r["steps"] if s["step"] > a.warmup_steps]
+                timed = [s["tok_s"] for r in runs for s in r["steps"] if s["step"] > warm]
                 first, last = runs[0]["steps"][0], runs[0]["steps"][-1]
-                params = {"config": os.path.basename(CONFIGS[name]), "impl": side, "procs": 1, "threads": threads,
-                          "B": B, "T": T, "bf16": cfg.get("bf16", True), "n_params": n_py if side != "rhine" else n_rhine,
-                          "steps": a.steps, "timed_steps": f"{a.warmup_steps + 1}..{a.steps}", "rounds": a.rounds,
+                params = {"config": os.path.basename(CONFIGS[name]), "impl": label[side], "procs": 1,
+                          "threads": threads, "B": B, "T": T, "bf16": a.bf16, "n_params": n_params,
+                          "steps": steps, "timed_steps": f"{warm + 1}..{steps}", "rounds": a.rounds,
                           "ce_first": round(first["ce"], 4), "ce_last": round(last["ce"], 4),
-                          "data": "demo shards, packed [bos] doc [eos]" + (" by rhine-train" if side == "rhine"
-                                                                          else " by this script (numpy)")}
-                if side == "rhine":
+                          "data": "demo shards, packed [bos] doc [eos]" + (" by rhine-train" if side[0] == "rhine"
+                                                                          else " by this script (numpy)"),
+                          "model_gflop_per_token": round(flops_per_token / 1e9, 4)}
+                if side[0] == "rhine":
                     params["runtime"], params["model_log"] = runs[0]["log"], runs[0]["model_line"]
                 else:
-                    params["runtime"] = f"torch {runs[0]['torch']}, {runs[0]['threads']} threads"
+                    params["runtime"] = f"torch {runs[0]['torch']}, {runs[0]['threads']} threads" + \
+                        (", torch.compile (inductor)" if side[0] == "compile" else ", eager")
                 s = stats(timed)
-                med[side], p90[side] = s["median"], s["p90"]
-                if side == "rhine":
+                med[side] = s["median"]
+                achieved = s["median"] * flops_per_token / 1e9
+                params["achieved_gflops"] = round(achieved, 1)
+                if torch_of[side] in ceilings:
+                    ceil, where = ceilings[torch_of[side]]
+                    params["ceiling_gflops"], params["ceiling_share"] = round(ceil, 1), round(achieved / ceil, 3)
+                    params["ceiling_from"] = os.path.relpath(os.path.join(where, "rhine-info"), ROOT)
+                if side[0] == "rhine" and side[1] == a.rhine[0]:
                     single[threads] = s["median"]
                 print(json.dumps({"name": "train_e2e", "params": params, **s, "unit": "tokens/s"}), flush=True)
-            pair = [median([s["tok_s"] for s in r["steps"] if s["step"] > a.warmup_steps]) for r in res["rhine"]]
-            pair = [x / median([s["tok_s"] for s in p["steps"] if s["step"] > a.warmup_steps])
-                    for x, p in zip(pair, res["pytorch_eager"])]
-            print(json.dumps({"name": "train_e2e_ratio",
-                              "params": {"config": os.path.basename(CONFIGS[name]), "threads": threads,
-                                         "numerator": "rhine", "denominator": "pytorch_eager",
-                                         "per_round": [round(x, 3) for x in pair],
-                                         "pooled_median_ratio": round(med["rhine"] / med["pytorch_eager"], 3),
-                                         "p90_ratio": round(p90["rhine"] / p90["pytorch_eager"], 3),
-                                         "load_avg": os.getloadavg()[0]},
-                              "median": median(pair), "min": min(pair), "max": max(pair),
-                              "unit": "x", "runs": a.rounds}), flush=True)
+            for num in sides[:len(a.rhine)]:
+                for den in sides[len(a.rhine):]:
+                    pair = [timed_median(x, warm) / timed_median(y, warm) for x, y in zip(res[num], res[den])]
+                    print(json.dumps({"name": "train_e2e_ratio", "params": {
+                        "config": os.path.basename(CONFIGS[name]), "threads": threads, "numerator": label[num],
+                        "denominator": label[den], "goal": 1.0 if den[0] == "compile" else 1.5,
+                        "per_round": [round(x, 3) for x in pair],
+                        "pooled_median_ratio": round(med[num] / med[den], 3), "load_avg": os.getloadavg()[0]},
+                        "median": median(pair), "min": min(pair), "max": max(pair), "unit": "x",
+                        "runs": a.rounds}), flush=True)
 
 
 if __name__ == "__main__":

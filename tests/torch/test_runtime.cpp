@@ -65,7 +65,7 @@ TEST_CASE("host reads: to_host and host_value count, cpu_value refuses device te
                     Contains("[sync] cpu_value reads host tensors only"));
 }
 
-TEST_CASE("native bf16: read from the CPU's flags, whole words only; resolve_bf16 turns emulated bf16 down",
+TEST_CASE("native bf16: read from the CPU's flags, whole words only, and resolve_bf16 turns emulated bf16 down",
           "[runtime]") {
   const std::string amd_avx2 =
       "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\n"

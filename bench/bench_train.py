@@ -736,18 +736,32 @@ def run_python(a, cfg_path, threads, python, compile_model):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def rhine_tensors(rhine_state):
+    """Rhine's checkpoint without the MTP aliases of the tied embedding / head (not parameters)."""
+    return {k: v for k, v in rhine_state.items() if not (k.endswith(".shared_head.head.weight") or
+            (k.endswith(".embed_tokens.weight") and k != "model.embed_tokens.weight"))}
+
+
+def param_count(rhine_state):
+    return sum(math.prod(v) for k, v in rhine_tensors(rhine_state).items()
+               if not k.endswith("e_score_correction_bias"))
+
+
+def torch_minor(version):
+    """'2.15.0+cu132' -> '2.15'."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def check_same_model(rhine_state, py_state):
     """Rhine's checkpoint holds the parameters, the router bias buffers and the MTP aliases of the tied
     embedding / head; the PyTorch model the parameters and the router bias buffers."""
-    aliases = {k for k in rhine_state if k.endswith((".shared_head.head.weight",))
-               or (k.endswith(".embed_tokens.weight") and k != "model.embed_tokens.weight")}
-    r = {k: v for k, v in rhine_state.items() if k not in aliases}
+    r = rhine_tensors(rhine_state)
     missing, extra = sorted(set(r) - set(py_state)), sorted(set(py_state) - set(r))
     wrong = sorted(k for k in set(r) & set(py_state) if list(r[k]) != list(py_state[k]))
     if missing or extra or wrong:
         sys.exit(f"[bench_train] the PyTorch model differs from Rhine's, got missing {missing[:5]}, "
                  f"extra {extra[:5]}, shape mismatches {wrong[:5]}; fix build_models()")
-    return sum(math.prod(v) for k, v in r.items() if not k.endswith("e_score_correction_bias"))
+    return param_count(rhine_state)
 
 
 def stats(v):
@@ -908,7 +922,7 @@ def measure(a, tmp):
                 else:
                     ver = runs[0]["torch"]
                     label[side] = f"pytorch_{side[0]}@{ver}"
-                torch_of[side] = ".".join(ver.split("+")[0].split(".")[:2])
+                torch_of[side] = torch_minor(ver)
             if a.verbose:
                 for side, runs in res.items():
                     for r in runs:
@@ -920,9 +934,7 @@ def measure(a, tmp):
                 if n_rhine != res[side][0]["n_params"]:
                     sys.exit(f"[bench_train] parameter counts differ, got Rhine {n_rhine} and PyTorch "
                              f"{res[side][0]['n_params']}")
-            n_params = sum(math.prod(v) for k, v in rhine0["state"].items()
-                           if not k.endswith("e_score_correction_bias") and ".shared_head.head." not in k
-                           and not (k.endswith(".embed_tokens.weight") and k != "model.embed_tokens.weight"))
+            n_params = param_count(rhine0["state"])
             # The matmul ceiling on the model's shapes, once per LibTorch (rhine-info of a build
             # whose LibTorch has the side's major.minor version).
             ceilings = {}
@@ -930,7 +942,7 @@ def measure(a, tmp):
                 for r in a.rhine:
                     ceil, ver = matmul_ceiling(os.path.join(os.path.dirname(r), "rhine-info"), model, B, T, threads,
                                                a.bf16)
-                    ceilings[".".join(ver.split("+")[0].split(".")[:2])] = (ceil, os.path.dirname(r))
+                    ceilings[torch_minor(ver)] = (ceil, os.path.dirname(r))
             med = {}
             for side, runs in res.items():
                 timed = [s["tok_s"] for r in runs for s in r["steps"] if s["step"] > warm]

@@ -107,6 +107,7 @@ int main(int argc, char** argv) try {
     }
   }
   auto info = rhine::init_runtime(options);
+  const at::ScalarType gemm_dtype = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   const bool native = rhine::native_bf16(c10::Device(c10::DeviceType::CPU));
   if (json) {  // the given shapes only (no headline matmuls): what a bench reads
     rhine::Json out = {{"name", "rhine_info"},     {"rhine", RHINE_VERSION_STRING}, {"torch", info.torch_version},
@@ -114,7 +115,7 @@ int main(int argc, char** argv) try {
     out["gemm"] = rhine::Json::array();
     for (const auto& [m, nn, k] : gemms)
       out["gemm"].push_back({{"m", m}, {"n", nn}, {"k", k},
-                             {"gflops", gemm_gflops(m, nn, k, dtype == "bf16" ? at::kBFloat16 : at::kFloat)}});
+                             {"gflops", gemm_gflops(m, nn, k, gemm_dtype)}});
     std::printf("%s\n", out.dump().c_str());
     return 0;
   }
@@ -130,7 +131,7 @@ int main(int argc, char** argv) try {
   for (const auto& [m, nn, k] : gemms)
     std::printf("gemm [%lld,%lld] x [%lld,%lld] %s: %.1f GFLOP/s\n", static_cast<long long>(m),
                 static_cast<long long>(k), static_cast<long long>(k), static_cast<long long>(nn), dtype.c_str(),
-                gemm_gflops(m, nn, k, dtype == "bf16" ? at::kBFloat16 : at::kFloat));
+                gemm_gflops(m, nn, k, gemm_dtype));
   if (fp32 < 10.0)
     std::printf("warning: fp32 matmul is very slow; LibTorch may be using reference BLAS. "
                 "Install libopenblas0-openmp (scripts/setup.sh).\n");

@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -91,14 +92,13 @@ bool native_bf16(c10::Device device) {
 bool resolve_bf16(bool requested, bool emulated, c10::Device device, std::string_view component) {
   if (!requested) return false;
   if (emulated || native_bf16(device)) return true;
-  static bool warned = false;
-  if (!warned)
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true))
     spdlog::warn("[{}] bf16 autocast requested, but this CPU has no native bf16 (no avx512_bf16, amx_bf16 or Arm "
                  "bf16 in /proc/cpuinfo): its bf16 matmuls are emulated and far slower than fp32, so this run "
                  "computes in fp32 (same master weights and checkpoints); \"bf16\": \"always\" in the run config "
                  "(TrainerOptions::bf16_emulated) keeps bf16 anyway",
                  component);
-  warned = true;
   return false;
 }
 

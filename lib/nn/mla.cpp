@@ -45,16 +45,18 @@ at::Tensor MLAImpl::query(const at::Tensor& x, const AttentionInputs& in) {
   at::Tensor q = q_proj ? linear(q_proj, x)
                         : linear(q_b_proj, q_a_layernorm(linear(q_a_proj, x)));  // [B, T, H*(Dn+Dr)]
   q = q.view({B, T, n_heads, nope_dim + rope_dim}).transpose(1, 2);         // [B, H, T, Dn+Dr]
-  at::Tensor q_pe = apply_rope(q.narrow(-1, nope_dim, rope_dim), in.cos, in.sin, layout);
-  return at::cat({q.narrow(-1, 0, nope_dim), q_pe}, -1);
+  // split, not narrow: its backward is one cat, where each narrow's zero-fills all of q.
+  const auto parts = q.split_with_sizes({nope_dim, rope_dim}, -1);
+  at::Tensor q_pe = apply_rope(parts[1], in.cos, in.sin, layout);
+  return at::cat({parts[0], q_pe}, -1);
 }
 
 std::pair<at::Tensor, at::Tensor> MLAImpl::latent(const at::Tensor& x, const AttentionInputs& in) {
   at::Tensor full = linear(kv_a_proj_with_mqa, x);                       // [B, T, Rkv + Dr]
-  at::Tensor ckv = kv_a_layernorm(full.narrow(-1, 0, kv_rank));  // [B, T, Rkv]
+  const auto parts = full.split_with_sizes({kv_rank, rope_dim}, -1);
+  at::Tensor ckv = kv_a_layernorm(parts[0]);  // [B, T, Rkv]
   // One rotary key shared by all heads: rotate it as a single head.
-  at::Tensor k_pe = apply_rope(full.narrow(-1, kv_rank, rope_dim).unsqueeze(1), in.cos, in.sin,
-                               layout)
+  at::Tensor k_pe = apply_rope(parts[1].unsqueeze(1), in.cos, in.sin, layout)
                         .squeeze(1);  // [B, T, Dr]
   return {ckv, k_pe};
 }
@@ -68,8 +70,9 @@ at::Tensor MLAImpl::forward_naive(const at::Tensor& x, const AttentionInputs& in
   at::Tensor q = query(x, in);           // [B, H, T, Dn+Dr]
   auto [ckv, k_pe] = latent(x, in);      // [B, T, Rkv], [B, T, Dr]
   at::Tensor kv = linear(kv_b_proj, ckv).view({B, T, H, nope_dim + v_dim}).transpose(1, 2);  // [B,H,T,Dn+Dv]
-  at::Tensor k_nope = kv.narrow(-1, 0, nope_dim);                                    // [B,H,T,Dn]
-  at::Tensor v = kv.narrow(-1, nope_dim, v_dim);                                     // [B,H,T,Dv]
+  const auto kv_parts = kv.split_with_sizes({nope_dim, v_dim}, -1);
+  at::Tensor k_nope = kv_parts[0];  // [B,H,T,Dn]
+  at::Tensor v = kv_parts[1];       // [B,H,T,Dv]
   at::Tensor k = at::cat({k_nope, k_pe.unsqueeze(1).expand({B, H, T, rope_dim}).to(k_nope.scalar_type())},
                          -1);  // [B, H, T, Dn+Dr]
   AttentionOptions opt = in.attention;

@@ -165,14 +165,13 @@ MoEOutput MoEImpl::forward(const at::Tensor& x, const BalanceLossWeights& balanc
     // Sort the N*K (token, slot) pairs by expert: each expert's tokens become
     // one contiguous block, gathered once and scattered back once.
     ExpertBatch batch = sort_by_expert(x2, r);
+    // split, not narrow: split's backward is one cat, where every narrow's
+    // backward zero-fills a tensor of all N*K rows.
+    const auto blocks = batch.tokens.split_with_sizes(batch.counts, 0);
     std::vector<at::Tensor> outs;
-    std::int64_t start = 0;
-    for (std::int64_t e = 0; e < E; ++e) {
-      const std::int64_t n_e = batch.counts[static_cast<std::size_t>(e)];
-      if (n_e == 0) continue;
-      outs.push_back(expert_list[e](batch.tokens.narrow(0, start, n_e)));  // [n_e, C]
-      start += n_e;
-    }
+    for (std::int64_t e = 0; e < E; ++e)
+      if (blocks[static_cast<std::size_t>(e)].size(0) > 0)
+        outs.push_back(expert_list[e](blocks[static_cast<std::size_t>(e)]));  // [n_e, C]
     y = combine_experts(batch, at::cat(outs, 0), N);
   } else {
     for (std::int64_t e = 0; e < E; ++e) {

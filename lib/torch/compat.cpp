@@ -169,15 +169,20 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     AttentionOptions one = options;  // causal inside one document
     one.document_starts.clear();
     const int64_t B = q.size(0), T = q.size(2);
+    // unbind and split rather than narrow: their backward is one stack / cat,
+    // where every narrow's backward would zero-fill a tensor of q's full size.
+    const std::vector<at::Tensor> qs = q.unbind(0), ks = k.unbind(0), vs = v.unbind(0);  // [H, T, D]
     std::vector<at::Tensor> rows;
     for (int64_t b = 0; b < B; ++b) {
       const auto& starts = options.document_starts[static_cast<std::size_t>(b)];
-      const at::Tensor qb = q.narrow(0, b, 1), kb = k.narrow(0, b, 1), vb = v.narrow(0, b, 1);
+      std::vector<int64_t> lengths;
+      for (std::size_t i = 0; i < starts.size(); ++i)
+        lengths.push_back((i + 1 < starts.size() ? starts[i + 1] : T) - starts[i]);
+      const auto qd = qs[b].split_with_sizes(lengths, 1), kd = ks[b].split_with_sizes(lengths, 1),
+                 vd = vs[b].split_with_sizes(lengths, 1);  // [H, n, D] each
       std::vector<at::Tensor> docs;
-      for (std::size_t i = 0; i < starts.size(); ++i) {
-        const int64_t s = starts[i], n = (i + 1 < starts.size() ? starts[i + 1] : T) - s;
-        docs.push_back(attention(qb.narrow(2, s, n), kb.narrow(2, s, n), vb.narrow(2, s, n), one));
-      }
+      for (std::size_t i = 0; i < lengths.size(); ++i)
+        docs.push_back(attention(qd[i].unsqueeze(0), kd[i].unsqueeze(0), vd[i].unsqueeze(0), one));
       rows.push_back(docs.size() == 1 ? docs[0] : at::cat(docs, 2));
     }
     return B == 1 ? rows[0] : at::cat(rows, 0);

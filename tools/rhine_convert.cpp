@@ -5,6 +5,7 @@
 //   rhine-convert rhine-to-hf --checkpoint RUN_DIR|STEP_DIR --out HF_DIR [--dtype bf16] [--tokenizer-from DIR]
 //   rhine-convert dtype --model HF_DIR --out HF_DIR --to bf16|f16|f32
 //   rhine-convert logits --model HF_DIR --ids FILE --out OUT.safetensors
+//   rhine-convert to-gguf --model HF_DIR|STEP_DIR --out FILE.gguf [--type f32|f16|bf16|q8_0] [--tokenizer FILE.model]
 //
 // A training checkpoint written here is a complete `step-N` directory of
 // rhine/io/checkpoint.h holding config.json, model.safetensors (the float32
@@ -17,6 +18,9 @@
 // logits: runs the model in float32 on the token ids in FILE (one sequence
 // per line, space-separated) and writes each sequence's logits as a float32
 // tensor `logits.N` [T, vocab], N counting lines from 0.
+//
+// to-gguf: a Llama / Mistral model with its SentencePiece vocabulary as one
+// GGUF file for llama.cpp (rhine/io/gguf.h says what is written).
 #include <ATen/core/grad_mode.h>
 #include <CLI/CLI.hpp>
 
@@ -35,6 +39,7 @@
 #include "rhine/core/json.h"
 #include "rhine/core/log.h"
 #include "rhine/io/checkpoint.h"
+#include "rhine/io/gguf.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
 #include "rhine/torch/runtime.h"
@@ -181,10 +186,25 @@ int cmd_rhine_to_hf(const std::string& checkpoint, const std::string& out, const
   return 0;
 }
 
+int cmd_to_gguf(const std::string& model, const std::string& out, const std::string& type,
+               const std::string& tokenizer) {
+  rhine::io::GgufExportOptions o;
+  const auto t = rhine::ggml_type_from_name(type);
+  RHINE_CHECK(t.has_value(), kTool, "unknown GGUF type", type, "use f32, f16, bf16 or q8_0");
+  o.type = *t;
+  if (!tokenizer.empty()) o.tokenizer = tokenizer;
+  const auto r = rhine::io::export_hf_to_gguf(model, out, o);
+  std::printf("wrote %s: %lld tensors, %lld parameters, %.1f MB of tensor data (%s), vocabulary %lld (%lld padding)\n",
+              out.c_str(), static_cast<long long>(r.tensors), static_cast<long long>(r.parameters),
+              static_cast<double>(r.tensor_bytes) / 1e6, type.c_str(), static_cast<long long>(r.vocab),
+              static_cast<long long>(r.padded_tokens));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"rhine-convert: HF model directories <-> Rhine checkpoints, dtypes, logits"};
+  CLI::App app{"rhine-convert: HF model directories <-> Rhine checkpoints, dtypes, logits, GGUF"};
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "LibTorch threads (0: default)");
@@ -221,6 +241,13 @@ int main(int argc, char** argv) {
   lg->add_option("--out", out, "output .safetensors (tensors logits.N [T, vocab])")->required();
   lg->add_flag("--dequantize-fp8", fp8, "decode float8 block-scaled weights");
 
+  std::string gguf_type = "f16";
+  auto* gg = app.add_subcommand("to-gguf", "Llama / Mistral HF directory -> GGUF file for llama.cpp");
+  gg->add_option("--model", model, "HF model directory or Rhine step-N checkpoint")->required();
+  gg->add_option("--out", out, "output .gguf file")->required();
+  gg->add_option("--type", gguf_type, "type of the weight matrices: f32, f16, bf16 or q8_0")->capture_default_str();
+  gg->add_option("--tokenizer", tokenizer_from, "SentencePiece .model (default: the model directory's tokenizer.model)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -232,6 +259,7 @@ int main(int argc, char** argv) {
     if (*h2r) return cmd_hf_to_rhine(model, out, step, fp8);
     if (*r2h) return cmd_rhine_to_hf(checkpoint, out, dtype, tokenizer_from, overwrite, shard);
     if (*dt) return cmd_dtype(model, out, to, overwrite, shard);
+    if (*gg) return cmd_to_gguf(model, out, gguf_type, tokenizer_from);
     return cmd_logits(model, ids, out, fp8);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());

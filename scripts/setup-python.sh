@@ -21,7 +21,7 @@ fi
 python=${RHINE_PYTHON:-python3}
 command -v "$python" >/dev/null ||
   { echo "[setup-python] no python3 found; install python3 and python3-venv (or set RHINE_PYTHON)" >&2; exit 1; }
-echo "[setup-python] creating $dir from $req (PyTorch's CUDA wheel: a few GB, and llama.cpp built from source: 10-15 minutes)" >&2
+echo "[setup-python] creating $dir from $req (PyTorch's CUDA wheel: a few GB, and llama.cpp built from source: 5-15 minutes)" >&2
 rm -rf "$dir"
 "$python" -m venv "$dir" >&2 ||
   { echo "[setup-python] '$python -m venv' failed; apt-get install python3-venv" >&2; exit 1; }

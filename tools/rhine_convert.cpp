@@ -5,7 +5,7 @@
 //   rhine-convert rhine-to-hf --checkpoint RUN_DIR|STEP_DIR --out HF_DIR [--dtype bf16] [--tokenizer-from DIR]
 //   rhine-convert dtype --model HF_DIR --out HF_DIR --to bf16|f16|f32
 //   rhine-convert logits --model HF_DIR --ids FILE --out OUT.safetensors
-//   rhine-convert to-gguf --model HF_DIR|STEP_DIR --out FILE.gguf [--type f32|f16|bf16|q8_0] [--tokenizer FILE.model]
+//   rhine-convert to-gguf --model HF_DIR|STEP_DIR --out FILE.gguf [--type f32|f16|bf16|q8_0] [--tokenizer FILE]
 //
 // A training checkpoint written here is a complete `step-N` directory of
 // rhine/io/checkpoint.h holding config.json, model.safetensors (the float32
@@ -19,7 +19,7 @@
 // per line, space-separated) and writes each sequence's logits as a float32
 // tensor `logits.N` [T, vocab], N counting lines from 0.
 //
-// to-gguf: a Llama / Mistral model with its SentencePiece vocabulary as one
+// to-gguf: a Llama / Mistral model with its vocabulary as one
 // GGUF file for llama.cpp (rhine/io/gguf.h says what is written).
 #include <ATen/core/grad_mode.h>
 #include <CLI/CLI.hpp>
@@ -246,7 +246,7 @@ int main(int argc, char** argv) {
   gg->add_option("--model", model, "HF model directory or Rhine step-N checkpoint")->required();
   gg->add_option("--out", out, "output .gguf file")->required();
   gg->add_option("--type", gguf_type, "type of the weight matrices: f32, f16, bf16 or q8_0")->capture_default_str();
-  gg->add_option("--tokenizer", tokenizer_from, "SentencePiece .model (default: the model directory's tokenizer.model)");
+  gg->add_option("--tokenizer", tokenizer_from, "SentencePiece .model or byte-level BPE tokenizer.json (default: the model directory's)");
 
   try {
     app.parse(argc, argv);

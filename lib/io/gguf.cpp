@@ -99,21 +99,147 @@ std::string encode(const at::Tensor& t32, GgmlType type) {
 fs::path find_tokenizer(const fs::path& dir, const GgufExportOptions& o) {
   if (o.tokenizer) {
     RHINE_CHECK(fs::is_regular_file(*o.tokenizer), kExport, "no tokenizer file at", o.tokenizer->string(),
-                "pass the SentencePiece .model of the model's vocabulary");
+                "pass the model's tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE)");
     return *o.tokenizer;
   }
-  RHINE_CHECK(fs::is_regular_file(dir / "tokenizer.model"), kExport,
-              "GGUF export needs the SentencePiece tokenizer.model of the vocabulary; none in", dir.string(),
-              fs::exists(dir / "tokenizer.json")
-                  ? "this directory has only tokenizer.json, which this exporter does not translate yet; pass "
-                    "--tokenizer FILE.model if the vocabulary came from SentencePiece"
-                  : "pass --tokenizer FILE.model");
-  return dir / "tokenizer.model";
+  for (const char* name : {"tokenizer.model", "tokenizer.json"})
+    if (fs::is_regular_file(dir / name)) return dir / name;
+  RHINE_FAIL(kExport, "GGUF export needs the vocabulary; no tokenizer.model or tokenizer.json in", dir.string(),
+             "pass --tokenizer FILE (a SentencePiece .model or a byte-level BPE tokenizer.json)");
 }
 
-// tokenizer.ggml.* of a SentencePiece model, padded to the model's vocabulary.
-void add_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c, const fs::path& dir,
-                   GgufExportReport& report) {
+// The settings of tokenizer_config.json (or chat_template.jinja) llama.cpp reads.
+struct TokenizerConfig {
+  std::optional<bool> add_bos, add_eos;
+  std::string chat_template;
+};
+TokenizerConfig read_tokenizer_config(const fs::path& dir) {
+  TokenizerConfig t;
+  if (fs::exists(dir / "tokenizer_config.json")) {
+    const Json tc = read_json_file((dir / "tokenizer_config.json").string(), kExport);
+    if (tc.contains("add_bos_token") && tc["add_bos_token"].is_boolean()) t.add_bos = tc["add_bos_token"].get<bool>();
+    if (tc.contains("add_eos_token") && tc["add_eos_token"].is_boolean()) t.add_eos = tc["add_eos_token"].get<bool>();
+    if (tc.contains("chat_template") && tc["chat_template"].is_string())
+      t.chat_template = tc["chat_template"].get<std::string>();
+  }
+  if (t.chat_template.empty() && fs::exists(dir / "chat_template.jinja"))
+    t.chat_template = read_file((dir / "chat_template.jinja").string(), kExport);
+  return t;
+}
+
+// Special ids: config.json's, else the tokenizer's own (-1: none).
+void add_special_ids(GgufWriter& w, const nn::ModelConfig& c, std::int32_t bos, std::int32_t eos, std::int32_t unk,
+                     std::int32_t pad) {
+  auto put = [&](const char* key, std::optional<std::int64_t> from_config, std::int32_t own) {
+    if (from_config && *from_config >= 0) w.add(key, static_cast<std::uint32_t>(*from_config));
+    else if (own >= 0) w.add(key, static_cast<std::uint32_t>(own));
+  };
+  put("tokenizer.ggml.bos_token_id", c.bos_token_id, bos);
+  put("tokenizer.ggml.eos_token_id",
+      c.eos_token_id.empty() ? std::nullopt : std::optional<std::int64_t>(c.eos_token_id.front()), eos);
+  put("tokenizer.ggml.unknown_token_id", std::nullopt, unk);
+  put("tokenizer.ggml.padding_token_id", c.pad_token_id, pad);
+}
+
+void pad_vocabulary(std::vector<std::string>& tokens, std::vector<std::int32_t>& types, std::vector<float>* scores,
+                    std::int64_t vocab_size) {
+  for (auto i = static_cast<std::int64_t>(tokens.size()); i < vocab_size; ++i) {
+    tokens.push_back("[PAD" + std::to_string(i) + "]");
+    types.push_back(5);  // unused
+    if (scores) scores->push_back(-1000.0f);
+  }
+}
+
+// llama.cpp's name of the pre-tokenizer a byte-level BPE tokenizer.json uses (the
+// regexes it implements); "" when it implements none that matches.
+std::string bpe_pre_name(const Json& pre) {
+  static const std::string llama3 =
+      R"re((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)re";
+  if (pre.is_object() && pre.value("type", "") == "ByteLevel" && pre.value("use_regex", true) &&
+      !pre.value("add_prefix_space", false))
+    return "gpt-2";
+  if (pre.is_object() && pre.value("type", "") == "Sequence" && pre.contains("pretokenizers")) {
+    const Json& seq = pre["pretokenizers"];
+    if (seq.size() == 2 && seq[0].value("type", "") == "Split" && seq[0].contains("pattern") &&
+        seq[0]["pattern"].value("Regex", "") == llama3 && seq[1].value("type", "") == "ByteLevel" &&
+        !seq[1].value("use_regex", true))
+      return "llama-bpe";
+  }
+  return "";
+}
+
+// tokenizer.ggml.* of a byte-level BPE tokenizer.json ("gpt2" in llama.cpp's terms).
+void add_bpe_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c, const fs::path& dir,
+                       GgufExportReport& report) {
+  const Json j = read_json_file(path.string(), kExport);
+  const Json& m = j.contains("model") ? j["model"] : Json();
+  RHINE_CHECK(m.is_object() && m.value("type", "") == "BPE" && m.contains("vocab") && m.contains("merges"), kExport,
+              "GGUF export reads SentencePiece .model files and byte-level BPE tokenizer.json files; " + path.string() +
+                  " has model type",
+              m.is_object() ? m.value("type", std::string("?")) : std::string("?"),
+              "pass the model's SentencePiece tokenizer.model with --tokenizer");
+  const std::string pre = bpe_pre_name(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : Json());
+  RHINE_CHECK(!pre.empty(), kExport,
+              "llama.cpp implements no pre-tokenizer equal to the one of " + path.string(),
+              Verbatim{j.contains("pre_tokenizer") ? j["pre_tokenizer"].dump().substr(0, 300) : "null"},
+              "byte-level BPE with the GPT-2 or Llama 3 split is supported; use llama.cpp's convert_hf_to_gguf.py "
+              "for other pre-tokenizers");
+  std::vector<std::string> tokens;
+  std::vector<std::int32_t> types;
+  auto place = [&](std::int64_t id, const std::string& text, std::int32_t type) {
+    RHINE_CHECK(id >= 0 && id < c.vocab_size, kExport, "a token id of " + path.string() + " is outside the model's vocab_size",
+                id, "vocab_size is " + std::to_string(c.vocab_size) + "; resize the model or pass its own tokenizer");
+    if (static_cast<std::int64_t>(tokens.size()) <= id) {
+      tokens.resize(static_cast<std::size_t>(id) + 1);
+      types.resize(static_cast<std::size_t>(id) + 1, -1);
+    }
+    tokens[static_cast<std::size_t>(id)] = text;
+    types[static_cast<std::size_t>(id)] = type;
+  };
+  for (const auto& [text, id] : m["vocab"].items()) place(id.get<std::int64_t>(), text, 1);  // normal
+  std::int32_t bos = -1, eos = -1;
+  if (j.contains("added_tokens"))
+    for (const auto& a : j["added_tokens"])
+      place(a.at("id").get<std::int64_t>(), a.at("content").get<std::string>(), a.value("special", false) ? 3 : 4);
+  for (std::size_t i = 0; i < types.size(); ++i)
+    RHINE_CHECK(types[i] >= 0, kExport, "the vocabulary of " + path.string() + " has a hole at id", i,
+                "every id below the largest must name a token");
+  const auto n = static_cast<std::int64_t>(tokens.size());
+  pad_vocabulary(tokens, types, nullptr, c.vocab_size);
+  report.vocab = static_cast<std::int64_t>(tokens.size());
+  report.padded_tokens = c.vocab_size - n;
+  std::vector<std::string> merges;
+  for (const auto& mg : m["merges"])
+    merges.push_back(mg.is_string() ? mg.get<std::string>() : mg.at(0).get<std::string>() + " " + mg.at(1).get<std::string>());
+
+  // add_bos / add_eos: tokenizer_config.json, else what the post-processor template adds.
+  TokenizerConfig tc = read_tokenizer_config(dir);
+  bool template_bos = false, template_eos = false;
+  if (j.contains("post_processor") && j["post_processor"].is_object() &&
+      j["post_processor"].value("type", "") == "TemplateProcessing") {
+    const Json& single = j["post_processor"]["single"];
+    if (!single.empty() && single.front().contains("SpecialToken")) {
+      template_bos = true;
+      bos = static_cast<std::int32_t>(
+          j["post_processor"]["special_tokens"][single.front()["SpecialToken"]["id"].get<std::string>()]["ids"][0]
+              .get<std::int64_t>());
+    }
+    if (single.size() > 1 && single.back().contains("SpecialToken")) template_eos = true;
+  }
+  w.add("tokenizer.ggml.model", std::string("gpt2"));
+  w.add("tokenizer.ggml.pre", pre);
+  w.add("tokenizer.ggml.tokens", std::move(tokens));
+  w.add("tokenizer.ggml.token_type", std::move(types));
+  w.add("tokenizer.ggml.merges", std::move(merges));
+  add_special_ids(w, c, bos, eos, -1, -1);
+  w.add("tokenizer.ggml.add_bos_token", tc.add_bos.value_or(template_bos));
+  w.add("tokenizer.ggml.add_eos_token", tc.add_eos.value_or(template_eos));
+  if (!tc.chat_template.empty()) w.add("tokenizer.chat_template", tc.chat_template);
+}
+
+// tokenizer.ggml.* of a SentencePiece model ("llama" in llama.cpp's terms).
+void add_spm_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c, const fs::path& dir,
+                       GgufExportReport& report) {
   const auto spm = tokenizer::parse_spm_model(read_file(path.string(), kExport), path.string());
   const auto n = static_cast<std::int64_t>(spm.pieces.size());
   RHINE_CHECK(n <= c.vocab_size, kExport,
@@ -127,11 +253,7 @@ void add_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c
     scores.push_back(p.score);
     types.push_back(static_cast<std::int32_t>(p.type));  // SentencePiece's and GGUF's numbering agree
   }
-  for (std::int64_t i = n; i < c.vocab_size; ++i) {
-    tokens.push_back("[PAD" + std::to_string(i) + "]");
-    scores.push_back(-1000.0f);
-    types.push_back(static_cast<std::int32_t>(tokenizer::SpmModelProto::PieceType::unused));
-  }
+  pad_vocabulary(tokens, types, &scores, c.vocab_size);
   report.vocab = static_cast<std::int64_t>(tokens.size());
   report.padded_tokens = c.vocab_size - n;
   w.add("tokenizer.ggml.model", std::string("llama"));
@@ -139,34 +261,18 @@ void add_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c
   w.add("tokenizer.ggml.tokens", std::move(tokens));
   w.add("tokenizer.ggml.scores", std::move(scores));
   w.add("tokenizer.ggml.token_type", std::move(types));
-
-  auto id = [&](std::optional<std::int64_t> from_config, std::int32_t from_spm) -> std::optional<std::uint32_t> {
-    if (from_config && *from_config >= 0) return static_cast<std::uint32_t>(*from_config);
-    if (from_spm >= 0) return static_cast<std::uint32_t>(from_spm);
-    return std::nullopt;
-  };
-  const std::optional<std::int64_t> eos =
-      c.eos_token_id.empty() ? std::nullopt : std::optional<std::int64_t>(c.eos_token_id.front());
-  if (auto v = id(c.bos_token_id, spm.bos_id)) w.add("tokenizer.ggml.bos_token_id", *v);
-  if (auto v = id(eos, spm.eos_id)) w.add("tokenizer.ggml.eos_token_id", *v);
-  if (auto v = id(std::nullopt, spm.unk_id)) w.add("tokenizer.ggml.unknown_token_id", *v);
-  if (auto v = id(c.pad_token_id, spm.pad_id)) w.add("tokenizer.ggml.padding_token_id", *v);
-
-  bool add_bos = true, add_eos = false;
-  std::string chat_template;
-  if (fs::exists(dir / "tokenizer_config.json")) {
-    const Json tc = read_json_file((dir / "tokenizer_config.json").string(), kExport);
-    if (tc.contains("add_bos_token") && tc["add_bos_token"].is_boolean()) add_bos = tc["add_bos_token"].get<bool>();
-    if (tc.contains("add_eos_token") && tc["add_eos_token"].is_boolean()) add_eos = tc["add_eos_token"].get<bool>();
-    if (tc.contains("chat_template") && tc["chat_template"].is_string())
-      chat_template = tc["chat_template"].get<std::string>();
-  }
-  if (chat_template.empty() && fs::exists(dir / "chat_template.jinja"))
-    chat_template = read_file((dir / "chat_template.jinja").string(), kExport);
-  w.add("tokenizer.ggml.add_bos_token", add_bos);
-  w.add("tokenizer.ggml.add_eos_token", add_eos);
+  add_special_ids(w, c, spm.bos_id, spm.eos_id, spm.unk_id, spm.pad_id);
+  const TokenizerConfig tc = read_tokenizer_config(dir);
+  w.add("tokenizer.ggml.add_bos_token", tc.add_bos.value_or(true));
+  w.add("tokenizer.ggml.add_eos_token", tc.add_eos.value_or(false));
   w.add("tokenizer.ggml.add_space_prefix", spm.add_dummy_prefix);
-  if (!chat_template.empty()) w.add("tokenizer.chat_template", chat_template);
+  if (!tc.chat_template.empty()) w.add("tokenizer.chat_template", tc.chat_template);
+}
+
+void add_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfig& c, const fs::path& dir,
+                   GgufExportReport& report) {
+  if (path.extension() == ".json") add_bpe_tokenizer(w, path, c, dir, report);
+  else add_spm_tokenizer(w, path, c, dir, report);
 }
 
 }  // namespace

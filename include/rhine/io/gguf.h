@@ -20,14 +20,18 @@
 /// - weights (2-D) in `type`, 1-D tensors (norms) in F32; under Q8_0 a
 ///   matrix whose rows are not a multiple of 32 falls back to F16;
 /// - the tokenizer in `tokenizer.ggml.*`: a SentencePiece model as "llama"
-///   (pieces, scores, piece types; padded with [PADn] unused tokens to the
-///   model's vocabulary), special ids from config.json (falling back to the
-///   tokenizer's), add_bos_token / add_eos_token / chat_template from
-///   tokenizer_config.json when present.
+///   (pieces, scores, piece types), a byte-level BPE tokenizer.json as "gpt2"
+///   (tokens, merges, added tokens as control / user-defined, pre-tokenizer
+///   "gpt-2" or "llama-bpe" by its split regex); both padded with [PADn]
+///   unused tokens to the model's vocabulary; special ids from config.json
+///   (falling back to the tokenizer's), add_bos_token / add_eos_token /
+///   chat_template from tokenizer_config.json when present (BPE: else what the
+///   post-processor template adds).
 ///
-/// Models outside that (attention or MLP biases, QK-norm, scaled RoPE,
-/// tokenizer.json-only tokenizers, MLA / MoE) are refused with an error naming
-/// the config key rather than written into a file llama.cpp would misread.
+/// Models outside that (attention or MLP biases, QK-norm, scaled RoPE, MLA /
+/// MoE, tokenizer.json files that are not byte-level BPE with a split llama.cpp
+/// implements) are refused with an error naming the config key rather than
+/// written into a file llama.cpp would misread.
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -42,7 +46,8 @@ namespace rhine::io {
 struct GgufExportOptions {
   /// Type of the 2-D weights: F32, F16, BF16 or Q8_0.
   GgmlType type = GgmlType::F16;
-  /// SentencePiece `.model` of the vocabulary; default: the directory's tokenizer.model.
+  /// The vocabulary: a SentencePiece `.model` or a byte-level BPE
+  /// tokenizer.json; default: the directory's tokenizer.model, else its tokenizer.json.
   std::optional<std::filesystem::path> tokenizer;
   /// `general.name`; default: the directory's name.
   std::string name;

@@ -10,6 +10,10 @@
 //   rhine-tokenizer encode --tokenizer build/tok/eu16k.model < text.txt > ids.txt
 //   rhine-tokenizer decode --tokenizer build/tok/eu16k.model < ids.txt
 //   rhine-tokenizer stats  --tokenizer build/tok/eu16k.model --input de=de.txt ... --reference en
+//   rhine-tokenizer extend --tokenizer base.model --input nl=nl.txt --new-tokens 2000 --out build/tok/base-nl
+//       --eval nl=heldout-nl.txt --eval en=heldout-en.txt
+//   (extend writes PREFIX.model, PREFIX.tokenizer.json and PREFIX.extend.json: the base's ids
+//   unchanged, new pieces after them; fertility and parity before and after on --eval)
 
 #include <CLI/CLI.hpp>
 #include <sentencepiece_trainer.h>
@@ -32,6 +36,7 @@
 #include "rhine/core/file.h"
 #include "rhine/core/json.h"
 #include "rhine/core/random.h"
+#include "rhine/tokenizer/extend.h"
 #include "rhine/tokenizer/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -301,15 +306,12 @@ int run_decode(const std::string& path) {
 
 // --- stats ---------------------------------------------------------------------------------
 
-int run_stats(const std::string& path, const std::vector<std::string>& inputs, const std::string& reference,
-              const std::string& text_field, const std::string& lang_field, bool json, int threads) {
-  const auto tok = rhine::Tokenizer::load(path);
-  Corpus c;
-  for (const auto& spec : inputs) read_input(c, spec, text_field, lang_field);
-  RHINE_CHECK(!c.lines.empty(), kComponent, "no text to measure", inputs, "pass --input LANG=PATH (one or more)");
-  struct Row {
-    std::size_t lines = 0, words = 0, bytes = 0, tokens = 0;
-  };
+struct Row {
+  std::size_t lines = 0, words = 0, bytes = 0, tokens = 0;
+};
+
+// Lines, whitespace words, bytes and tokens of each language of `c` under `tok`.
+std::map<std::string, Row> measure(const rhine::Tokenizer& tok, const Corpus& c, int threads) {
   std::map<std::string, Row> rows;
   for (const auto& [lang, lines] : c.lines) {
     Row& r = rows[lang];
@@ -323,6 +325,16 @@ int run_stats(const std::string& path, const std::vector<std::string>& inputs, c
       while (in >> w) ++r.words;
     }
   }
+  return rows;
+}
+
+int run_stats(const std::string& path, const std::vector<std::string>& inputs, const std::string& reference,
+              const std::string& text_field, const std::string& lang_field, bool json, int threads) {
+  const auto tok = rhine::Tokenizer::load(path);
+  Corpus c;
+  for (const auto& spec : inputs) read_input(c, spec, text_field, lang_field);
+  RHINE_CHECK(!c.lines.empty(), kComponent, "no text to measure", inputs, "pass --input LANG=PATH (one or more)");
+  std::map<std::string, Row> rows = measure(tok, c, threads);
   // Parity compares total token counts, so it is meaningful when the inputs hold the same
   // content in each language (parallel or translated text, not necessarily line-aligned).
   const Row* ref = rows.count(reference) ? &rows[reference] : nullptr;
@@ -354,6 +366,70 @@ int run_stats(const std::string& path, const std::vector<std::string>& inputs, c
                 "(meaningful when the inputs are translations of the same text)\n",
                 reference.c_str());
   }
+  return 0;
+}
+
+// --- extend --------------------------------------------------------------------------------
+
+struct ExtendArgs {
+  std::string tokenizer, out, reference = "en", text_field = "text", lang_field = "lang";
+  std::vector<std::string> inputs, eval;
+  rhine::tokenizer::ExtendOptions options;
+};
+
+int run_extend(const ExtendArgs& a) {
+  const std::string base_bytes = rhine::read_file(a.tokenizer, kComponent);
+  const auto base = rhine::tokenizer::parse_spm_model(base_bytes, a.tokenizer);
+  Corpus train, eval;
+  for (const auto& spec : a.inputs) read_input(train, spec, a.text_field, a.lang_field);
+  for (const auto& spec : a.eval.empty() ? a.inputs : a.eval) read_input(eval, spec, a.text_field, a.lang_field);
+  std::vector<std::string> texts;
+  for (const auto& [lang, lines] : train.lines) texts.insert(texts.end(), lines.begin(), lines.end());
+  const auto ext = rhine::tokenizer::extend_vocabulary(base, texts, a.options);
+
+  // Write the .model, read it back with Rhine's reader, and derive the tokenizer.json from it.
+  const std::string model_path = a.out + ".model", json_path = a.out + ".tokenizer.json";
+  rhine::write_file_atomic(model_path, ext.model_bytes(base_bytes));
+  const auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(model_path, kComponent), model_path);
+  RHINE_CHECK(proto.pieces.size() == base.pieces.size() + ext.added.size(), kComponent,
+              "the written model does not read back with the new pieces", proto.pieces.size(), "please report this");
+  rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, model_path).dump(1) + "\n");
+  const auto before = rhine::Tokenizer::from_sentencepiece(base, a.tokenizer);
+  const auto after = rhine::Tokenizer::load(model_path);
+
+  const auto rb = measure(before, eval, a.options.threads), ra = measure(after, eval, a.options.threads);
+  const bool parallel = rb.count(a.reference) > 0;
+  rhine::Json langs = rhine::Json::object();
+  std::printf("extended %s by %zu pieces (ids %d-%zu) -> %s, %s\n", a.tokenizer.c_str(), ext.added.size(),
+              ext.base_size, ext.base_size + ext.added.size() - 1, model_path.c_str(), json_path.c_str());
+  std::printf("%-6s %10s %10s %8s %10s %10s %8s %9s %9s\n", "lang", "tok_before", "tok_after", "change", "fert_bef",
+              "fert_aft", "", parallel ? "par_bef" : "", parallel ? "par_aft" : "");
+  for (const auto& [lang, b] : rb) {
+    const Row& r = ra.at(lang);
+    auto fert = [](const Row& x) { return x.words ? static_cast<double>(x.tokens) / static_cast<double>(x.words) : 0.0; };
+    const double change = b.tokens ? static_cast<double>(r.tokens) / static_cast<double>(b.tokens) - 1.0 : 0.0;
+    double pb = NAN, pa = NAN;
+    if (parallel) {
+      pb = static_cast<double>(b.tokens) / static_cast<double>(rb.at(a.reference).tokens);
+      pa = static_cast<double>(r.tokens) / static_cast<double>(ra.at(a.reference).tokens);
+    }
+    std::printf("%-6s %10zu %10zu %+7.1f%% %10.3f %10.3f %8s %9.3f %9.3f\n", lang.c_str(), b.tokens, r.tokens,
+                100.0 * change, fert(b), fert(r), "", pb, pa);
+    langs[lang] = {{"words", b.words},           {"bytes", b.bytes},          {"tokens_before", b.tokens},
+                   {"tokens_after", r.tokens},   {"fertility_before", fert(b)}, {"fertility_after", fert(r)},
+                   {"parity_before", parallel ? rhine::Json(pb) : rhine::Json(nullptr)},
+                   {"parity_after", parallel ? rhine::Json(pa) : rhine::Json(nullptr)}};
+  }
+  rhine::Json added = rhine::Json::array();
+  for (std::size_t i = 0; i < ext.added.size(); ++i)
+    added.push_back({{"id", ext.base_size + static_cast<std::int32_t>(i)}, {"piece", ext.added[i]}, {"saved", ext.saved[i]}});
+  const rhine::Json report = {{"base", a.tokenizer},           {"model", model_path},
+                              {"tokenizer_json", json_path},   {"base_size", ext.base_size},
+                              {"new_tokens", ext.added.size()}, {"reference", a.reference},
+                              {"languages", langs},             {"added", added}};
+  rhine::write_file_atomic(a.out + ".extend.json", report.dump(1) + "\n");
+  std::printf("tokens = tokens of the --eval text (default: --input); fertility = tokens per whitespace word;"
+              " parity = tokens / tokens of '%s'. Report: %s.extend.json\n", a.reference.c_str(), a.out.c_str());
   return 0;
 }
 
@@ -401,6 +477,19 @@ int main(int argc, char** argv) {
   std::vector<std::string> stat_inputs;
   std::string reference = "en", text_field = "text", lang_field = "lang";
   bool json = false;
+  ExtendArgs ea;
+  auto* extend = app.add_subcommand("extend", "add the pieces that shorten target-language text most to a SentencePiece BPE model");
+  extend->add_option("--tokenizer,-t", ea.tokenizer, "base SentencePiece BPE .model (its ids keep their meaning)")->required();
+  extend->add_option("--input,-i", ea.inputs, "LANG=PATH of target-language text the new pieces are chosen on")->required();
+  extend->add_option("--out,-o", ea.out, "output prefix: writes PREFIX.model, PREFIX.tokenizer.json, PREFIX.extend.json")->required();
+  extend->add_option("--new-tokens,-n", ea.options.new_tokens, "pieces to add")->capture_default_str();
+  extend->add_option("--min-frequency", ea.options.min_frequency, "add no pair seen fewer times")->capture_default_str();
+  extend->add_option("--eval", ea.eval, "LANG=PATH text to report fertility and parity on (default: --input)");
+  extend->add_option("--reference", ea.reference, "language the parity ratio is relative to")->capture_default_str();
+  extend->add_option("--text-field", ea.text_field)->capture_default_str();
+  extend->add_option("--lang-field", ea.lang_field)->capture_default_str();
+  extend->add_option("--threads", ea.options.threads, "threads (0: all CPUs)");
+
   auto* stats = app.add_subcommand("stats", "per-language fertility, bytes per token and parity to a reference language");
   stats->add_option("--tokenizer,-t", tok_path, "tokenizer file (.model or tokenizer.json)")->required();
   stats->add_option("--input,-i", stat_inputs, "LANG=PATH (translations of the same text give the parity ratio)")->required();
@@ -419,6 +508,7 @@ int main(int argc, char** argv) {
     if (*train) return run_train(ta);
     if (*encode) return run_encode(tok_path, add_special, parse_special, threads);
     if (*decode) return run_decode(tok_path);
+    if (*extend) return run_extend(ea);
     if (*stats) return run_stats(tok_path, stat_inputs, reference, text_field, lang_field, json, threads);
   } catch (const rhine::Error& e) {
     std::fflush(stdout);

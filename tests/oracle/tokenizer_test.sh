@@ -76,3 +76,34 @@ for type in bpe unigram; do
   done
   echo "rhine-tokenizer train $type: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
 done
+
+# 3. What rhine-tokenizer extend writes (issue 18 item 1): the BPE model above extended for
+# Dutch. sentencepiece reads the extended .model and tokenizers the extended tokenizer.json,
+# both encoding as Rhine does; the base's pieces keep their ids; Dutch held-out text shrinks.
+"$tool" extend -t "$work/rhine_bpe.model" -i nl=$fx/nl.txt -n 300 -o "$work/ext_nl" \
+  --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend.log"
+for special in "" --add-special; do
+  "$tool" encode -t "$work/ext_nl.model" $special --threads 1 < "$work/text.txt" > "$work/ext.rhine$special.ids"
+  "$py" "$ref" compare-spm bpe "$work/ext_nl.model" "$work/text.txt" "$work/ext.rhine$special.ids" $special ||
+    { echo "FAIL: rhine-tokenizer extend .model: Rhine's ids are not sentencepiece's${special:+ (with BOS)}"; exit 1; }
+  "$tool" encode -t "$work/ext_nl.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/ext.json$special.ids"
+  "$py" "$ref" encode json "$work/ext_nl.tokenizer.json" $special < "$work/text.txt" > "$work/ext.hf$special.ids"
+  same "rhine-tokenizer extend tokenizer.json vs tokenizers${special:+ with special tokens}" \
+    "$work/ext.json$special.ids" "$work/ext.hf$special.ids"
+done
+"$py" - "$work/rhine_bpe.model" "$work/ext_nl.model" "$work/ext_nl.extend.json" <<'PY' ||
+import json, sys
+import sentencepiece as spm
+base, ext = (spm.SentencePieceProcessor(model_file=p) for p in sys.argv[1:3])
+r = json.load(open(sys.argv[3]))
+n = base.get_piece_size()
+assert ext.get_piece_size() == n + 300 == n + r["new_tokens"], (ext.get_piece_size(), n, r["new_tokens"])
+bad = [i for i in range(n) if (base.id_to_piece(i), base.get_score(i)) != (ext.id_to_piece(i), ext.get_score(i))]
+assert not bad, f"base pieces changed at ids {bad[:5]}"
+assert [ext.id_to_piece(a["id"]) for a in r["added"]] == [a["piece"] for a in r["added"]]
+nl = r["languages"]["nl"]
+assert nl["tokens_after"] < 0.95 * nl["tokens_before"], nl
+print(f"extend: {n} base pieces unchanged, 300 added; nl held-out tokens {nl['tokens_before']} -> {nl['tokens_after']}")
+PY
+  { echo "FAIL: rhine-tokenizer extend: the extended model breaks the base's ids or saves nothing"; exit 1; }
+echo "rhine-tokenizer extend: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"

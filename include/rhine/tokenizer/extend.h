@@ -1,0 +1,58 @@
+#pragma once
+/// \file
+/// Vocabulary extension: add the tokens that shorten a target language's text most to an
+/// existing tokenizer, keeping every existing id's meaning, so that a model trained on
+/// the base vocabulary can be adapted (its embedding matrix grows by the new rows).
+///
+///     auto base = rhine::tokenizer::parse_spm_model(rhine::read_file("base.model", "x"), "base.model");
+///     auto ext = rhine::tokenizer::extend_vocabulary(base, dutch_lines, {.new_tokens = 2000});
+///     rhine::write_file_atomic("nl.model", ext.model_bytes(rhine::read_file("base.model", "x")));
+///
+/// The method is BPE continued on the target text: the text is segmented by the base
+/// tokenizer, and N times the most frequent adjacent pair of pieces inside a word becomes a
+/// new piece (the pair's frequency is the number of tokens it saves). For a SentencePiece BPE
+/// model the new pieces are appended with scores below every existing piece, so the base's
+/// merges all happen first and the new ones after, in the order they were found: the ids and
+/// the segmentation of text without the new pieces stay as they were.
+///
+/// Supported bases: SentencePiece BPE `.model` files (what `rhine-tokenizer train` writes,
+/// and the vocabularies of Llama 2, Mistral, EuroLLM, Salamandra). Unigram models are refused
+/// with a hint (their pieces are chosen by likelihood, not merges).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "rhine/tokenizer/sentencepiece.h"
+
+namespace rhine::tokenizer {
+
+/// Options of extend_vocabulary.
+struct ExtendOptions {
+  /// Pieces to add at most (fewer when no pair is seen min_frequency times).
+  std::int32_t new_tokens = 1000;
+  /// A pair seen fewer times in the text is not added.
+  std::int64_t min_frequency = 2;
+  /// Longest new piece in bytes (SentencePiece's own max_sentencepiece_length is 16 characters).
+  std::int32_t max_piece_bytes = 32;
+  /// Threads for segmenting the text (0: rhine::default_thread_count()).
+  int threads = 0;
+};
+
+/// The result: the extended model and what each addition saves on the text.
+struct VocabExtension {
+  SpmModelProto model;                ///< base pieces, then the new ones (ids base_size ...)
+  std::int32_t base_size = 0;         ///< pieces of the base; new ids start here
+  std::vector<std::string> added;     ///< the new pieces, in id order
+  std::vector<std::int64_t> saved;    ///< tokens each addition saved on the text, when it was added
+  std::int64_t tokens_before = 0;     ///< the text's tokens under the base
+  /// The extended `.model`: `base_bytes` (the base file, unchanged) followed by the new
+  /// pieces, so every other field of the base survives byte for byte.
+  std::string model_bytes(const std::string& base_bytes) const;
+};
+
+/// Extends `base` for `texts` (lines of target-language text). Throws rhine::Error
+/// "[tokenizer_extend] ..." for a Unigram base, no text, or new_tokens < 1.
+VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
+                                 const ExtendOptions& options = {});
+
+}  // namespace rhine::tokenizer

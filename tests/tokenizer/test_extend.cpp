@@ -1,0 +1,167 @@
+// Vocabulary extension (rhine/tokenizer/extend.h): the incremental merge loop against a
+// plain twin that recounts every pair each round, the written .model read back, and the
+// refusals. libsentencepiece and tokenizers read the extended files in
+// tests/oracle/tokenizer_test.sh (section 3).
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "rhine/core/error.h"
+#include "rhine/tokenizer/extend.h"
+#include "rhine/tokenizer/tokenizer.h"
+
+using Catch::Matchers::Contains;
+using rhine::tokenizer::SpmModelProto;
+
+namespace {
+
+const std::string kSpace = "\xE2\x96\x81";
+
+// Characters only (and "▁x" for a few x): every multi-character piece is new.
+SpmModelProto char_model() {
+  using T = SpmModelProto::PieceType;
+  SpmModelProto m;
+  m.model_type = SpmModelProto::ModelType::bpe;
+  m.pieces = {{"<unk>", 0, T::unknown}, {"<s>", 0, T::control}, {"</s>", 0, T::control}, {kSpace, -1, T::normal}};
+  float score = -2;
+  for (char c = 'a'; c <= 'h'; ++c) m.pieces.push_back({std::string(1, c), score--, T::normal});
+  for (char c = 'a'; c <= 'd'; ++c) m.pieces.push_back({kSpace + std::string(1, c), score--, T::normal});
+  m.pieces.push_back({"ab", score--, T::user_defined});  // a string the base has, not as a normal piece
+  return m;
+}
+
+std::vector<std::string> text(std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::vector<std::string> vocab = {"abc", "cab", "bad", "fed", "deaf", "head", "ace", "bead", "cafe", "dab",
+                                          "gehab", "hagbe"};
+  std::discrete_distribution<int> pick({9, 7, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1});
+  std::vector<std::string> lines;
+  for (int l = 0; l < 200; ++l) {
+    std::string s;
+    for (int w = 0; w < 8; ++w) s += (w ? " " : "") + vocab[static_cast<std::size_t>(pick(rng))];
+    lines.push_back(s);
+  }
+  return lines;
+}
+
+// The twin: the same words, every pair recounted each round.
+std::pair<std::vector<std::string>, std::vector<std::int64_t>> plain_extension(const SpmModelProto& m,
+                                                                               const std::vector<std::string>& lines,
+                                                                               int n) {
+  const auto tok = rhine::Tokenizer::from_sentencepiece(m, "twin");
+  std::vector<std::string> str;
+  std::set<std::string> existing;
+  for (const auto& p : m.pieces) str.push_back(p.piece), existing.insert(p.piece);
+  std::vector<std::vector<std::int32_t>> words;
+  for (const auto& line : lines) {
+    std::vector<std::int32_t> w;
+    for (auto id : tok.encode(line)) {
+      if (m.pieces[static_cast<std::size_t>(id)].type != SpmModelProto::PieceType::normal) {
+        if (w.size() > 1) words.push_back(w);
+        w.clear();
+        continue;
+      }
+      if (str[static_cast<std::size_t>(id)].rfind(kSpace, 0) == 0) {
+        if (w.size() > 1) words.push_back(w);
+        w.clear();
+      }
+      w.push_back(id);
+    }
+    if (w.size() > 1) words.push_back(w);
+  }
+  std::vector<std::string> added;
+  std::vector<std::int64_t> saved;
+  std::set<std::pair<std::int32_t, std::int32_t>> banned;
+  while (static_cast<int>(added.size()) < n) {
+    std::map<std::pair<std::int32_t, std::int32_t>, std::int64_t> count;
+    for (const auto& w : words)
+      for (std::size_t i = 0; i + 1 < w.size(); ++i) count[{w[i], w[i + 1]}] += 1;
+    std::pair<std::int32_t, std::int32_t> best{-1, -1};
+    std::int64_t bc = 0;
+    for (const auto& [p, c] : count)  // ascending (a, b): the first of the largest count wins
+      if (!banned.count(p) && c > bc) best = p, bc = c;
+    if (bc < 2) break;
+    const std::string merged = str[static_cast<std::size_t>(best.first)] + str[static_cast<std::size_t>(best.second)];
+    if (existing.count(merged)) {
+      banned.insert(best);
+      continue;
+    }
+    const auto id = static_cast<std::int32_t>(str.size());
+    str.push_back(merged), existing.insert(merged), added.push_back(merged), saved.push_back(bc);
+    for (auto& w : words) {
+      std::vector<std::int32_t> s;
+      for (std::size_t i = 0; i < w.size(); ++i) {
+        if (i + 1 < w.size() && w[i] == best.first && w[i + 1] == best.second) s.push_back(id), ++i;
+        else s.push_back(w[i]);
+      }
+      w = s;
+    }
+  }
+  return {added, saved};
+}
+
+}  // namespace
+
+TEST_CASE("extend: the incremental merge loop adds what the plain twin adds", "[tokenizer][extend]") {
+  const auto m = char_model();
+  for (std::uint32_t seed : {1u, 2u, 3u}) {
+    const auto lines = text(seed);
+    rhine::tokenizer::ExtendOptions o;
+    o.new_tokens = 25;
+    o.threads = 1;
+    const auto ext = rhine::tokenizer::extend_vocabulary(m, lines, o);
+    const auto [added, saved] = plain_extension(m, lines, 25);
+    CHECK(ext.added == added);
+    CHECK(ext.saved == saved);
+    CHECK(std::find(ext.added.begin(), ext.added.end(), "ab") == ext.added.end());  // the base has "ab"
+    REQUIRE(ext.model.pieces.size() == m.pieces.size() + ext.added.size());
+    for (std::size_t i = 1; i < ext.added.size(); ++i)  // below every base piece, in the order found
+      CHECK(ext.model.pieces[m.pieces.size() + i].score < ext.model.pieces[m.pieces.size() + i - 1].score);
+    CHECK(ext.model.pieces[m.pieces.size()].score < -13);  // the lowest normal base piece: -13
+
+    // The extended model: fewer tokens, and the base's ids for text the new pieces do not touch.
+    const auto before = rhine::Tokenizer::from_sentencepiece(m, "base");
+    const auto after = rhine::Tokenizer::from_sentencepiece(ext.model, "extended");
+    std::int64_t nb = 0, na = 0;
+    for (const auto& l : lines) nb += static_cast<std::int64_t>(before.encode(l).size()), na += static_cast<std::int64_t>(after.encode(l).size());
+    CHECK(nb == ext.tokens_before);
+    CHECK(na < nb);
+    CHECK(after.encode("dg cg") == before.encode("dg cg"));  // "dg", "cg" never occur in the text
+  }
+}
+
+TEST_CASE("extend: model_bytes appends the new pieces to the base file unchanged", "[tokenizer][extend]") {
+  const auto m = char_model();
+  const std::string base_bytes = rhine::tokenizer::serialize_spm_model(m);
+  rhine::tokenizer::ExtendOptions o;
+  o.new_tokens = 5;
+  const auto ext = rhine::tokenizer::extend_vocabulary(m, text(4), o);
+  const std::string bytes = ext.model_bytes(base_bytes);
+  CHECK(bytes.compare(0, base_bytes.size(), base_bytes) == 0);
+  const auto back = rhine::tokenizer::parse_spm_model(bytes, "ext.model");
+  REQUIRE(back.pieces.size() == ext.model.pieces.size());
+  for (std::size_t i = 0; i < back.pieces.size(); ++i) {
+    CHECK(back.pieces[i].piece == ext.model.pieces[i].piece);
+    CHECK(back.pieces[i].score == ext.model.pieces[i].score);
+    CHECK(back.pieces[i].type == ext.model.pieces[i].type);
+  }
+  CHECK(back.model_type == m.model_type);
+}
+
+TEST_CASE("extend: refusals name the problem", "[tokenizer][extend]") {
+  auto m = char_model();
+  rhine::tokenizer::ExtendOptions o;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, {}, o), Contains("no target-language text"));
+  o.new_tokens = 0;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, text(1), o), Contains("new_tokens"));
+  o.new_tokens = 3;
+  m.model_type = SpmModelProto::ModelType::unigram;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, text(1), o), Contains("continues BPE merges"));
+  // Fewer additions than asked when no pair repeats.
+  m.model_type = SpmModelProto::ModelType::bpe;
+  o.new_tokens = 100;
+  const auto ext = rhine::tokenizer::extend_vocabulary(m, {"abc"}, o);
+  CHECK(ext.added.empty());
+}

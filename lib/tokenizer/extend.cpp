@@ -6,8 +6,11 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include <utf8proc.h>
+
 #include "rhine/core/error.h"
 #include "rhine/tokenizer/tokenizer.h"
+#include "utf8.h"
 
 namespace rhine::tokenizer {
 namespace {
@@ -19,6 +22,59 @@ struct Word {
   std::vector<std::int32_t> s;  // piece ids
   std::int64_t n = 0;           // occurrences in the text
 };
+
+// Unicode script classes, approximating SentencePiece's unicode_script::GetScript by code
+// point ranges: letters by script (Hiragana and Katakana merged into Han, as SentencePiece
+// does), combining marks inherit the previous character's, everything else (digits,
+// punctuation, symbols) is Common.
+constexpr int kAnyScript = -1, kInherited = -2, kCommon = 0;
+int script_of(std::uint32_t c) {
+  const auto cat = utf8proc_category(static_cast<utf8proc_int32_t>(c));
+  if (cat == UTF8PROC_CATEGORY_MN || cat == UTF8PROC_CATEGORY_MC || cat == UTF8PROC_CATEGORY_ME) return kInherited;
+  if (cat < UTF8PROC_CATEGORY_LU || cat > UTF8PROC_CATEGORY_LO) return kCommon;
+  struct Range { std::uint32_t lo, hi; int script; };
+  static const Range ranges[] = {
+      {0x0041, 0x024F, 1},   {0x1E00, 0x1EFF, 1},   {0x2C60, 0x2C7F, 1},  {0xA720, 0xA7FF, 1},  {0xFF21, 0xFF5A, 1},
+      {0x0370, 0x03FF, 2},   {0x1F00, 0x1FFF, 2},   {0x0400, 0x052F, 3},  {0x1C80, 0x1C8F, 3},  {0x2DE0, 0x2DFF, 3},
+      {0xA640, 0xA69F, 3},   {0x0530, 0x058F, 4},   {0x0590, 0x05FF, 5},  {0x0600, 0x06FF, 6},  {0x0750, 0x077F, 6},
+      {0x0900, 0x097F, 7},   {0x0E00, 0x0E7F, 8},   {0x10A0, 0x10FF, 9},  {0x1100, 0x11FF, 10}, {0xAC00, 0xD7AF, 10},
+      {0x3130, 0x318F, 10},  {0x3040, 0x30FF, 11},  {0x3400, 0x4DBF, 11}, {0x4E00, 0x9FFF, 11}, {0xF900, 0xFAFF, 11},
+      {0x20000, 0x3FFFF, 11}, {0xFF66, 0xFF9F, 11}};
+  for (const auto& r : ranges)
+    if (c >= r.lo && c <= r.hi) return r.script;
+  return 1000 + static_cast<int>(c >> 7);  // another script: its 128-code-point block
+}
+
+bool is_decimal(std::uint32_t c) {
+  return utf8proc_category(static_cast<utf8proc_int32_t>(c)) == UTF8PROC_CATEGORY_ND;
+}
+
+// SentencePiece's TrainerInterface::IsValidSentencePiece for the rules a merge of two valid
+// pieces can break: no mixed scripts (split_by_unicode_script), a decimal digit only as a
+// piece of its own (split_digits), digits compatible with anything unless split_by_number.
+bool valid_piece(std::string_view piece, const SpmModelProto& m) {
+  std::vector<std::uint32_t> cps;
+  for (std::size_t i = 0; i < piece.size();) {
+    std::size_t len = 1;
+    std::uint32_t cp = 0xFFFD;
+    if (!utf8::decode_valid(piece.substr(i), &len, &cp)) return false;
+    cps.push_back(cp);
+    i += len;
+  }
+  int prev = kAnyScript;
+  for (std::uint32_t c : cps) {
+    if (c == 0x2581) continue;  // the whitespace mark: its position is the word splitting's business
+    int s = script_of(c);
+    if (s == kInherited) s = prev;
+    if (is_decimal(c)) {
+      if (!m.split_by_number) s = kAnyScript;
+      if (m.split_digits && cps.size() > 1) return false;
+    }
+    if (m.split_by_unicode_script && s != kAnyScript && prev != kAnyScript && prev != s) return false;
+    prev = s;
+  }
+  return true;
+}
 
 std::uint64_t key(std::int32_t a, std::int32_t b) {
   return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(a)) << 32) | static_cast<std::uint32_t>(b);
@@ -151,8 +207,9 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
     if (c < options.min_frequency) break;
     const auto a = static_cast<std::int32_t>(k >> 32), b = static_cast<std::int32_t>(k & 0xffffffffu);
     std::string merged = str[static_cast<std::size_t>(a)] + str[static_cast<std::size_t>(b)];
-    if (existing.count(merged) || static_cast<std::int32_t>(merged.size()) > options.max_piece_bytes) {
-      banned.insert(k);  // the base already has this string (under another type), or too long
+    if (existing.count(merged) || static_cast<std::int32_t>(merged.size()) > options.max_piece_bytes ||
+        !valid_piece(merged, base)) {
+      banned.insert(k);  // the base has this string (under another type), too long, or against the trainer's rules
       continue;
     }
     const auto id = static_cast<std::int32_t>(str.size());

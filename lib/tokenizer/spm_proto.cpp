@@ -145,6 +145,9 @@ void parse_trainer_spec(std::string_view bytes, const std::string& source, SpmMo
         m.model_type = static_cast<SpmModelProto::ModelType>(t);
         break;
       }
+      case 21: r.expect(w, 0, "split_by_unicode_script"); m.split_by_unicode_script = as_bool(r.varint("split_by_unicode_script")); break;
+      case 23: r.expect(w, 0, "split_by_number"); m.split_by_number = as_bool(r.varint("split_by_number")); break;
+      case 25: r.expect(w, 0, "split_digits"); m.split_digits = as_bool(r.varint("split_digits")); break;
       case 24: r.expect(w, 0, "treat_whitespace_as_suffix"); m.treat_whitespace_as_suffix = as_bool(r.varint("treat_whitespace_as_suffix")); break;
       case 35: r.expect(w, 0, "byte_fallback"); m.byte_fallback = as_bool(r.varint("byte_fallback")); break;
       case 40: r.expect(w, 0, "unk_id"); m.unk_id = as_int32(r.varint("unk_id")); break;
@@ -255,7 +258,10 @@ std::string serialize_spm_model(const SpmModelProto& m) {
   }
   std::string ts;
   put_int(ts, 3, static_cast<int>(m.model_type));
+  put_int(ts, 21, m.split_by_unicode_script);
+  put_int(ts, 23, m.split_by_number);
   put_int(ts, 24, m.treat_whitespace_as_suffix);
+  put_int(ts, 25, m.split_digits);
   put_int(ts, 35, m.byte_fallback);
   put_int(ts, 40, m.unk_id);
   put_int(ts, 41, m.bos_id);

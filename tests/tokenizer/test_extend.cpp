@@ -165,3 +165,30 @@ TEST_CASE("extend: refusals name the problem", "[tokenizer][extend]") {
   const auto ext = rhine::tokenizer::extend_vocabulary(m, {"abc"}, o);
   CHECK(ext.added.empty());
 }
+
+TEST_CASE("extend: new pieces follow the base trainer's rules (scripts, digits)", "[tokenizer][extend]") {
+  using T = SpmModelProto::PieceType;
+  auto m = char_model();
+  m.pieces.push_back({".", -20, T::normal});
+  m.pieces.push_back({"1", -21, T::normal});
+  m.pieces.push_back({"\xCE\xB1", -22, T::normal});  // Greek alpha
+  const std::vector<std::string> lines(50, "abc. cab1 ab\xCE\xB1 11 ..");
+  rhine::tokenizer::ExtendOptions o;
+  o.new_tokens = 50;
+  m.split_digits = true;
+  auto ext = rhine::tokenizer::extend_vocabulary(m, lines, o);
+  REQUIRE(!ext.added.empty());
+  for (const auto& piece : ext.added) {
+    INFO(piece);
+    const std::string p = piece.rfind(kSpace, 0) == 0 ? piece.substr(kSpace.size()) : piece;  // "▁" goes with anything
+    CHECK(piece.find('1') == std::string::npos);  // split_digits: digits stay single
+    const bool has_dot = p.find('.') != std::string::npos, has_alpha = p.find("\xCE\xB1") != std::string::npos;
+    CHECK((!has_dot || p.find_first_not_of(".") == std::string::npos));  // "." only with "."
+    CHECK((!has_alpha || p == "\xCE\xB1"));                              // no Latin + Greek
+  }
+  CHECK(std::find(ext.added.begin(), ext.added.end(), kSpace + "..") != ext.added.end());  // Common + Common: one script
+  m.split_digits = false;
+  m.split_by_number = false;  // digits then join anything
+  ext = rhine::tokenizer::extend_vocabulary(m, lines, o);
+  CHECK(std::find(ext.added.begin(), ext.added.end(), kSpace + "11") != ext.added.end());
+}

@@ -34,6 +34,8 @@ TEST_CASE("serialize/parse round trip keeps every field", "[spm_reader]") {
   m.remove_extra_whitespaces = false;
   m.pad_id = 3;
   m.unk_surface = "?";
+  m.split_by_unicode_script = false;
+  m.split_digits = true;
   const auto p = rhine::tokenizer::parse_spm_model(rhine::tokenizer::serialize_spm_model(m), "mem");
   REQUIRE(p.pieces.size() == m.pieces.size());
   for (std::size_t i = 0; i < m.pieces.size(); ++i) {
@@ -47,6 +49,9 @@ TEST_CASE("serialize/parse round trip keeps every field", "[spm_reader]") {
   CHECK(p.escape_whitespaces);
   CHECK(p.pad_id == 3);
   CHECK(p.unk_surface == "?");
+  CHECK(!p.split_by_unicode_script);
+  CHECK(p.split_by_number);
+  CHECK(p.split_digits);
 }
 
 TEST_CASE("every truncation of a model is rejected cleanly", "[spm_reader]") {

@@ -10,7 +10,11 @@
 ///
 /// The method is BPE continued on the target text: the text is segmented by the base
 /// tokenizer, and N times the most frequent adjacent pair of pieces inside a word becomes a
-/// new piece (the pair's frequency is the number of tokens it saves). For a SentencePiece BPE
+/// new piece (the pair's frequency is the number of tokens it saves). Pieces the base's own
+/// trainer would not have made are skipped: SentencePiece's rules are read from the model
+/// (`split_by_unicode_script`: no piece mixes scripts, so "terug." or "'s" are not added;
+/// `split_digits`: digits stay single; `split_by_number`), with Unicode scripts approximated
+/// by code point ranges. For a SentencePiece BPE
 /// model the new pieces are appended with scores below every existing piece, so the base's
 /// merges all happen first and the new ones after, in the order they were found: the ids and
 /// the segmentation of text without the new pieces stay as they were.

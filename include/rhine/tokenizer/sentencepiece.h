@@ -39,6 +39,9 @@ struct SpmModelProto {
   ModelType model_type = ModelType::unigram;
   bool byte_fallback = false;
   bool treat_whitespace_as_suffix = false;
+  /// The trainer's piece rules (they shape which pieces exist, not how text is encoded;
+  /// vocabulary extension follows them): no piece mixes Unicode scripts, digits stand alone.
+  bool split_by_unicode_script = true, split_by_number = true, split_digits = false;
   int32_t unk_id = 0, bos_id = 1, eos_id = 2, pad_id = -1;
   std::string unk_surface = " \xE2\x81\x87 ";
   // NormalizerSpec

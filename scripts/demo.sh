@@ -17,9 +17,9 @@ S=data/sample
 mkdir -p "$out"
 
 echo "== 1/3 train a SentencePiece BPE tokenizer on de/fr/nl/en (rhine-tokenizer)"
-"$bin/tokenizer/rhine-tokenizer" train --model-type bpe --vocab-size 4000 --temperature 3 \
+"$bin/tokenizer/rhine-tokenizer" train --model-type bpe --vocab-size 4000 --temperature 3 --parity 1.08 \
   --input de=$S/de.txt --input fr=$S/fr.txt --input nl=$S/nl.txt --input en=$S/en.txt \
-  --out "$out/tok" 2>&1 | grep '^\[train\]'
+  --out "$out/tok" 2>&1 | grep -E '^\[parity\]|^\[train\] wrote'
 "$bin/tokenizer/rhine-tokenizer" stats --tokenizer "$out/tok.model" --reference en \
   --input de=$S/heldout/de.txt --input fr=$S/heldout/fr.txt --input nl=$S/heldout/nl.txt \
   --input en=$S/heldout/en.txt

@@ -116,21 +116,29 @@ struct TrainArgs {
   std::string normalization = "nmt_nfkc";
   uint64_t seed = 1;
   int threads = 0;
+  std::map<std::string, double> weights;  // language -> multiplier of its sampled share
+  // Parity-aware training: retrain with adjusted weights until every language's token count
+  // on the parallel --parity-eval text is within `parity` times the smallest (0: off).
+  double parity = 0;
+  std::vector<std::string> parity_eval;  // LANG=PATH; default: the training inputs
+  int parity_rounds = 8;
 };
 
 // Language-balanced sampling: language l with n_l bytes gets the share
 // q_l = p_l^(1/T) / sum_j p_j^(1/T), p_l = n_l / sum n (T = 1: proportional, T -> inf:
 // uniform). Lines are drawn without replacement while they last, then repeated.
 std::vector<std::string> balanced_sample(const Corpus& c, double temperature, double sample_mb, uint64_t seed,
+                                         const std::map<std::string, double>& weights,
                                          std::map<std::string, std::pair<double, double>>& shares) {
   RHINE_CHECK(temperature > 0, kComponent, "--temperature must be positive", temperature, "1 = proportional, 3 = flatter, 100 ~ uniform");
   double total = 0;
   std::map<std::string, double> n;
   for (const auto& [lang, lines] : c.lines) total += (n[lang] = static_cast<double>(bytes_of(lines)));
   double z = 0;
-  for (const auto& [lang, b] : n) z += std::pow(b / total, 1.0 / temperature);
+  auto weight = [&](const std::string& lang) { return weights.count(lang) ? weights.at(lang) : 1.0; };
+  for (const auto& [lang, b] : n) z += weight(lang) * std::pow(b / total, 1.0 / temperature);
   std::map<std::string, double> q;
-  for (const auto& [lang, b] : n) q[lang] = std::pow(b / total, 1.0 / temperature) / z;
+  for (const auto& [lang, b] : n) q[lang] = weight(lang) * std::pow(b / total, 1.0 / temperature) / z;
   // Budget: by default the largest budget where no language must repeat lines.
   double budget = sample_mb * 1e6;
   if (budget <= 0) {
@@ -158,14 +166,28 @@ std::vector<std::string> balanced_sample(const Corpus& c, double temperature, do
   return out;
 }
 
-int run_train(const TrainArgs& a) {
+// "LANG=W" with W > 0.
+std::pair<std::string, double> parse_weight(const std::string& spec) {
+  const auto eq = spec.find('=');
+  double w = 0;
+  bool ok = eq != std::string::npos && eq > 0;
+  if (ok) {
+    const char* b = spec.data() + eq + 1;
+    const auto [p, ec] = std::from_chars(b, spec.data() + spec.size(), w);
+    ok = ec == std::errc() && p == spec.data() + spec.size() && w > 0 && std::isfinite(w);
+  }
+  RHINE_CHECK(ok, kComponent, "--language-weights takes LANG=W with W > 0", spec, "e.g. --language-weights fr=1.5,de=1.2");
+  return {spec.substr(0, eq), w};
+}
+
+int train_once(const TrainArgs& a) {
   Corpus c;
   for (const auto& spec : a.inputs) read_input(c, spec, a.text_field, a.lang_field);
   RHINE_CHECK(!c.lines.empty(), kComponent, "no training text found", a.inputs, "pass --input LANG=PATH (one or more)");
   RHINE_CHECK(a.model_type == "bpe" || a.model_type == "unigram", kComponent, "--model-type must be bpe or unigram",
               a.model_type, "SentencePiece BPE or Unigram");
   std::map<std::string, std::pair<double, double>> shares;
-  const auto sample = balanced_sample(c, a.temperature, a.sample_mb, a.seed, shares);
+  const auto sample = balanced_sample(c, a.temperature, a.sample_mb, a.seed, a.weights, shares);
   double sampled = 0;
   for (const auto& [lang, s] : shares) sampled += s.second;
   std::fprintf(stderr, "[train] language  input share  sampled share (temperature %.2f)\n", a.temperature);
@@ -369,6 +391,52 @@ int run_stats(const std::string& path, const std::vector<std::string>& inputs, c
   return 0;
 }
 
+// --- train with a parity bound ---------------------------------------------------------------
+
+// Trains; with --parity, repeats with each language's sampling weight multiplied by its
+// parity^2 (tokens / tokens of the most compact language on the parallel evaluation text)
+// until every parity is within the bound, keeping the round with the smallest worst parity.
+int run_train(TrainArgs a) {
+  if (a.parity <= 0) return train_once(a);
+  RHINE_CHECK(a.parity >= 1.0, kComponent, "--parity is a ratio to the most compact language, at least 1", a.parity,
+              "e.g. --parity 1.10");
+  Corpus eval;
+  for (const auto& spec : a.parity_eval.empty() ? a.inputs : a.parity_eval) read_input(eval, spec, a.text_field, a.lang_field);
+  RHINE_CHECK(eval.lines.size() >= 2, kComponent, "--parity needs parallel text in at least two languages",
+              eval.lines.size(), "pass --parity-eval LANG=PATH for each language (translations of the same text)");
+  std::map<std::string, double> best_weights;
+  double best_worst = INFINITY;
+  std::size_t first_total = 0;
+  for (int round = 0; round < a.parity_rounds; ++round) {
+    train_once(a);
+    const auto rows = measure(rhine::Tokenizer::load(a.out + ".model"), eval, a.threads);
+    std::size_t least = SIZE_MAX, total = 0;
+    for (const auto& [lang, r] : rows) least = std::min(least, r.tokens), total += r.tokens;
+    if (round == 0) first_total = total;
+    double worst = 0;
+    std::string line;
+    for (const auto& [lang, r] : rows) {
+      const double p = static_cast<double>(r.tokens) / static_cast<double>(least);
+      worst = std::max(worst, p);
+      line += " " + lang + " " + std::to_string(p).substr(0, 5) + " (w " +
+              std::to_string(a.weights.count(lang) ? a.weights.at(lang) : 1.0).substr(0, 5) + ")";
+    }
+    std::fprintf(stderr, "[parity] round %d: worst %.3f, tokens %zu (%+.2f%% vs round 0):%s\n", round, worst, total,
+                 100.0 * (static_cast<double>(total) / static_cast<double>(first_total) - 1.0), line.c_str());
+    if (worst < best_worst) best_worst = worst, best_weights = a.weights;
+    if (worst <= a.parity) return 0;
+    for (const auto& [lang, r] : rows) {
+      const double p = static_cast<double>(r.tokens) / static_cast<double>(least);
+      a.weights[lang] = (a.weights.count(lang) ? a.weights.at(lang) : 1.0) * p * p;
+    }
+  }
+  a.weights = best_weights;
+  train_once(a);
+  std::fprintf(stderr, "[parity] no round reached %.3f in %d rounds; kept the best (worst parity %.3f)\n", a.parity,
+               a.parity_rounds, best_worst);
+  return 0;
+}
+
 // --- extend --------------------------------------------------------------------------------
 
 struct ExtendArgs {
@@ -460,6 +528,14 @@ int main(int argc, char** argv) {
   train->add_option("--text-field", ta.text_field, "JSONL field with the text")->capture_default_str();
   train->add_option("--lang-field", ta.lang_field, "JSONL field with the language")->capture_default_str();
   train->add_option("--seed", ta.seed)->capture_default_str();
+  train->add_option("--parity", ta.parity,
+                    "retrain until every language's tokens on parallel text are within this ratio of the most compact "
+                    "one (e.g. 1.10; 0: off)")->capture_default_str();
+  train->add_option("--parity-eval", ta.parity_eval, "LANG=PATH parallel text for --parity (default: --input)");
+  train->add_option("--parity-rounds", ta.parity_rounds, "trainings at most for --parity")->capture_default_str();
+  std::vector<std::string> weight_specs;
+  train->add_option("--language-weights", weight_specs, "LANG=W multipliers of the sampled shares (e.g. fr=1.5,de=1.2)")
+      ->delimiter(',');
   train->add_option("--threads", ta.threads, "trainer threads (0: 2)");
 
   std::string tok_path;
@@ -505,6 +581,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    for (const auto& w : weight_specs) ta.weights[parse_weight(w).first] = parse_weight(w).second;
     if (*train) return run_train(ta);
     if (*encode) return run_encode(tok_path, add_special, parse_special, threads);
     if (*decode) return run_decode(tok_path);

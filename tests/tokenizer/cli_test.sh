@@ -68,4 +68,28 @@ expect_fail "bad id" bash -c "echo '1 999999' | '$tool' decode -t '$work/bpe.mod
 expect_fail "not an id" bash -c "echo '1 x' | '$tool' decode -t '$work/bpe.model'"
 "$tool" stats -t "$work/bpe.model" -i de=$fx/heldout/de.txt -i en=$fx/heldout/en.txt --json > "$work/stats.json"
 grep -q '"fertility"' "$work/stats.json" || { echo "FAIL: stats --json"; exit 1; }
+expect_fail "bad --language-weights" "$tool" train -i de=$fx/de.txt -o "$work/w" --language-weights de=-1
+expect_fail "--parity below 1" "$tool" train -i de=$fx/de.txt -i en=$fx/en.txt -o "$work/p" --parity 0.5
+
+# Parity-aware training (issue 18 item 3): the demo's 4k BPE with --parity 1.08 on the training
+# text (parallel) keeps every language within 1.10 of the most compact one on the held-out
+# pages, counted by spm_encode, with at most 2% more tokens in all than without the option.
+count() {  # count MODEL: "lang tokens" per held-out language, by libsentencepiece
+  for l in de en fr nl; do echo "$l $(spm_encode --model="$1" --output_format=id < $fx/heldout/$l.txt | wc -w)"; done
+}
+for mode in plain parity; do
+  "$tool" train -i de=$fx/de.txt -i fr=$fx/fr.txt -i nl=$fx/nl.txt -i en=$fx/en.txt --model-type bpe \
+    --vocab-size 4000 --temperature 3 --out "$work/$mode" $([[ $mode == parity ]] && echo --parity 1.08) \
+    2>"$work/train_$mode.log"
+  count "$work/$mode.model" > "$work/$mode.counts"
+done
+python3 - "$work/plain.counts" "$work/parity.counts" <<'PY' || { echo "FAIL: --parity"; cat "$work/train_parity.log" | grep parity; exit 1; }
+import sys
+plain, parity = ({l: int(n) for l, n in (x.split() for x in open(p))} for p in sys.argv[1:3])
+worst = lambda c: max(c.values()) / min(c.values())
+print(f"parity: worst {worst(plain):.3f} -> {worst(parity):.3f}, tokens {sum(plain.values())} -> {sum(parity.values())}")
+assert worst(plain) > 1.10, "the plain model already meets the bound: the test shows nothing"
+assert worst(parity) <= 1.10, worst(parity)
+assert sum(parity.values()) <= 1.02 * sum(plain.values())
+PY
 echo "cli: all checks passed"

@@ -5,6 +5,8 @@
 //   rhine-convert rhine-to-hf --checkpoint RUN_DIR|STEP_DIR --out HF_DIR [--dtype bf16] [--tokenizer-from DIR]
 //   rhine-convert dtype --model HF_DIR --out HF_DIR --to bf16|f16|f32
 //   rhine-convert logits --model HF_DIR --ids FILE --out OUT.safetensors
+//   rhine-convert extend-vocab --model HF_DIR|STEP_DIR --tokenizer EXTENDED.model --out HF_DIR [--init mean|random]
+//       [--base-tokenizer BASE.model]
 //   rhine-convert to-gguf --model HF_DIR|STEP_DIR --out FILE.gguf [--type f32|f16|bf16|q8_0] [--tokenizer FILE]
 //
 // A training checkpoint written here is a complete `step-N` directory of
@@ -18,6 +20,9 @@
 // logits: runs the model in float32 on the token ids in FILE (one sequence
 // per line, space-separated) and writes each sequence's logits as a float32
 // tensor `logits.N` [T, vocab], N counting lines from 0.
+//
+// extend-vocab: the model grown to an extended tokenizer's vocabulary (rhine-tokenizer
+// extend), the new rows of its embedding and head initialised (rhine/io/vocab.h).
 //
 // to-gguf: a Llama / Mistral model with its vocabulary as one
 // GGUF file for llama.cpp (rhine/io/gguf.h says what is written).
@@ -42,6 +47,7 @@
 #include "rhine/io/gguf.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/io/vocab.h"
 #include "rhine/torch/runtime.h"
 
 namespace fs = std::filesystem;
@@ -186,6 +192,14 @@ int cmd_rhine_to_hf(const std::string& checkpoint, const std::string& out, const
   return 0;
 }
 
+int cmd_extend_vocab(const std::string& model, const std::string& out, const std::string& tokenizer,
+                     const rhine::io::VocabResizeOptions& o) {
+  const auto v = rhine::io::extend_hf_vocabulary(model, out, tokenizer, o);
+  std::printf("wrote %s: vocab_size %lld, new rows initialised by \"%s\"\n", out.c_str(), static_cast<long long>(v),
+              o.init.c_str());
+  return 0;
+}
+
 int cmd_to_gguf(const std::string& model, const std::string& out, const std::string& type,
                const std::string& tokenizer) {
   rhine::io::GgufExportOptions o;
@@ -204,7 +218,7 @@ int cmd_to_gguf(const std::string& model, const std::string& out, const std::str
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"rhine-convert: HF model directories <-> Rhine checkpoints, dtypes, logits, GGUF"};
+  CLI::App app{"rhine-convert: HF model directories <-> Rhine checkpoints, dtypes, logits, vocabulary growth, GGUF"};
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "LibTorch threads (0: default)");
@@ -241,6 +255,17 @@ int main(int argc, char** argv) {
   lg->add_option("--out", out, "output .safetensors (tensors logits.N [T, vocab])")->required();
   lg->add_flag("--dequantize-fp8", fp8, "decode float8 block-scaled weights");
 
+  rhine::io::VocabResizeOptions vo;
+  std::string base_tok;
+  auto* ev = app.add_subcommand("extend-vocab", "grow a model to an extended tokenizer (rhine-tokenizer extend)");
+  ev->add_option("--model", model, "HF model directory or Rhine step-N checkpoint")->required();
+  ev->add_option("--tokenizer", tokenizer_from, "the extended tokenizer (.model)")->required();
+  ev->add_option("--out", out, "HF output directory")->required();
+  ev->add_option("--base-tokenizer", base_tok, "the tokenizer the model was trained with (default: the model's tokenizer.model)");
+  ev->add_option("--init", vo.init, "new rows: mean (of the base pieces spelling the token) or random")->capture_default_str();
+  ev->add_option("--seed", vo.seed, "seed of --init random")->capture_default_str();
+  ev->add_flag("--overwrite", vo.overwrite, "replace an existing output directory");
+
   std::string gguf_type = "f16";
   auto* gg = app.add_subcommand("to-gguf", "Llama / Mistral HF directory -> GGUF file for llama.cpp");
   gg->add_option("--model", model, "HF model directory or Rhine step-N checkpoint")->required();
@@ -259,6 +284,10 @@ int main(int argc, char** argv) {
     if (*h2r) return cmd_hf_to_rhine(model, out, step, fp8);
     if (*r2h) return cmd_rhine_to_hf(checkpoint, out, dtype, tokenizer_from, overwrite, shard);
     if (*dt) return cmd_dtype(model, out, to, overwrite, shard);
+    if (*ev) {
+      vo.base_tokenizer = base_tok;
+      return cmd_extend_vocab(model, out, tokenizer_from, vo);
+    }
     if (*gg) return cmd_to_gguf(model, out, gguf_type, tokenizer_from);
     return cmd_logits(model, ids, out, fp8);
   } catch (const std::exception& e) {

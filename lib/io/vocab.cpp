@@ -1,0 +1,153 @@
+#include "rhine/io/vocab.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "rhine/core/error.h"
+#include "rhine/core/file.h"
+#include "rhine/core/json.h"
+#include "rhine/core/random.h"
+#include "rhine/formats/safetensors.h"
+#include "rhine/io/hf.h"
+#include "rhine/io/safetensors.h"
+#include "rhine/tokenizer/sentencepiece.h"
+#include "rhine/tokenizer/tokenizer.h"
+
+namespace rhine::io {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr const char* kComponent = "vocab_resize";
+
+bool is_byte_piece(const std::string& t) { return t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>'; }
+
+// The fewest base pieces that spell `text` exactly, byte pieces only where no other piece
+// covers a character (a byte costs as much as 1000 pieces); ties go to the segmentation whose
+// last piece has the lower id (SentencePiece BPE: the earlier merge).
+std::vector<std::int32_t> spell(const Tokenizer& base, const std::string& text) {
+  const std::size_t n = text.size();
+  constexpr int kInf = std::numeric_limits<int>::max() / 2;
+  std::vector<int> cost(n + 1, kInf);
+  std::vector<std::pair<std::size_t, std::int32_t>> back(n + 1, {0, -1});
+  cost[0] = 0;
+  auto better = [&](std::size_t end, std::size_t start, std::int32_t id, int step) {
+    const int c = cost[start] + step;
+    if (c < cost[end] || (c == cost[end] && id < back[end].second)) cost[end] = c, back[end] = {start, id};
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (cost[i] >= kInf) continue;
+    for (std::size_t len = 1; i + len <= n && len <= 64; ++len) {
+      const std::int32_t id = base.token_to_id(std::string_view(text).substr(i, len));
+      if (id >= 0 && !base.is_special(id) && !is_byte_piece(base.id_to_token(id))) better(i + len, i, id, 1);
+    }
+    char hex[8];  // byte fallback: <0xAB>
+    std::snprintf(hex, sizeof hex, "<0x%02X>", static_cast<unsigned char>(text[i]));
+    if (const std::int32_t id = base.token_to_id(hex); id >= 0) better(i + 1, i, id, 1000);
+  }
+  RHINE_CHECK(cost[n] < kInf, kComponent, "a new token cannot be spelled with the base's pieces", text,
+              "the base tokenizer lacks its characters and has no byte fallback");
+  std::vector<std::int32_t> ids;
+  for (std::size_t at = n; at > 0; at = back[at].first) ids.push_back(back[at].second);
+  std::reverse(ids.begin(), ids.end());
+  return ids;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::int32_t>> base_pieces_of_new_tokens(const Tokenizer& base, const Tokenizer& extended) {
+  const std::int32_t nb = base.vocab_size(), ne = extended.vocab_size();
+  RHINE_CHECK(ne >= nb, kComponent, "the extended tokenizer has fewer tokens than the base", ne,
+              "base has " + std::to_string(nb));
+  for (std::int32_t i = 0; i < nb; ++i)
+    RHINE_CHECK(base.id_to_token(i) == extended.id_to_token(i), kComponent,
+                "the extended tokenizer does not keep the base's token at id " + std::to_string(i),
+                extended.id_to_token(i), "expected '" + base.id_to_token(i) + "'; extend with rhine-tokenizer extend");
+  std::vector<std::vector<std::int32_t>> out;
+  for (std::int32_t i = nb; i < ne; ++i) out.push_back(spell(base, extended.id_to_token(i)));
+  return out;
+}
+
+at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::vector<std::vector<std::int32_t>>& pieces,
+                     const VocabResizeOptions& options) {
+  RHINE_CHECK(weight.dim() == 2 && first >= 0 && first <= weight.size(0), kComponent,
+              "grow_rows takes a [V, C] matrix and a first row <= V", weight.sizes().vec(), "first " + std::to_string(first));
+  RHINE_CHECK(options.init == "mean" || options.init == "random", kComponent, "unknown initialisation", options.init,
+              "use \"mean\" or \"random\"");
+  const auto n = static_cast<std::int64_t>(pieces.size());
+  const std::int64_t rows = std::max(weight.size(0), first + n);
+  at::Tensor w32 = weight.to(at::kFloat);
+  at::Tensor out = at::zeros({rows, weight.size(1)}, w32.options());
+  out.narrow(0, 0, weight.size(0)).copy_(w32);
+  if (n == 0) return out.to(weight.scalar_type());
+  at::Tensor base = w32.narrow(0, 0, first);
+  at::Tensor fresh;
+  if (options.init == "random") {
+    at::Generator gen = at::detail::createCPUGenerator(options.seed);
+    fresh = at::randn({n, weight.size(1)}, gen, at::TensorOptions().dtype(at::kFloat)).to(w32.device());
+    fresh = fresh * base.std() + base.mean();
+  } else {
+    std::vector<at::Tensor> rows_;
+    for (const auto& ids : pieces) {
+      for (auto id : ids)
+        RHINE_CHECK(id >= 0 && id < first, kComponent, "a base piece id is outside the base rows", id,
+                    "first new row is " + std::to_string(first));
+      rows_.push_back(base.index_select(0, at::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), at::kLong)
+                                               .to(w32.device()))
+                          .mean(0));
+    }
+    fresh = at::stack(rows_, 0);
+  }
+  out.narrow(0, first, n).copy_(fresh);
+  return out.to(weight.scalar_type());
+}
+
+std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, const fs::path& extended_tokenizer,
+                                  const VocabResizeOptions& options) {
+  const fs::path base_path = options.base_tokenizer.empty() ? dir / "tokenizer.model" : options.base_tokenizer;
+  RHINE_CHECK(fs::is_regular_file(base_path), kComponent, "no base tokenizer at", base_path.string(),
+              "pass the tokenizer the model was trained with (--base-tokenizer)");
+  const Tokenizer base = Tokenizer::load(base_path.string()), ext = Tokenizer::load(extended_tokenizer.string());
+  const auto pieces = base_pieces_of_new_tokens(base, ext);
+  Json config = read_json_file((dir / "config.json").string(), kComponent);
+  const std::int64_t old_v = config.at("vocab_size").get<std::int64_t>();
+  RHINE_CHECK(old_v >= base.vocab_size(), kComponent, "the base tokenizer has more tokens than the model's vocab_size",
+              base.vocab_size(), "vocab_size is " + std::to_string(old_v) + "; pass the model's own tokenizer");
+  const std::int64_t new_v = std::max<std::int64_t>(old_v, ext.vocab_size());
+
+  std::map<std::string, at::Tensor> tensors = load_safetensors(dir.string());
+  std::int64_t grown = 0;
+  for (auto& [name, t] : tensors) {
+    const bool vocab_matrix = name == "lm_head.weight" || name.size() >= 19 &&
+        (name.compare(name.size() - 19, 19, "embed_tokens.weight") == 0 ||
+         name.compare(name.size() - std::min<std::size_t>(name.size(), 23), 23, "shared_head.head.weight") == 0);
+    if (!vocab_matrix) continue;
+    RHINE_CHECK(t.dim() == 2 && t.size(0) == old_v, kComponent, "a vocabulary matrix does not have vocab_size rows",
+                name, "shape " + std::to_string(t.size(0)) + " rows, vocab_size " + std::to_string(old_v));
+    t = grow_rows(t, base.vocab_size(), pieces, options);
+    ++grown;
+  }
+  RHINE_CHECK(grown > 0, kComponent, "no embedding matrix found in", dir.string(), "");
+  config["vocab_size"] = new_v;
+  const std::string ext_bytes = read_file(extended_tokenizer.string(), kComponent);
+  const bool spm = extended_tokenizer.extension() == ".model";
+  write_directory_atomic(out, options.overwrite, [&](const fs::path& tmp) {
+    save_safetensors_checkpoint(tmp.string(), tensors);
+    write_file_atomic((tmp / "config.json").string(), config.dump(2) + "\n");
+    if (spm) {
+      write_file_atomic((tmp / "tokenizer.model").string(), ext_bytes);
+      const auto proto = tokenizer::parse_spm_model(ext_bytes, extended_tokenizer.string());
+      write_file_atomic((tmp / "tokenizer.json").string(),
+                        tokenizer::spm_to_tokenizer_json(proto, extended_tokenizer.string()).dump(1) + "\n");
+    } else {
+      write_file_atomic((tmp / "tokenizer.json").string(), ext_bytes);
+    }
+    for (const char* f : {"generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+      if (fs::exists(dir / f)) fs::copy_file(dir / f, tmp / f);
+  }, kComponent);
+  return new_v;
+}
+
+}  // namespace rhine::io

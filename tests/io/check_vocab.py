@@ -1,0 +1,87 @@
+"""Independent check of `rhine-convert extend-vocab` (tests/io/vocab_test.sh):
+
+  check_vocab.py BASE_DIR BASE.model EXTENDED_DIR INIT
+
+transformers loads EXTENDED_DIR; its config and the extended tokenizer agree (tokenizer.json read
+by `tokenizers` encodes as sentencepiece reads tokenizer.model); the base rows of the embedding
+and head are unchanged; under INIT=mean each new row is the mean of the base rows of the fewest
+base pieces spelling the new token (computed here with sentencepiece's vocabulary), under
+INIT=random the new rows have roughly the base rows' mean and spread. Prints one JSON line.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def fail(msg):
+    sys.exit("FAIL: " + msg)
+
+
+def spell(pieces, text):  # fewest base pieces, ties to lower ids (the exporter's documented rule)
+    n = len(text)
+    best = [(0, [])] + [None] * n
+    for i in range(n):
+        if best[i] is None:
+            continue
+        for j in range(i + 1, min(n, i + 64) + 1):
+            pid = pieces.get(text[i:j])
+            if pid is None:
+                continue
+            cand = (best[i][0] + 1, best[i][1] + [pid])
+            if best[j] is None or cand[0] < best[j][0] or (cand[0] == best[j][0] and pid < best[j][1][-1]):
+                best[j] = cand
+    if best[n] is None:
+        fail(f"cannot spell {text!r} with the base pieces")
+    return best[n][1]
+
+
+def main(base_dir, base_model, ext_dir, init):
+    import sentencepiece as spm
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ext = AutoModelForCausalLM.from_pretrained(ext_dir, dtype=torch.float32)
+    sb = spm.SentencePieceProcessor(model_file=base_model)
+    se = spm.SentencePieceProcessor(model_file=os.path.join(ext_dir, "tokenizer.model"))
+    nb, ne = sb.get_piece_size(), se.get_piece_size()
+    V0, V1 = base.config.vocab_size, ext.config.vocab_size
+    if V1 != max(V0, ne):
+        fail(f"vocab_size {V1}, expected max({V0}, {ne})")
+    if [se.id_to_piece(i) for i in range(nb)] != [sb.id_to_piece(i) for i in range(nb)]:
+        fail("the extended tokenizer changed base pieces")
+    text = "Met de pijltoetsen kunt u objecten nauwkeuriger verplaatsen dan met de muis."
+    hf = Tokenizer.from_file(os.path.join(ext_dir, "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    if hf != se.encode(text):
+        fail(f"tokenizer.json encodes {hf}, tokenizer.model {se.encode(text)}")
+    pieces = {sb.id_to_piece(i): i for i in range(nb) if not (sb.is_control(i) or sb.is_unknown(i))}
+    checked = 0
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w0 = dict(base.named_parameters())[name].detach().numpy()
+        w1 = dict(ext.named_parameters())[name].detach().numpy()
+        if w1.shape != (V1, w0.shape[1]):
+            fail(f"{name}: shape {w1.shape}")
+        if not np.array_equal(w1[:nb], w0[:nb]):
+            fail(f"{name}: base rows changed")
+        new = w1[nb:ne]
+        if init == "mean":
+            want = np.stack([w0[spell(pieces, se.id_to_piece(i))].mean(0) for i in range(nb, ne)])
+            err = np.abs(new - want).max()
+            if err > 1e-6:
+                fail(f"{name}: new rows differ from the mean of their pieces' rows by {err}")
+        else:
+            m, s = w0[:nb].mean(), w0[:nb].std()
+            if abs(new.mean() - m) > 0.2 * s or not 0.8 * s < new.std() < 1.2 * s:
+                fail(f"{name}: random rows mean {new.mean()} std {new.std()}, base {m} {s}")
+        checked += ne - nb
+    with torch.no_grad():
+        ids = torch.tensor([se.encode(text)])
+        if not torch.isfinite(ext(ids).logits).all():
+            fail("non-finite logits")
+    print(json.dumps({"init": init, "base_vocab": V0, "vocab": V1, "new_tokens": ne - nb, "rows_checked": checked}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -8,7 +8,9 @@
 //  - "sft": supervised fine-tuning on JSONL (prompt/response pairs or chat
 //    messages, rendered with a chat template; the loss covers the assistant's
 //    replies only; rhine/data/sft.h);
-//  - "pretrain": continued pretraining on token shards written by rhine-prepare.
+//  - "pretrain": continued pretraining on token shards written by rhine-prepare,
+//    optionally with a language mixture ("mixture": {"nl": 0.75, "en": 0.25}) that
+//    replays the model's original languages beside the new one.
 // Full fine-tuning, or LoRA (config key "lora") where only the adapters train.
 //
 // It prints the held-out loss and bits per byte per language before and after
@@ -25,6 +27,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <algorithm>
 #include <memory>
 
 #include "rhine/core/error.h"
@@ -56,6 +59,9 @@ struct FinetuneConfig {
   rhine::ChatTemplate chat_template;
   std::optional<rhine::io::LoraOptions> lora;
   bool pack = true;
+  /// "pretrain": language -> weight of the training mixture (empty: every language of the
+  /// shards in proportion to its tokens). Languages without a weight are not drawn.
+  std::map<std::string, double> mixture;
   rhine::train::RunOptions run;  // schedule, batch, optimizer, evaluation, checkpoints (rhine/train/run.h)
 
   /// A required key holding a path or a list of paths.
@@ -104,6 +110,17 @@ struct FinetuneConfig {
       c.lora = lo;
     }
     c.pack = f.get("pack", c.pack);
+    if (const auto* m = f.raw("mixture"); m != nullptr && !m->is_null()) {
+      RHINE_CHECK(c.mode == "pretrain", kTool, "\"mixture\" applies to mode \"pretrain\"", c.mode,
+                  "remove it, or set \"mode\": \"pretrain\"");
+      RHINE_CHECK(m->is_object() && !m->empty(), kTool, "\"mixture\" must map languages to weights", m->dump(),
+                  "e.g. {\"nl\": 0.75, \"en\": 0.25} (replay 25% English)");
+      for (const auto& [lang, w] : m->items()) {
+        RHINE_CHECK(w.is_number() && w.get<double>() >= 0, kTool, "a \"mixture\" weight must be a number >= 0",
+                    lang + ": " + w.dump(), "");
+        c.mixture[lang] = w.get<double>();
+      }
+    }
     // Fine-tuning defaults: small learning rate, no weight decay, 512-token rows.
     c.run.out_dir = "runs/finetune";
     c.run.seq_len = 512;
@@ -215,7 +232,13 @@ int main(int argc, char** argv) try {
     source = std::make_unique<rhine::SftLoader>(sft_train, lo);
     heldout = rhine::train::HeldoutSet::from_sft(sft_heldout, run.seq_len, run.eval_tokens);
   } else {
-    source = std::make_unique<rhine::DataLoader>(rhine::train::loader_options(run, cfg.train, world, tok));
+    auto lo = rhine::train::loader_options(run, cfg.train, world, tok);
+    if (!cfg.mixture.empty()) {
+      lo.mixture[0].second.kind = rhine::MixtureOptions::Kind::weights;
+      lo.mixture[0].second.weights = cfg.mixture;
+    }
+    if (main_rank) spdlog::info("training mixture: {}", rhine::describe(lo.mixture[0].second));
+    source = std::make_unique<rhine::DataLoader>(lo);
     rhine::train::HeldoutOptions ho;
     ho.shards = cfg.heldout;
     ho.max_tokens_per_language = run.eval_tokens;
@@ -250,19 +273,39 @@ int main(int argc, char** argv) try {
 
   printf_main("\nHeld-out %s per language (lower is better)\n",
               cfg.mode == "sft" ? "loss on the replies" : "loss");
-  printf_main("%-6s %14s %10s %10s %10s %10s\n", "lang", "train tokens", "loss", "after", "bpb", "after");
+  printf_main("%-6s %14s %10s %10s %10s %10s %9s\n", "lang", "train tokens", "loss", "after", "bpb", "after", "change");
+  std::int64_t trained = 0;
+  for (const auto& [lang, n] : r.tokens_per_language) trained += n;
+  std::string gains, forgetting;
   for (const auto& [lang, after] : r.last_eval->languages) {
     const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
     if (r.first_eval) {
       const auto& before = r.first_eval->languages.at(lang);
-      printf_main("%-6s %14lld %10.4f %10.4f %10.4f %10.4f\n", lang.c_str(), static_cast<long long>(seen), before.loss,
-                  after.loss, before.bits_per_byte, after.bits_per_byte);
+      const double change = after.bits_per_byte - before.bits_per_byte;
+      printf_main("%-6s %14lld %10.4f %10.4f %10.4f %10.4f %+9.4f\n", lang.c_str(), static_cast<long long>(seen),
+                  before.loss, after.loss, before.bits_per_byte, after.bits_per_byte, change);
+      // The languages the mixture weighs most are the target; the rest are replayed or left out.
+      const bool target = !cfg.mixture.empty()
+                              ? cfg.mixture.count(lang) &&
+                                    cfg.mixture.at(lang) == std::max_element(cfg.mixture.begin(), cfg.mixture.end(),
+                                                                             [](const auto& a, const auto& b) {
+                                                                               return a.second < b.second;
+                                                                             })->second
+                              : seen > 0;
+      const std::string item = fmt::format(" {} {:+.4f}{}", lang, change,
+                                           seen > 0 && trained > 0 && !target
+                                               ? fmt::format(" (replayed, {:.0f}% of tokens)", 100.0 * seen / trained)
+                                               : "");
+      (target ? gains : forgetting) += item;
     } else {
-      printf_main("%-6s %14lld %10s %10.4f %10s %10.4f   (resumed at step %lld)\n", lang.c_str(),
-                  static_cast<long long>(seen), "-", after.loss, "-", after.bits_per_byte,
+      printf_main("%-6s %14lld %10s %10.4f %10s %10.4f %9s   (resumed at step %lld)\n", lang.c_str(),
+                  static_cast<long long>(seen), "-", after.loss, "-", after.bits_per_byte, "-",
                   static_cast<long long>(r.resumed_from));
     }
   }
+  if (r.first_eval && cfg.mode == "pretrain")
+    printf_main("bits per byte, change: target%s; others (forgetting when positive)%s\n", gains.c_str(),
+                forgetting.empty() ? " none" : forgetting.c_str());
   printf_main("(%lld steps, %.0f s in this run, %.0f tokens/s)\n", static_cast<long long>(r.step), r.seconds,
               r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0);
 

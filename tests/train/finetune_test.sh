@@ -5,7 +5,8 @@
 #     rhine-train on all four languages (its checkpoint directory is an HF
 #     model directory: config.json + model.safetensors under HF names);
 #  2. continued pretraining on Dutch alone lowers the Dutch held-out loss, and
-#     the export passes the independent HF-directory checker;
+#     the export passes the independent HF-directory checker; with a mixture
+#     replaying 25% English, English ends below the Dutch-only run;
 #  3. SFT (full) on German prompt/response pairs lowers the held-out loss on
 #     the replies;
 #  4. LoRA SFT lowers it too and trains only the adapters: in the merged
@@ -75,6 +76,26 @@ lower nl cpt.txt
 r=$($check model cpt-hf)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
 [[ -f cpt-hf/tokenizer.model ]] || fail "the export has no tokenizer"
+
+# 2b. The same with replay: 75% Dutch, 25% English drawn from all four languages' shards.
+# English is then trained instead of forgotten: its held-out loss ends below the Dutch-only
+# run's, the token shares follow the weights, and the report names English as replayed.
+sed -e 's|"train": "shards/nl"|"train": "shards/all", "mixture": {"nl": 0.75, "en": 0.25}|' \
+    -e 's|"out_dir": "cpt", "export_dir": "cpt-hf"|"out_dir": "replay", "export_dir": "replay-hf"|' cpt.json > replay.json
+"$ft" replay.json > replay.txt 2>&1 || fail "rhine-finetune pretrain with a mixture: $(tail -5 replay.txt)"
+lower nl replay.txt
+read -r _ en_only <<<"$(losses en cpt.txt)"
+read -r _ en_replay <<<"$(losses en replay.txt)"
+python3 - "$en_only" "$en_replay" replay.txt <<'PY' || fail "replay: $(grep -A7 Held-out replay.txt)"
+import sys
+only, replay, out = float(sys.argv[1]), float(sys.argv[2]), open(sys.argv[3]).read()
+rows = {l.split()[0]: int(l.split()[1]) for l in out.split("Held-out")[1].splitlines()[2:6]}
+share = rows["nl"] / (rows["nl"] + rows["en"])
+assert replay < only, f"English held-out loss with replay {replay} is not below Dutch-only {only}"
+assert rows["de"] == rows["fr"] == 0 and 0.6 < share < 0.9, rows
+assert "en" in out and "(replayed, " in out, "no forgetting line"
+print(f"replay: en held-out loss {only} (nl only) -> {replay} (25% en); nl share {share:.2f}")
+PY
 
 # 3. SFT on German "continue the text" pairs: prompt = a line, response = the next line.
 pairs() {  # pairs FILE N
@@ -166,6 +187,9 @@ echo "LoRA on a bf16 base: exported in bf16"
 sed 's/"steps"/"stepz"/' sft.json > bad.json
 if "$ft" bad.json > bad.txt 2>&1; then fail "a bad config was accepted"; fi
 grep -q "stepz" bad.txt || fail "the error does not name the key: $(cat bad.txt)"
+sed 's|"mode": "sft"|"mode": "sft", "mixture": {"de": 1}|' sft.json > bad.json
+if "$ft" bad.json > bad.txt 2>&1; then fail "a mixture in SFT mode was accepted"; fi
+grep -q '"mixture" applies to mode "pretrain"' bad.txt || fail "unclear mixture error: $(cat bad.txt)"
 # follows REF STEPS TOL RUN...: REF's metrics.jsonl has STEPS step losses, and
 # each RUN's steps are among them, end at the same step and agree to TOL (relative).
 follows() {

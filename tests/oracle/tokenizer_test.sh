@@ -61,19 +61,26 @@ for family in byte_level_bpe bpe_byte_fallback unigram wordpiece; do
   echo "$family (trained by tokenizers): $n lines, ids with and without special tokens and decoded text equal ($version)"
 done
 
+# read_by_references WHAT TYPE PREFIX TAG: PREFIX.model encodes as sentencepiece and
+# PREFIX.tokenizer.json as tokenizers do, with and without special tokens.
+read_by_references() {
+  local what=$1 type=$2 prefix=$3 tag=$4
+  for special in "" --add-special; do
+    "$tool" encode -t "$prefix.model" $special --threads 1 < "$work/text.txt" > "$work/$tag.rhine$special.ids"
+    "$py" "$ref" compare-spm $type "$prefix.model" "$work/text.txt" "$work/$tag.rhine$special.ids" $special ||
+      { echo "FAIL: $what .model: Rhine's ids are not sentencepiece's${special:+ (with BOS)}"; exit 1; }
+    "$tool" encode -t "$prefix.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/$tag.json$special.ids"
+    "$py" "$ref" encode json "$prefix.tokenizer.json" $special < "$work/text.txt" > "$work/$tag.hf$special.ids"
+    same "$what tokenizer.json vs tokenizers${special:+ with special tokens}" \
+      "$work/$tag.json$special.ids" "$work/$tag.hf$special.ids"
+  done
+}
+
 # 2. What rhine-tokenizer train writes, read by the reference libraries.
 for type in bpe unigram; do
   "$tool" train -i de=$fx/de.txt -i fr=$fx/fr.txt -i nl=$fx/nl.txt -i en=$fx/en.txt \
     --model-type $type --vocab-size 2000 --out "$work/rhine_$type" 2>"$work/train_$type.log"
-  for special in "" --add-special; do
-    "$tool" encode -t "$work/rhine_$type.model" $special --threads 1 < "$work/text.txt" > "$work/$type.rhine$special.ids"
-    "$py" "$ref" compare-spm $type "$work/rhine_$type.model" "$work/text.txt" "$work/$type.rhine$special.ids" $special ||
-      { echo "FAIL: rhine-tokenizer train $type .model: Rhine's ids are not sentencepiece's${special:+ (with BOS)}"; exit 1; }
-    "$tool" encode -t "$work/rhine_$type.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/$type.json$special.ids"
-    "$py" "$ref" encode json "$work/rhine_$type.tokenizer.json" $special < "$work/text.txt" > "$work/$type.hf$special.ids"
-    same "rhine-tokenizer train $type tokenizer.json vs tokenizers${special:+ with special tokens}" \
-      "$work/$type.json$special.ids" "$work/$type.hf$special.ids"
-  done
+  read_by_references "rhine-tokenizer train $type" $type "$work/rhine_$type" $type
   echo "rhine-tokenizer train $type: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
 done
 
@@ -82,15 +89,7 @@ done
 # both encoding as Rhine does; the base's pieces keep their ids; Dutch held-out text shrinks.
 "$tool" extend -t "$work/rhine_bpe.model" -i nl=$fx/nl.txt -n 300 -o "$work/ext_nl" \
   --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend.log"
-for special in "" --add-special; do
-  "$tool" encode -t "$work/ext_nl.model" $special --threads 1 < "$work/text.txt" > "$work/ext.rhine$special.ids"
-  "$py" "$ref" compare-spm bpe "$work/ext_nl.model" "$work/text.txt" "$work/ext.rhine$special.ids" $special ||
-    { echo "FAIL: rhine-tokenizer extend .model: Rhine's ids are not sentencepiece's${special:+ (with BOS)}"; exit 1; }
-  "$tool" encode -t "$work/ext_nl.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" > "$work/ext.json$special.ids"
-  "$py" "$ref" encode json "$work/ext_nl.tokenizer.json" $special < "$work/text.txt" > "$work/ext.hf$special.ids"
-  same "rhine-tokenizer extend tokenizer.json vs tokenizers${special:+ with special tokens}" \
-    "$work/ext.json$special.ids" "$work/ext.hf$special.ids"
-done
+read_by_references "rhine-tokenizer extend" bpe "$work/ext_nl" ext
 "$py" - "$work/rhine_bpe.model" "$work/ext_nl.model" "$work/ext_nl.extend.json" <<'PY' ||
 import json, sys
 import sentencepiece as spm

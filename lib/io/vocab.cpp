@@ -89,16 +89,16 @@ at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::ve
     fresh = at::randn({n, weight.size(1)}, gen, at::TensorOptions().dtype(at::kFloat)).to(w32.device());
     fresh = fresh * base.std() + base.mean();
   } else {
-    std::vector<at::Tensor> rows_;
+    std::vector<at::Tensor> means;
     for (const auto& ids : pieces) {
       for (auto id : ids)
         RHINE_CHECK(id >= 0 && id < first, kComponent, "a base piece id is outside the base rows", id,
                     "first new row is " + std::to_string(first));
-      rows_.push_back(base.index_select(0, at::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), at::kLong)
+      means.push_back(base.index_select(0, at::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), at::kLong)
                                                .to(w32.device()))
                           .mean(0));
     }
-    fresh = at::stack(rows_, 0);
+    fresh = at::stack(means, 0);
   }
   out.narrow(0, first, n).copy_(fresh);
   return out.to(weight.scalar_type());
@@ -120,9 +120,12 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
   std::map<std::string, at::Tensor> tensors = load_safetensors(dir.string());
   std::int64_t grown = 0;
   for (auto& [name, t] : tensors) {
-    const bool vocab_matrix = name == "lm_head.weight" || name.size() >= 19 &&
-        (name.compare(name.size() - 19, 19, "embed_tokens.weight") == 0 ||
-         name.compare(name.size() - std::min<std::size_t>(name.size(), 23), 23, "shared_head.head.weight") == 0);
+    auto ends_with = [&](std::string_view tail) {
+      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    // The embedding, the head, and DeepSeek's MTP copies of both.
+    const bool vocab_matrix =
+        name == "lm_head.weight" || ends_with("embed_tokens.weight") || ends_with("shared_head.head.weight");
     if (!vocab_matrix) continue;
     RHINE_CHECK(t.dim() == 2 && t.size(0) == old_v, kComponent, "a vocabulary matrix does not have vocab_size rows",
                 name, "shape " + std::to_string(t.size(0)) + " rows, vocab_size " + std::to_string(old_v));

@@ -277,6 +277,9 @@ int main(int argc, char** argv) try {
   std::int64_t trained = 0;
   for (const auto& [lang, n] : r.tokens_per_language) trained += n;
   std::string gains, forgetting;
+  // The languages the mixture weighs most are the target; the rest are replayed or left out.
+  double top_weight = 0;
+  for (const auto& [lang, w] : cfg.mixture) top_weight = std::max(top_weight, w);
   for (const auto& [lang, after] : r.last_eval->languages) {
     const auto seen = r.tokens_per_language.count(lang) ? r.tokens_per_language.at(lang) : 0;
     if (r.first_eval) {
@@ -284,14 +287,7 @@ int main(int argc, char** argv) try {
       const double change = after.bits_per_byte - before.bits_per_byte;
       printf_main("%-6s %14lld %10.4f %10.4f %10.4f %10.4f %+9.4f\n", lang.c_str(), static_cast<long long>(seen),
                   before.loss, after.loss, before.bits_per_byte, after.bits_per_byte, change);
-      // The languages the mixture weighs most are the target; the rest are replayed or left out.
-      const bool target = !cfg.mixture.empty()
-                              ? cfg.mixture.count(lang) &&
-                                    cfg.mixture.at(lang) == std::max_element(cfg.mixture.begin(), cfg.mixture.end(),
-                                                                             [](const auto& a, const auto& b) {
-                                                                               return a.second < b.second;
-                                                                             })->second
-                              : seen > 0;
+      const bool target = cfg.mixture.empty() ? seen > 0 : cfg.mixture.count(lang) && cfg.mixture.at(lang) == top_weight;
       const std::string item = fmt::format(" {} {:+.4f}{}", lang, change,
                                            seen > 0 && trained > 0 && !target
                                                ? fmt::format(" (replayed, {:.0f}% of tokens)", 100.0 * seen / trained)

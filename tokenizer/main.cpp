@@ -166,6 +166,14 @@ std::vector<std::string> balanced_sample(const Corpus& c, double temperature, do
   return out;
 }
 
+// Reads the .model at `model_path` back and writes its tokenizer.json equivalent (HF's
+// converter layout) to `json_path`; returns the parsed model.
+rhine::tokenizer::SpmModelProto write_tokenizer_json(const std::string& model_path, const std::string& json_path) {
+  auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(model_path, kComponent), model_path);
+  rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, model_path).dump(1) + "\n");
+  return proto;
+}
+
 // "LANG=W" with W > 0.
 std::pair<std::string, double> parse_weight(const std::string& spec) {
   const auto eq = spec.find('=');
@@ -223,9 +231,8 @@ int train_once(const TrainArgs& a) {
   // sums piece scores in double, libsentencepiece (and Rhine reading a .model) in float, so
   // the two can pick different segmentations of equal score (to float precision) for a few
   // lines. Such a line is counted; any other difference is an error.
-  const auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(a.out + ".model", kComponent), a.out + ".model");
   const std::string json_path = a.out + ".tokenizer.json";
-  rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, a.out + ".model").dump(1) + "\n");
+  const auto proto = write_tokenizer_json(a.out + ".model", json_path);
   const auto tok_json = rhine::Tokenizer::load(json_path);
   const bool unigram = proto.model_type == rhine::tokenizer::SpmModelProto::ModelType::unigram;
   auto path_score = [&](const std::vector<int32_t>& ids) {
@@ -458,10 +465,9 @@ int run_extend(const ExtendArgs& a) {
   // Write the .model, read it back with Rhine's reader, and derive the tokenizer.json from it.
   const std::string model_path = a.out + ".model", json_path = a.out + ".tokenizer.json";
   rhine::write_file_atomic(model_path, ext.model_bytes(base_bytes));
-  const auto proto = rhine::tokenizer::parse_spm_model(rhine::read_file(model_path, kComponent), model_path);
+  const auto proto = write_tokenizer_json(model_path, json_path);
   RHINE_CHECK(proto.pieces.size() == base.pieces.size() + ext.added.size(), kComponent,
               "the written model does not read back with the new pieces", proto.pieces.size(), "please report this");
-  rhine::write_file_atomic(json_path, rhine::tokenizer::spm_to_tokenizer_json(proto, model_path).dump(1) + "\n");
   const auto before = rhine::Tokenizer::from_sentencepiece(base, a.tokenizer);
   const auto after = rhine::Tokenizer::load(model_path);
 

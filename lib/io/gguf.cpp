@@ -197,7 +197,7 @@ void add_bpe_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfi
     types[static_cast<std::size_t>(id)] = type;
   };
   for (const auto& [text, id] : m["vocab"].items()) place(id.get<std::int64_t>(), text, 1);  // normal
-  std::int32_t bos = -1, eos = -1;
+  std::int32_t bos = -1;  // the post-processor's first special token, below
   if (j.contains("added_tokens"))
     for (const auto& a : j["added_tokens"])
       place(a.at("id").get<std::int64_t>(), a.at("content").get<std::string>(), a.value("special", false) ? 3 : 4);
@@ -231,7 +231,7 @@ void add_bpe_tokenizer(GgufWriter& w, const fs::path& path, const nn::ModelConfi
   w.add("tokenizer.ggml.tokens", std::move(tokens));
   w.add("tokenizer.ggml.token_type", std::move(types));
   w.add("tokenizer.ggml.merges", std::move(merges));
-  add_special_ids(w, c, bos, eos, -1, -1);
+  add_special_ids(w, c, bos, /*eos=*/-1, /*unk=*/-1, /*pad=*/-1);
   w.add("tokenizer.ggml.add_bos_token", tc.add_bos.value_or(template_bos));
   w.add("tokenizer.ggml.add_eos_token", tc.add_eos.value_or(template_eos));
   if (!tc.chat_template.empty()) w.add("tokenizer.chat_template", tc.chat_template);
@@ -308,7 +308,6 @@ GgufExportReport export_hf_to_gguf(const fs::path& dir, const fs::path& out, con
 
   // Tensors: read, converted and encoded one at a time while the file is written.
   const auto ckpt = std::make_shared<SafetensorsCheckpoint>(SafetensorsCheckpoint::open(dir.string()));
-  std::vector<std::string> names = ckpt->names();
   // llama.cpp's order: token_embd first, then by layer, then the output tensors.
   auto rank = [](const std::string& g) {
     if (g == "token_embd.weight") return std::make_pair(-1L, g);
@@ -316,7 +315,7 @@ GgufExportReport export_hf_to_gguf(const fs::path& dir, const fs::path& out, con
     return std::make_pair(1L << 40, g);
   };
   std::vector<std::pair<std::pair<long, std::string>, std::string>> order;
-  for (const auto& hf : names)
+  for (const auto& hf : ckpt->names())
     if (const std::string g = ggml_name(hf); !g.empty()) order.push_back({rank(g), hf});
   std::sort(order.begin(), order.end());
   for (const auto& [key, hf] : order) {

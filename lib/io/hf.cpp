@@ -79,6 +79,13 @@ std::int64_t fp8_block(const nn::ModelConfig& c) {
 
 }  // namespace
 
+const std::vector<std::string>& hf_tokenizer_files() {
+  static const std::vector<std::string> files = {"tokenizer.json",          "tokenizer.model",   "tokenizer_config.json",
+                                                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                                                 "generation_config.json"};
+  return files;
+}
+
 std::string hf_dtype_name(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return "float32";
@@ -372,12 +379,11 @@ std::vector<std::string> write_hf_directory(const nn::ModelConfig& model_config,
       const fs::path& src = *options.tokenizer_from;
       RHINE_CHECK(fs::is_directory(src), kExport, "tokenizer_from is not a directory", src.string(),
                   "pass the HF directory the model came from");
-      for (const char* f : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                            "added_tokens.json", "chat_template.jinja", "generation_config.json"}) {
+      for (const std::string& f : hf_tokenizer_files()) {
         if (!fs::is_regular_file(src / f)) continue;
         write_file_atomic((tmp / f).string(), read_file((src / f).string(), kExport));
         written.push_back(f);
-        if (std::string(f) == "generation_config.json") have_generation = true;
+        if (f == "generation_config.json") have_generation = true;
       }
     }
     if (!have_generation) {

@@ -138,7 +138,7 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
   const bool spm = extended_tokenizer.extension() == ".model";
   write_directory_atomic(out, options.overwrite, [&](const fs::path& tmp) {
     save_safetensors_checkpoint(tmp.string(), tensors);
-    write_file_atomic((tmp / "config.json").string(), config.dump(2) + "\n");
+    write_json_file((tmp / "config.json").string(), config);
     if (spm) {
       write_file_atomic((tmp / "tokenizer.model").string(), ext_bytes);
       const auto proto = tokenizer::parse_spm_model(ext_bytes, extended_tokenizer.string());
@@ -147,8 +147,11 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
     } else {
       write_file_atomic((tmp / "tokenizer.json").string(), ext_bytes);
     }
-    for (const char* f : {"generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
-      if (fs::exists(dir / f)) fs::copy_file(dir / f, tmp / f);
+    // The rest of the tokenizer files as they were; not the tokenizer itself (written above) nor
+    // added_tokens.json, whose ids past the base's end now name new pieces.
+    for (const std::string& f : hf_tokenizer_files())
+      if (f != "tokenizer.json" && f != "tokenizer.model" && f != "added_tokens.json" && fs::exists(dir / f))
+        fs::copy_file(dir / f, tmp / f);
   }, kComponent);
   return new_v;
 }

@@ -18,6 +18,10 @@ namespace {
 constexpr const char* kComponent = "tokenizer_extend";
 constexpr std::string_view kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's whitespace mark
 
+bool ends_with_space(std::string_view piece) {
+  return piece.size() >= kSpace.size() && piece.substr(piece.size() - kSpace.size()) == kSpace;
+}
+
 struct Word {
   std::vector<std::int32_t> s;  // piece ids
   std::int64_t n = 0;           // occurrences in the text
@@ -158,11 +162,8 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
         continue;
       }
       const bool starts = base.treat_whitespace_as_suffix
-                              ? (i > 0 && str[static_cast<std::size_t>(line[i - 1])].size() >= kSpace.size() &&
-                                 str[static_cast<std::size_t>(line[i - 1])].compare(
-                                     str[static_cast<std::size_t>(line[i - 1])].size() - kSpace.size(), kSpace.size(),
-                                     kSpace) == 0)
-                              : s.compare(0, kSpace.size(), kSpace) == 0;
+                              ? i > 0 && ends_with_space(str[static_cast<std::size_t>(line[i - 1])])
+                              : s.rfind(kSpace, 0) == 0;
       if (starts) flush(w);
       w.push_back(id);
     }

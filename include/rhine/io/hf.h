@@ -126,6 +126,12 @@ std::vector<std::string> save_hf_model(nn::CausalLM& model, const std::filesyste
 std::vector<std::string> export_row_shards_to_hf(const std::filesystem::path& step_dir,
                                                  const std::filesystem::path& dir, const ExportOptions& options = {});
 
+/// The files beside the weights of an HF directory that describe its tokenizer and
+/// generation defaults (tokenizer.json, tokenizer.model, tokenizer_config.json,
+/// special_tokens_map.json, added_tokens.json, chat_template.jinja, generation_config.json):
+/// what ExportOptions::tokenizer_from copies.
+const std::vector<std::string>& hf_tokenizer_files();
+
 /// The HF spelling of a dtype ("float32", "bfloat16", "float16", "float64").
 std::string hf_dtype_name(at::ScalarType dtype);
 /// The dtype of an HF spelling ("float32", "bfloat16", "bf16", "fp16", ...); throws for others.

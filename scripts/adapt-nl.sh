@@ -3,13 +3,14 @@
 #   1. extend the demo's tokenizer by 1,000 Dutch pieces (rhine-tokenizer extend): fertility
 #      and parity per language before and after;
 #   2. grow the model's embedding and head to the new vocabulary (rhine-convert extend-vocab),
-#      once with the new rows at the mean of their pieces' rows, once random;
+#      with the new rows at the mean of their pieces' rows, by FOCUS (weighted similar base
+#      tokens, from vectors learnt on the Dutch text), and random;
 #   3. tokenize the sample with the extended tokenizer (rhine-prepare);
 #   4. continue pretraining for 60 steps (rhine-finetune, "mode": "pretrain"): the model
-#      without extension on Dutch, the extended model (mean and random rows) on Dutch, and
-#      the extended model (mean) with 25% English replay;
+#      without extension on Dutch, the extended model (each initialisation) on Dutch, and
+#      the extended model (FOCUS) with 25% English replay;
 #   5. print held-out bits per byte per language right after the resize and after training.
-# About 5 minutes on 2 cores. Needs scripts/demo.sh to have run (build/demo).
+# About 6 minutes on 2 cores. Needs scripts/demo.sh to have run (build/demo).
 #
 #   scripts/adapt-nl.sh
 set -euo pipefail
@@ -28,9 +29,9 @@ echo "== 1/4 extend the tokenizer by 1000 Dutch pieces (rhine-tokenizer extend)"
 "$bin/tokenizer/rhine-tokenizer" extend -t $demo/tok.model -i nl=$S/nl.txt -n 1000 -o $out/tok-nl $heldout
 
 echo "== 2/4 grow the model to the new vocabulary (rhine-convert extend-vocab)"
-for init in mean random; do
+for init in mean focus random; do
   "$bin/tools/rhine-convert" extend-vocab --model "$base" --base-tokenizer $demo/tok.model \
-    --tokenizer $out/tok-nl.model --out $out/model-$init --init $init
+    --tokenizer $out/tok-nl.model --out $out/model-$init --init $init --text $S/nl.txt
 done
 
 echo "== 3/4 tokenize the sample with the extended tokenizer (rhine-prepare)"
@@ -52,15 +53,17 @@ EOF
 }
 finetune base-nl "$base" $demo/tok.model $demo/shards '{"nl": 1}'
 finetune mean-nl $out/model-mean $out/model-mean/tokenizer.model $out/shards '{"nl": 1}'
+finetune focus-nl $out/model-focus $out/model-focus/tokenizer.model $out/shards '{"nl": 1}'
 finetune random-nl $out/model-random $out/model-random/tokenizer.model $out/shards '{"nl": 1}'
-finetune mean-replay $out/model-mean $out/model-mean/tokenizer.model $out/shards '{"nl": 0.75, "en": 0.25}'
+finetune focus-replay $out/model-focus $out/model-focus/tokenizer.model $out/shards '{"nl": 0.75, "en": 0.25}'
 
 echo
 echo "Held-out bits per byte (right after the resize -> after 60 steps; lower is better)"
 python3 - $out <<'PY'
 import sys
 runs = [("base-nl", "no extension, Dutch only"), ("random-nl", "+1000 pieces, random rows, Dutch only"),
-        ("mean-nl", "+1000 pieces, mean rows, Dutch only"), ("mean-replay", "+1000 pieces, mean rows, 75% nl + 25% en")]
+        ("mean-nl", "+1000 pieces, mean rows, Dutch only"), ("focus-nl", "+1000 pieces, FOCUS rows, Dutch only"),
+        ("focus-replay", "+1000 pieces, FOCUS rows, 75% nl + 25% en")]
 print(f"{'run':<44}" + "".join(f"{l:>17}" for l in ("nl", "de", "en", "fr")))
 for name, label in runs:
     text = open(f"{sys.argv[1]}/{name}.log").read().split("Held-out")[1].splitlines()[2:6]

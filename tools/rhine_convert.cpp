@@ -5,8 +5,8 @@
 //   rhine-convert rhine-to-hf --checkpoint RUN_DIR|STEP_DIR --out HF_DIR [--dtype bf16] [--tokenizer-from DIR]
 //   rhine-convert dtype --model HF_DIR --out HF_DIR --to bf16|f16|f32
 //   rhine-convert logits --model HF_DIR --ids FILE --out OUT.safetensors
-//   rhine-convert extend-vocab --model HF_DIR|STEP_DIR --tokenizer EXTENDED.model --out HF_DIR [--init mean|random]
-//       [--base-tokenizer BASE.model]
+//   rhine-convert extend-vocab --model HF_DIR|STEP_DIR --tokenizer EXTENDED.model --out HF_DIR
+//       [--init mean|focus|random] [--text TARGET.txt ...] [--base-tokenizer BASE.model]
 //   rhine-convert to-gguf --model HF_DIR|STEP_DIR --out FILE.gguf [--type f32|f16|bf16|q8_0] [--tokenizer FILE]
 //
 // A training checkpoint written here is a complete `step-N` directory of
@@ -262,7 +262,13 @@ int main(int argc, char** argv) {
   ev->add_option("--tokenizer", tokenizer_from, "the extended tokenizer (.model)")->required();
   ev->add_option("--out", out, "HF output directory")->required();
   ev->add_option("--base-tokenizer", base_tok, "the tokenizer the model was trained with (default: the model's tokenizer.model)");
-  ev->add_option("--init", vo.init, "new rows: mean (of the base pieces spelling the token) or random")->capture_default_str();
+  ev->add_option("--init", vo.init,
+                 "new rows: mean (of the base pieces spelling the token), focus (similar base tokens, weighted; "
+                 "needs --text) or random")
+      ->capture_default_str();
+  std::vector<std::string> focus_text;
+  ev->add_option("--text", focus_text, "--init focus: target-language text files the auxiliary vectors learn from");
+  ev->add_option("--focus-epochs", vo.focus_epochs, "--init focus: passes over the text")->capture_default_str();
   ev->add_option("--seed", vo.seed, "seed of --init random")->capture_default_str();
   ev->add_flag("--overwrite", vo.overwrite, "replace an existing output directory");
 
@@ -286,6 +292,7 @@ int main(int argc, char** argv) {
     if (*dt) return cmd_dtype(model, out, to, overwrite, shard);
     if (*ev) {
       vo.base_tokenizer = base_tok;
+      vo.focus_text.assign(focus_text.begin(), focus_text.end());
       return cmd_extend_vocab(model, out, tokenizer_from, vo);
     }
     if (*gg) return cmd_to_gguf(model, out, gguf_type, tokenizer_from);

@@ -70,13 +70,47 @@ std::vector<std::vector<std::int32_t>> base_pieces_of_new_tokens(const Tokenizer
   return out;
 }
 
-at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::vector<std::vector<std::int32_t>>& pieces,
+std::vector<RowRecipe> new_row_recipes(const Tokenizer& base, const Tokenizer& extended,
+                                       const VocabResizeOptions& options) {
+  RHINE_CHECK(options.init == "mean" || options.init == "focus" || options.init == "random", kComponent,
+              "unknown initialisation", options.init, "use \"mean\", \"focus\" or \"random\"");
+  const auto pieces = base_pieces_of_new_tokens(base, extended);
+  std::vector<RowRecipe> mean;
+  for (const auto& ids : pieces) {
+    RowRecipe r;
+    for (std::int32_t id : ids) r.emplace_back(id, 1.0f / static_cast<float>(ids.size()));
+    mean.push_back(std::move(r));
+  }
+  if (options.init == "mean") return mean;
+  if (options.init == "random") return std::vector<RowRecipe>(pieces.size());
+  RHINE_CHECK(!options.focus_text.empty(), kComponent, "init \"focus\" needs target-language text", "no focus_text",
+              "pass --text FILE (e.g. the Dutch training text)");
+  std::vector<std::string> lines;
+  for (const auto& f : options.focus_text) {
+    const std::string text = read_file(f.string(), kComponent);
+    for (std::size_t at = 0; at < text.size();) {
+      std::size_t end = text.find('\n', at);
+      if (end == std::string::npos) end = text.size();
+      if (end > at) lines.push_back(text.substr(at, end - at));
+      at = end + 1;
+    }
+  }
+  const auto corpus = extended.encode_batch(lines);
+  std::vector<std::string> strings(extended.vocab_size());
+  std::vector<bool> candidate(base.vocab_size());
+  for (std::int32_t t = 0; t < extended.vocab_size(); ++t) {
+    strings[t] = extended.id_to_token(t);
+    if (t < base.vocab_size()) candidate[t] = !base.is_special(t) && !is_byte_piece(strings[t]);
+  }
+  const TokenVectors aux = train_token_vectors(corpus, strings, options);
+  return focus_recipes(aux, base.vocab_size(), candidate, options.focus_min_count, mean);
+}
+
+at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::vector<RowRecipe>& recipes,
                      const VocabResizeOptions& options) {
   RHINE_CHECK(weight.dim() == 2 && first >= 0 && first <= weight.size(0), kComponent,
               "grow_rows takes a [V, C] matrix and a first row <= V", weight.sizes().vec(), "first " + std::to_string(first));
-  RHINE_CHECK(options.init == "mean" || options.init == "random", kComponent, "unknown initialisation", options.init,
-              "use \"mean\" or \"random\"");
-  const auto n = static_cast<std::int64_t>(pieces.size());
+  const auto n = static_cast<std::int64_t>(recipes.size());
   const std::int64_t rows = std::max(weight.size(0), first + n);
   at::Tensor w32 = weight.to(at::kFloat);
   at::Tensor out = at::zeros({rows, weight.size(1)}, w32.options());
@@ -89,16 +123,20 @@ at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::ve
     fresh = at::randn({n, weight.size(1)}, gen, at::TensorOptions().dtype(at::kFloat)).to(w32.device());
     fresh = fresh * base.std() + base.mean();
   } else {
-    std::vector<at::Tensor> means;
-    for (const auto& ids : pieces) {
-      for (auto id : ids)
+    std::vector<at::Tensor> made;
+    for (const auto& r : recipes) {
+      RHINE_CHECK(!r.empty(), kComponent, "a new row has no recipe", options.init, "use new_row_recipes");
+      std::vector<std::int64_t> ids;
+      std::vector<float> w;
+      for (const auto& [id, weight_of] : r) {
         RHINE_CHECK(id >= 0 && id < first, kComponent, "a base piece id is outside the base rows", id,
                     "first new row is " + std::to_string(first));
-      means.push_back(base.index_select(0, at::tensor(std::vector<std::int64_t>(ids.begin(), ids.end()), at::kLong)
-                                               .to(w32.device()))
-                          .mean(0));
+        ids.push_back(id), w.push_back(weight_of);
+      }
+      const at::Tensor rows_of = base.index_select(0, at::tensor(ids, at::kLong).to(w32.device()));
+      made.push_back((rows_of * at::tensor(w).to(w32.device()).unsqueeze(1)).sum(0));
     }
-    fresh = at::stack(means, 0);
+    fresh = at::stack(made, 0);
   }
   out.narrow(0, first, n).copy_(fresh);
   return out.to(weight.scalar_type());
@@ -110,7 +148,7 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
   RHINE_CHECK(fs::is_regular_file(base_path), kComponent, "no base tokenizer at", base_path.string(),
               "pass the tokenizer the model was trained with (--base-tokenizer)");
   const Tokenizer base = Tokenizer::load(base_path.string()), ext = Tokenizer::load(extended_tokenizer.string());
-  const auto pieces = base_pieces_of_new_tokens(base, ext);
+  const auto recipes = new_row_recipes(base, ext, options);
   Json config = read_json_file((dir / "config.json").string(), kComponent);
   const std::int64_t old_v = config.at("vocab_size").get<std::int64_t>();
   RHINE_CHECK(old_v >= base.vocab_size(), kComponent, "the base tokenizer has more tokens than the model's vocab_size",
@@ -129,7 +167,7 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
     if (!vocab_matrix) continue;
     RHINE_CHECK(t.dim() == 2 && t.size(0) == old_v, kComponent, "a vocabulary matrix does not have vocab_size rows",
                 name, "shape " + std::to_string(t.size(0)) + " rows, vocab_size " + std::to_string(old_v));
-    t = grow_rows(t, base.vocab_size(), pieces, options);
+    t = grow_rows(t, base.vocab_size(), recipes, options);
     ++grown;
   }
   RHINE_CHECK(grown > 0, kComponent, "no embedding matrix found in", dir.string(), "");
@@ -139,6 +177,14 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
   write_directory_atomic(out, options.overwrite, [&](const fs::path& tmp) {
     save_safetensors_checkpoint(tmp.string(), tensors);
     write_json_file((tmp / "config.json").string(), config);
+    Json made = Json::array();
+    for (std::size_t i = 0; i < recipes.size(); ++i) {
+      Json from = Json::array();
+      for (const auto& [id, w] : recipes[i]) from.push_back(Json::array({id, w}));
+      const auto id = static_cast<std::int32_t>(base.vocab_size() + static_cast<std::int64_t>(i));
+      made.push_back({{"id", id}, {"token", ext.id_to_token(id)}, {"from", std::move(from)}});
+    }
+    write_json_file((tmp / "vocab_init.json").string(), Json{{"init", options.init}, {"tokens", std::move(made)}});
     if (spm) {
       write_file_atomic((tmp / "tokenizer.model").string(), ext_bytes);
       const auto proto = tokenizer::parse_spm_model(ext_bytes, extended_tokenizer.string());

@@ -6,7 +6,10 @@ transformers loads EXTENDED_DIR; its config and the extended tokenizer agree (to
 by `tokenizers` encodes as sentencepiece reads tokenizer.model); the base rows of the embedding
 and head are unchanged; under INIT=mean each new row is the mean of the base rows of the fewest
 base pieces spelling the new token (computed here with sentencepiece's vocabulary), under
-INIT=random the new rows have roughly the base rows' mean and spread. Prints one JSON line.
+INIT=random the new rows have roughly the base rows' mean and spread; under INIT=focus each new
+row is the weighted sum of base rows that vocab_init.json names, with weights >= 0 summing to 1
+(sparsemax), and most new tokens have such a FOCUS recipe rather than the mean fallback. Under
+mean, vocab_init.json names the pieces of the mean. Prints one JSON line.
 """
 import json
 import os
@@ -57,6 +60,27 @@ def main(base_dir, base_model, ext_dir, init):
     if hf != se.encode(text):
         fail(f"tokenizer.json encodes {hf}, tokenizer.model {se.encode(text)}")
     pieces = {sb.id_to_piece(i): i for i in range(nb) if not (sb.is_control(i) or sb.is_unknown(i))}
+    recipes = json.load(open(os.path.join(ext_dir, "vocab_init.json")))
+    if recipes["init"] != init or [t["id"] for t in recipes["tokens"]] != list(range(nb, ne)):
+        fail(f"vocab_init.json: init {recipes['init']}, ids not {nb}..{ne - 1}")
+    if any(t["token"] != se.id_to_piece(t["id"]) for t in recipes["tokens"]):
+        fail("vocab_init.json names other tokens than the tokenizer")
+    focus_made = 0
+    for t in recipes["tokens"]:
+        ids = [i for i, _ in t["from"]]
+        ws = np.array([w for _, w in t["from"]], dtype=np.float64)
+        spelled = spell(pieces, t["token"])
+        if init == "random":
+            if ids:
+                fail("random rows with a recipe")
+            continue
+        if not ids or min(ids) < 0 or max(ids) >= nb or (ws < 0).any() or abs(ws.sum() - 1) > 1e-5:
+            fail(f"recipe of {t['token']!r} is not a distribution over base ids: {t['from']}")
+        if init == "mean" and ids != spelled:
+            fail(f"mean recipe of {t['token']!r} is {ids}, the fewest pieces are {spelled}")
+        focus_made += sorted(ids) != sorted(spelled) or not np.allclose(ws, 1 / len(ids))
+    if init == "focus" and focus_made < 0.5 * (ne - nb):
+        fail(f"only {focus_made} of {ne - nb} new tokens have a FOCUS recipe (the rest fell back to the mean)")
     checked = 0
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         w0 = dict(base.named_parameters())[name].detach().numpy()
@@ -71,6 +95,11 @@ def main(base_dir, base_model, ext_dir, init):
             err = np.abs(new - want).max()
             if err > 1e-6:
                 fail(f"{name}: new rows differ from the mean of their pieces' rows by {err}")
+        elif init == "focus":
+            want = np.stack([sum(w * w0[i].astype(np.float64) for i, w in t["from"]) for t in recipes["tokens"]])
+            err = np.abs(new - want).max()
+            if err > 1e-5:
+                fail(f"{name}: new rows differ from their FOCUS recipes by {err}")
         else:
             m, s = w0[:nb].mean(), w0[:nb].std()
             if abs(new.mean() - m) > 0.2 * s or not 0.8 * s < new.std() < 1.2 * s:
@@ -80,7 +109,8 @@ def main(base_dir, base_model, ext_dir, init):
         ids = torch.tensor([se.encode(text)])
         if not torch.isfinite(ext(ids).logits).all():
             fail("non-finite logits")
-    print(json.dumps({"init": init, "base_vocab": V0, "vocab": V1, "new_tokens": ne - nb, "rows_checked": checked}))
+    print(json.dumps({"init": init, "base_vocab": V0, "vocab": V1, "new_tokens": ne - nb, "rows_checked": checked,
+                      "focus_recipes": focus_made}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `rhine-convert extend-vocab` (issue 18 item 2) against transformers, sentencepiece and
 # tokenizers: a small random Llama (transformers, padded vocabulary) grown to a tokenizer that
-# `rhine-tokenizer extend` extended for Dutch, with --init mean and --init random; then bad
+# `rhine-tokenizer extend` extended for Dutch, with --init mean, focus and random; then bad
 # input (a tokenizer that is not an extension of the base) is refused.
 #   vocab_test.sh RHINE_TOKENIZER RHINE_CONVERT SOURCE_DIR WORK_DIR PYTHON
 set -euo pipefail
@@ -15,8 +15,8 @@ d=$src/data/sample
 "$tok" train -i de=$d/de.txt -i en=$d/en.txt -i fr=$d/fr.txt -i nl=$d/nl.txt -o base --vocab-size 500 >/dev/null 2>&1
 "$tok" extend -t base.model -i nl=$d/nl.txt -n 60 -o ext >/dev/null
 "$py" "$src/tests/io/check_gguf.py" make-model base.model model >/dev/null 2>&1   # vocab 512: 12 padding rows
-for init in mean random; do
-  "$convert" extend-vocab --model model --tokenizer ext.model --out model-$init --init $init
+for init in mean focus random; do
+  "$convert" extend-vocab --model model --tokenizer ext.model --out model-$init --init $init --text $d/nl.txt
   "$py" "$src/tests/io/check_vocab.py" model base.model model-$init $init
 done
 "$tok" train -i de=$d/de.txt -i en=$d/en.txt -o other --vocab-size 520 >/dev/null 2>&1
@@ -24,5 +24,10 @@ if "$convert" extend-vocab --model model --tokenizer other.model --out bad >/dev
   echo "FAIL: a tokenizer that is not an extension was accepted"; exit 1
 fi
 grep -q "does not keep the base's token" err.txt || { echo "FAIL: unclear error:"; cat err.txt; exit 1; }
+[[ ! -e bad ]] || { echo "FAIL: a refused resize left a directory"; exit 1; }
+if "$convert" extend-vocab --model model --tokenizer ext.model --out bad --init focus >/dev/null 2>err.txt; then
+  echo "FAIL: --init focus without text was accepted"; exit 1
+fi
+grep -q "needs target-language text" err.txt || { echo "FAIL: unclear error:"; cat err.txt; exit 1; }
 [[ ! -e bad ]] || { echo "FAIL: a refused resize left a directory"; exit 1; }
 echo "extend-vocab: ok"

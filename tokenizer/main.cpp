@@ -13,7 +13,8 @@
 //   rhine-tokenizer extend --tokenizer base.model --input nl=nl.txt --new-tokens 2000 --out build/tok/base-nl
 //       --eval nl=heldout-nl.txt --eval en=heldout-en.txt
 //   (extend writes PREFIX.model, PREFIX.tokenizer.json and PREFIX.extend.json: the base's ids
-//   unchanged, new pieces after them; fertility and parity before and after on --eval)
+//   unchanged, new pieces after them; fertility and parity before and after on --eval; a
+//   BPE tokenizer.json base gives PREFIX.tokenizer.json and PREFIX.extend.json)
 
 #include <CLI/CLI.hpp>
 #include <sentencepiece_trainer.h>
@@ -29,6 +30,7 @@
 #include <iostream>
 #include <map>
 #include <sstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -453,29 +455,45 @@ struct ExtendArgs {
 };
 
 int run_extend(const ExtendArgs& a) {
-  const std::string base_bytes = rhine::read_file(a.tokenizer, kComponent);
-  const auto base = rhine::tokenizer::parse_spm_model(base_bytes, a.tokenizer);
   Corpus train, eval;
   for (const auto& spec : a.inputs) read_input(train, spec, a.text_field, a.lang_field);
   for (const auto& spec : a.eval.empty() ? a.inputs : a.eval) read_input(eval, spec, a.text_field, a.lang_field);
   std::vector<std::string> texts;
   for (const auto& [lang, lines] : train.lines) texts.insert(texts.end(), lines.begin(), lines.end());
-  const auto ext = rhine::tokenizer::extend_vocabulary(base, texts, a.options);
 
-  // Write the .model, read it back with Rhine's reader, and derive the tokenizer.json from it.
-  const std::string model_path = a.out + ".model", json_path = a.out + ".tokenizer.json";
-  rhine::write_file_atomic(model_path, ext.model_bytes(base_bytes));
-  const auto proto = write_tokenizer_json(model_path, json_path);
-  RHINE_CHECK(proto.pieces.size() == base.pieces.size() + ext.added.size(), kComponent,
-              "the written model does not read back with the new pieces", proto.pieces.size(), "please report this");
-  const auto before = rhine::Tokenizer::from_sentencepiece(base, a.tokenizer);
-  const auto after = rhine::Tokenizer::load(model_path);
+  // A SentencePiece .model base gives PREFIX.model and the tokenizer.json derived from it
+  // (read back with Rhine's reader); a tokenizer.json base gives PREFIX.tokenizer.json.
+  const std::string base_bytes = rhine::read_file(a.tokenizer, kComponent);
+  const bool json_base = !base_bytes.empty() && base_bytes.find_first_not_of(" \t\r\n") != std::string::npos &&
+                         base_bytes[base_bytes.find_first_not_of(" \t\r\n")] == '{';
+  const std::string model_path = json_base ? "" : a.out + ".model", json_path = a.out + ".tokenizer.json";
+  rhine::tokenizer::VocabExtension ext;
+  std::optional<rhine::Tokenizer> before, after;
+  if (json_base) {
+    const rhine::Json base = rhine::parse_json(base_bytes, kComponent, a.tokenizer);
+    ext = rhine::tokenizer::extend_tokenizer_json(base, texts, a.options, a.tokenizer);
+    rhine::write_file_atomic(json_path, ext.tokenizer_json.dump(1) + "\n");
+    before = rhine::Tokenizer::from_tokenizer_json(base, a.tokenizer);
+    after = rhine::Tokenizer::from_tokenizer_json(rhine::read_json_file(json_path, kComponent), json_path);
+  } else {
+    const auto base = rhine::tokenizer::parse_spm_model(base_bytes, a.tokenizer);
+    ext = rhine::tokenizer::extend_vocabulary(base, texts, a.options);
+    rhine::write_file_atomic(model_path, ext.model_bytes(base_bytes));
+    const auto proto = write_tokenizer_json(model_path, json_path);
+    RHINE_CHECK(proto.pieces.size() == base.pieces.size() + ext.added.size(), kComponent,
+                "the written model does not read back with the new pieces", proto.pieces.size(), "please report this");
+    before = rhine::Tokenizer::from_sentencepiece(base, a.tokenizer);
+    after = rhine::Tokenizer::load(model_path);
+  }
+  RHINE_CHECK(after->vocab_size() == ext.base_size + static_cast<std::int32_t>(ext.added.size()), kComponent,
+              "the extended tokenizer does not read back with the new tokens", after->vocab_size(), "please report this");
 
-  const auto rb = measure(before, eval, a.options.threads), ra = measure(after, eval, a.options.threads);
+  const auto rb = measure(*before, eval, a.options.threads), ra = measure(*after, eval, a.options.threads);
   const bool parallel = rb.count(a.reference) > 0;
   rhine::Json langs = rhine::Json::object();
-  std::printf("extended %s by %zu pieces (ids %d-%zu) -> %s, %s\n", a.tokenizer.c_str(), ext.added.size(),
-              ext.base_size, ext.base_size + ext.added.size() - 1, model_path.c_str(), json_path.c_str());
+  std::printf("extended %s by %zu pieces (ids %d-%zu) -> %s%s%s\n", a.tokenizer.c_str(), ext.added.size(),
+              ext.base_size, ext.base_size + ext.added.size() - 1, model_path.c_str(), json_base ? "" : ", ",
+              json_path.c_str());
   std::printf("%-6s %10s %10s %8s %10s %10s %8s %9s %9s\n", "lang", "tok_before", "tok_after", "change", "fert_bef",
               "fert_aft", "", parallel ? "par_bef" : "", parallel ? "par_aft" : "");
   for (const auto& [lang, b] : rb) {
@@ -497,7 +515,8 @@ int run_extend(const ExtendArgs& a) {
   rhine::Json added = rhine::Json::array();
   for (std::size_t i = 0; i < ext.added.size(); ++i)
     added.push_back({{"id", ext.base_size + static_cast<std::int32_t>(i)}, {"piece", ext.added[i]}, {"saved", ext.saved[i]}});
-  const rhine::Json report = {{"base", a.tokenizer},           {"model", model_path},
+  const rhine::Json report = {{"base", a.tokenizer},
+                              {"model", json_base ? rhine::Json(nullptr) : rhine::Json(model_path)},
                               {"tokenizer_json", json_path},   {"base_size", ext.base_size},
                               {"new_tokens", ext.added.size()}, {"reference", a.reference},
                               {"languages", langs},             {"added", added}};
@@ -560,10 +579,11 @@ int main(int argc, char** argv) {
   std::string reference = "en", text_field = "text", lang_field = "lang";
   bool json = false;
   ExtendArgs ea;
-  auto* extend = app.add_subcommand("extend", "add the pieces that shorten target-language text most to a SentencePiece BPE model");
-  extend->add_option("--tokenizer,-t", ea.tokenizer, "base SentencePiece BPE .model (its ids keep their meaning)")->required();
+  auto* extend = app.add_subcommand("extend", "add the pieces that shorten target-language text most to a BPE tokenizer");
+  extend->add_option("--tokenizer,-t", ea.tokenizer,
+                     "base SentencePiece BPE .model or BPE tokenizer.json (its ids keep their meaning)")->required();
   extend->add_option("--input,-i", ea.inputs, "LANG=PATH of target-language text the new pieces are chosen on")->required();
-  extend->add_option("--out,-o", ea.out, "output prefix: writes PREFIX.model, PREFIX.tokenizer.json, PREFIX.extend.json")->required();
+  extend->add_option("--out,-o", ea.out, "output prefix: writes PREFIX.model (SentencePiece base), PREFIX.tokenizer.json, PREFIX.extend.json")->required();
   extend->add_option("--new-tokens,-n", ea.options.new_tokens, "pieces to add")->capture_default_str();
   extend->add_option("--min-frequency", ea.options.min_frequency, "add no pair seen fewer times")->capture_default_str();
   extend->add_option("--eval", ea.eval, "LANG=PATH text to report fertility and parity on (default: --input)");

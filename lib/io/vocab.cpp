@@ -144,7 +144,8 @@ at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::ve
 
 std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, const fs::path& extended_tokenizer,
                                   const VocabResizeOptions& options) {
-  const fs::path base_path = options.base_tokenizer.empty() ? dir / "tokenizer.model" : options.base_tokenizer;
+  fs::path base_path = options.base_tokenizer;
+  if (base_path.empty()) base_path = fs::exists(dir / "tokenizer.model") ? dir / "tokenizer.model" : dir / "tokenizer.json";
   RHINE_CHECK(fs::is_regular_file(base_path), kComponent, "no base tokenizer at", base_path.string(),
               "pass the tokenizer the model was trained with (--base-tokenizer)");
   const Tokenizer base = Tokenizer::load(base_path.string()), ext = Tokenizer::load(extended_tokenizer.string());

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <queue>
 #include <unordered_map>
 #include <unordered_set>
@@ -115,60 +116,57 @@ std::string VocabExtension::model_bytes(const std::string& base_bytes) const {
   return out;
 }
 
-VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
-                                 const ExtendOptions& options) {
-  RHINE_CHECK(base.model_type == SpmModelProto::ModelType::bpe, kComponent,
-              "vocabulary extension continues BPE merges; the base model type is",
-              static_cast<int>(base.model_type),
-              "extend a SentencePiece BPE model (model_type 2); for a Unigram model train a new tokenizer with "
-              "rhine-tokenizer train");
-  RHINE_CHECK(options.new_tokens >= 1, kComponent, "new_tokens must be at least 1", options.new_tokens, "");
-  RHINE_CHECK(!texts.empty(), kComponent, "no target-language text to extend the vocabulary for", texts.size(),
-              "pass lines of text in the languages the model is adapted to");
+namespace {
 
-  VocabExtension ext;
-  ext.model = base;
-  ext.base_size = static_cast<std::int32_t>(base.pieces.size());
+// The base vocabulary as the merge loop sees it: strings by id (holes: ""), whether a piece
+// may take part in a merge, and every string the tokenizer already has.
+struct MergeVocab {
   std::vector<std::string> str;
   std::vector<bool> mergeable;
   std::unordered_set<std::string> existing;
-  float floor = 0.0f;
-  for (const auto& p : base.pieces) {
-    str.push_back(p.piece);
-    mergeable.push_back(p.type == SpmModelProto::PieceType::normal);
-    existing.insert(p.piece);
-    if (p.type == SpmModelProto::PieceType::normal) floor = std::min(floor, p.score);
-  }
+};
 
-  // Segment the text with the base and cut it into words: a word starts at a piece that
-  // starts with the whitespace mark (ends with it, for suffix models); pieces that are not
-  // normal (bytes, unknown, user-defined, control) stand alone.
-  const Tokenizer tok = Tokenizer::from_sentencepiece(base, "the base tokenizer");
-  const auto ids = tok.encode_batch(texts, {}, options.threads);
-  std::unordered_map<std::string, std::int64_t> counts_by_word;
-  auto flush = [&](std::vector<std::int32_t>& w) {
-    if (w.size() > 1)
-      counts_by_word[std::string(reinterpret_cast<const char*>(w.data()), w.size() * sizeof(std::int32_t))] += 1;
+// Words of the segmented text (piece ids, as bytes) and their occurrences.
+using WordCounts = std::unordered_map<std::string, std::int64_t>;
+
+// Cuts one segmented piece of text into words and counts them: a word starts at a piece that
+// starts with the whitespace mark (`mark_starts`) and ends after a piece that ends with it
+// (`mark_ends`: SentencePiece's suffix models; and, with mark_starts, tokenizer.json BPEs
+// trained without a pre-tokenizer, whose pieces can end with the mark: there the mark alone
+// starts a word); pieces that may not merge stand alone.
+void count_words(const std::vector<std::int32_t>& line, const MergeVocab& v, bool mark_starts, bool mark_ends,
+                 WordCounts& counts) {
+  std::vector<std::int32_t> w;
+  auto flush = [&] {
+    if (w.size() > 1) counts[std::string(reinterpret_cast<const char*>(w.data()), w.size() * sizeof(std::int32_t))] += 1;
     w.clear();
   };
-  for (const auto& line : ids) {
-    ext.tokens_before += static_cast<std::int64_t>(line.size());
-    std::vector<std::int32_t> w;
-    for (std::size_t i = 0; i < line.size(); ++i) {
-      const std::int32_t id = line[i];
-      const std::string& s = str[static_cast<std::size_t>(id)];
-      if (!mergeable[static_cast<std::size_t>(id)]) {
-        flush(w);
-        continue;
-      }
-      const bool starts = base.treat_whitespace_as_suffix
-                              ? i > 0 && ends_with_space(str[static_cast<std::size_t>(line[i - 1])])
-                              : s.rfind(kSpace, 0) == 0;
-      if (starts) flush(w);
-      w.push_back(id);
+  for (std::int32_t id : line) {
+    const auto i = static_cast<std::size_t>(id);
+    if (i >= v.str.size() || !v.mergeable[i]) {
+      flush();
+      continue;
     }
-    flush(w);
+    const std::string& s = v.str[i];
+    if (mark_starts && s.rfind(kSpace, 0) == 0) flush();
+    w.push_back(id);
+    if (mark_ends && ends_with_space(s) && (!mark_starts || s.size() > kSpace.size())) flush();
   }
+  flush();
+}
+
+// What the merge loop found: the new pieces in id order (ids v.str.size() ...), the pair of
+// ids each merges, and the tokens each saved on the text when it was added.
+struct NewMerges {
+  std::vector<std::string> added;
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  std::vector<std::int64_t> saved;
+};
+
+// BPE continued on the counted words: N times the most frequent adjacent pair whose merged
+// string is new, short enough and `valid` becomes a piece.
+template <typename Valid>
+NewMerges continue_bpe(const WordCounts& counts_by_word, MergeVocab v, const ExtendOptions& options, Valid valid) {
   std::vector<Word> words;
   words.reserve(counts_by_word.size());
   for (const auto& [k, n] : counts_by_word) {
@@ -199,31 +197,28 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
   };
   for (std::int32_t wi = 0; wi < static_cast<std::int32_t>(words.size()); ++wi) add_pairs(wi, +1);
 
+  NewMerges out;
   std::unordered_set<std::uint64_t> banned;
-  while (static_cast<std::int32_t>(ext.added.size()) < options.new_tokens && !heap.empty()) {
+  while (static_cast<std::int32_t>(out.added.size()) < options.new_tokens && !heap.empty()) {
     const auto [c, k] = heap.top();
     heap.pop();
     auto it = count.find(k);
     if (it == count.end() || it->second != c || banned.count(k)) continue;  // stale
     if (c < options.min_frequency) break;
     const auto a = static_cast<std::int32_t>(k >> 32), b = static_cast<std::int32_t>(k & 0xffffffffu);
-    std::string merged = str[static_cast<std::size_t>(a)] + str[static_cast<std::size_t>(b)];
-    if (existing.count(merged) || static_cast<std::int32_t>(merged.size()) > options.max_piece_bytes ||
-        !valid_piece(merged, base)) {
+    std::string merged = v.str[static_cast<std::size_t>(a)] + v.str[static_cast<std::size_t>(b)];
+    if (v.existing.count(merged) || static_cast<std::int32_t>(merged.size()) > options.max_piece_bytes ||
+        !valid(merged)) {
       banned.insert(k);  // the base has this string (under another type), too long, or against the trainer's rules
       continue;
     }
-    const auto id = static_cast<std::int32_t>(str.size());
-    str.push_back(merged);
-    mergeable.push_back(true);
-    existing.insert(merged);
-    ext.added.push_back(merged);
-    ext.saved.push_back(c);
-    SpmModelProto::Piece p;
-    p.piece = merged;
-    p.score = floor - 1.0f - static_cast<float>(ext.added.size() - 1);  // after every base merge, in found order
-    p.type = SpmModelProto::PieceType::normal;
-    ext.model.pieces.push_back(std::move(p));
+    const auto id = static_cast<std::int32_t>(v.str.size());
+    v.str.push_back(merged);
+    v.mergeable.push_back(true);
+    v.existing.insert(merged);
+    out.added.push_back(std::move(merged));
+    out.pairs.emplace_back(a, b);
+    out.saved.push_back(c);
 
     std::vector<std::int32_t> ws = std::move(where[k]);
     where.erase(k);
@@ -249,6 +244,177 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
     }
     count.erase(k);
   }
+  return out;
+}
+
+void check_common(const ExtendOptions& options, const std::vector<std::string>& texts) {
+  RHINE_CHECK(options.new_tokens >= 1, kComponent, "new_tokens must be at least 1", options.new_tokens, "");
+  RHINE_CHECK(!texts.empty(), kComponent, "no target-language text to extend the vocabulary for", texts.size(),
+              "pass lines of text in the languages the model is adapted to");
+}
+
+}  // namespace
+
+VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
+                                 const ExtendOptions& options) {
+  RHINE_CHECK(base.model_type == SpmModelProto::ModelType::bpe, kComponent,
+              "vocabulary extension continues BPE merges; the base model type is",
+              static_cast<int>(base.model_type),
+              "extend a SentencePiece BPE model (model_type 2); for a Unigram model train a new tokenizer with "
+              "rhine-tokenizer train");
+  check_common(options, texts);
+
+  VocabExtension ext;
+  ext.model = base;
+  ext.base_size = static_cast<std::int32_t>(base.pieces.size());
+  MergeVocab v;
+  float floor = 0.0f;
+  for (const auto& p : base.pieces) {
+    v.str.push_back(p.piece);
+    v.mergeable.push_back(p.type == SpmModelProto::PieceType::normal);
+    v.existing.insert(p.piece);
+    if (p.type == SpmModelProto::PieceType::normal) floor = std::min(floor, p.score);
+  }
+  const Tokenizer tok = Tokenizer::from_sentencepiece(base, "the base tokenizer");
+  WordCounts words;
+  for (const auto& line : tok.encode_batch(texts, {}, options.threads)) {
+    ext.tokens_before += static_cast<std::int64_t>(line.size());
+    count_words(line, v, !base.treat_whitespace_as_suffix, base.treat_whitespace_as_suffix, words);
+  }
+  const NewMerges m = continue_bpe(words, std::move(v), options, [&](const std::string& s) { return valid_piece(s, base); });
+  for (std::size_t i = 0; i < m.added.size(); ++i) {
+    SpmModelProto::Piece p;
+    p.piece = m.added[i];
+    p.score = floor - 1.0f - static_cast<float>(i);  // after every base merge, in found order
+    p.type = SpmModelProto::PieceType::normal;
+    ext.model.pieces.push_back(std::move(p));
+  }
+  ext.added = m.added;
+  ext.saved = m.saved;
+  return ext;
+}
+
+VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::string>& texts,
+                                     const ExtendOptions& options, const std::string& source) {
+  check_common(options, texts);
+  RHINE_CHECK(base.is_object() && base.contains("model") && base["model"].is_object(), kComponent,
+              "not a tokenizer.json (no \"model\" object)", source, "pass a Hugging Face tokenizer.json");
+  const Json& model = base["model"];
+  const std::string type = model.contains("type") && model["type"].is_string() ? model["type"].get<std::string>() : "";
+  RHINE_CHECK(type == "BPE", kComponent, "vocabulary extension continues BPE merges; the tokenizer.json model is",
+              type.empty() ? std::string("(no type)") : type,
+              "extend a BPE tokenizer.json (byte-level or with byte fallback) or a SentencePiece BPE .model");
+  for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
+    RHINE_CHECK(!model.contains(k) || model[k].is_null() || model[k].get<std::string>().empty(), kComponent,
+                std::string("a BPE with a ") + k + " is not supported", source,
+                "extend a byte-level or byte-fallback BPE (the LLM tokenizers)");
+  std::function<bool(const Json&)> byte_level_stage = [&](const Json& j) {
+    if (!j.is_object()) return false;
+    if (j.contains("type") && j["type"] == "ByteLevel") return true;
+    for (const char* k : {"pretokenizers", "decoders"})
+      if (j.contains(k) && j[k].is_array())
+        for (const Json& x : j[k])
+          if (byte_level_stage(x)) return true;
+    return false;
+  };
+  const bool byte_level = (base.contains("pre_tokenizer") && byte_level_stage(base["pre_tokenizer"])) ||
+                          (base.contains("decoder") && byte_level_stage(base["decoder"]));
+
+  // The base's stages (normalizer, pre-tokenizer, model) to cut the text into the words
+  // the model sees, after the added tokens' text is taken out (lstrip / rstrip aside).
+  std::vector<std::string> specials;
+  std::int64_t last_id = -1;
+  MergeVocab v;
+  const Json& added_tokens = base.contains("added_tokens") ? base["added_tokens"] : Json::array();
+  for (const Json& t : added_tokens) {
+    specials.push_back(t.at("content").get<std::string>());
+    last_id = std::max<std::int64_t>(last_id, t.at("id").get<std::int64_t>());
+  }
+  const auto normalizer = make_normalizer(base.contains("normalizer") ? base["normalizer"] : Json(), source);
+  const auto pre = make_pre_tokenizer(base.contains("pre_tokenizer") ? base["pre_tokenizer"] : Json(), source);
+  const auto bpe = make_model(model, specials, source);
+  last_id = std::max<std::int64_t>(last_id, bpe->vocab_size() - 1);
+  v.str.assign(static_cast<std::size_t>(last_id + 1), "");
+  v.mergeable.assign(static_cast<std::size_t>(last_id + 1), false);
+  for (std::int32_t id = 0; id < bpe->vocab_size(); ++id) {
+    const std::string s(bpe->id_to_token(id));
+    if (s.empty()) continue;
+    v.str[static_cast<std::size_t>(id)] = s;
+    v.mergeable[static_cast<std::size_t>(id)] = !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
+    v.existing.insert(s);
+  }
+  for (const Json& t : added_tokens) {
+    const auto id = static_cast<std::size_t>(t.at("id").get<std::int64_t>());
+    v.mergeable[id] = false;
+    v.existing.insert(specials[&t - &added_tokens[0]]);
+  }
+  VocabExtension ext;
+  ext.base_size = static_cast<std::int32_t>(last_id + 1);
+  WordCounts words;
+  std::vector<Token> pieces;
+  std::vector<std::int32_t> ids;
+  SpecialTokenMatcher added_matcher;  // added tokens are split out of the text first, as encoding does
+  for (std::size_t i = 0; i < specials.size(); ++i) added_matcher.add(specials[i], static_cast<std::int32_t>(i));
+  std::vector<std::string> segments;
+  for (const std::string& text_line : texts) {
+    if (added_matcher.empty()) {
+      segments.assign(1, text_line);
+    } else {
+      segments.clear();
+      for (const auto& part : added_matcher.split(text_line))
+        if (part.id < 0) segments.push_back(text_line.substr(part.begin, part.end - part.begin));
+        else ++ext.tokens_before;
+    }
+    for (const std::string& line : segments) {
+    NormalizedString ns(line);
+    if (normalizer) normalizer->normalize(ns);
+    PreTokenizedString pts;
+    pts.splits.push_back(std::move(ns));
+    if (pre) pre->pre_tokenize(pts);
+    for (const auto& split : pts.splits) {
+      pieces.clear(), ids.clear();
+      bpe->tokenize(split.text, pieces);
+      for (const Token& t : pieces) ids.push_back(t.id);
+      ext.tokens_before += static_cast<std::int64_t>(ids.size());
+      count_words(ids, v, true, true, words);
+    }
+    }
+  }
+  // Byte-level pieces are spelled in GPT-2's byte alphabet, so scripts cannot be read off
+  // them (the pre-tokenizer's split regex already keeps letters, digits and punctuation
+  // apart); other BPEs (SentencePiece converted) follow SentencePiece's default rules.
+  const SpmModelProto spm_defaults;
+  const NewMerges m = continue_bpe(words, std::move(v), options, [&](const std::string& s) {
+    return byte_level || valid_piece(s, spm_defaults);
+  });
+
+  ext.tokenizer_json = base;
+  Json& out_model = ext.tokenizer_json["model"];
+  Json& vocab = out_model["vocab"];
+  if (!out_model.contains("merges")) out_model["merges"] = Json::array();
+  Json& merges = out_model["merges"];
+  const bool pair_form = !merges.empty() && merges[0].is_array();
+  // tokenizers numbers the added tokens that are not in the model's vocabulary from the
+  // vocabulary's size up (the ids in the file are not read), so with new tokens after them
+  // (Llama 3: specials 128000-128255, new tokens from 128256) every added token must be in the
+  // vocabulary under its id, and the vocabulary must have no holes.
+  for (const Json& t : added_tokens)
+    if (!vocab.contains(t["content"].get<std::string>())) vocab[t["content"].get<std::string>()] = t["id"];
+  RHINE_CHECK(static_cast<std::int64_t>(vocab.size()) == ext.base_size, kComponent,
+              "the base's ids have holes (neither vocabulary nor added tokens)", source,
+              std::to_string(vocab.size()) + " ids for " + std::to_string(ext.base_size) +
+                  " slots; tokenizers would renumber the added tokens after extension");
+  for (std::size_t i = 0; i < m.added.size(); ++i) {
+    vocab[m.added[i]] = ext.base_size + static_cast<std::int32_t>(i);
+    const std::string& a = m.pairs[i].first < ext.base_size ? std::string(bpe->id_to_token(m.pairs[i].first))
+                                                             : m.added[static_cast<std::size_t>(m.pairs[i].first - ext.base_size)];
+    const std::string& b = m.pairs[i].second < ext.base_size ? std::string(bpe->id_to_token(m.pairs[i].second))
+                                                              : m.added[static_cast<std::size_t>(m.pairs[i].second - ext.base_size)];
+    if (pair_form) merges.push_back(Json::array({a, b}));
+    else merges.push_back(a + " " + b);
+  }
+  ext.added = m.added;
+  ext.saved = m.saved;
   return ext;
 }
 

@@ -1,11 +1,11 @@
 """Independent check of `rhine-convert extend-vocab` (tests/io/vocab_test.sh):
 
-  check_vocab.py BASE_DIR BASE.model EXTENDED_DIR INIT
+  check_vocab.py BASE_DIR BASE.model|BASE.tokenizer.json EXTENDED_DIR INIT
 
 transformers loads EXTENDED_DIR; its config and the extended tokenizer agree (tokenizer.json read
 by `tokenizers` encodes as sentencepiece reads tokenizer.model); the base rows of the embedding
 and head are unchanged; under INIT=mean each new row is the mean of the base rows of the fewest
-base pieces spelling the new token (computed here with sentencepiece's vocabulary), under
+base pieces spelling the new token (computed here with the base tokenizer's vocabulary, read by sentencepiece or tokenizers), under
 INIT=random the new rows have roughly the base rows' mean and spread; under INIT=focus each new
 row is the weighted sum of base rows that vocab_init.json names, with weights >= 0 summing to 1
 (sparsemax), and most new tokens have such a FOCUS recipe rather than the mean fallback. Under
@@ -40,30 +40,57 @@ def spell(pieces, text):  # fewest base pieces, ties to lower ids (the exporter'
     return best[n][1]
 
 
-def main(base_dir, base_model, ext_dir, init):
-    import sentencepiece as spm
+class Vocab:
+    """A tokenizer's pieces by id, from a SentencePiece .model (sentencepiece) or a
+    tokenizer.json (tokenizers)."""
+
+    def __init__(self, path):
+        if path.endswith(".json"):
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(path)
+            self.size = tok.get_vocab_size()
+            inv = {i: t for t, i in tok.get_vocab().items()}
+            self.piece = [inv[i] for i in range(self.size)]
+            special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+            self.encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+        else:
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=path)
+            self.size = sp.get_piece_size()
+            self.piece = [sp.id_to_piece(i) for i in range(self.size)]
+            special = {i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)}
+            self.encode = sp.encode
+        self.normal = {p: i for i, p in enumerate(self.piece) if i not in special}
+
+
+def main(base_dir, base_tok, ext_dir, init):
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     ext = AutoModelForCausalLM.from_pretrained(ext_dir, dtype=torch.float32)
-    sb = spm.SentencePieceProcessor(model_file=base_model)
-    se = spm.SentencePieceProcessor(model_file=os.path.join(ext_dir, "tokenizer.model"))
-    nb, ne = sb.get_piece_size(), se.get_piece_size()
+    sb = Vocab(base_tok)
+    spm_ext = os.path.exists(os.path.join(ext_dir, "tokenizer.model"))
+    if base_tok.endswith(".json") and spm_ext:
+        fail("a tokenizer.json extension left a tokenizer.model in the output")
+    se = Vocab(os.path.join(ext_dir, "tokenizer.model" if spm_ext else "tokenizer.json"))
+    nb, ne = sb.size, se.size
     V0, V1 = base.config.vocab_size, ext.config.vocab_size
     if V1 != max(V0, ne):
         fail(f"vocab_size {V1}, expected max({V0}, {ne})")
-    if [se.id_to_piece(i) for i in range(nb)] != [sb.id_to_piece(i) for i in range(nb)]:
+    if se.piece[:nb] != sb.piece:
         fail("the extended tokenizer changed base pieces")
     text = "Met de pijltoetsen kunt u objecten nauwkeuriger verplaatsen dan met de muis."
     hf = Tokenizer.from_file(os.path.join(ext_dir, "tokenizer.json")).encode(text, add_special_tokens=False).ids
     if hf != se.encode(text):
-        fail(f"tokenizer.json encodes {hf}, tokenizer.model {se.encode(text)}")
-    pieces = {sb.id_to_piece(i): i for i in range(nb) if not (sb.is_control(i) or sb.is_unknown(i))}
+        fail(f"tokenizer.json encodes {hf}, the extended tokenizer {se.encode(text)}")
+    if len(se.encode(text)) >= len(sb.encode(text)):
+        fail("the extended tokenizer does not shorten Dutch text")
+    pieces = sb.normal
     recipes = json.load(open(os.path.join(ext_dir, "vocab_init.json")))
     if recipes["init"] != init or [t["id"] for t in recipes["tokens"]] != list(range(nb, ne)):
         fail(f"vocab_init.json: init {recipes['init']}, ids not {nb}..{ne - 1}")
-    if any(t["token"] != se.id_to_piece(t["id"]) for t in recipes["tokens"]):
+    if any(t["token"] != se.piece[t["id"]] for t in recipes["tokens"]):
         fail("vocab_init.json names other tokens than the tokenizer")
     focus_made = 0
     for t in recipes["tokens"]:
@@ -91,7 +118,7 @@ def main(base_dir, base_model, ext_dir, init):
             fail(f"{name}: base rows changed")
         new = w1[nb:ne]
         if init == "mean":
-            want = np.stack([w0[spell(pieces, se.id_to_piece(i))].mean(0) for i in range(nb, ne)])
+            want = np.stack([w0[spell(pieces, se.piece[i])].mean(0) for i in range(nb, ne)])
             err = np.abs(new - want).max()
             if err > 1e-6:
                 fail(f"{name}: new rows differ from the mean of their pieces' rows by {err}")

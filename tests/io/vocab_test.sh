@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `rhine-convert extend-vocab` (issue 18 item 2) against transformers, sentencepiece and
 # tokenizers: a small random Llama (transformers, padded vocabulary) grown to a tokenizer that
-# `rhine-tokenizer extend` extended for Dutch, with --init mean, focus and random; then bad
+# `rhine-tokenizer extend` extended for Dutch, with --init mean, focus and random, and to a
+# tokenizer.json extended the same way; then bad
 # input (a tokenizer that is not an extension of the base) is refused.
 #   vocab_test.sh RHINE_TOKENIZER RHINE_CONVERT SOURCE_DIR WORK_DIR PYTHON
 set -euo pipefail
@@ -19,6 +20,12 @@ for init in mean focus random; do
   "$convert" extend-vocab --model model --tokenizer ext.model --out model-$init --init $init --text $d/nl.txt
   "$py" "$src/tests/io/check_vocab.py" model base.model model-$init $init
 done
+# A tokenizer.json base (the BPE with byte fallback rhine-tokenizer train wrote beside the .model).
+"$tok" extend -t base.tokenizer.json -i nl=$d/nl.txt -n 60 -o extj >/dev/null
+"$convert" extend-vocab --model model --base-tokenizer base.tokenizer.json --tokenizer extj.tokenizer.json \
+  --out model-json --init focus --text $d/nl.txt
+"$py" "$src/tests/io/check_vocab.py" model base.tokenizer.json model-json focus
+cmp -s extj.tokenizer.json model-json/tokenizer.json || { echo "FAIL: the extended tokenizer.json was not written as is"; exit 1; }
 "$tok" train -i de=$d/de.txt -i en=$d/en.txt -o other --vocab-size 520 >/dev/null 2>&1
 if "$convert" extend-vocab --model model --tokenizer other.model --out bad >/dev/null 2>err.txt; then
   echo "FAIL: a tokenizer that is not an extension was accepted"; exit 1

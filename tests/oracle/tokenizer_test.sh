@@ -9,7 +9,9 @@
 #      PREFIX.model in `sentencepiece`, and both encode to Rhine's ids (BPE and Unigram; for
 #      the .model a Unigram line may be segmented differently at an exact score tie, which
 #      PyPI's sentencepiece breaks differently from Debian's libsentencepiece: see
-#      hf_tokenizers.py compare-spm).
+#      hf_tokenizers.py compare-spm);
+#   3. what `rhine-tokenizer extend` writes for a SentencePiece .model;
+#   4. and for the tokenizer.json BPEs of 1.
 # `tokenizers` always matches added tokens in the text, so Rhine encodes tokenizer.json files
 # with --parse-special; sentencepiece never matches control pieces, nor does Rhine by default.
 #   tokenizer_test.sh RHINE_TOKENIZER SOURCE_DIR WORK_DIR PYTHON
@@ -106,3 +108,45 @@ print(f"extend: {n} base pieces unchanged, 300 added; nl held-out tokens {nl['to
 PY
   { echo "FAIL: rhine-tokenizer extend: the extended model breaks the base's ids or saves nothing"; exit 1; }
 echo "rhine-tokenizer extend: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
+
+# 4. rhine-tokenizer extend on tokenizer.json bases (the byte-level BPE and the BPE with byte
+# fallback of section 1): tokenizers loads the extended file and encodes as Rhine does; every
+# base token keeps its id, the base merges come first and unchanged, the new tokens take ids
+# after all others with one merge each; Dutch held-out text shrinks.
+for family in byte_level_bpe bpe_byte_fallback; do
+  "$tool" extend -t "$work/$family.json" -i nl=$fx/nl.txt -n 300 -o "$work/ext_$family" \
+    --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend_$family.log"
+  [[ ! -e "$work/ext_$family.model" ]] || { echo "FAIL: a tokenizer.json base wrote a .model"; exit 1; }
+  for special in "" --add-special; do
+    "$tool" encode -t "$work/ext_$family.tokenizer.json" $special --parse-special --threads 1 < "$work/text.txt" \
+      > "$work/ext_$family.rhine$special.ids"
+    "$py" "$ref" encode json "$work/ext_$family.tokenizer.json" $special < "$work/text.txt" > "$work/ext_$family.hf$special.ids"
+    same "extended $family ids${special:+ with special tokens}" "$work/ext_$family.rhine$special.ids" "$work/ext_$family.hf$special.ids"
+  done
+  "$py" - "$work/$family.json" "$work/ext_$family.tokenizer.json" "$work/ext_$family.extend.json" <<'PY' ||
+import json, sys
+from tokenizers import Tokenizer
+base, ext = (json.load(open(p)) for p in sys.argv[1:3])
+r = json.load(open(sys.argv[3]))
+bv, ev = base["model"]["vocab"], ext["model"]["vocab"]
+assert all(ev.get(t) == i for t, i in bv.items()), "base tokens changed ids"
+first = max(list(bv.values()) + [t["id"] for t in base["added_tokens"]]) + 1
+added = {t["content"] for t in base["added_tokens"]}
+new = sorted((i, t) for t, i in ev.items() if t not in bv and t not in added)
+assert [i for i, _ in new] == list(range(first, first + 300)) == [a["id"] for a in r["added"]], "new ids"
+assert [t for _, t in new] == [a["piece"] for a in r["added"]]
+bm, em = base["model"]["merges"], ext["model"]["merges"]
+assert em[:len(bm)] == bm and len(em) == len(bm) + 300, "base merges not kept first"
+pair = lambda m: m if isinstance(m, list) else m.split(" ")
+assert ["".join(pair(m)) for m in em[len(bm):]] == [t for _, t in new], "a new merge does not make its token"
+assert {k: v for k, v in ext.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
+hf = Tokenizer.from_file(sys.argv[2])
+assert hf.get_vocab_size() == first + 300
+nl = r["languages"]["nl"]
+assert nl["tokens_after"] < 0.95 * nl["tokens_before"], nl
+print(f"extend tokenizer.json: {len(bv)} base tokens and {len(bm)} merges kept, 300 added from id {first}; "
+      f"nl held-out tokens {nl['tokens_before']} -> {nl['tokens_after']}")
+PY
+    { echo "FAIL: rhine-tokenizer extend on $family: the extended tokenizer.json breaks the base or saves nothing"; exit 1; }
+  echo "rhine-tokenizer extend $family (tokenizer.json): $n lines, ids = tokenizers', with and without special tokens"
+done

@@ -192,3 +192,38 @@ TEST_CASE("extend: new pieces follow the base trainer's rules (scripts, digits)"
   ext = rhine::tokenizer::extend_vocabulary(m, lines, o);
   CHECK(std::find(ext.added.begin(), ext.added.end(), kSpace + "11") != ext.added.end());
 }
+
+TEST_CASE("extend: a tokenizer.json base gets the additions its .model twin gets", "[tokenizer][extend]") {
+  // The same BPE as a SentencePiece model and as the tokenizer.json converted from it: the same
+  // pieces are added; the tokenizer.json keeps its ids, appends one merge per new token, and
+  // encodes as the extended .model does. (Without the user-defined "ab": a tokenizer.json
+  // holds it as an added token, split out before normalization, which segments differently.)
+  auto m = char_model();
+  m.pieces.pop_back();
+  const rhine::Json base = rhine::tokenizer::spm_to_tokenizer_json(m, "char.model");
+  rhine::tokenizer::ExtendOptions o;
+  o.new_tokens = 25;
+  o.threads = 1;
+  const auto lines = text(5);
+  const auto from_model = rhine::tokenizer::extend_vocabulary(m, lines, o);
+  const auto from_json = rhine::tokenizer::extend_tokenizer_json(base, lines, o, "char.json");
+  CHECK(from_json.added == from_model.added);
+  CHECK(from_json.saved == from_model.saved);
+  CHECK(from_json.tokens_before == from_model.tokens_before);
+  CHECK(from_json.base_size == static_cast<std::int32_t>(m.pieces.size()));
+  const rhine::Json& out = from_json.tokenizer_json;
+  CHECK(out["model"]["merges"].size() == base["model"]["merges"].size() + from_json.added.size());
+  for (std::size_t i = 0; i < from_json.added.size(); ++i)
+    CHECK(out["model"]["vocab"][from_json.added[i]] == from_json.base_size + static_cast<std::int32_t>(i));
+  const auto by_json = rhine::Tokenizer::from_tokenizer_json(out, "extended.json");
+  const auto by_model = rhine::Tokenizer::from_sentencepiece(from_model.model, "extended.model");
+  for (const auto& l : lines) REQUIRE(by_json.encode(l) == by_model.encode(l));
+
+  rhine::Json unigram = base;
+  unigram["model"] = {{"type", "Unigram"}, {"vocab", rhine::Json::array()}};
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(unigram, lines, o), Contains("continues BPE merges"));
+  rhine::Json prefixed = base;
+  prefixed["model"]["continuing_subword_prefix"] = "##";
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(prefixed, lines, o), Contains("continuing_subword_prefix"));
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(rhine::Json::array(), lines, o), Contains("not a tokenizer.json"));
+}

@@ -45,7 +45,8 @@ struct VocabResizeOptions {
   std::string init = "mean";
   /// Seed of "random".
   std::uint64_t seed = 1;
-  /// The tokenizer the model was trained with; default: `dir`'s tokenizer.model.
+  /// The tokenizer the model was trained with; default: `dir`'s tokenizer.model, else its
+  /// tokenizer.json.
   std::filesystem::path base_tokenizer;
   /// Replace an existing output directory.
   bool overwrite = false;

@@ -20,12 +20,21 @@
 /// the segmentation of text without the new pieces stay as they were.
 ///
 /// Supported bases: SentencePiece BPE `.model` files (what `rhine-tokenizer train` writes,
-/// and the vocabularies of Llama 2, Mistral, EuroLLM, Salamandra). Unigram models are refused
-/// with a hint (their pieces are chosen by likelihood, not merges).
+/// and the vocabularies of Llama 2, Mistral, EuroLLM, Salamandra), and tokenizer.json BPE
+/// models, byte-level (GPT-2, Llama 3, Qwen, DeepSeek) or with byte fallback (Mistral's and
+/// Gemma's tokenizer.json): the new tokens get ids after every existing id (vocabulary and
+/// added tokens) and their merges are appended after the base's, in the base's merge format,
+/// so the base's merges all apply first. Added tokens missing from the model's vocabulary
+/// (Llama 3's specials) are entered there under their ids, as Hugging Face tokenizers
+/// numbers added tokens that are not in the vocabulary from its size up and would otherwise
+/// move them. The text is cut into words by the base's own
+/// normalizer and pre-tokenizer, so no new token spans two pre-tokens. Unigram models are
+/// refused with a hint (their pieces are chosen by likelihood, not merges).
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "rhine/core/json.h"
 #include "rhine/tokenizer/sentencepiece.h"
 
 namespace rhine::tokenizer {
@@ -44,8 +53,9 @@ struct ExtendOptions {
 
 /// The result: the extended model and what each addition saves on the text.
 struct VocabExtension {
-  SpmModelProto model;                ///< base pieces, then the new ones (ids base_size ...)
-  std::int32_t base_size = 0;         ///< pieces of the base; new ids start here
+  SpmModelProto model;                ///< SentencePiece base: base pieces, then the new ones
+  Json tokenizer_json;                ///< tokenizer.json base: the extended file (null otherwise)
+  std::int32_t base_size = 0;         ///< ids of the base (one past the largest); new ids start here
   std::vector<std::string> added;     ///< the new pieces, in id order
   std::vector<std::int64_t> saved;    ///< tokens each addition saved on the text, when it was added
   std::int64_t tokens_before = 0;     ///< the text's tokens under the base
@@ -58,5 +68,12 @@ struct VocabExtension {
 /// "[tokenizer_extend] ..." for a Unigram base, no text, or new_tokens < 1.
 VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
                                  const ExtendOptions& options = {});
+
+/// Extends a parsed tokenizer.json `base` (BPE) for `texts`; the result's tokenizer_json is
+/// the extended file (every other key as in the base). `source` names the file in errors.
+/// Throws rhine::Error "[tokenizer_extend] ..." for a model other than BPE, a BPE with
+/// continuing_subword_prefix / end_of_word_suffix, no text, or new_tokens < 1.
+VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::string>& texts,
+                                     const ExtendOptions& options = {}, const std::string& source = "tokenizer.json");
 
 }  // namespace rhine::tokenizer

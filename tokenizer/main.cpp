@@ -579,9 +579,9 @@ int main(int argc, char** argv) {
   std::string reference = "en", text_field = "text", lang_field = "lang";
   bool json = false;
   ExtendArgs ea;
-  auto* extend = app.add_subcommand("extend", "add the pieces that shorten target-language text most to a BPE tokenizer");
+  auto* extend = app.add_subcommand("extend", "add the pieces that shorten target-language text most to a BPE or Unigram tokenizer");
   extend->add_option("--tokenizer,-t", ea.tokenizer,
-                     "base SentencePiece BPE .model or BPE tokenizer.json (its ids keep their meaning)")->required();
+                     "base SentencePiece .model or tokenizer.json, BPE or Unigram (its ids keep their meaning)")->required();
   extend->add_option("--input,-i", ea.inputs, "LANG=PATH of target-language text the new pieces are chosen on")->required();
   extend->add_option("--out,-o", ea.out, "output prefix: writes PREFIX.model (SentencePiece base), PREFIX.tokenizer.json, PREFIX.extend.json")->required();
   extend->add_option("--new-tokens,-n", ea.options.new_tokens, "pieces to add")->capture_default_str();

@@ -1,6 +1,7 @@
 #include "rhine/tokenizer/extend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <queue>
@@ -247,6 +248,23 @@ NewMerges continue_bpe(const WordCounts& counts_by_word, MergeVocab v, const Ext
   return out;
 }
 
+// Scores of new Unigram pieces: the larger of the piece's log frequency on the target text
+// (count when added / the text's tokens: one maximum-likelihood step of the unigram model)
+// and the sum of the two pieces it joins plus kUnigramMargin, so the Viterbi search prefers
+// the new piece to the pair it replaces wherever that pair was the best segmentation.
+constexpr double kUnigramMargin = 0.1;
+std::vector<float> unigram_scores(const NewMerges& m, std::vector<double> scores, std::int64_t tokens) {
+  std::vector<float> out;
+  for (std::size_t i = 0; i < m.added.size(); ++i) {
+    const double joined = scores[static_cast<std::size_t>(m.pairs[i].first)] +
+                          scores[static_cast<std::size_t>(m.pairs[i].second)] + kUnigramMargin;
+    const double frequency = std::log(static_cast<double>(m.saved[i]) / static_cast<double>(std::max<std::int64_t>(tokens, 1)));
+    scores.push_back(std::max(joined, frequency));
+    out.push_back(static_cast<float>(scores.back()));
+  }
+  return out;
+}
+
 void check_common(const ExtendOptions& options, const std::vector<std::string>& texts) {
   RHINE_CHECK(options.new_tokens >= 1, kComponent, "new_tokens must be at least 1", options.new_tokens, "");
   RHINE_CHECK(!texts.empty(), kComponent, "no target-language text to extend the vocabulary for", texts.size(),
@@ -257,22 +275,23 @@ void check_common(const ExtendOptions& options, const std::vector<std::string>& 
 
 VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
                                  const ExtendOptions& options) {
-  RHINE_CHECK(base.model_type == SpmModelProto::ModelType::bpe, kComponent,
-              "vocabulary extension continues BPE merges; the base model type is",
-              static_cast<int>(base.model_type),
-              "extend a SentencePiece BPE model (model_type 2); for a Unigram model train a new tokenizer with "
-              "rhine-tokenizer train");
+  const bool unigram = base.model_type == SpmModelProto::ModelType::unigram;
+  RHINE_CHECK(base.model_type == SpmModelProto::ModelType::bpe || unigram, kComponent,
+              "vocabulary extension takes a BPE or Unigram model; the base model type is",
+              static_cast<int>(base.model_type), "extend a SentencePiece BPE (model_type 2) or Unigram (1) model");
   check_common(options, texts);
 
   VocabExtension ext;
   ext.model = base;
   ext.base_size = static_cast<std::int32_t>(base.pieces.size());
   MergeVocab v;
+  std::vector<double> scores;
   float floor = 0.0f;
   for (const auto& p : base.pieces) {
     v.str.push_back(p.piece);
     v.mergeable.push_back(p.type == SpmModelProto::PieceType::normal);
     v.existing.insert(p.piece);
+    scores.push_back(p.score);
     if (p.type == SpmModelProto::PieceType::normal) floor = std::min(floor, p.score);
   }
   const Tokenizer tok = Tokenizer::from_sentencepiece(base, "the base tokenizer");
@@ -282,10 +301,12 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
     count_words(line, v, !base.treat_whitespace_as_suffix, base.treat_whitespace_as_suffix, words);
   }
   const NewMerges m = continue_bpe(words, std::move(v), options, [&](const std::string& s) { return valid_piece(s, base); });
+  const std::vector<float> new_scores = unigram ? unigram_scores(m, scores, ext.tokens_before) : std::vector<float>();
   for (std::size_t i = 0; i < m.added.size(); ++i) {
     SpmModelProto::Piece p;
     p.piece = m.added[i];
-    p.score = floor - 1.0f - static_cast<float>(i);  // after every base merge, in found order
+    // BPE: after every base merge, in found order; Unigram: see unigram_scores.
+    p.score = unigram ? new_scores[i] : floor - 1.0f - static_cast<float>(i);
     p.type = SpmModelProto::PieceType::normal;
     ext.model.pieces.push_back(std::move(p));
   }
@@ -301,9 +322,10 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
               "not a tokenizer.json (no \"model\" object)", source, "pass a Hugging Face tokenizer.json");
   const Json& model = base["model"];
   const std::string type = model.contains("type") && model["type"].is_string() ? model["type"].get<std::string>() : "";
-  RHINE_CHECK(type == "BPE", kComponent, "vocabulary extension continues BPE merges; the tokenizer.json model is",
+  const bool unigram = type == "Unigram";
+  RHINE_CHECK(type == "BPE" || unigram, kComponent, "vocabulary extension takes a BPE or Unigram model; the tokenizer.json model is",
               type.empty() ? std::string("(no type)") : type,
-              "extend a BPE tokenizer.json (byte-level or with byte fallback) or a SentencePiece BPE .model");
+              "extend a BPE (byte-level or with byte fallback) or Unigram tokenizer.json, or a SentencePiece .model");
   for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
     RHINE_CHECK(!model.contains(k) || model[k].is_null() || model[k].get<std::string>().empty(), kComponent,
                 std::string("a BPE with a ") + k + " is not supported", source,
@@ -332,16 +354,20 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
   }
   const auto normalizer = make_normalizer(base.contains("normalizer") ? base["normalizer"] : Json(), source);
   const auto pre = make_pre_tokenizer(base.contains("pre_tokenizer") ? base["pre_tokenizer"] : Json(), source);
-  const auto bpe = make_model(model, specials, source);
-  last_id = std::max<std::int64_t>(last_id, bpe->vocab_size() - 1);
+  const auto base_model = make_model(model, specials, source);
+  last_id = std::max<std::int64_t>(last_id, base_model->vocab_size() - 1);
   v.str.assign(static_cast<std::size_t>(last_id + 1), "");
   v.mergeable.assign(static_cast<std::size_t>(last_id + 1), false);
-  for (std::int32_t id = 0; id < bpe->vocab_size(); ++id) {
-    const std::string s(bpe->id_to_token(id));
+  std::vector<double> scores(v.str.size(), 0.0);  // Unigram: the pieces' log probabilities
+  const std::int64_t unk_id = unigram && model.contains("unk_id") && model["unk_id"].is_number_integer()
+                                  ? model["unk_id"].get<std::int64_t>() : -1;
+  for (std::int32_t id = 0; id < base_model->vocab_size(); ++id) {
+    const std::string s(base_model->id_to_token(id));
     if (s.empty()) continue;
     v.str[static_cast<std::size_t>(id)] = s;
-    v.mergeable[static_cast<std::size_t>(id)] = !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
+    v.mergeable[static_cast<std::size_t>(id)] = id != unk_id && !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
     v.existing.insert(s);
+    if (unigram) scores[static_cast<std::size_t>(id)] = model["vocab"][static_cast<std::size_t>(id)][1].get<double>();
   }
   for (const Json& t : added_tokens) {
     const auto id = static_cast<std::size_t>(t.at("id").get<std::int64_t>());
@@ -373,7 +399,7 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
     if (pre) pre->pre_tokenize(pts);
     for (const auto& split : pts.splits) {
       pieces.clear(), ids.clear();
-      bpe->tokenize(split.text, pieces);
+      base_model->tokenize(split.text, pieces);
       for (const Token& t : pieces) ids.push_back(t.id);
       ext.tokens_before += static_cast<std::int64_t>(ids.size());
       count_words(ids, v, true, true, words);
@@ -391,6 +417,17 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
   ext.tokenizer_json = base;
   Json& out_model = ext.tokenizer_json["model"];
   Json& vocab = out_model["vocab"];
+  if (unigram) {  // the vocabulary is a list of [piece, score]: ids are positions
+    RHINE_CHECK(static_cast<std::int64_t>(vocab.size()) == ext.base_size, kComponent,
+                "added tokens after the Unigram vocabulary are not supported", source,
+                "the vocabulary has " + std::to_string(vocab.size()) + " pieces, the ids reach " +
+                    std::to_string(ext.base_size - 1));
+    const std::vector<float> new_scores = unigram_scores(m, scores, ext.tokens_before);
+    for (std::size_t i = 0; i < m.added.size(); ++i) vocab.push_back(Json::array({m.added[i], new_scores[i]}));
+    ext.added = m.added;
+    ext.saved = m.saved;
+    return ext;
+  }
   if (!out_model.contains("merges")) out_model["merges"] = Json::array();
   Json& merges = out_model["merges"];
   const bool pair_form = !merges.empty() && merges[0].is_array();
@@ -406,9 +443,9 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
                   " slots; tokenizers would renumber the added tokens after extension");
   for (std::size_t i = 0; i < m.added.size(); ++i) {
     vocab[m.added[i]] = ext.base_size + static_cast<std::int32_t>(i);
-    const std::string& a = m.pairs[i].first < ext.base_size ? std::string(bpe->id_to_token(m.pairs[i].first))
+    const std::string& a = m.pairs[i].first < ext.base_size ? std::string(base_model->id_to_token(m.pairs[i].first))
                                                              : m.added[static_cast<std::size_t>(m.pairs[i].first - ext.base_size)];
-    const std::string& b = m.pairs[i].second < ext.base_size ? std::string(bpe->id_to_token(m.pairs[i].second))
+    const std::string& b = m.pairs[i].second < ext.base_size ? std::string(base_model->id_to_token(m.pairs[i].second))
                                                               : m.added[static_cast<std::size_t>(m.pairs[i].second - ext.base_size)];
     if (pair_form) merges.push_back(Json::array({a, b}));
     else merges.push_back(a + " " + b);

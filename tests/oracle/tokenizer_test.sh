@@ -10,8 +10,8 @@
 #      the .model a Unigram line may be segmented differently at an exact score tie, which
 #      PyPI's sentencepiece breaks differently from Debian's libsentencepiece: see
 #      hf_tokenizers.py compare-spm);
-#   3. what `rhine-tokenizer extend` writes for a SentencePiece .model;
-#   4. and for the tokenizer.json BPEs of 1.
+#   3. what `rhine-tokenizer extend` writes for the .model files of 2 (BPE, Unigram);
+#   4. and for the tokenizer.json files of 1 (byte-level BPE, byte fallback BPE, Unigram).
 # `tokenizers` always matches added tokens in the text, so Rhine encodes tokenizer.json files
 # with --parse-special; sentencepiece never matches control pieces, nor does Rhine by default.
 #   tokenizer_test.sh RHINE_TOKENIZER SOURCE_DIR WORK_DIR PYTHON
@@ -86,13 +86,15 @@ for type in bpe unigram; do
   echo "rhine-tokenizer train $type: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
 done
 
-# 3. What rhine-tokenizer extend writes (issue 18 item 1): the BPE model above extended for
-# Dutch. sentencepiece reads the extended .model and tokenizers the extended tokenizer.json,
-# both encoding as Rhine does; the base's pieces keep their ids; Dutch held-out text shrinks.
-"$tool" extend -t "$work/rhine_bpe.model" -i nl=$fx/nl.txt -n 300 -o "$work/ext_nl" \
-  --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend.log"
-read_by_references "rhine-tokenizer extend" bpe "$work/ext_nl" ext
-"$py" - "$work/rhine_bpe.model" "$work/ext_nl.model" "$work/ext_nl.extend.json" <<'PY' ||
+# 3. What rhine-tokenizer extend writes (issue 18 item 1): the BPE and Unigram models above
+# extended for Dutch. sentencepiece reads the extended .model and tokenizers the extended
+# tokenizer.json, both encoding as Rhine does; the base's pieces keep their ids and scores;
+# Dutch held-out text shrinks.
+for type in bpe unigram; do
+  "$tool" extend -t "$work/rhine_$type.model" -i nl=$fx/nl.txt -n 300 -o "$work/ext_nl_$type" \
+    --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend_$type.log"
+  read_by_references "rhine-tokenizer extend ($type)" $type "$work/ext_nl_$type" ext_$type
+  "$py" - "$work/rhine_$type.model" "$work/ext_nl_$type.model" "$work/ext_nl_$type.extend.json" <<'PY' ||
 import json, sys
 import sentencepiece as spm
 base, ext = (spm.SentencePieceProcessor(model_file=p) for p in sys.argv[1:3])
@@ -106,14 +108,16 @@ nl = r["languages"]["nl"]
 assert nl["tokens_after"] < 0.95 * nl["tokens_before"], nl
 print(f"extend: {n} base pieces unchanged, 300 added; nl held-out tokens {nl['tokens_before']} -> {nl['tokens_after']}")
 PY
-  { echo "FAIL: rhine-tokenizer extend: the extended model breaks the base's ids or saves nothing"; exit 1; }
-echo "rhine-tokenizer extend: $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
+    { echo "FAIL: rhine-tokenizer extend ($type): the extended model breaks the base's ids or saves nothing"; exit 1; }
+echo "rhine-tokenizer extend ($type): $n lines, .model = sentencepiece, tokenizer.json = tokenizers, with and without BOS"
+done
 
-# 4. rhine-tokenizer extend on tokenizer.json bases (the byte-level BPE and the BPE with byte
-# fallback of section 1): tokenizers loads the extended file and encodes as Rhine does; every
-# base token keeps its id, the base merges come first and unchanged, the new tokens take ids
-# after all others with one merge each; Dutch held-out text shrinks.
-for family in byte_level_bpe bpe_byte_fallback; do
+# 4. rhine-tokenizer extend on tokenizer.json bases (the byte-level BPE, the BPE with byte
+# fallback and the Unigram of section 1): tokenizers loads the extended file and encodes as
+# Rhine does; every base token keeps its id, the new tokens take ids after all others; BPE:
+# the base merges come first and unchanged, one new merge per new token; Unigram: the base
+# pieces keep their scores; Dutch held-out text shrinks.
+for family in byte_level_bpe bpe_byte_fallback unigram; do
   "$tool" extend -t "$work/$family.json" -i nl=$fx/nl.txt -n 300 -o "$work/ext_$family" \
     --eval nl=$fx/heldout/nl.txt --eval en=$fx/heldout/en.txt > "$work/extend_$family.log"
   [[ ! -e "$work/ext_$family.model" ]] || { echo "FAIL: a tokenizer.json base wrote a .model"; exit 1; }
@@ -129,6 +133,17 @@ from tokenizers import Tokenizer
 base, ext = (json.load(open(p)) for p in sys.argv[1:3])
 r = json.load(open(sys.argv[3]))
 bv, ev = base["model"]["vocab"], ext["model"]["vocab"]
+hf = Tokenizer.from_file(sys.argv[2])
+nl = r["languages"]["nl"]
+assert nl["tokens_after"] < 0.95 * nl["tokens_before"], nl
+if base["model"]["type"] == "Unigram":
+    assert ev[:len(bv)] == bv and len(ev) == len(bv) + 300, "base pieces or scores changed"
+    assert [p for p, _ in ev[len(bv):]] == [a["piece"] for a in r["added"]]
+    assert [a["id"] for a in r["added"]] == list(range(len(bv), len(bv) + 300))
+    assert hf.get_vocab_size() == len(ev)
+    print(f"extend tokenizer.json (Unigram): {len(bv)} base pieces kept, 300 added; "
+          f"nl held-out tokens {nl['tokens_before']} -> {nl['tokens_after']}")
+    sys.exit(0)
 assert all(ev.get(t) == i for t, i in bv.items()), "base tokens changed ids"
 first = max(list(bv.values()) + [t["id"] for t in base["added_tokens"]]) + 1
 added = {t["content"] for t in base["added_tokens"]}
@@ -140,10 +155,7 @@ assert em[:len(bm)] == bm and len(em) == len(bm) + 300, "base merges not kept fi
 pair = lambda m: m if isinstance(m, list) else m.split(" ")
 assert ["".join(pair(m)) for m in em[len(bm):]] == [t for _, t in new], "a new merge does not make its token"
 assert {k: v for k, v in ext.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
-hf = Tokenizer.from_file(sys.argv[2])
 assert hf.get_vocab_size() == first + 300
-nl = r["languages"]["nl"]
-assert nl["tokens_after"] < 0.95 * nl["tokens_before"], nl
 print(f"extend tokenizer.json: {len(bv)} base tokens and {len(bm)} merges kept, 300 added from id {first}; "
       f"nl held-out tokens {nl['tokens_before']} -> {nl['tokens_after']}")
 PY

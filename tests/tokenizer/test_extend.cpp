@@ -157,8 +157,8 @@ TEST_CASE("extend: refusals name the problem", "[tokenizer][extend]") {
   o.new_tokens = 0;
   CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, text(1), o), Contains("new_tokens"));
   o.new_tokens = 3;
-  m.model_type = SpmModelProto::ModelType::unigram;
-  CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, text(1), o), Contains("continues BPE merges"));
+  m.model_type = SpmModelProto::ModelType::word;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_vocabulary(m, text(1), o), Contains("takes a BPE or Unigram model"));
   // Fewer additions than asked when no pair repeats.
   m.model_type = SpmModelProto::ModelType::bpe;
   o.new_tokens = 100;
@@ -219,11 +219,53 @@ TEST_CASE("extend: a tokenizer.json base gets the additions its .model twin gets
   const auto by_model = rhine::Tokenizer::from_sentencepiece(from_model.model, "extended.model");
   for (const auto& l : lines) REQUIRE(by_json.encode(l) == by_model.encode(l));
 
-  rhine::Json unigram = base;
-  unigram["model"] = {{"type", "Unigram"}, {"vocab", rhine::Json::array()}};
-  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(unigram, lines, o), Contains("continues BPE merges"));
+  rhine::Json wordpiece = base;
+  wordpiece["model"] = {{"type", "WordPiece"}, {"vocab", rhine::Json::object()}};
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(wordpiece, lines, o), Contains("takes a BPE or Unigram model"));
   rhine::Json prefixed = base;
   prefixed["model"]["continuing_subword_prefix"] = "##";
   CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(prefixed, lines, o), Contains("continuing_subword_prefix"));
   CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(rhine::Json::array(), lines, o), Contains("not a tokenizer.json"));
+}
+
+TEST_CASE("extend: Unigram bases, .model and its tokenizer.json", "[tokenizer][extend]") {
+  // A character Unigram model: the new pieces beat the pair they join (score >= the two
+  // pieces' sum + 0.1), the text gets shorter, and the tokenizer.json converted from the
+  // .model gets the same pieces and scores and encodes as the extended .model.
+  auto m = char_model();
+  m.pieces.pop_back();
+  m.model_type = SpmModelProto::ModelType::unigram;
+  std::map<std::string, float> score;
+  for (const auto& p : m.pieces) score[p.piece] = p.score;
+  rhine::tokenizer::ExtendOptions o;
+  o.new_tokens = 20;
+  o.threads = 1;
+  const auto lines = text(6);
+  const auto ext = rhine::tokenizer::extend_vocabulary(m, lines, o);
+  REQUIRE(ext.added.size() == 20);
+  for (std::size_t i = 0; i < ext.added.size(); ++i) {
+    const auto& p = ext.model.pieces[m.pieces.size() + i];
+    bool beats_a_split = false;
+    for (std::size_t cut = 1; cut < p.piece.size(); ++cut) {
+      const auto a = score.find(p.piece.substr(0, cut)), b = score.find(p.piece.substr(cut));
+      if (a != score.end() && b != score.end()) beats_a_split = beats_a_split || p.score >= a->second + b->second + 0.1f - 1e-5f;
+    }
+    CHECK(beats_a_split);
+    score[p.piece] = p.score;
+  }
+  const auto before = rhine::Tokenizer::from_sentencepiece(m, "base");
+  const auto after = rhine::Tokenizer::from_sentencepiece(ext.model, "extended");
+  std::int64_t nb = 0, na = 0;
+  for (const auto& l : lines) nb += static_cast<std::int64_t>(before.encode(l).size()), na += static_cast<std::int64_t>(after.encode(l).size());
+  CHECK(nb == ext.tokens_before);
+  CHECK(na < nb);
+
+  const rhine::Json base = rhine::tokenizer::spm_to_tokenizer_json(m, "char.model");
+  const auto from_json = rhine::tokenizer::extend_tokenizer_json(base, lines, o, "char.json");
+  CHECK(from_json.added == ext.added);
+  const rhine::Json& vocab = from_json.tokenizer_json["model"]["vocab"];
+  REQUIRE(vocab.size() == ext.model.pieces.size());
+  for (std::size_t i = m.pieces.size(); i < vocab.size(); ++i) CHECK(vocab[i][1].get<float>() == ext.model.pieces[i].score);
+  const auto by_json = rhine::Tokenizer::from_tokenizer_json(from_json.tokenizer_json, "extended.json");
+  for (const auto& l : lines) REQUIRE(by_json.encode(l) == after.encode(l));
 }

@@ -14,22 +14,29 @@
 /// trainer would not have made are skipped: SentencePiece's rules are read from the model
 /// (`split_by_unicode_script`: no piece mixes scripts, so "terug." or "'s" are not added;
 /// `split_digits`: digits stay single; `split_by_number`), with Unicode scripts approximated
-/// by code point ranges. For a SentencePiece BPE
-/// model the new pieces are appended with scores below every existing piece, so the base's
-/// merges all happen first and the new ones after, in the order they were found: the ids and
-/// the segmentation of text without the new pieces stay as they were.
+/// by code point ranges.
 ///
-/// Supported bases: SentencePiece BPE `.model` files (what `rhine-tokenizer train` writes,
-/// and the vocabularies of Llama 2, Mistral, EuroLLM, Salamandra), and tokenizer.json BPE
-/// models, byte-level (GPT-2, Llama 3, Qwen, DeepSeek) or with byte fallback (Mistral's and
-/// Gemma's tokenizer.json): the new tokens get ids after every existing id (vocabulary and
-/// added tokens) and their merges are appended after the base's, in the base's merge format,
-/// so the base's merges all apply first. Added tokens missing from the model's vocabulary
-/// (Llama 3's specials) are entered there under their ids, as Hugging Face tokenizers
-/// numbers added tokens that are not in the vocabulary from its size up and would otherwise
-/// move them. The text is cut into words by the base's own
-/// normalizer and pre-tokenizer, so no new token spans two pre-tokens. Unigram models are
-/// refused with a hint (their pieces are chosen by likelihood, not merges).
+/// - SentencePiece BPE `.model` (what `rhine-tokenizer train` writes, and the vocabularies of
+///   Llama 2, Mistral, EuroLLM, Salamandra): the new pieces are appended with scores below
+///   every existing piece, so the base's merges all happen first and the new ones after, in
+///   the order they were found: the ids and the segmentation of text without the new pieces
+///   stay as they were.
+/// - SentencePiece Unigram `.model` and Unigram tokenizer.json (T5, Gemma 1 style): the new
+///   pieces are appended with a score that is the larger of their log frequency on the
+///   target text and the sum of the two pieces they join plus 0.1, so the Viterbi search
+///   takes a new piece wherever the pair it joins was the best segmentation. Unlike BPE,
+///   text elsewhere may then be segmented differently where a new piece scores higher.
+/// - BPE tokenizer.json, byte-level (GPT-2, Llama 3, Qwen, DeepSeek) or with byte fallback
+///   (Mistral's and Gemma's tokenizer.json): the new tokens get ids after every existing id
+///   (vocabulary and added tokens) and their merges are appended after the base's, in the
+///   base's merge format, so the base's merges all apply first. Added tokens missing from
+///   the model's vocabulary (Llama 3's specials) are entered there under their ids, as
+///   Hugging Face tokenizers numbers added tokens that are not in the vocabulary from its
+///   size up and would otherwise move them.
+///
+/// For a tokenizer.json the text is cut into words by the base's own normalizer and
+/// pre-tokenizer (after the added tokens' text is taken out), so no new token spans two
+/// pre-tokens.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -64,15 +71,16 @@ struct VocabExtension {
   std::string model_bytes(const std::string& base_bytes) const;
 };
 
-/// Extends `base` for `texts` (lines of target-language text). Throws rhine::Error
-/// "[tokenizer_extend] ..." for a Unigram base, no text, or new_tokens < 1.
+/// Extends `base` (BPE or Unigram) for `texts` (lines of target-language text). Throws
+/// rhine::Error "[tokenizer_extend] ..." for another model type, no text, or new_tokens < 1.
 VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<std::string>& texts,
                                  const ExtendOptions& options = {});
 
-/// Extends a parsed tokenizer.json `base` (BPE) for `texts`; the result's tokenizer_json is
-/// the extended file (every other key as in the base). `source` names the file in errors.
-/// Throws rhine::Error "[tokenizer_extend] ..." for a model other than BPE, a BPE with
-/// continuing_subword_prefix / end_of_word_suffix, no text, or new_tokens < 1.
+/// Extends a parsed tokenizer.json `base` (BPE or Unigram) for `texts`; the result's
+/// tokenizer_json is the extended file (every other key as in the base). `source` names the
+/// file in errors. Throws rhine::Error "[tokenizer_extend] ..." for another model (WordPiece,
+/// WordLevel), a BPE with continuing_subword_prefix / end_of_word_suffix, a Unigram with
+/// added tokens past its vocabulary, no text, or new_tokens < 1.
 VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::string>& texts,
                                      const ExtendOptions& options = {}, const std::string& source = "tokenizer.json");
 

@@ -44,7 +44,7 @@ def load_vocab(path):
     return sp.get_piece_size(), sp.bos_id(), sp.eos_id(), lambda text: [sp.bos_id()] + sp.encode(text)
 
 
-def make_model(tok_path, out):
+def make_model(tok_path, out, tie="untied"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     n, bos, eos, _ = load_vocab(tok_path)
@@ -52,7 +52,7 @@ def make_model(tok_path, out):
                       hidden_size=64, intermediate_size=80,  # 80: ffn_down rows fall back to f16 under q8_0
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      initializer_range=0.1, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
+                      initializer_range=0.1, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tie == "tied")
     torch.manual_seed(3)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():

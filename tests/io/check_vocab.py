@@ -109,9 +109,12 @@ def main(base_dir, base_tok, ext_dir, init):
     if init == "focus" and focus_made < 0.5 * (ne - nb):
         fail(f"only {focus_made} of {ne - nb} new tokens have a FOCUS recipe (the rest fell back to the mean)")
     checked = 0
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        w0 = dict(base.named_parameters())[name].detach().numpy()
-        w1 = dict(ext.named_parameters())[name].detach().numpy()
+    tied = base.config.tie_word_embeddings
+    if ext.config.tie_word_embeddings != tied or (tied and ext.lm_head.weight.data_ptr() != ext.model.embed_tokens.weight.data_ptr()):
+        fail("the resized model does not keep the base's (un)tied head")
+    for name in ("model.embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
+        w0 = base.get_parameter(name).detach().numpy()
+        w1 = ext.get_parameter(name).detach().numpy()
         if w1.shape != (V1, w0.shape[1]):
             fail(f"{name}: shape {w1.shape}")
         if not np.array_equal(w1[:nb], w0[:nb]):
@@ -136,7 +139,7 @@ def main(base_dir, base_tok, ext_dir, init):
         ids = torch.tensor([se.encode(text)])
         if not torch.isfinite(ext(ids).logits).all():
             fail("non-finite logits")
-    print(json.dumps({"init": init, "base_vocab": V0, "vocab": V1, "new_tokens": ne - nb, "rows_checked": checked,
+    print(json.dumps({"init": init, "tied": tied, "base_vocab": V0, "vocab": V1, "new_tokens": ne - nb, "rows_checked": checked,
                       "focus_recipes": focus_made}))
 
 

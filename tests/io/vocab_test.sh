@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `rhine-convert extend-vocab` (issue 18 item 2) against transformers, sentencepiece and
 # tokenizers: a small random Llama (transformers, padded vocabulary) grown to a tokenizer that
-# `rhine-tokenizer extend` extended for Dutch, with --init mean, focus and random, and to a
-# tokenizer.json extended the same way; then bad
+# `rhine-tokenizer extend` extended for Dutch, with --init mean, focus and random, a tied-head
+# model with focus, and to a tokenizer.json extended the same way; then bad
 # input (a tokenizer that is not an extension of the base) is refused.
 #   vocab_test.sh RHINE_TOKENIZER RHINE_CONVERT SOURCE_DIR WORK_DIR PYTHON
 set -euo pipefail
@@ -20,6 +20,10 @@ for init in mean focus random; do
   "$convert" extend-vocab --model model --tokenizer ext.model --out model-$init --init $init --text $d/nl.txt
   "$py" "$src/tests/io/check_vocab.py" model base.model model-$init $init
 done
+# A model whose head is tied to its embedding.
+"$py" "$src/tests/io/check_gguf.py" make-model base.model model-tied tied >/dev/null 2>&1
+"$convert" extend-vocab --model model-tied --tokenizer ext.model --out model-tied-focus --init focus --text $d/nl.txt
+"$py" "$src/tests/io/check_vocab.py" model-tied base.model model-tied-focus focus
 # A tokenizer.json base (the BPE with byte fallback rhine-tokenizer train wrote beside the .model).
 "$tok" extend -t base.tokenizer.json -i nl=$d/nl.txt -n 60 -o extj >/dev/null
 "$convert" extend-vocab --model model --base-tokenizer base.tokenizer.json --tokenizer extj.tokenizer.json \

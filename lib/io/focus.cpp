@@ -27,7 +27,9 @@ std::uint32_t fnv1a(std::string_view s) {
 std::vector<std::uint32_t> ngram_buckets(const std::string& token) {
   static const std::string kMark = "\xE2\x96\x81";
   if (token.empty() || (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token.back() == '>')) return {};
-  std::string w = token.compare(0, kMark.size(), kMark) == 0 ? "<" + token.substr(kMark.size()) + ">" : "<" + token + ">";
+  std::string w = "<";
+  w.append(token, token.compare(0, kMark.size(), kMark) == 0 ? kMark.size() : 0, std::string::npos);
+  w.push_back('>');
   std::vector<std::size_t> starts;  // code point starts, and the end
   for (std::size_t i = 0; i < w.size(); ++i)
     if ((static_cast<unsigned char>(w[i]) & 0xC0) != 0x80) starts.push_back(i);

@@ -384,8 +384,10 @@ int run_stats(const std::string& path, const std::vector<std::string>& inputs, c
       out[lang] = {{"lines", r.lines}, {"words", r.words},         {"bytes", r.bytes}, {"tokens", r.tokens},
                    {"fertility", fertility}, {"bytes_per_token", bpt}, {"parity", parallel ? rhine::Json(parity) : rhine::Json(nullptr)}};
     } else {
+      char parity_text[32] = "-";
+      if (parallel) std::snprintf(parity_text, sizeof parity_text, "%.3f", parity);  // rounded, as the other columns
       std::printf("%-6s %9zu %10zu %11zu %10zu %10.3f %10.3f %8s\n", lang.c_str(), r.lines, r.words, r.bytes, r.tokens,
-                  fertility, bpt, parallel ? (std::to_string(parity).substr(0, 5)).c_str() : "-");
+                  fertility, bpt, parity_text);
     }
   }
   if (json) {

@@ -37,6 +37,7 @@
 #include "rhine/data/sft.h"
 #include "rhine/dist/fsdp.h"
 #include "rhine/dist/world.h"
+#include "rhine/io/checkpoint.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/lora.h"
 #include "rhine/nn/generate.h"
@@ -255,6 +256,9 @@ int main(int argc, char** argv) try {
   auto parts = rhine::train::assemble_run(run, world, lm, params, *source, trainer_options,
                                           stream ? cfg.base_model : "");
   parts.trainer->set_heldout(&heldout);
+  parts.trainer->callbacks().save_extra = [&](rhine::io::CheckpointWriter& w) {
+    rhine::io::write_tokenizer_files(tok_path, w.dir());  // step-N directories carry the tokenizer
+  };
   const auto r = parts.trainer->fit();
   // Under FSDP every rank takes part in the samples' forwards and in gathering
   // the weights for the export; otherwise only rank 0 goes on.
@@ -347,11 +351,8 @@ int main(int argc, char** argv) try {
   eo.overwrite = true;
   eo.tokenizer_from = fs::path(cfg.base_model);
   rhine::io::save_hf_model(lm, cfg.export_dir, eo);
-  // A tokenizer given separately travels with the export under its HF name.
-  const auto ext = fs::path(tok_path).extension();
-  const auto hf_name = ext == ".model" ? "tokenizer.model" : "tokenizer.json";
-  if (!fs::exists(fs::path(cfg.export_dir) / hf_name))
-    fs::copy_file(tok_path, fs::path(cfg.export_dir) / hf_name);
+  // A tokenizer given separately replaces the base's in the export, under its HF names.
+  if (!cfg.tokenizer.empty()) rhine::io::write_tokenizer_files(tok_path, cfg.export_dir);
   printf_main("Fine-tuned model (HF directory): %s\nRun directory %s: metrics.jsonl, training.svg, checkpoints/\n",
               cfg.export_dir.c_str(), run.out_dir.c_str());
   return 0;

@@ -33,6 +33,8 @@
 #include "rhine/nn/generate.h"
 #include "rhine/nn/model.h"
 #include "rhine/optim/schedule.h"
+#include "rhine/io/checkpoint.h"
+#include "rhine/io/hf.h"
 #include "rhine/tokenizer/tokenizer.h"
 #include "rhine/torch/runtime.h"
 #include "rhine/train/evaluate.h"
@@ -121,6 +123,11 @@ int main(int argc, char** argv) try {
                  run.describe_parallel(world));
   auto parts = rhine::train::assemble_run(run, world, lm, params, loader, run.trainer_options());
   parts.trainer->set_heldout(&heldout);
+  // Each checkpoint carries the tokenizer, so rhine-convert and rhine-generate can take a
+  // step-N directory alone.
+  parts.trainer->callbacks().save_extra = [&](rhine::io::CheckpointWriter& w) {
+    rhine::io::write_tokenizer_files(cfg.tokenizer, w.dir());
+  };
   const auto r = parts.trainer->fit();
   // Under FSDP every rank takes part in the samples' forwards (they gather
   // parameters); otherwise only rank 0 goes on.

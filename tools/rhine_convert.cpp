@@ -55,10 +55,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kTool = "rhine-convert";
-const char* const kSideFiles[] = {"tokenizer.json",          "tokenizer.model",   "tokenizer_config.json",
-                                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                                  "generation_config.json"};
-
 std::vector<std::vector<std::int64_t>> read_ids(const std::string& path, std::int64_t vocab) {
   const std::string text = rhine::read_file(path, kTool);
   std::vector<std::vector<std::int64_t>> rows;
@@ -141,7 +137,7 @@ int cmd_hf_to_rhine(const std::string& model, const std::string& out, std::int64
   for (auto& [name, t] : rhine::io::hf_state_dict(*lm)) tensors[name] = t;
   rhine::save_safetensors(w.path("model.safetensors"), tensors);
   lm->config().save(w.path("config.json"));
-  for (const char* f : kSideFiles)
+  for (const std::string& f : rhine::io::hf_tokenizer_files())
     if (fs::is_regular_file(fs::path(model) / f))
       rhine::write_file_atomic(w.path(f), rhine::read_file((fs::path(model) / f).string(), kTool));
   const fs::path done = w.commit();

@@ -24,6 +24,7 @@
 #include "rhine/io/lora.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/tokenizer/sentencepiece.h"
 #include "pages.h"
 
 namespace fs = std::filesystem;
@@ -84,6 +85,27 @@ const std::vector<std::string>& hf_tokenizer_files() {
                                                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                                                  "generation_config.json"};
   return files;
+}
+
+void write_tokenizer_files(const fs::path& tokenizer, const fs::path& dir) {
+  const std::string bytes = read_file(tokenizer.string(), "hf_export");
+  const std::size_t first = bytes.find_first_not_of(" \t\r\n");
+  const bool json = first != std::string::npos && bytes[first] == '{';
+  if (!json) {
+    const auto proto = tokenizer::parse_spm_model(bytes, tokenizer.string());
+    write_file_atomic((dir / "tokenizer.model").string(), bytes);
+    write_file_atomic((dir / "tokenizer.json").string(),
+                      tokenizer::spm_to_tokenizer_json(proto, tokenizer.string()).dump(1) + "\n");
+    return;
+  }
+  write_file_atomic((dir / "tokenizer.json").string(), bytes);
+  const fs::path own_model = tokenizer.parent_path() / "tokenizer.model", model = dir / "tokenizer.model";
+  if (fs::exists(model) && !(fs::is_regular_file(own_model) &&
+                             read_file(own_model.string(), "hf_export") == read_file(model.string(), "hf_export")))
+    fs::remove(model);
+  for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+    if (const fs::path beside = tokenizer.parent_path() / f; fs::is_regular_file(beside) && !fs::exists(dir / f))
+      fs::copy_file(beside, dir / f);
 }
 
 std::string hf_dtype_name(at::ScalarType dtype) {

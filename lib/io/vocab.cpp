@@ -173,8 +173,6 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
   }
   RHINE_CHECK(grown > 0, kComponent, "no embedding matrix found in", dir.string(), "");
   config["vocab_size"] = new_v;
-  const std::string ext_bytes = read_file(extended_tokenizer.string(), kComponent);
-  const bool spm = extended_tokenizer.extension() == ".model";
   write_directory_atomic(out, options.overwrite, [&](const fs::path& tmp) {
     save_safetensors_checkpoint(tmp.string(), tensors);
     write_json_file((tmp / "config.json").string(), config);
@@ -186,19 +184,12 @@ std::int64_t extend_hf_vocabulary(const fs::path& dir, const fs::path& out, cons
       made.push_back({{"id", id}, {"token", ext.id_to_token(id)}, {"from", std::move(from)}});
     }
     write_json_file((tmp / "vocab_init.json").string(), Json{{"init", options.init}, {"tokens", std::move(made)}});
-    if (spm) {
-      write_file_atomic((tmp / "tokenizer.model").string(), ext_bytes);
-      const auto proto = tokenizer::parse_spm_model(ext_bytes, extended_tokenizer.string());
-      write_file_atomic((tmp / "tokenizer.json").string(),
-                        tokenizer::spm_to_tokenizer_json(proto, extended_tokenizer.string()).dump(1) + "\n");
-    } else {
-      write_file_atomic((tmp / "tokenizer.json").string(), ext_bytes);
-    }
-    // The rest of the tokenizer files as they were; not the tokenizer itself (written above) nor
-    // added_tokens.json, whose ids past the base's end now name new pieces.
+    // The rest of the tokenizer files as they were; not the tokenizer itself (written next)
+    // nor added_tokens.json, whose ids past the base's end now name new pieces.
     for (const std::string& f : hf_tokenizer_files())
       if (f != "tokenizer.json" && f != "tokenizer.model" && f != "added_tokens.json" && fs::exists(dir / f))
         fs::copy_file(dir / f, tmp / f);
+    write_tokenizer_files(extended_tokenizer, tmp);
   }, kComponent);
   return new_v;
 }

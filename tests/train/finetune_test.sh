@@ -3,7 +3,8 @@
 #  1. a tokenizer (rhine-tokenizer) and shards (rhine-prepare) of the bundled
 #     de/fr/nl/en sample; a tiny Llama-style base model pretrained briefly by
 #     rhine-train on all four languages (its checkpoint directory is an HF
-#     model directory: config.json + model.safetensors under HF names);
+#     model directory: config.json + model.safetensors under HF names, and the
+#     tokenizer, which rhine-finetune checkpoints and exports carry as well);
 #  2. continued pretraining on Dutch alone lowers the Dutch held-out loss, and
 #     the export passes the independent HF-directory checker; with a mixture
 #     replaying 25% English, English ends below the Dutch-only run;
@@ -54,6 +55,8 @@ EOF
 "$train" base.json > base.txt 2>&1 || fail "rhine-train: $(tail -5 base.txt)"
 base=base/checkpoints/step-00000060
 [[ -f $base/config.json && -f $base/model.safetensors ]] || fail "no base checkpoint: $(ls base/checkpoints)"
+cmp -s tok.model $base/tokenizer.model && [[ -f $base/tokenizer.json ]] ||
+  fail "the rhine-train checkpoint does not carry its tokenizer: $(ls $base)"
 
 # after LANG OUTPUT: "before after" held-out loss of LANG from rhine-finetune's table.
 losses() { awk -v l="$1" '$1 == l && NF >= 6 { print $3, $4 }' "$2"; }
@@ -75,7 +78,8 @@ EOF
 lower nl cpt.txt
 r=$($check model cpt-hf)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit("FAIL: %s" % r["problems"] if r["problems"] else 0)' "$r"
-[[ -f cpt-hf/tokenizer.model ]] || fail "the export has no tokenizer"
+cmp -s tok.model cpt-hf/tokenizer.model && [[ -f cpt-hf/tokenizer.json ]] || fail "the export has not the run's tokenizer"
+cmp -s tok.model cpt/checkpoints/step-00000040/tokenizer.model || fail "the rhine-finetune checkpoint does not carry its tokenizer"
 
 # 2b. The same with replay: 75% Dutch, 25% English drawn from all four languages' shards.
 # English is then trained instead of forgotten: its held-out loss ends below the Dutch-only

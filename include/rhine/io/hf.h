@@ -132,6 +132,15 @@ std::vector<std::string> export_row_shards_to_hf(const std::filesystem::path& st
 /// what ExportOptions::tokenizer_from copies.
 const std::vector<std::string>& hf_tokenizer_files();
 
+/// Writes the tokenizer file `tokenizer` into directory `dir` under its HF names, so that the
+/// directory (an HF export, a training checkpoint) carries the vocabulary it was trained
+/// with: a SentencePiece `.model` as tokenizer.model plus the equivalent tokenizer.json; a
+/// tokenizer.json as tokenizer.json, a tokenizer.model already in `dir` removed unless the
+/// same file sits beside the tokenizer.json (it would describe another vocabulary), and the tokenizer_config.json, special_tokens_map.json and
+/// chat_template.jinja beside it copied where `dir` has none. Throws rhine::Error
+/// "[hf_export] ..." when the file cannot be read.
+void write_tokenizer_files(const std::filesystem::path& tokenizer, const std::filesystem::path& dir);
+
 /// The HF spelling of a dtype ("float32", "bfloat16", "float16", "float64").
 std::string hf_dtype_name(at::ScalarType dtype);
 /// The dtype of an HF spelling ("float32", "bfloat16", "bf16", "fp16", ...); throws for others.

@@ -255,9 +255,9 @@ int main(int argc, char** argv) {
   std::string base_tok;
   auto* ev = app.add_subcommand("extend-vocab", "grow a model to an extended tokenizer (rhine-tokenizer extend)");
   ev->add_option("--model", model, "HF model directory or Rhine step-N checkpoint")->required();
-  ev->add_option("--tokenizer", tokenizer_from, "the extended tokenizer (.model)")->required();
+  ev->add_option("--tokenizer", tokenizer_from, "the extended tokenizer (.model or tokenizer.json from rhine-tokenizer extend)")->required();
   ev->add_option("--out", out, "HF output directory")->required();
-  ev->add_option("--base-tokenizer", base_tok, "the tokenizer the model was trained with (default: the model's tokenizer.model)");
+  ev->add_option("--base-tokenizer", base_tok, "the tokenizer the model was trained with (default: the model's tokenizer.model, else its tokenizer.json)");
   ev->add_option("--init", vo.init,
                  "new rows: mean (of the base pieces spelling the token), focus (similar base tokens, weighted; "
                  "needs --text) or random")

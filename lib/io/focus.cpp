@@ -22,13 +22,16 @@ std::uint32_t fnv1a(std::string_view s) {
   return h;
 }
 
-// The character n-grams (n = 3..6, over code points) of "<token>", SentencePiece's word mark
-// U+2581 at the start standing for "<" (a word start); byte pieces and empty tokens have none.
+// The character n-grams (n = 3..6, over code points) of "<token>", a word mark at the start
+// (SentencePiece's U+2581, byte-level BPE's U+0120 for a space) standing for "<" (a word
+// start); byte pieces and empty tokens have none.
 std::vector<std::uint32_t> ngram_buckets(const std::string& token) {
-  static const std::string kMark = "\xE2\x96\x81";
   if (token.empty() || (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token.back() == '>')) return {};
+  std::size_t skip = 0;
+  for (std::string_view mark : {std::string_view("\xE2\x96\x81"), std::string_view("\xC4\xA0")})
+    if (token.compare(0, mark.size(), mark) == 0) skip = mark.size();
   std::string w = "<";
-  w.append(token, token.compare(0, kMark.size(), kMark) == 0 ? kMark.size() : 0, std::string::npos);
+  w.append(token, skip, std::string::npos);
   w.push_back('>');
   std::vector<std::size_t> starts;  // code point starts, and the end
   for (std::size_t i = 0; i < w.size(); ++i)
@@ -64,7 +67,9 @@ std::vector<float> sparsemax(const std::vector<float>& z) {
 TokenVectors train_token_vectors(const std::vector<std::vector<std::int32_t>>& corpus,
                                  const std::vector<std::string>& tokens, const VocabResizeOptions& o) {
   RHINE_CHECK(o.focus_dim > 0 && o.focus_epochs > 0 && o.focus_window > 0 && o.focus_negatives > 0, kComponent,
-              "focus_dim, focus_epochs, focus_window and focus_negatives must be positive", o.focus_dim,
+              "focus_dim, focus_epochs, focus_window and focus_negatives must be positive",
+              std::to_string(o.focus_dim) + ", " + std::to_string(o.focus_epochs) + ", " + std::to_string(o.focus_window) +
+                  ", " + std::to_string(o.focus_negatives),
               "e.g. 100, 10, 5, 5");
   const auto V = static_cast<std::int64_t>(tokens.size());
   const int d = o.focus_dim;
@@ -95,7 +100,8 @@ TokenVectors train_token_vectors(const std::vector<std::vector<std::int32_t>>& c
   double acc = 0;
   for (std::int64_t t = 0; t < V; ++t) cdf[t] = acc += std::pow(static_cast<double>(out.counts[t]), 0.75);
   auto negative = [&] {
-    return static_cast<std::int32_t>(std::upper_bound(cdf.begin(), cdf.end(), rng.uniform() * acc) - cdf.begin());
+    const auto at = std::upper_bound(cdf.begin(), cdf.end(), rng.uniform() * acc) - cdf.begin();
+    return static_cast<std::int32_t>(std::min<std::ptrdiff_t>(at, V - 1));  // rounding never runs past the end
   };
   std::vector<double> keep(V, 1.0);
   for (std::int64_t t = 0; t < V; ++t)
@@ -162,6 +168,8 @@ std::vector<RowRecipe> focus_recipes(const TokenVectors& aux, std::int32_t base_
                   static_cast<std::int32_t>(fallback.size()) == V - base_size,
               kComponent, "focus_recipes: sizes disagree", base_size,
               "vocabulary " + std::to_string(V) + ", fallback " + std::to_string(fallback.size()));
+  RHINE_CHECK(min_count >= 1, kComponent, "focus_min_count must be at least 1", min_count,
+              "a token never seen has no vector to compare");
   const int d = aux.dim;
   std::vector<std::int32_t> pool;
   for (std::int32_t t = 0; t < base_size; ++t)

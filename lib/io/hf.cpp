@@ -91,21 +91,30 @@ void write_tokenizer_files(const fs::path& tokenizer, const fs::path& dir) {
   const std::string bytes = read_file(tokenizer.string(), "hf_export");
   const std::size_t first = bytes.find_first_not_of(" \t\r\n");
   const bool json = first != std::string::npos && bytes[first] == '{';
-  if (!json) {
+  if (json) {
+    write_file_atomic((dir / "tokenizer.json").string(), bytes);
+    const fs::path own_model = fs::path(tokenizer).replace_filename("tokenizer.model"), model = dir / "tokenizer.model";
+    if (fs::exists(model) && !(fs::is_regular_file(own_model) &&
+                               read_file(own_model.string(), "hf_export") == read_file(model.string(), "hf_export")))
+      fs::remove(model);
+  } else {
     const auto proto = tokenizer::parse_spm_model(bytes, tokenizer.string());
     write_file_atomic((dir / "tokenizer.model").string(), bytes);
     write_file_atomic((dir / "tokenizer.json").string(),
                       tokenizer::spm_to_tokenizer_json(proto, tokenizer.string()).dump(1) + "\n");
-    return;
   }
-  write_file_atomic((dir / "tokenizer.json").string(), bytes);
-  const fs::path own_model = tokenizer.parent_path() / "tokenizer.model", model = dir / "tokenizer.model";
-  if (fs::exists(model) && !(fs::is_regular_file(own_model) &&
-                             read_file(own_model.string(), "hf_export") == read_file(model.string(), "hf_export")))
-    fs::remove(model);
-  for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
-    if (const fs::path beside = tokenizer.parent_path() / f; fs::is_regular_file(beside) && !fs::exists(dir / f))
-      fs::copy_file(beside, dir / f);
+  // The tokenizer's own side files replace those in `dir`; an added_tokens.json of another
+  // vocabulary is dropped (its ids may name other tokens).
+  const fs::path home = tokenizer.has_parent_path() ? tokenizer.parent_path() : fs::path(".");
+  const bool same_dir = fs::equivalent(home, dir);
+  for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"}) {
+    if (same_dir) break;
+    const fs::path beside = home / f;
+    if (fs::is_regular_file(beside))
+      write_file_atomic((dir / f).string(), read_file(beside.string(), "hf_export"));
+    else if (std::string_view(f) == "added_tokens.json")
+      fs::remove(dir / f);
+  }
 }
 
 std::string hf_dtype_name(at::ScalarType dtype) {

@@ -91,7 +91,9 @@ std::vector<RowRecipe> new_row_recipes(const Tokenizer& base, const Tokenizer& e
     for (std::size_t at = 0; at < text.size();) {
       std::size_t end = text.find('\n', at);
       if (end == std::string::npos) end = text.size();
-      if (end > at) lines.push_back(text.substr(at, end - at));
+      std::size_t stop = end;
+      if (stop > at && text[stop - 1] == '\r') --stop;  // CRLF files
+      if (stop > at) lines.push_back(text.substr(at, stop - at));
       at = end + 1;
     }
   }

@@ -344,114 +344,130 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
 
   // The base's stages (normalizer, pre-tokenizer, model) to cut the text into the words
   // the model sees, after the added tokens' text is taken out (lstrip / rstrip aside).
-  std::vector<std::string> specials;
-  std::int64_t last_id = -1;
-  MergeVocab v;
   const Json& added_tokens = base.contains("added_tokens") ? base["added_tokens"] : Json::array();
+  std::vector<std::string> added_text;
+  std::vector<std::int64_t> added_id;
   for (const Json& t : added_tokens) {
-    specials.push_back(t.at("content").get<std::string>());
-    last_id = std::max<std::int64_t>(last_id, t.at("id").get<std::int64_t>());
+    RHINE_CHECK(t.is_object() && t.contains("content") && t["content"].is_string() && t.contains("id") &&
+                    t["id"].is_number_integer(),
+                kComponent, "an added token of " + source + " lacks a string \"content\" or an integer \"id\"",
+                Verbatim{t.dump().substr(0, 80)}, "each added token is {\"id\": N, \"content\": \"...\", ...}");
+    added_text.push_back(t["content"].get<std::string>());
+    added_id.push_back(t["id"].get<std::int64_t>());
   }
   const auto normalizer = make_normalizer(base.contains("normalizer") ? base["normalizer"] : Json(), source);
   const auto pre = make_pre_tokenizer(base.contains("pre_tokenizer") ? base["pre_tokenizer"] : Json(), source);
-  const auto base_model = make_model(model, specials, source);
-  last_id = std::max<std::int64_t>(last_id, base_model->vocab_size() - 1);
-  v.str.assign(static_cast<std::size_t>(last_id + 1), "");
-  v.mergeable.assign(static_cast<std::size_t>(last_id + 1), false);
-  std::vector<double> scores(v.str.size(), 0.0);  // Unigram: the pieces' log probabilities
-  const std::int64_t unk_id = unigram && model.contains("unk_id") && model["unk_id"].is_number_integer()
-                                  ? model["unk_id"].get<std::int64_t>() : -1;
-  for (std::int32_t id = 0; id < base_model->vocab_size(); ++id) {
+  const auto base_model = make_model(model, added_text, source);
+  const std::int64_t model_size = base_model->vocab_size();
+
+  // Every id the base has: the model's and the added tokens'. tokenizers numbers added tokens
+  // that are not in the model's vocabulary from its size up (the ids in the file are not
+  // read), so the ids must leave no hole, and a Unigram's added tokens must lie inside its
+  // vocabulary (its ids are positions in a list).
+  std::int64_t size = model_size;
+  for (std::int64_t id : added_id) {
+    RHINE_CHECK(id >= 0 && id < model_size + static_cast<std::int64_t>(added_id.size()), kComponent,
+                "an added token's id of " + source + " is outside the vocabulary and the added tokens", id,
+                "ids run from 0 to " + std::to_string(model_size + static_cast<std::int64_t>(added_id.size()) - 1));
+    size = std::max(size, id + 1);
+  }
+  RHINE_CHECK(!unigram || size == model_size, kComponent, "added tokens after the Unigram vocabulary are not supported",
+              source, "the vocabulary has " + std::to_string(model_size) + " pieces, the ids reach " + std::to_string(size - 1));
+  MergeVocab v;
+  v.str.assign(static_cast<std::size_t>(size), "");
+  v.mergeable.assign(static_cast<std::size_t>(size), false);
+  std::vector<bool> covered(static_cast<std::size_t>(size), false);
+  std::vector<double> scores(static_cast<std::size_t>(size), 0.0);  // Unigram: the pieces' log probabilities
+  std::int64_t unk_id = -1;
+  if (unigram && model.contains("unk_id") && model["unk_id"].is_number_integer()) unk_id = model["unk_id"].get<std::int64_t>();
+  if (!unigram && model.contains("unk_token") && model["unk_token"].is_string())
+    unk_id = base_model->token_to_id(model["unk_token"].get<std::string>());
+  for (std::int32_t id = 0; id < model_size; ++id) {
     const std::string s(base_model->id_to_token(id));
     if (s.empty()) continue;
-    v.str[static_cast<std::size_t>(id)] = s;
-    v.mergeable[static_cast<std::size_t>(id)] = id != unk_id && !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
+    const auto i = static_cast<std::size_t>(id);
+    v.str[i] = s;
+    v.mergeable[i] = id != unk_id && !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
     v.existing.insert(s);
-    if (unigram) scores[static_cast<std::size_t>(id)] = model["vocab"][static_cast<std::size_t>(id)][1].get<double>();
+    covered[i] = true;
+    if (unigram) scores[i] = model["vocab"][i][1].get<double>();
   }
-  for (const Json& t : added_tokens) {
-    const auto id = static_cast<std::size_t>(t.at("id").get<std::int64_t>());
-    v.mergeable[id] = false;
-    v.existing.insert(specials[&t - &added_tokens[0]]);
+  for (std::size_t k = 0; k < added_id.size(); ++k) {
+    const auto i = static_cast<std::size_t>(added_id[k]);
+    v.mergeable[i] = false;
+    covered[i] = true;
+    v.existing.insert(added_text[k]);
   }
+  const auto hole = std::find(covered.begin(), covered.end(), false);
+  RHINE_CHECK(hole == covered.end(), kComponent, "the base's ids have a hole (neither vocabulary nor added token) at",
+              hole - covered.begin(), source + ": tokenizers would renumber the added tokens after an extension");
+
   VocabExtension ext;
-  ext.base_size = static_cast<std::int32_t>(last_id + 1);
+  ext.base_size = static_cast<std::int32_t>(size);
   WordCounts words;
   std::vector<Token> pieces;
   std::vector<std::int32_t> ids;
   SpecialTokenMatcher added_matcher;  // added tokens are split out of the text first, as encoding does
-  for (std::size_t i = 0; i < specials.size(); ++i) added_matcher.add(specials[i], static_cast<std::int32_t>(i));
+  for (std::size_t i = 0; i < added_text.size(); ++i) added_matcher.add(added_text[i], static_cast<std::int32_t>(i));
   std::vector<std::string> segments;
   for (const std::string& text_line : texts) {
-    if (added_matcher.empty()) {
-      segments.assign(1, text_line);
-    } else {
-      segments.clear();
-      for (const auto& part : added_matcher.split(text_line))
-        if (part.id < 0) segments.push_back(text_line.substr(part.begin, part.end - part.begin));
-        else ++ext.tokens_before;
+    segments.clear();
+    for (const auto& part : added_matcher.split(text_line)) {
+      if (part.id >= 0) ++ext.tokens_before;
+      else segments.push_back(text_line.substr(part.begin, part.end - part.begin));
     }
-    for (const std::string& line : segments) {
-    NormalizedString ns(line);
-    if (normalizer) normalizer->normalize(ns);
-    PreTokenizedString pts;
-    pts.splits.push_back(std::move(ns));
-    if (pre) pre->pre_tokenize(pts);
-    for (const auto& split : pts.splits) {
-      pieces.clear(), ids.clear();
-      base_model->tokenize(split.text, pieces);
-      for (const Token& t : pieces) ids.push_back(t.id);
-      ext.tokens_before += static_cast<std::int64_t>(ids.size());
-      count_words(ids, v, true, true, words);
-    }
+    for (const std::string& segment : segments) {
+      NormalizedString ns(segment);
+      if (normalizer) normalizer->normalize(ns);
+      PreTokenizedString pts;
+      pts.splits.push_back(std::move(ns));
+      if (pre) pre->pre_tokenize(pts);
+      for (const auto& split : pts.splits) {
+        pieces.clear(), ids.clear();
+        base_model->tokenize(split.text, pieces);
+        for (const Token& t : pieces) ids.push_back(t.id);
+        ext.tokens_before += static_cast<std::int64_t>(ids.size());
+        count_words(ids, v, true, true, words);
+      }
     }
   }
+  // Merges are written as the base writes them: "a b" strings, where a piece with a space
+  // cannot be named (tokenizers splits on the space), or [a, b] pairs (also for no merges).
+  const Json no_merges = Json::array();
+  const Json& base_merges = !unigram && model.contains("merges") ? model["merges"] : no_merges;
+  const bool pair_form = base_merges.empty() || base_merges[0].is_array();
   // Byte-level pieces are spelled in GPT-2's byte alphabet, so scripts cannot be read off
   // them (the pre-tokenizer's split regex already keeps letters, digits and punctuation
-  // apart); other BPEs (SentencePiece converted) follow SentencePiece's default rules.
+  // apart); other models (SentencePiece converted) follow SentencePiece's default rules.
   const SpmModelProto spm_defaults;
   const NewMerges m = continue_bpe(words, std::move(v), options, [&](const std::string& s) {
+    if (!unigram && !pair_form && s.find(' ') != std::string::npos) return false;
     return byte_level || valid_piece(s, spm_defaults);
   });
+  ext.added = m.added;
+  ext.saved = m.saved;
 
   ext.tokenizer_json = base;
   Json& out_model = ext.tokenizer_json["model"];
   Json& vocab = out_model["vocab"];
   if (unigram) {  // the vocabulary is a list of [piece, score]: ids are positions
-    RHINE_CHECK(static_cast<std::int64_t>(vocab.size()) == ext.base_size, kComponent,
-                "added tokens after the Unigram vocabulary are not supported", source,
-                "the vocabulary has " + std::to_string(vocab.size()) + " pieces, the ids reach " +
-                    std::to_string(ext.base_size - 1));
     const std::vector<float> new_scores = unigram_scores(m, scores, ext.tokens_before);
     for (std::size_t i = 0; i < m.added.size(); ++i) vocab.push_back(Json::array({m.added[i], new_scores[i]}));
-    ext.added = m.added;
-    ext.saved = m.saved;
     return ext;
   }
-  if (!out_model.contains("merges")) out_model["merges"] = Json::array();
-  Json& merges = out_model["merges"];
-  const bool pair_form = !merges.empty() && merges[0].is_array();
-  // tokenizers numbers the added tokens that are not in the model's vocabulary from the
-  // vocabulary's size up (the ids in the file are not read), so with new tokens after them
-  // (Llama 3: specials 128000-128255, new tokens from 128256) every added token must be in the
-  // vocabulary under its id, and the vocabulary must have no holes.
-  for (const Json& t : added_tokens)
-    if (!vocab.contains(t["content"].get<std::string>())) vocab[t["content"].get<std::string>()] = t["id"];
-  RHINE_CHECK(static_cast<std::int64_t>(vocab.size()) == ext.base_size, kComponent,
-              "the base's ids have holes (neither vocabulary nor added tokens)", source,
-              std::to_string(vocab.size()) + " ids for " + std::to_string(ext.base_size) +
-                  " slots; tokenizers would renumber the added tokens after extension");
+  for (std::size_t k = 0; k < added_id.size(); ++k)  // see above: added tokens keep their ids
+    if (!vocab.contains(added_text[k])) vocab[added_text[k]] = added_id[k];
+  Json merges = base_merges;  // the base's, then the new ones
+  auto name = [&](std::int32_t id) {
+    return id < ext.base_size ? std::string(base_model->id_to_token(id)) : m.added[static_cast<std::size_t>(id - ext.base_size)];
+  };
   for (std::size_t i = 0; i < m.added.size(); ++i) {
     vocab[m.added[i]] = ext.base_size + static_cast<std::int32_t>(i);
-    const std::string& a = m.pairs[i].first < ext.base_size ? std::string(base_model->id_to_token(m.pairs[i].first))
-                                                             : m.added[static_cast<std::size_t>(m.pairs[i].first - ext.base_size)];
-    const std::string& b = m.pairs[i].second < ext.base_size ? std::string(base_model->id_to_token(m.pairs[i].second))
-                                                              : m.added[static_cast<std::size_t>(m.pairs[i].second - ext.base_size)];
+    const std::string a = name(m.pairs[i].first), b = name(m.pairs[i].second);
     if (pair_form) merges.push_back(Json::array({a, b}));
     else merges.push_back(a + " " + b);
   }
-  ext.added = m.added;
-  ext.saved = m.saved;
+  out_model["merges"] = std::move(merges);
   return ext;
 }
 

@@ -18,6 +18,7 @@
 #include "rhine/core/json.h"
 #include "rhine/io/hf.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/tokenizer/sentencepiece.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -380,4 +381,39 @@ TEST_CASE("DeepSeek V2/V3 (MLA, MoE, MTP): export has transformers' names, round
       CHECK(w.count("model.layers.2.shared_head.head.weight") == 1);  // the MTP layer
     }
   }
+}
+
+TEST_CASE("write_tokenizer_files puts a run's tokenizer under its HF names", "[hf]") {
+  rhine::test::TempDir tmp("tokfiles");
+  const fs::path src = tmp.path / "src", dir = tmp.path / "dir";
+  fs::create_directories(src);
+  fs::create_directories(dir);
+  // A SentencePiece model: tokenizer.model as is, plus the tokenizer.json converted from it.
+  rhine::tokenizer::SpmModelProto m;
+  m.model_type = rhine::tokenizer::SpmModelProto::ModelType::bpe;
+  using T = rhine::tokenizer::SpmModelProto::PieceType;
+  m.pieces = {{"<unk>", 0, T::unknown}, {"<s>", 0, T::control}, {"</s>", 0, T::control}, {"a", -1, T::normal}};
+  const std::string model_bytes = rhine::tokenizer::serialize_spm_model(m);
+  rhine::write_file_atomic((src / "tok.model").string(), model_bytes);
+  rhine::io::write_tokenizer_files(src / "tok.model", dir);
+  CHECK(rhine::read_file((dir / "tokenizer.model").string(), "t") == model_bytes);
+  CHECK(rhine::read_json_file((dir / "tokenizer.json").string(), "t")["model"]["type"] == "BPE");
+  // A tokenizer.json of another vocabulary: replaces tokenizer.json, removes the stale
+  // tokenizer.model and added_tokens.json, brings its own tokenizer_config.json.
+  rhine::write_file_atomic((dir / "added_tokens.json").string(), "{\"<x>\": 9}");
+  rhine::write_file_atomic((dir / "tokenizer_config.json").string(), "{\"bos_token\": \"<s>\"}");
+  const std::string json = rhine::tokenizer::spm_to_tokenizer_json(m, "m").dump();
+  rhine::write_file_atomic((src / "tokenizer.json").string(), json);
+  rhine::write_file_atomic((src / "tokenizer_config.json").string(), "{\"bos_token\": \"<bos>\"}");
+  rhine::io::write_tokenizer_files(src / "tokenizer.json", dir);
+  CHECK(rhine::read_file((dir / "tokenizer.json").string(), "t") == json);
+  CHECK_FALSE(fs::exists(dir / "tokenizer.model"));
+  CHECK_FALSE(fs::exists(dir / "added_tokens.json"));
+  CHECK(rhine::read_file((dir / "tokenizer_config.json").string(), "t") == "{\"bos_token\": \"<bos>\"}");
+  // With its own tokenizer.model beside it, the same tokenizer.model in `dir` stays.
+  rhine::write_file_atomic((src / "tokenizer.model").string(), model_bytes);
+  rhine::write_file_atomic((dir / "tokenizer.model").string(), model_bytes);
+  rhine::io::write_tokenizer_files(src / "tokenizer.json", dir);
+  CHECK(fs::exists(dir / "tokenizer.model"));
+  CHECK_THROWS_AS(rhine::io::write_tokenizer_files(src / "missing.model", dir), rhine::Error);
 }

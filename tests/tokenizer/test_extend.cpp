@@ -271,3 +271,56 @@ TEST_CASE("extend: Unigram bases, .model and its tokenizer.json", "[tokenizer][e
   const auto by_json = rhine::Tokenizer::from_tokenizer_json(from_json.tokenizer_json, "extended.json");
   for (const auto& l : lines) REQUIRE(by_json.encode(l) == after.encode(l));
 }
+
+TEST_CASE("extend: tokenizer.json ids, merge forms and refusals", "[tokenizer][extend]") {
+  // A BPE over "a".."d" and " " whose special token lies past the vocabulary (as Llama 3's):
+  // the special keeps its id (entered into the vocabulary), new ids follow it, merges keep
+  // the base's form; "<unk>" never merges; holes and bad ids are refused.
+  rhine::Json base = {
+      {"version", "1.0"},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", nullptr},
+      {"added_tokens", {{{"id", 6}, {"content", "<|s|>"}, {"special", true}, {"single_word", false}, {"lstrip", false},
+                         {"rstrip", false}, {"normalized", false}}}},
+      {"model",
+       {{"type", "BPE"}, {"unk_token", "<unk>"}, {"merges", rhine::Json::array({rhine::Json::array({"a", "b"})})},
+        {"vocab", {{"<unk>", 0}, {"a", 1}, {"b", 2}, {"c", 3}, {"d", 4}, {"ab", 5}}}}}};
+  std::vector<std::string> lines;
+  for (int i = 0; i < 50; ++i) lines.push_back(i % 2 ? "abcd<|s|>abcdx" : "cdab<|s|>");  // "x" is unknown
+  rhine::tokenizer::ExtendOptions o;
+  o.new_tokens = 3;
+  const auto ext = rhine::tokenizer::extend_tokenizer_json(base, lines, o, "t.json");
+  CHECK(ext.base_size == 7);
+  REQUIRE(ext.added.size() == 3);
+  const rhine::Json& vocab = ext.tokenizer_json["model"]["vocab"];
+  CHECK(vocab["<|s|>"] == 6);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(vocab[ext.added[i]] == 7 + static_cast<int>(i));
+    CHECK(ext.added[i].find("<unk>") == std::string::npos);
+  }
+  const rhine::Json& merges = ext.tokenizer_json["model"]["merges"];
+  REQUIRE(merges.size() == 4);
+  CHECK(merges[0] == rhine::Json::array({"a", "b"}));
+  for (std::size_t i = 1; i < 4; ++i) CHECK(merges[i].is_array());
+  const auto tok = rhine::Tokenizer::from_tokenizer_json(ext.tokenizer_json, "extended.json");
+  rhine::EncodeOptions special;
+  special.parse_special = true;
+  CHECK(tok.encode("<|s|>", special) == std::vector<std::int32_t>{6});
+  CHECK(tok.encode(lines[1], special).size() < rhine::Tokenizer::from_tokenizer_json(base, "t.json").encode(lines[1], special).size());
+
+  rhine::Json legacy = base;  // "a b" strings: kept as strings
+  legacy["model"]["merges"] = rhine::Json::array({"a b"});
+  const auto ext2 = rhine::tokenizer::extend_tokenizer_json(legacy, lines, o, "t.json");
+  for (const auto& m : ext2.tokenizer_json["model"]["merges"]) CHECK(m.is_string());
+
+  rhine::Json hole = base;
+  hole["model"]["vocab"]["ab"] = 6;  // nothing at 5
+  hole["added_tokens"][0]["id"] = 7;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(hole, lines, o, "t.json"), Contains("hole"));
+  hole["added_tokens"][0]["id"] = -1;
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(hole, lines, o, "t.json"), Contains("outside the vocabulary"));
+  rhine::Json unigram = {{"added_tokens", {{{"id", 3}, {"content", "<s>"}, {"special", true}}}},
+                         {"model", {{"type", "Unigram"}, {"unk_id", 0}, {"vocab", rhine::Json::array({rhine::Json::array({"<unk>", 0.0}), rhine::Json::array({"a", -1.0}),
+                                                                 rhine::Json::array({"b", -1.0})})}}}};
+  CHECK_THROWS_WITH(rhine::tokenizer::extend_tokenizer_json(unigram, lines, o, "u.json"), Contains("after the Unigram vocabulary"));
+}

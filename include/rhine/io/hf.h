@@ -136,9 +136,11 @@ const std::vector<std::string>& hf_tokenizer_files();
 /// directory (an HF export, a training checkpoint) carries the vocabulary it was trained
 /// with: a SentencePiece `.model` as tokenizer.model plus the equivalent tokenizer.json; a
 /// tokenizer.json as tokenizer.json, a tokenizer.model already in `dir` removed unless the
-/// same file sits beside the tokenizer.json (it would describe another vocabulary), and the tokenizer_config.json, special_tokens_map.json and
-/// chat_template.jinja beside it copied where `dir` has none. Throws rhine::Error
-/// "[hf_export] ..." when the file cannot be read.
+/// same file sits beside the tokenizer.json (it would describe another vocabulary). The
+/// tokenizer_config.json, special_tokens_map.json, chat_template.jinja and added_tokens.json
+/// beside the tokenizer replace those in `dir`; an added_tokens.json in `dir` with none beside
+/// the tokenizer is removed (its ids may name other tokens). Throws rhine::Error when the
+/// file cannot be read ("[hf_export] ...") or is not a valid tokenizer.
 void write_tokenizer_files(const std::filesystem::path& tokenizer, const std::filesystem::path& dir);
 
 /// The HF spelling of a dtype ("float32", "bfloat16", "float16", "float64").

@@ -108,8 +108,9 @@ at::Tensor grow_rows(const at::Tensor& weight, std::int64_t first, const std::ve
 /// Writes HF directory `out`: the model of `dir` with vocab_size grown to the extended
 /// tokenizer's size (padding rows past the base tokenizer's end are kept where the model had
 /// them), embedding, head and MTP copies grown by grow_rows, config.json's vocab_size
-/// updated (other keys kept), the extended tokenizer as tokenizer.model and
-/// tokenizer.json, and vocab_init.json (the recipes). Returns the new vocab_size.
+/// updated (other keys kept), the extended tokenizer under its HF names (a `.model` as
+/// tokenizer.model plus tokenizer.json, a tokenizer.json as tokenizer.json:
+/// write_tokenizer_files of rhine/io/hf.h), and vocab_init.json (the recipes). Returns the new vocab_size.
 std::int64_t extend_hf_vocabulary(const std::filesystem::path& dir, const std::filesystem::path& out,
                                   const std::filesystem::path& extended_tokenizer, const VocabResizeOptions& options = {});
 

@@ -21,7 +21,7 @@
 ///   every existing piece, so the base's merges all happen first and the new ones after, in
 ///   the order they were found: the ids and the segmentation of text without the new pieces
 ///   stay as they were.
-/// - SentencePiece Unigram `.model` and Unigram tokenizer.json (T5, Gemma 1 style): the new
+/// - SentencePiece Unigram `.model` and Unigram tokenizer.json (T5 style): the new
 ///   pieces are appended with a score that is the larger of their log frequency on the
 ///   target text and the sum of the two pieces they join plus 0.1, so the Viterbi search
 ///   takes a new piece wherever the pair it joins was the best segmentation. Unlike BPE,
@@ -54,7 +54,8 @@ struct ExtendOptions {
   std::int64_t min_frequency = 2;
   /// Longest new piece in bytes (SentencePiece's own max_sentencepiece_length is 16 characters).
   std::int32_t max_piece_bytes = 32;
-  /// Threads for segmenting the text (0: rhine::default_thread_count()).
+  /// Threads for segmenting the text of a SentencePiece base (0: rhine::default_thread_count());
+  /// a tokenizer.json base is segmented on one thread.
   int threads = 0;
 };
 
@@ -77,10 +78,11 @@ VocabExtension extend_vocabulary(const SpmModelProto& base, const std::vector<st
                                  const ExtendOptions& options = {});
 
 /// Extends a parsed tokenizer.json `base` (BPE or Unigram) for `texts`; the result's
-/// tokenizer_json is the extended file (every other key as in the base). `source` names the
+/// tokenizer_json is the extended file (every other key's value as in the base). `source` names the
 /// file in errors. Throws rhine::Error "[tokenizer_extend] ..." for another model (WordPiece,
 /// WordLevel), a BPE with continuing_subword_prefix / end_of_word_suffix, a Unigram with
-/// added tokens past its vocabulary, no text, or new_tokens < 1.
+/// added tokens past its vocabulary, added-token ids out of range or leaving a hole, no text,
+/// or new_tokens < 1.
 VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::string>& texts,
                                      const ExtendOptions& options = {}, const std::string& source = "tokenizer.json");
 

@@ -10,7 +10,7 @@
 #      without extension on Dutch, the extended model (each initialisation) on Dutch, and
 #      the extended model (FOCUS) with 25% English replay;
 #   5. print held-out bits per byte per language right after the resize and after training.
-# About 6 minutes on 2 cores. Needs scripts/demo.sh to have run (build/demo).
+# About 5 minutes on 2 cores. Needs scripts/demo.sh to have run (build/demo).
 #
 #   scripts/adapt-nl.sh
 set -euo pipefail

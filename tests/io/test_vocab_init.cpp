@@ -69,7 +69,7 @@ TEST_CASE("the auxiliary vectors put tokens used alike close together", "[vocab_
   // auto between words of set Y (104..203); around them 8 fillers (204..703). Token 3 (a
   // byte piece) never occurs.
   std::vector<std::string> strings = {"\xE2\x96\x81" "kat", "\xE2\x96\x81" "poes", "\xE2\x96\x81" "auto", "<0x41>"};
-  for (int i = 4; i < 704; ++i) strings.push_back("w" + std::to_string(i));
+  for (int i = 4; i < 704; ++i) strings.push_back(std::to_string(100000 + i));  // "100004", ...
   std::vector<std::vector<std::int32_t>> corpus;
   rhine::Rng rng(3);
   for (int i = 0; i < 8000; ++i) {

@@ -92,7 +92,7 @@ TEST_CASE("the auxiliary vectors put tokens used alike close together", "[vocab_
   CHECK(std::all_of(v.vectors.begin() + 3 * 16, v.vectors.begin() + 4 * 16, [](float x) { return x == 0.0f; }));
   for (int t : {0, 1, 2}) CHECK(std::abs(cosine(v, t, t) - 1.0f) < 1e-5f);
   INFO("cos(kat, poes) " << cosine(v, 0, 1) << ", cos(kat, auto) " << cosine(v, 0, 2));
-  CHECK(cosine(v, 0, 1) > cosine(v, 0, 2) + 0.3f);  // here 0.999 vs 0.098
+  CHECK(cosine(v, 0, 1) > cosine(v, 0, 2) + 0.3f);  // here 0.991 vs 0.026
   // Deterministic for a seed; another seed gives other vectors.
   CHECK(rhine::io::train_token_vectors(corpus, strings, o).vectors == v.vectors);
   o.seed = 2;

@@ -8,6 +8,7 @@
 #include "rhine/core/error.h"
 #include "rhine/core/random.h"
 #include "rhine/io/vocab.h"
+#include "rhine/tokenizer/sentencepiece.h"
 
 namespace rhine::io {
 namespace {
@@ -26,7 +27,7 @@ std::uint32_t fnv1a(std::string_view s) {
 // (SentencePiece's U+2581, byte-level BPE's U+0120 for a space) standing for "<" (a word
 // start); byte pieces and empty tokens have none.
 std::vector<std::uint32_t> ngram_buckets(const std::string& token) {
-  if (token.empty() || (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token.back() == '>')) return {};
+  if (token.empty() || tokenizer::is_byte_piece(token)) return {};
   std::size_t skip = 0;
   for (std::string_view mark : {std::string_view("\xE2\x96\x81"), std::string_view("\xC4\xA0")})
     if (token.compare(0, mark.size(), mark) == 0) skip = mark.size();

@@ -22,8 +22,6 @@ namespace {
 namespace fs = std::filesystem;
 constexpr const char* kComponent = "vocab_resize";
 
-bool is_byte_piece(const std::string& t) { return t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>'; }
-
 // The fewest base pieces that spell `text` exactly, byte pieces only where no other piece
 // covers a character (a byte costs as much as 1000 pieces); ties go to the segmentation whose
 // last piece has the lower id (SentencePiece BPE: the earlier merge).
@@ -41,7 +39,7 @@ std::vector<std::int32_t> spell(const Tokenizer& base, const std::string& text) 
     if (cost[i] >= kInf) continue;
     for (std::size_t len = 1; i + len <= n && len <= 64; ++len) {
       const std::int32_t id = base.token_to_id(std::string_view(text).substr(i, len));
-      if (id >= 0 && !base.is_special(id) && !is_byte_piece(base.id_to_token(id))) better(i + len, i, id, 1);
+      if (id >= 0 && !base.is_special(id) && !tokenizer::is_byte_piece(base.id_to_token(id))) better(i + len, i, id, 1);
     }
     char hex[8];  // byte fallback: <0xAB>
     std::snprintf(hex, sizeof hex, "<0x%02X>", static_cast<unsigned char>(text[i]));
@@ -102,7 +100,7 @@ std::vector<RowRecipe> new_row_recipes(const Tokenizer& base, const Tokenizer& e
   std::vector<bool> candidate(base.vocab_size());
   for (std::int32_t t = 0; t < extended.vocab_size(); ++t) {
     strings[t] = extended.id_to_token(t);
-    if (t < base.vocab_size()) candidate[t] = !base.is_special(t) && !is_byte_piece(strings[t]);
+    if (t < base.vocab_size()) candidate[t] = !base.is_special(t) && !tokenizer::is_byte_piece(strings[t]);
   }
   const TokenVectors aux = train_token_vectors(corpus, strings, options);
   return focus_recipes(aux, base.vocab_size(), candidate, options.focus_min_count, mean);

@@ -387,7 +387,7 @@ VocabExtension extend_tokenizer_json(const Json& base, const std::vector<std::st
     if (s.empty()) continue;
     const auto i = static_cast<std::size_t>(id);
     v.str[i] = s;
-    v.mergeable[i] = id != unk_id && !(s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s.back() == '>');
+    v.mergeable[i] = id != unk_id && !is_byte_piece(s);
     v.existing.insert(s);
     covered[i] = true;
     if (unigram) scores[i] = model["vocab"][i][1].get<double>();

@@ -829,4 +829,9 @@ void SpmDecoder::decode(std::vector<std::string>& tokens) const {
   tokens.assign(1, std::move(text));
 }
 
+bool is_byte_piece(std::string_view piece) {
+  uint8_t b = 0;
+  return is_byte_piece_name(piece, &b);
+}
+
 }  // namespace rhine::tokenizer

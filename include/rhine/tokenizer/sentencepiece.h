@@ -62,6 +62,10 @@ SpmModelProto parse_spm_model(std::string_view bytes, const std::string& source)
 /// build small in-memory models and malformed variants).
 std::string serialize_spm_model(const SpmModelProto& m);
 
+/// Whether `piece` names a byte-fallback piece, "<0xXX>" with uppercase hex as SentencePiece
+/// (and the tokenizer.json files converted from it) writes them.
+bool is_byte_piece(std::string_view piece);
+
 /// The tokenizer.json equivalent of a SentencePiece model, in the shape of HF transformers'
 /// converters: the charsmap as a `Precompiled` normalizer, remove_extra_whitespaces as
 /// Replace regexes (leading ' ', runs of ' ', trailing ▁), the dummy prefix and whitespace escaping as

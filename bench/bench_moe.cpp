@@ -1,6 +1,8 @@
 // DeepSeek-style design on the CPU (JSON Lines, bench.h):
 //  - "moe_dispatch": one MoE layer forward + backward, grouped (sort/gather/
-//    index_add) vs the loop twin, and "moe_dispatch_speedup" (loop/grouped);
+//    index_add, one call per expert) vs the loop twin, and, on LibTorch 2.x,
+//    the grouped GEMM (at::_grouped_mm over the stacked expert weights);
+//    "moe_dispatch_speedup" (loop/grouped, and per-expert/grouped-GEMM);
 //  - "train_step_moe": training tokens/s (forward + backward + AdamW) of an
 //    MLA + MoE model and of a dense Llama model with the same active
 //    parameters per token, and of the same MLA + MoE model in Python PyTorch
@@ -22,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bench.h"
 #include "rhine/nn/mla.h"
@@ -94,8 +97,10 @@ void bench_dispatch(bool quick, int threads) {
     rhine::nn::MoE moe(c);
     const int64_t B = 4, T = quick ? 128 : 512;
     auto x0 = at::randn({B, T, c.hidden_size});
-    double medians[2] = {0, 0};
-    for (auto d : {rhine::nn::MoEDispatch::Loop, rhine::nn::MoEDispatch::Grouped}) {
+    std::map<std::string, double> medians;
+    std::vector<rhine::nn::MoEDispatch> dispatches = {rhine::nn::MoEDispatch::Loop, rhine::nn::MoEDispatch::Grouped};
+    if (rhine::nn::grouped_gemm_available()) dispatches.push_back(rhine::nn::MoEDispatch::GroupedGemm);
+    for (auto d : dispatches) {
       moe->dispatch = d;
       auto s = rhine::bench::time_runs(
           [&] {
@@ -103,19 +108,26 @@ void bench_dispatch(bool quick, int threads) {
             moe(x).y.sum().backward();
           },
           quick ? 3 : 9, 1);
-      const bool grouped = d == rhine::nn::MoEDispatch::Grouped;
-      medians[grouped] = s.median;
+      const std::string impl = d == rhine::nn::MoEDispatch::Loop      ? "loop"
+                               : d == rhine::nn::MoEDispatch::Grouped ? "grouped"
+                                                                      : "grouped_gemm";
+      medians[impl] = s.median;
       rhine::bench::report("moe_dispatch",
                            {{"E", E}, {"K", K}, {"tokens", B * T}, {"C", c.hidden_size},
                             {"I", c.moe_intermediate_size}, {"threads", threads},
-                            {"impl", grouped ? "grouped" : "loop"}, {"pass", "fwd+bwd"}},
+                            {"impl", impl}, {"pass", "fwd+bwd"}},
                            s, "ms", 1e3);
     }
-    Json j = {{"name", "moe_dispatch_speedup"},
-              {"params", {{"E", E}, {"K", K}, {"tokens", B * T}, {"threads", threads}}},
-              {"median", medians[0] / medians[1]},
-              {"unit", "loop/grouped"}};
-    std::printf("%s\n", j.dump().c_str());
+    auto speedup = [&](const std::string& a, const std::string& b) {
+      if (!medians.count(a) || !medians.count(b)) return;
+      Json j = {{"name", "moe_dispatch_speedup"},
+                {"params", {{"E", E}, {"K", K}, {"tokens", B * T}, {"threads", threads}}},
+                {"median", medians[a] / medians[b]},
+                {"unit", a + "/" + b}};
+      std::printf("%s\n", j.dump().c_str());
+    };
+    speedup("loop", "grouped");
+    speedup("grouped", "grouped_gemm");
   }
 }
 

@@ -32,6 +32,7 @@
 #include "rhine/dist/world.h"
 #include "rhine/nn/generate.h"
 #include "rhine/nn/model.h"
+#include "rhine/nn/moe.h"
 #include "rhine/optim/schedule.h"
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/hf.h"
@@ -99,6 +100,7 @@ int main(int argc, char** argv) try {
     for (auto& [name, b] : lm->state_buffers()) b.set_data(b.to(rt.device));
   } else {
     lm->to(rt.device);
+    rhine::nn::pack_expert_weights(*lm);  // the move gave each expert weight its own storage
   }
   if (world.is_main())
     spdlog::info("model: {} {} layers, hidden {}, {:.2f}M parameters ({:.2f}M without embeddings){}", mcfg.model_type,

@@ -497,6 +497,18 @@ FSDP::FSDP(World& world, nn::CausalLM model, const FSDPOptions& options) : state
     unit.experts.n = d;
   }
 
+  // A parameter that is a slice of a larger storage (the MoE layers' stacked
+  // experts, rhine/nn/moe.h) gets storage of its own: FSDP frees and
+  // regathers each parameter's storage by itself.
+  {
+    at::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) {
+      at::Tensor t = item.value();
+      if (t.has_storage() && t.numel() > 0 &&
+          (t.storage_offset() != 0 || t.storage().nbytes() != static_cast<std::size_t>(t.numel()) * t.element_size()))
+        t.set_data(t.clone(at::MemoryFormat::Contiguous));
+    }
+  }
   // Parameters into units, by name: "model.layers.{i}." -> unit 1 + i, the rest root.
   for (const auto& item : model->named_parameters()) {
     const std::string& name = item.key();

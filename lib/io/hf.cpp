@@ -24,6 +24,7 @@
 #include "rhine/io/lora.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/nn/moe.h"
 #include "rhine/tokenizer/sentencepiece.h"
 #include "pages.h"
 
@@ -332,6 +333,9 @@ nn::CausalLM load_hf_model(const fs::path& dir, const ImportOptions& options) {
   }
   if (deferred) lm->options.defer_init = false;  // every parameter is written now
   if (options.device != c10::Device(c10::kCPU)) lm->to(options.device);
+  // Routed experts into their stacked layout (rhine/nn/moe.h); a zero-copy
+  // import keeps the mapped file's tensors.
+  if (!options.zero_copy) nn::pack_expert_weights(*lm);
   return lm;
 }
 

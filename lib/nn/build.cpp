@@ -17,6 +17,7 @@ void unwritten(at::Tensor& parameter, at::IntArrayRef shape) {
 
 DeferredInit::DeferredInit() : previous_(deferring) { deferring = true; }
 DeferredInit::~DeferredInit() { deferring = previous_; }
+bool deferring_init() { return deferring; }
 
 torch::nn::Linear make_linear(std::int64_t in, std::int64_t out, bool bias) {
   if (!deferring) return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));

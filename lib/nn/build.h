@@ -27,6 +27,9 @@ class DeferredInit {
   bool previous_;
 };
 
+/// True while a DeferredInit lives on this thread.
+bool deferring_init();
+
 /// torch::nn::Linear(in, out) with or without bias (weight [out, in]).
 torch::nn::Linear make_linear(std::int64_t in, std::int64_t out, bool bias);
 /// torch::nn::Embedding(n, dim) (weight [n, dim]).

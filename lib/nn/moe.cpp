@@ -5,13 +5,21 @@
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#if __has_include(<ATen/ops/_grouped_mm.h>)
+#include <ATen/ops/_grouped_mm.h>
+#define RHINE_HAS_GROUPED_MM 1
+#endif
 
 #include <limits>
 #include <optional>
 
 #include "rhine/core/error.h"
+#include "rhine/nn/adapter.h"
+#include "rhine/nn/fused.h"
 #include "rhine/torch/compat.h"
 #include "rhine/torch/sync.h"
+#include "build.h"
 
 namespace rhine::nn {
 
@@ -87,7 +95,7 @@ at::Tensor expert_balance_loss(const at::Tensor& scores, const at::Tensor& indic
   return (f * scores.mean(0)).sum();
 }
 
-ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r) {
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r, bool host_counts) {
   const auto N = r.indices.size(0), K = r.indices.size(1);
   at::Tensor flat = r.indices.reshape({N * K});                               // [N*K] expert of each pair
   at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, false));  // [N*K]
@@ -95,8 +103,9 @@ ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& r) {
   b.token = at::div(order, K, "floor");
   b.tokens = x.index_select(0, b.token);
   b.weights = r.weights.reshape({N * K}).index_select(0, order);
-  // The split sizes on the host: one synchronisation per MoE layer, until a grouped GEMM
-  // takes device offsets.
+  if (!host_counts) return b;
+  // The split sizes on the host: one synchronisation per MoE layer (the grouped
+  // GEMM takes device offsets instead).
   at::Tensor counts = to_host(r.counts).contiguous();
   b.counts.assign(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + counts.numel());
   return b;
@@ -111,6 +120,189 @@ ModelConfig expert_config(const ModelConfig& c, std::int64_t width) {
   ModelConfig e = c;
   e.intermediate_size = width;
   return e;
+}
+
+// --- stacked expert weights and the grouped GEMM ------------------------------
+
+namespace {
+
+// The weights of expert e as the stacked layout orders them: gate, up, down.
+struct ExpertWeights {
+  std::vector<at::Tensor> gate_up;  ///< [gate_0, up_0, gate_1, up_1, ...], each [I, C]
+  std::vector<at::Tensor> down;     ///< [down_0, down_1, ...], each [C, I]
+};
+
+ExpertWeights expert_weights(const MoEImpl& m) {
+  ExpertWeights w;
+  for (const auto& e : m.expert_list) {
+    w.gate_up.push_back(e->gate_proj->weight);
+    w.gate_up.push_back(e->up_proj->weight);
+    w.down.push_back(e->down_proj->weight);
+  }
+  return w;
+}
+
+// True when `parts` (each of parts[0]'s shape, contiguous) follow each other in
+// one storage, in order: then they are the slices of one stacked tensor.
+bool consecutive(const std::vector<at::Tensor>& parts) {
+  if (parts.empty() || !parts[0].defined() || !parts[0].has_storage() || parts[0].numel() == 0) return false;
+  const auto& first = parts[0];
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto& t = parts[i];
+    if (!t.defined() || !t.has_storage() || !t.is_contiguous() || t.sizes() != first.sizes() ||
+        t.scalar_type() != first.scalar_type() || !t.storage().is_alias_of(first.storage()) ||
+        t.storage_offset() != first.storage_offset() + static_cast<std::int64_t>(i) * first.numel())
+      return false;
+  }
+  return true;
+}
+
+// The stacked [E, P * rows, cols] tensor over consecutive `parts` (P per
+// expert), without a copy: forward aliases their storage, backward hands each
+// part its slice of the gradient.
+struct StackedParts : public torch::autograd::Function<StackedParts> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList parts, std::int64_t per_expert) {
+    const auto& first = parts[0];
+    const std::int64_t E = static_cast<std::int64_t>(parts.size()) / per_expert;
+    const std::int64_t rows = first.size(0), cols = first.size(1);
+    ctx->saved_data["per_expert"] = per_expert;
+    ctx->saved_data["rows"] = rows;
+    at::Tensor stacked = at::empty({0}, first.options());
+    stacked.set_(first.storage(), first.storage_offset(), {E, per_expert * rows, cols},
+                 {per_expert * rows * cols, cols, 1});
+    return stacked;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::int64_t per_expert = ctx->saved_data["per_expert"].toInt();
+    const std::int64_t rows = ctx->saved_data["rows"].toInt();
+    torch::autograd::variable_list out;
+    for (const at::Tensor& slice : grads[0].unbind(0))
+      for (const at::Tensor& part : slice.split(rows, 0)) out.push_back(part);
+    RHINE_CHECK(static_cast<std::int64_t>(out.size()) % per_expert == 0, "moe",
+                "stacked expert gradient does not split into the experts' weights", out.size(), "");
+    out.emplace_back();  // per_expert
+    return out;
+  }
+};
+
+// [E, P * rows, cols] from `parts` (P per expert): an alias when packed, else a copy.
+[[maybe_unused]] at::Tensor stack_parts(const std::vector<at::Tensor>& parts, std::int64_t per_expert) {
+  if (consecutive(parts)) return StackedParts::apply(at::TensorList(parts), per_expert);
+  const std::int64_t E = static_cast<std::int64_t>(parts.size()) / per_expert;
+  return at::stack(parts, 0).view({E, per_expert * parts[0].size(0), parts[0].size(1)});
+}
+
+// Whether GroupedGemm can run this layer's experts (else it runs as Grouped).
+bool grouped_gemm_fits(const MoEImpl& m) {
+  if (m.expert_list.empty()) return false;
+  for (const auto& e : m.expert_list) {
+    if (!e->gate_proj || e->act != "silu") return false;
+    for (const torch::nn::Linear* l : {&e->gate_proj, &e->up_proj, &e->down_proj})
+      if ((*l)->bias.defined() || lora_path(**l)) return false;
+  }
+  return true;
+}
+
+// The routed experts on the sorted pairs: [M, C] -> [M, C] in two grouped GEMMs.
+at::Tensor run_grouped_gemm(const MoEImpl& m, const ExpertBatch& batch, const at::Tensor& counts) {
+#ifdef RHINE_HAS_GROUPED_MM
+  const auto dev = batch.tokens.device().type();
+  // _grouped_mm is on none of autocast's lists: the casts autocast would make are made here.
+  const bool cast = (dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev);
+  const auto w = expert_weights(m);
+  const auto dt = cast ? rhine::autocast_dtype(dev) : w.gate_up[0].scalar_type();
+  const std::int64_t I = w.gate_up[0].size(0);
+  at::Tensor w13 = stack_parts(w.gate_up, 2).to(dt);  // [E, 2I, C]
+  at::Tensor w2 = stack_parts(w.down, 1).to(dt);      // [E, C, I]
+  at::Tensor offsets = counts.cumsum(0).to(at::kInt);  // each expert's block end, on the device
+  at::Tensor h = at::_grouped_mm(batch.tokens.to(dt), w13.transpose(-2, -1), offsets);  // [M, 2I]
+  const auto gu = h.split(I, 1);
+  at::Tensor a = m.expert_list[0]->fused ? fused_swiglu(gu[0], gu[1]) : at::silu(gu[0]) * gu[1];
+  return at::_grouped_mm(a, w2.transpose(-2, -1), offsets);  // [M, C]
+#else
+  (void)m, (void)batch, (void)counts;
+  RHINE_FAIL("moe", "MoEDispatch::GroupedGemm needs at::_grouped_mm (LibTorch 2.x); this LibTorch is",
+             rhine::torch_version(), "use MoEDispatch::Grouped");
+#endif
+}
+
+// The dispatch a forward on x uses.
+MoEDispatch resolve_dispatch(const MoEImpl& m, MoEDispatch d, const at::Tensor& x) {
+  if (d == MoEDispatch::Auto) {
+    const bool bf16 = x.scalar_type() == at::kBFloat16 ||
+                      (rhine::autocast_enabled(c10::DeviceType::CUDA) &&
+                       rhine::autocast_dtype(c10::DeviceType::CUDA) == at::kBFloat16);
+    d = grouped_gemm_available() && x.is_cuda() && bf16 ? MoEDispatch::GroupedGemm : MoEDispatch::Grouped;
+  }
+  if (d == MoEDispatch::GroupedGemm) {
+    // at::_grouped_mm takes fp32, bf16 and fp16 (not float64).
+    const auto dev = x.device().type();
+    const auto dt = (dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev)
+                        ? rhine::autocast_dtype(dev)
+                        : m.expert_list.empty() ? x.scalar_type() : m.expert_list[0]->up_proj->weight.scalar_type();
+    // Its kernels load rows with 16-byte strides: the hidden and expert widths in bytes.
+    const auto bytes = static_cast<std::int64_t>(c10::elementSize(dt));
+    const bool aligned = !m.expert_list.empty() && m.expert_list[0]->gate_proj &&
+                         (m.expert_list[0]->gate_proj->weight.size(0) * bytes) % 16 == 0 &&
+                         (m.expert_list[0]->gate_proj->weight.size(1) * bytes) % 16 == 0;
+    if (!grouped_gemm_fits(m) || !aligned || !(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf))
+      d = MoEDispatch::Grouped;
+  }
+  return d;
+}
+
+}  // namespace
+
+bool grouped_gemm_available() {
+#ifdef RHINE_HAS_GROUPED_MM
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool MoEImpl::experts_packed() const {
+  if (expert_list.empty() || !expert_list[0]->gate_proj) return false;
+  const auto w = expert_weights(*this);
+  return consecutive(w.gate_up) && consecutive(w.down);
+}
+
+void MoEImpl::pack_experts() {
+  if (expert_list.empty() || !expert_list[0]->gate_proj || experts_packed()) return;
+  const auto w = expert_weights(*this);
+  const auto& g0 = w.gate_up[0];
+  // Placeholders (deferred init, FSDP) and mixed shapes or dtypes stay as they are.
+  for (const auto* list : {&w.gate_up, &w.down})
+    for (const auto& t : *list)
+      if (!t.defined() || t.numel() == 0 || t.sizes() != (*list)[0].sizes() || t.scalar_type() != g0.scalar_type() ||
+          t.device() != g0.device())
+        return;
+  at::NoGradGuard no_grad;
+  const auto E = static_cast<std::int64_t>(expert_list.size());
+  at::Tensor w13 = at::empty({2 * E, g0.size(0), g0.size(1)}, g0.options());
+  at::Tensor w2 = at::empty({E, w.down[0].size(0), w.down[0].size(1)}, g0.options());
+  for (std::int64_t i = 0; i < 2 * E; ++i) w13[i].copy_(w.gate_up[static_cast<std::size_t>(i)]);
+  for (std::int64_t e = 0; e < E; ++e) w2[e].copy_(w.down[static_cast<std::size_t>(e)]);
+  for (std::int64_t i = 0; i < 2 * E; ++i) {
+    at::Tensor p = w.gate_up[static_cast<std::size_t>(i)];
+    p.set_data(w13[i]);
+  }
+  for (std::int64_t e = 0; e < E; ++e) {
+    at::Tensor p = w.down[static_cast<std::size_t>(e)];
+    p.set_data(w2[e]);
+  }
+}
+
+int pack_expert_weights(torch::nn::Module& root) {
+  int n = 0;
+  for (const auto& m : root.modules(/*include_self=*/true))
+    if (auto* moe = dynamic_cast<MoEImpl*>(m.get())) {
+      moe->pack_experts();
+      n += moe->experts_packed() ? 1 : 0;
+    }
+  return n;
 }
 
 // --- gate -------------------------------------------------------------------
@@ -148,6 +340,9 @@ MoEImpl::MoEImpl(const ModelConfig& c) {
   if (c.n_shared_experts > 0)
     shared_experts = register_module(
         "shared_experts", MLP(expert_config(c, c.moe_intermediate_size * c.n_shared_experts)));
+  // Initialisation writes the packed weights in place; deferred weights are
+  // never written here (FSDP or an import gives them their storage).
+  if (!detail::deferring_init()) pack_experts();
 }
 
 MoEOutput MoEImpl::forward(const at::Tensor& x, const BalanceLossWeights& balance) {
@@ -159,9 +354,14 @@ MoEOutput MoEImpl::forward(const at::Tensor& x, const BalanceLossWeights& balanc
   const auto K = r.indices.size(1);
 
   at::Tensor y;
+  const MoEDispatch how = expert_dispatch_ ? dispatch : resolve_dispatch(*this, dispatch, x2);
   if (expert_dispatch_) {
     y = expert_dispatch_->run(*this, x2, r);
-  } else if (dispatch == MoEDispatch::Grouped) {
+  } else if (how == MoEDispatch::GroupedGemm) {
+    // Offsets stay on the device: no host read of the counts.
+    ExpertBatch batch = sort_by_expert(x2, r, /*host_counts=*/false);
+    y = combine_experts(batch, run_grouped_gemm(*this, batch, r.counts), N);
+  } else if (how == MoEDispatch::Grouped) {
     // Sort the N*K (token, slot) pairs by expert: each expert's tokens become
     // one contiguous block, gathered once and scattered back once.
     ExpertBatch batch = sort_by_expert(x2, r);

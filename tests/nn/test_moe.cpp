@@ -2,10 +2,15 @@
 // selection, bias affecting selection only, renormalisation, scaling), the
 // grouped dispatch against its loop twin (outputs and gradients), balance
 // losses against hand values, float64 finite differences, the aux-loss-free
-// bias update on a skewed router, and config validation.
+// bias update on a skewed router, and config validation. The stacked expert
+// layout (pack_experts) and the grouped-GEMM dispatch against the loop twin.
 #include "deepseek_fixtures.h"
 
+#include "rhine/nn/model.h"
 #include "rhine/nn/moe.h"
+#include "rhine/torch/compat.h"
+#include "rhine/torch/sync.h"
+#include "test_util.h"
 
 using namespace rhine::nn;
 using Catch::Matchers::Contains;
@@ -168,6 +173,145 @@ TEST_CASE("grouped MoE dispatch equals the loop twin in outputs and gradients",
   CHECK(rel_err(a(x).y, b(x).y) < 1e-6);
   rhine::AutocastGuard g(at::kCPU, at::kBFloat16);
   CHECK(rel_err(a(x).y, b(x).y) < 1e-2);
+}
+
+TEST_CASE("routed experts live in one stacked buffer, and pack_experts restores it after a move",
+          "[nn][moe][pack]") {
+  ModelConfig c = moe_config("noaux_tc");
+  MoE m(c);
+  CHECK(m->experts_packed());
+  const auto& e1 = m->expert_list[1];
+  const auto& e0 = m->expert_list[0];
+  // gate and up of expert e are rows [0, I) and [I, 2I) of slice e; down is slice e of its own buffer.
+  CHECK(e1->gate_proj->weight.data_ptr<float>() == e0->gate_proj->weight.data_ptr<float>() + 2 * 4 * 8);
+  CHECK(e0->up_proj->weight.data_ptr<float>() == e0->gate_proj->weight.data_ptr<float>() + 4 * 8);
+  CHECK(e1->down_proj->weight.data_ptr<float>() == e0->down_proj->weight.data_ptr<float>() + 8 * 4);
+  CHECK_FALSE(e0->gate_proj->weight.is_alias_of(e0->down_proj->weight));
+  // A move gives each weight its own storage; packing again keeps values and parameter objects.
+  m->to(at::kDouble);
+  CHECK_FALSE(m->experts_packed());
+  std::map<std::string, std::pair<const void*, at::Tensor>> before;
+  for (auto& p : m->named_parameters()) before[p.key()] = {p.value().unsafeGetTensorImpl(), p.value().clone()};
+  m->pack_experts();
+  CHECK(m->experts_packed());
+  for (auto& p : m->named_parameters()) {
+    INFO(p.key());
+    CHECK(p.value().unsafeGetTensorImpl() == before[p.key()].first);
+    CHECK(at::equal(p.value(), before[p.key()].second));
+    CHECK(p.value().requires_grad());
+  }
+  // In-place updates (what optimizers do) keep the layout.
+  {
+    at::NoGradGuard g;
+    for (auto& p : m->parameters()) p.mul_(0.5);
+  }
+  CHECK(m->experts_packed());
+  // A whole model: every MoE layer (the MTP module's too) is packed after a move.
+  ModelConfig mc = moe_config("noaux_tc");
+  mc.num_hidden_layers = 2;
+  mc.first_k_dense_replace = 1;
+  mc.num_nextn_predict_layers = 1;
+  mc.validate();
+  CausalLM lm(mc);
+  lm->to(at::kDouble);
+  CHECK(pack_expert_weights(*lm) == 2);
+}
+
+TEST_CASE("grouped-GEMM MoE dispatch equals the loop twin in outputs and gradients, without a host read",
+          "[nn][moe][dispatch][grouped_gemm]") {
+  ModelConfig c = moe_config("noaux_tc");
+  if (!grouped_gemm_available()) {
+    MoE m(c);
+    m->dispatch = MoEDispatch::GroupedGemm;
+    CHECK_THROWS_WITH(m(at::randn({1, 4, 8})), Contains("_grouped_mm") && Contains("MoEDispatch::Grouped"));
+    RHINE_SKIP_TEST("LibTorch " + rhine::torch_version() +
+                    " has no at::_grouped_mm; the wheel build runs this test (scripts/test.sh --torch=wheel)");
+  }
+  // float32 (at::_grouped_mm takes no float64): the loop twin within float32 rounding.
+  for (bool packed : {true, false}) {
+    INFO("packed " << packed);
+    at::manual_seed(11);
+    MoE gg(c), loop(c);
+    if (!packed) {  // moves that give every weight its own storage
+      gg->to(at::kDouble);
+      gg->to(at::kFloat);
+    }
+    REQUIRE(gg->experts_packed() == packed);
+    {
+      at::NoGradGuard g;
+      auto pl = loop->named_parameters();
+      for (auto& p : gg->named_parameters()) {
+        p.value().normal_(0.0, 0.5);
+        pl[p.key()].copy_(p.value());
+      }
+      gg->gate->e_score_correction_bias.normal_(0.0, 0.2);
+      loop->gate->e_score_correction_bias.copy_(gg->gate->e_score_correction_bias);
+    }
+    gg->dispatch = MoEDispatch::GroupedGemm;
+    loop->dispatch = MoEDispatch::Loop;
+    // Few tokens over 8 experts: some expert gets none.
+    auto x = at::randn({1, 2, 8});
+    auto xa = x.clone().requires_grad_(true), xb = x.clone().requires_grad_(true);
+    auto proj = at::randn({1, 2, 8});
+    const auto syncs = rhine::host_sync_count();
+    auto oa = gg(xa);
+    CHECK(rhine::host_sync_count() == syncs);  // the offsets stay on the device
+    auto ob = loop(xb);
+    CHECK(rel_err(oa.y, ob.y) < 1e-6);
+    (oa.y * proj).sum().backward();
+    (ob.y * proj).sum().backward();
+    CHECK(rel_err(xa.grad(), xb.grad()) < 1e-6);
+    auto pl = loop->named_parameters();
+    int unchosen = 0;
+    for (auto& p : gg->named_parameters()) {
+      INFO(p.key());
+      REQUIRE(p.value().grad().defined());  // every expert gets one
+      if (!pl[p.key()].grad().defined()) {  // an expert no token chose: zero
+        ++unchosen;
+        CHECK(p.value().grad().abs().max().item<double>() == 0.0);
+        continue;
+      }
+      CHECK(rel_err(p.value().grad(), pl[p.key()].grad()) < 1e-6);
+    }
+    CHECK(unchosen > 0);
+  }
+  // float64 runs as Grouped (one call per expert, so the counts are read).
+  {
+    MoE m(c);
+    m->to(at::kDouble);
+    m->dispatch = MoEDispatch::GroupedGemm;
+    const auto syncs = rhine::host_sync_count();
+    m(at::randn({1, 4, 8}, at::kDouble));
+    CHECK(rhine::host_sync_count() == syncs + 1);
+  }
+  // bf16 rows of 4 experts' widths (8 bytes) miss the kernels' 16-byte strides: Grouped.
+  {
+    MoE m(c);
+    m->dispatch = MoEDispatch::GroupedGemm;
+    rhine::AutocastGuard g(at::kCPU, at::kBFloat16);
+    const auto syncs = rhine::host_sync_count();
+    m(at::randn({1, 4, 8}));
+    CHECK(rhine::host_sync_count() == syncs + 1);
+  }
+  // More tokens, against the per-expert calls: fp32, and bf16 autocast on both.
+  c.moe_intermediate_size = 8;
+  MoE a(c), b(c);
+  {
+    at::NoGradGuard g;
+    auto pb = b->named_parameters();
+    for (auto& p : a->named_parameters()) pb[p.key()].copy_(p.value());
+  }
+  a->dispatch = MoEDispatch::GroupedGemm;
+  b->dispatch = MoEDispatch::Grouped;
+  auto x = at::randn({2, 16, 8});
+  CHECK(rel_err(a(x).y, b(x).y) < 1e-6);
+  rhine::AutocastGuard g(at::kCPU, at::kBFloat16);
+  const auto syncs = rhine::host_sync_count();
+  auto ya = a(x).y;
+  CHECK(rhine::host_sync_count() == syncs);  // the grouped GEMM ran
+  auto yb = b(x).y;
+  CHECK(ya.scalar_type() == yb.scalar_type());
+  CHECK(rel_err(ya, yb) < 1e-2);
 }
 
 TEST_CASE("MoE gradients match float64 finite differences", "[nn][moe][grad]") {

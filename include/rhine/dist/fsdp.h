@@ -94,6 +94,11 @@
 /// chose) keeps an undefined gradient, as in one process, so optimizers skip
 /// it: each rank flags its gradients in the reduce-scatter buffer itself.
 ///
+/// A parameter that is a slice of a larger buffer (the MoE layers' stacked
+/// routed experts, rhine/nn/moe.h) gets storage of its own first: FSDP frees
+/// and regathers each parameter by itself. The experts' grouped GEMM then
+/// stacks the gathered weights per forward (a copy).
+///
 /// The model's parameters are placeholders (empty tensors) while their unit
 /// is not gathered; read weights through full_parameter(), which gathers
 /// them. The FSDP must outlive every forward and backward of the model; its

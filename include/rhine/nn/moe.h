@@ -16,11 +16,17 @@
 ///     shared_experts.{gate,up}_proj.weight [I*Ns, C] (when n_shared_experts > 0)
 ///     shared_experts.down_proj.weight    [C, I*Ns]
 ///
-/// Experts stay separate modules (the on-Hub layout). The grouped dispatch
-/// sorts the (token, slot) pairs by expert, gathers each expert's tokens with
-/// one index_select, runs every expert once on its batch and scatters the
-/// weighted outputs back with one index_add; the loop dispatch (each expert
-/// finds its tokens with a mask) is its reference twin.
+/// Experts stay separate modules (the on-Hub layout), but their weights live
+/// in one stacked buffer per layer (pack_expert_weights): `gate_proj` and
+/// `up_proj` of expert e are rows [0, I) and [I, 2I) of slice e of a
+/// [E, 2I, C] tensor, `down_proj` is slice e of an [E, C, I] tensor. The
+/// grouped dispatch sorts the (token, slot) pairs by expert, gathers each
+/// expert's tokens with one index_select, runs the experts on their blocks
+/// and scatters the weighted outputs back with one index_add. The experts run
+/// either as two grouped GEMMs over the stacked weights (at::_grouped_mm of
+/// LibTorch 2.x, with the block offsets on the device: no host read of the
+/// counts) or one call per expert; the loop dispatch (each expert finds its
+/// tokens with a mask) is the reference twin of both.
 ///
 /// Dimension letters: B batch, T tokens per row, N = B*T tokens, C hidden,
 /// E routed experts, K experts per token, G groups.
@@ -83,11 +89,13 @@ struct ExpertBatch {
   at::Tensor token;    ///< [N*K] int64: the token of each sorted pair
   at::Tensor tokens;   ///< [N*K, C]: x's rows, sorted by expert
   at::Tensor weights;  ///< [N*K] fp32: each pair's combine weight
-  std::vector<std::int64_t> counts;  ///< [E] on the host: pairs per expert
+  std::vector<std::int64_t> counts;  ///< [E] on the host: pairs per expert (empty unless asked)
 };
 
-/// Sorts the routed pairs of x [N, C] by expert (the grouped dispatch's first half).
-ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& routing);
+/// Sorts the routed pairs of x [N, C] by expert (the grouped dispatch's first
+/// half). `host_counts`: also read the pairs per expert to the host (one
+/// synchronisation; the per-expert calls and expert parallelism need them).
+ExpertBatch sort_by_expert(const at::Tensor& x, const Routing& routing, bool host_counts = true);
 
 /// The grouped dispatch's second half: ys [N*K, C] (expert outputs in
 /// batch's order) weighted and summed per token -> [N, C].
@@ -125,9 +133,24 @@ struct MoEOutput {
 
 /// How MoE runs the routed experts.
 enum class MoEDispatch {
-  Grouped,  ///< sort by expert, one batched call per expert (default)
-  Loop,     ///< reference twin: each expert masks out its tokens
+  /// GroupedGemm on CUDA when grouped_gemm_available() and the experts
+  /// compute in bf16 (autocast); Grouped everywhere else.
+  Auto,
+  Grouped,      ///< sort by expert, one call per expert on its block
+  /// Sort by expert, then the gate/up and down projections of all experts as
+  /// two at::_grouped_mm calls (LibTorch 2.x; refused without it). Every
+  /// expert gets a gradient (zero for an expert no token chose, where the
+  /// other dispatches leave it undefined). Needs SwiGLU experts without bias
+  /// or LoRA adapters, computing in fp32, bf16 or fp16, with hidden and expert
+  /// widths of a multiple of 16 bytes (else it runs as Grouped).
+  GroupedGemm,
+  Loop,         ///< reference twin: each expert masks out its tokens
 };
+
+/// True when this LibTorch has at::_grouped_mm (2.x), the entry point of
+/// MoEDispatch::GroupedGemm. On CUDA it is one kernel (bf16, sm80+); on the
+/// CPU LibTorch runs it as a loop of GEMMs.
+bool grouped_gemm_available();
 
 /// One DeepSeekMoE layer: y = sum_k w_k FFN_{e_k}(x) + FFN_shared(x).
 class MoEImpl : public torch::nn::Module {
@@ -145,16 +168,28 @@ class MoEImpl : public torch::nn::Module {
   torch::nn::ModuleList experts{nullptr};
   std::vector<MLP> expert_list;  ///< typed views of `experts`
   MLP shared_experts{nullptr};
-  MoEDispatch dispatch = MoEDispatch::Grouped;
+  MoEDispatch dispatch = MoEDispatch::Auto;
   /// When set, runs the routed experts instead of `dispatch` (expert
   /// parallelism). Set by a parallel wrapper, once, after construction.
   void set_expert_dispatch(std::shared_ptr<ExpertDispatch> d) { expert_dispatch_ = std::move(d); }
   const std::shared_ptr<ExpertDispatch>& expert_dispatch() const { return expert_dispatch_; }
+  /// Moves the routed experts' weights into the stacked layout of the file
+  /// comment (one copy; values, parameter objects and names unchanged).
+  /// Anything that gives a parameter new storage (module.to(), a zero-copy
+  /// import, FSDP) undoes it; the grouped GEMM then stacks per forward (a
+  /// copy) until this runs again. No-op for weights already packed.
+  void pack_experts();
+  /// True when the experts' weights are in the stacked layout.
+  bool experts_packed() const;
 
  private:
   std::shared_ptr<ExpertDispatch> expert_dispatch_;
 };
 TORCH_MODULE(MoE);
+
+/// MoEImpl::pack_experts() on every MoE layer under `root` (a CausalLM after
+/// loading or moving it to its device). Returns the number of layers.
+int pack_expert_weights(torch::nn::Module& root);
 
 /// The config of one expert MLP: `config` with intermediate_size = width.
 ModelConfig expert_config(const ModelConfig& config, std::int64_t width);

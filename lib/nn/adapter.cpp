@@ -16,7 +16,10 @@ LoraPath lora_path(const torch::nn::LinearImpl& lin) {
 }
 
 at::Tensor linear(torch::nn::LinearImpl& lin, const at::Tensor& x) {
-  at::Tensor y = lin.forward(x);  // [..., O]
+  // at::linear on the parameter itself, not LinearImpl::forward: that one
+  // multiplies by weight.t(), a view, which autocast casts afresh at every
+  // use instead of once per region (or per step: rhine::AutocastStep).
+  at::Tensor y = at::linear(x, lin.weight, lin.bias);  // [..., O]
   const LoraPath p = lora_path(lin);
   if (!p || p.a->merged) return y;
   at::Tensor xd = p.a->dropout > 0 ? at::dropout(x, p.a->dropout, lin.is_training()) : x;  // [..., I]

@@ -92,6 +92,15 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     r->dtype_cpu = autocast_dtype(at::kCPU);
     r->autocast_cuda = autocast_enabled(at::kCUDA);
     r->dtype_cuda = autocast_dtype(at::kCUDA);
+    // No autocast caching in this graph-less run: a cached weight copy would
+    // have no grad_fn, and the recomputation (or a later use in the same
+    // autocast region or rhine::AutocastStep) would take it and give the
+    // weight no gradient.
+    struct CacheOff {
+      bool was = at::autocast::is_autocast_cache_enabled();
+      CacheOff() { at::autocast::set_autocast_cache_enabled(false); }
+      ~CacheOff() { at::autocast::set_autocast_cache_enabled(was); }
+    } cache_off;
     BlockOutput out = r->fn(x);
     r->has_aux = out.aux_loss.defined();
     at::Tensor aux = r->has_aux ? out.aux_loss : at::zeros({}, x.options().dtype(at::kFloat));

@@ -278,6 +278,14 @@ AutocastGuard::AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool
   at::autocast::increment_nesting();
 }
 
+AutocastStep::AutocastStep(bool enabled) : enabled_(enabled) {
+  if (enabled_) at::autocast::increment_nesting();
+}
+
+AutocastStep::~AutocastStep() {
+  if (enabled_ && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+}
+
 AutocastGuard::~AutocastGuard() {
   // The cast cache holds bf16 copies of weights; drop it when the outermost
   // guard ends, as Python's torch.autocast does.

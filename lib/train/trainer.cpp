@@ -531,6 +531,9 @@ StepMetrics Trainer::train_step() {
   // share of [loss, ce, aux, mtp] (float64) and the expert counts [n_moe_layers, E].
   at::Tensor step_losses = at::zeros({4}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor expert_counts;
+  // The weights' bf16 copies, made at their first use, serve every micro-batch of the step.
+  std::optional<AutocastStep> cast_once;
+  if (o_.bf16 && o_.cast_once_per_step && fsdp_ == nullptr) cast_once.emplace();
   for (std::size_t i = 0; i < micro.size(); ++i) {
     auto& b = micro[i];
     // Accumulation micro-steps communicate nothing; the last one launches the buckets.
@@ -564,6 +567,7 @@ StepMetrics Trainer::train_step() {
     if (out.expert_counts.defined())
       expert_counts = expert_counts.defined() ? expert_counts + out.expert_counts : out.expert_counts;
   }
+  cast_once.reset();  // before the optimizer changes the weights
   {
     RHINE_RANGE("rhine::grad_sync");
     if (sync_ != nullptr) sync_->finish();

@@ -1,7 +1,10 @@
 #include "torch_test.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "rhine/core/error.h"
@@ -220,6 +223,43 @@ TEST_CASE("AutocastGuard runs CPU matmuls in bf16 inside its scope only", "[comp
   CHECK_FALSE(rhine::autocast_enabled(at::kCPU));
   CHECK(at::matmul(a, b).scalar_type() == at::kFloat);
   CHECK_THROWS_WITH(rhine::AutocastGuard(at::kCPU, at::kHalf), Contains("[autocast] unsupported autocast dtype"));
+}
+
+TEST_CASE("AutocastStep casts a weight once for all autocast regions inside it", "[compat][autocast]") {
+  // The cache is invisible except through a stale copy: change the weight in
+  // place between two regions and see whether the second region notices.
+  const at::Tensor w0 = at::randn({16, 16}), x = at::randn({4, 16});
+  auto run = [&](bool step) {
+    at::Tensor w = w0.clone().requires_grad_(true);
+    std::vector<at::Tensor> ys;
+    {
+      rhine::AutocastStep cast_once(step);
+      for (int micro = 0; micro < 2; ++micro) {
+        at::Tensor y;
+        {
+          rhine::AutocastGuard guard(at::kCPU, at::kBFloat16);
+          y = at::linear(x, w);
+        }
+        y.to(at::kFloat).sum().backward();  // outside autocast, as the Trainer does
+        ys.push_back(y.detach());
+        at::NoGradGuard no_grad;
+        if (micro == 0) w.add_(1.0);  // what no step may do: the copy is now stale
+      }
+    }
+    rhine::AutocastGuard guard(at::kCPU, at::kBFloat16);
+    ys.push_back(at::linear(x, w).detach());  // after the step: cast afresh
+    return std::make_pair(ys, w.grad().clone());
+  };
+  const auto [cached, g_cached] = run(true);
+  const auto [fresh, g_fresh] = run(false);
+  CHECK(at::equal(cached[0], fresh[0]));
+  CHECK(at::equal(cached[1], cached[0]));     // one cast served both micro-batches
+  CHECK_FALSE(at::equal(fresh[1], fresh[0]));  // without it, each region casts again
+  CHECK(at::equal(cached[2], fresh[2]));      // and the cache ends with the step
+  // Both micro-batches' gradients reach the fp32 weight through the shared copy.
+  CHECK(at::equal(g_cached, g_fresh));
+  CHECK(g_cached.abs().sum().item<double>() > 0);
+  CHECK_FALSE(rhine::autocast_enabled(at::kCPU));
 }
 
 TEST_CASE("version macros agree with the runtime version string", "[compat]") {

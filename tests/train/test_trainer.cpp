@@ -2,6 +2,9 @@
 // signals, per-language evaluation, the metrics plot.
 #include "torch_test.h"  // first: LibTorch's glog macros vs Catch
 
+#include <ATen/record_function.h>
+#include <atomic>
+#include <string_view>
 #include <ATen/core/grad_mode.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -324,6 +327,53 @@ TEST_CASE("trainer: accumulating 2 micro-batches equals one doubled batch", "[tr
   std::int64_t per_lang = 0;
   for (const auto& [l, n] : r1.tokens_per_language) per_lang += n;
   CHECK(per_lang == r1.tokens);
+}
+
+TEST_CASE("trainer: bf16 weights cast once per step give the steps of casting per micro-batch", "[trainer]") {
+  rhine::set_threads(1);
+  rhine::test::TempDir tmp("trainer-cast-once");
+  rhine::test::write_tiny_shards(tmp.path);
+  // Count the dtype copies (autocast's weight casts among them) of a whole fit().
+  static std::atomic<int> copies{0};
+  auto count_copies = [](Trainer& t) {
+    copies = 0;
+    const auto handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+          if (std::string_view(fn.name()) == "aten::_to_copy") ++copies;
+          return nullptr;
+        }).scopes({at::RecordScope::FUNCTION}));
+    t.fit();
+    at::removeCallback(handle);
+    return copies.load();
+  };
+  // With activation checkpointing too: its graph-less forward must not leave
+  // weight copies without grad_fn for the recomputation to take.
+  for (const bool checkpointing : {false, true}) {
+    INFO("activation checkpointing " << checkpointing);
+    rhine::test::TinyRun once(tmp.path, 4), each(tmp.path, 4);
+    once.model->options.activation_checkpointing = checkpointing;
+    each.model->options.activation_checkpointing = checkpointing;
+    auto o = quiet_options(3);
+    o.grad_accum = 3;
+    o.bf16 = true;
+    o.bf16_emulated = true;
+    o.cast_once_per_step = true;
+    Trainer t1(once.model, *once.optimizer, once.schedule, *once.loader, o);
+    o.cast_once_per_step = false;
+    Trainer t2(each.model, *each.optimizer, each.schedule, *each.loader, o);
+    REQUIRE(t1.options().bf16);
+    std::vector<double> l1, l2;
+    t1.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l1.push_back(m.loss); };
+    t2.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l2.push_back(m.loss); };
+    const int n_once = count_copies(t1), n_each = count_copies(t2);
+    INFO(n_once << " copies with the cast once per step, " << n_each << " with a cast per micro-batch");
+    CHECK(n_each > n_once);  // the weight casts of 2 of the 3 micro-batches per step are gone
+    REQUIRE(l1.size() == 3);
+    CHECK(l1 == l2);  // the same bf16 copies, only made fewer times: bitwise
+    const auto p1 = params_of(once.model), p2 = params_of(each.model);
+    for (std::size_t i = 0; i < p1.size(); ++i) CHECK(at::equal(p1[i], p2[i]));
+    CHECK(l1[2] < l1[0]);
+  }
 }
 
 TEST_CASE("trainer: a step reads the device once (losses, norm and expert counts in one host read)", "[trainer]") {

@@ -103,6 +103,26 @@ class AutocastGuard {
   c10::ScalarType prev_dtype_;
 };
 
+/// Keeps autocast's cast cache alive across the autocast regions inside it
+/// (this thread): a trainable fp32 weight is cast to the autocast dtype at
+/// its first use and every later region reuses that copy, until the
+/// outermost AutocastStep (or AutocastGuard) ends. Wrapping the micro-batches
+/// of one optimizer step casts each weight once per step instead of once per
+/// micro-batch (rhine::train::Trainer does; TrainerOptions::cast_once_per_step).
+/// The weights must not change inside it (the copies would be stale) nor get
+/// new storage (FSDP's gathers: the Trainer does not use it there). Memory:
+/// the bf16 copies stay alive between micro-batches. `enabled` false: no-op.
+class AutocastStep {
+ public:
+  explicit AutocastStep(bool enabled = true);
+  ~AutocastStep();
+  AutocastStep(const AutocastStep&) = delete;
+  AutocastStep& operator=(const AutocastStep&) = delete;
+
+ private:
+  bool enabled_;
+};
+
 /// Whether autocast is on for `device` in this thread.
 bool autocast_enabled(c10::DeviceType device);
 /// The dtype autocast casts matmuls to on `device` (meaningful while it is on).

@@ -88,6 +88,11 @@ struct TrainerOptions {
   /// Keep bf16 autocast even where the CPU only emulates bf16 (correct, but
   /// its matmuls are far slower than fp32); tests use it to cover the bf16 path.
   bool bf16_emulated = false;
+  /// Under bf16: cast each weight to bf16 once per optimizer step, reused by
+  /// every micro-batch (rhine::AutocastStep), instead of once per micro-batch.
+  /// false is the twin it is tested against. Not used with FSDP, whose
+  /// gathers give the weights new storage (param_dtype bf16 gathers bf16).
+  bool cast_once_per_step = true;
   /// z-loss weight (PaLM), passed to the model.
   double z_loss = 0.0;
   /// Per-document attention inside packed rows (uses Batch::position_ids).

@@ -167,6 +167,7 @@ struct StackedParts : public torch::autograd::Function<StackedParts> {
     const std::int64_t rows = first.size(0), cols = first.size(1);
     ctx->saved_data["per_expert"] = per_expert;
     ctx->saved_data["rows"] = rows;
+    ctx->saved_data["parts"] = static_cast<std::int64_t>(parts.size());
     at::Tensor stacked = at::empty({0}, first.options());
     stacked.set_(first.storage(), first.storage_offset(), {E, per_expert * rows, cols},
                  {per_expert * rows * cols, cols, 1});
@@ -178,6 +179,8 @@ struct StackedParts : public torch::autograd::Function<StackedParts> {
     const std::int64_t per_expert = ctx->saved_data["per_expert"].toInt();
     const std::int64_t rows = ctx->saved_data["rows"].toInt();
     torch::autograd::variable_list out;
+    if (!grads[0].defined())  // no gradient reached the stack: none for the parts
+      return torch::autograd::variable_list(static_cast<std::size_t>(ctx->saved_data["parts"].toInt()) + 1);
     for (const at::Tensor& slice : grads[0].unbind(0))
       for (const at::Tensor& part : slice.split(rows, 0)) out.push_back(part);
     RHINE_CHECK(static_cast<std::int64_t>(out.size()) % per_expert == 0, "moe",

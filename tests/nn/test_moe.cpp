@@ -224,8 +224,11 @@ TEST_CASE("grouped-GEMM MoE dispatch equals the loop twin in outputs and gradien
     MoE m(c);
     m->dispatch = MoEDispatch::GroupedGemm;
     CHECK_THROWS_WITH(m(at::randn({1, 4, 8})), Contains("_grouped_mm") && Contains("MoEDispatch::Grouped"));
-    RHINE_SKIP_TEST("LibTorch " + rhine::torch_version() +
-                    " has no at::_grouped_mm; the wheel build runs this test (scripts/test.sh --torch=wheel)");
+    // A property of this build, not a missing reference (as the CUDA tests without a GPU):
+    // reported as skipped whatever RHINE_REQUIRE_REFERENCES says.
+    rhine::test::record_skip("LibTorch " + rhine::torch_version() +
+                             " has no at::_grouped_mm; the wheel build runs this test (scripts/test.sh --torch=wheel)");
+    return;
   }
   // float32 (at::_grouped_mm takes no float64): the loop twin within float32 rounding.
   for (bool packed : {true, false}) {

@@ -165,7 +165,6 @@ struct StackedParts : public torch::autograd::Function<StackedParts> {
     const auto& first = parts[0];
     const std::int64_t E = static_cast<std::int64_t>(parts.size()) / per_expert;
     const std::int64_t rows = first.size(0), cols = first.size(1);
-    ctx->saved_data["per_expert"] = per_expert;
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["parts"] = static_cast<std::int64_t>(parts.size());
     at::Tensor stacked = at::empty({0}, first.options());
@@ -176,15 +175,12 @@ struct StackedParts : public torch::autograd::Function<StackedParts> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const std::int64_t per_expert = ctx->saved_data["per_expert"].toInt();
     const std::int64_t rows = ctx->saved_data["rows"].toInt();
     torch::autograd::variable_list out;
     if (!grads[0].defined())  // no gradient reached the stack: none for the parts
       return torch::autograd::variable_list(static_cast<std::size_t>(ctx->saved_data["parts"].toInt()) + 1);
     for (const at::Tensor& slice : grads[0].unbind(0))
       for (const at::Tensor& part : slice.split(rows, 0)) out.push_back(part);
-    RHINE_CHECK(static_cast<std::int64_t>(out.size()) % per_expert == 0, "moe",
-                "stacked expert gradient does not split into the experts' weights", out.size(), "");
     out.emplace_back();  // per_expert
     return out;
   }
@@ -195,6 +191,14 @@ struct StackedParts : public torch::autograd::Function<StackedParts> {
   if (consecutive(parts)) return StackedParts::apply(at::TensorList(parts), per_expert);
   const std::int64_t E = static_cast<std::int64_t>(parts.size()) / per_expert;
   return at::stack(parts, 0).view({E, per_expert * parts[0].size(0), parts[0].size(1)});
+}
+
+// The dtype the experts compute in: autocast's where it is on, else the weights'.
+at::ScalarType expert_dtype(const MoEImpl& m, const at::Tensor& x) {
+  const auto dev = x.device().type();
+  if ((dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev))
+    return rhine::autocast_dtype(dev);
+  return m.expert_list.empty() ? x.scalar_type() : m.expert_list[0]->up_proj->weight.scalar_type();
 }
 
 // Whether GroupedGemm can run this layer's experts (else it runs as Grouped).
@@ -211,11 +215,9 @@ bool grouped_gemm_fits(const MoEImpl& m) {
 // The routed experts on the sorted pairs: [M, C] -> [M, C] in two grouped GEMMs.
 at::Tensor run_grouped_gemm(const MoEImpl& m, const ExpertBatch& batch, const at::Tensor& counts) {
 #ifdef RHINE_HAS_GROUPED_MM
-  const auto dev = batch.tokens.device().type();
   // _grouped_mm is on none of autocast's lists: the casts autocast would make are made here.
-  const bool cast = (dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev);
   const auto w = expert_weights(m);
-  const auto dt = cast ? rhine::autocast_dtype(dev) : w.gate_up[0].scalar_type();
+  const auto dt = expert_dtype(m, batch.tokens);
   const std::int64_t I = w.gate_up[0].size(0);
   at::Tensor w13 = stack_parts(w.gate_up, 2).to(dt);  // [E, 2I, C]
   at::Tensor w2 = stack_parts(w.down, 1).to(dt);      // [E, C, I]
@@ -239,19 +241,15 @@ MoEDispatch resolve_dispatch(const MoEImpl& m, MoEDispatch d, const at::Tensor& 
                        rhine::autocast_dtype(c10::DeviceType::CUDA) == at::kBFloat16);
     d = grouped_gemm_available() && x.is_cuda() && bf16 ? MoEDispatch::GroupedGemm : MoEDispatch::Grouped;
   }
+  if (d == MoEDispatch::GroupedGemm && !grouped_gemm_fits(m)) return MoEDispatch::Grouped;
   if (d == MoEDispatch::GroupedGemm) {
-    // at::_grouped_mm takes fp32, bf16 and fp16 (not float64).
-    const auto dev = x.device().type();
-    const auto dt = (dev == c10::DeviceType::CPU || dev == c10::DeviceType::CUDA) && rhine::autocast_enabled(dev)
-                        ? rhine::autocast_dtype(dev)
-                        : m.expert_list.empty() ? x.scalar_type() : m.expert_list[0]->up_proj->weight.scalar_type();
-    // Its kernels load rows with 16-byte strides: the hidden and expert widths in bytes.
+    // at::_grouped_mm takes fp32, bf16 and fp16 (not float64), and its kernels
+    // load rows with 16-byte strides: the hidden and expert widths in bytes.
+    const auto dt = expert_dtype(m, x);
     const auto bytes = static_cast<std::int64_t>(c10::elementSize(dt));
-    const bool aligned = !m.expert_list.empty() && m.expert_list[0]->gate_proj &&
-                         (m.expert_list[0]->gate_proj->weight.size(0) * bytes) % 16 == 0 &&
-                         (m.expert_list[0]->gate_proj->weight.size(1) * bytes) % 16 == 0;
-    if (!grouped_gemm_fits(m) || !aligned || !(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf))
-      d = MoEDispatch::Grouped;
+    const at::Tensor& w = m.expert_list[0]->gate_proj->weight;  // [I, C]
+    const bool aligned = (w.size(0) * bytes) % 16 == 0 && (w.size(1) * bytes) % 16 == 0;
+    if (!aligned || !(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) d = MoEDispatch::Grouped;
   }
   return d;
 }
@@ -286,16 +284,13 @@ void MoEImpl::pack_experts() {
   const auto E = static_cast<std::int64_t>(expert_list.size());
   at::Tensor w13 = at::empty({2 * E, g0.size(0), g0.size(1)}, g0.options());
   at::Tensor w2 = at::empty({E, w.down[0].size(0), w.down[0].size(1)}, g0.options());
-  for (std::int64_t i = 0; i < 2 * E; ++i) w13[i].copy_(w.gate_up[static_cast<std::size_t>(i)]);
-  for (std::int64_t e = 0; e < E; ++e) w2[e].copy_(w.down[static_cast<std::size_t>(e)]);
-  for (std::int64_t i = 0; i < 2 * E; ++i) {
-    at::Tensor p = w.gate_up[static_cast<std::size_t>(i)];
-    p.set_data(w13[i]);
-  }
-  for (std::int64_t e = 0; e < E; ++e) {
-    at::Tensor p = w.down[static_cast<std::size_t>(e)];
-    p.set_data(w2[e]);
-  }
+  // Each parameter keeps its object (optimizers and names hold it) and takes its slice.
+  auto move_into = [](at::Tensor p, const at::Tensor& slice) {
+    slice.copy_(p);
+    p.set_data(slice);
+  };
+  for (std::int64_t i = 0; i < 2 * E; ++i) move_into(w.gate_up[static_cast<std::size_t>(i)], w13[i]);
+  for (std::int64_t e = 0; e < E; ++e) move_into(w.down[static_cast<std::size_t>(e)], w2[e]);
 }
 
 int pack_expert_weights(torch::nn::Module& root) {

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: builds Rhine against that machine's PyTorch 2.x with the
 # CUDA sources and the NCCL backend, runs the CUDA-labelled tests (a bf16 training step on cuda
-# against the CPU step, generation, checkpoint tensors on the device, a one-rank NCCL world
-# with every Trainer collective) and the quick CPU tests against that LibTorch, then prints the
-# GPU training benchmark (bench_gpu: Rhine vs PyTorch eager and torch.compile) as JSON Lines.
+# against the CPU step, the MoE grouped GEMM, packed documents through the variable-length
+# flash kernel, generation, checkpoint tensors on the device, a one-rank NCCL world with every
+# Trainer collective) and the quick CPU tests against that LibTorch, then prints the GPU
+# training benchmark (bench_gpu: Rhine vs PyTorch eager and torch.compile) and the packed-
+# document attention on cuda (bench_attention) as JSON Lines.
 #
 #   scripts/gpu-check.sh [--no-bench]
 #
@@ -61,7 +63,7 @@ cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PA
   -DCUDAToolkit_ROOT="$cuda_home" -DRHINE_WITH_CUDA=ON -DRHINE_WITH_NCCL=ON -DRHINE_BUILD_BENCH=ON \
   -DRHINE_PYTHON="$(command -v "$py")" >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; fail "configure (log: $logs/configure.log)"; }
 say "building ($jobs jobs)"
-targets=(rhine_test_cuda rhine_test_torch rhine_test_nn rhine_test_dist rhine_dist_worker rhine_test_train rhine_trainer_worker bench_gpu)
+targets=(rhine_test_cuda rhine_test_torch rhine_test_nn rhine_test_dist rhine_dist_worker rhine_test_train rhine_trainer_worker bench_gpu bench_attention)
 cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 || { grep -m5 -A5 "error" "$logs/build.log"; fail "build (log: $logs/build.log)"; }
 say "build OK: CUDA sources and NCCL backend compiled and linked"
 
@@ -81,6 +83,8 @@ status=0
 # 6. The GPU training benchmark, side by side with PyTorch eager and torch.compile.
 if [[ $bench == 1 ]]; then
   "$build_dir/bench/bench_gpu" --python "$py" >"$logs/bench_gpu.jsonl" 2>"$logs/bench_gpu.err" || status=1
+  # Packed documents on cuda: the variable-length flash kernel vs the dense document mask.
+  "$build_dir/bench/bench_attention" --cuda-only >>"$logs/bench_gpu.jsonl" 2>"$logs/bench_attention.err" || status=1
 fi
 
 echo

@@ -10,6 +10,15 @@
 
 #include "rhine/core/error.h"
 
+// at::_flash_attention_forward with cumulative offsets (CUDA builds of 2.5+;
+// declared, and failing at run time, in CPU builds, where it is never reached).
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 5) && __has_include(<ATen/ops/_flash_attention_forward.h>)
+#include <ATen/ops/_flash_attention_forward.h>
+#define RHINE_HAS_FLASH_VARLEN 1
+#else
+#define RHINE_HAS_FLASH_VARLEN 0
+#endif
+
 namespace rhine {
 namespace {
 
@@ -132,7 +141,7 @@ struct SdpaArgs {
   std::optional<at::Tensor> mask;
   bool is_causal = false;
 };
-SdpaArgs sdpa_args(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& options) {
+[[maybe_unused]] SdpaArgs sdpa_args(const at::Tensor& q, const at::Tensor& k, const AttentionOptions& options) {
   const int64_t T = q.size(2), S = k.size(2);
   SdpaArgs a;
   a.is_causal = options.is_causal && !options.mask && T == S;
@@ -142,8 +151,89 @@ SdpaArgs sdpa_args(const at::Tensor& q, const at::Tensor& k, const AttentionOpti
 
 }  // namespace
 
+namespace {
+
+// The CUDA variable-length flash kernel for packed documents (LibTorch 2.5+):
+// all documents of all rows in one call, addressed by cumulative offsets,
+// instead of one kernel launch per document. What it needs: a CUDA device the
+// flash kernel serves (Ampere or newer), fp16 or bf16, head dims a multiple
+// of 8 up to 256 with Dv <= D (a narrower V, as MLA has, is zero-padded to D
+// and the output cut back), unit stride in the head dim. Whether LibTorch's
+// flash kernel serves this device, dtype and head dim is asked of
+// at::_fused_sdp_choice with q standing for k and v too: shapes with as many
+// heads and keys as queries, which flash accepts whenever it accepts q.
+bool flash_varlen_usable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const AttentionOptions& options) {
+#if RHINE_HAS_FLASH_VARLEN
+  if (!q.is_cuda()) return false;
+  const auto dtype = q.scalar_type();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || k.scalar_type() != dtype || v.scalar_type() != dtype)
+    return false;
+  const int64_t D = q.size(3), Dv = v.size(3);
+  if (D % 8 != 0 || D > 256 || Dv > D || Dv % 8 != 0) return false;
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return false;
+  return at::_fused_sdp_choice(q, q, q, std::nullopt, options.dropout_p, /*is_causal=*/true, options.scale,
+                               /*enable_gqa=*/false) == 1;  // sdp::SDPBackend::flash_attention
+#else
+  (void)q, (void)k, (void)v, (void)options;
+  return false;
+#endif
+}
+
+}  // namespace
+
+std::vector<int32_t> document_offsets(const std::vector<std::vector<int64_t>>& document_starts, int64_t T) {
+  std::vector<int32_t> offsets;
+  const auto B = static_cast<int64_t>(document_starts.size());
+  RHINE_CHECK(B * T <= std::numeric_limits<int32_t>::max(), "attention",
+              "packed batch too large for 32-bit document offsets", B * T, "use fewer rows per micro-batch");
+  for (int64_t b = 0; b < B; ++b)
+    for (const int64_t s : document_starts[static_cast<std::size_t>(b)]) offsets.push_back(static_cast<int32_t>(b * T + s));
+  offsets.push_back(static_cast<int32_t>(B * T));
+  return offsets;
+}
+
+namespace {
+
+at::Tensor flash_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const AttentionOptions& options) {
+#if RHINE_HAS_FLASH_VARLEN
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
+  const std::vector<int32_t> offsets = document_offsets(options.document_starts, T);
+  int64_t longest = 0;
+  for (std::size_t i = 0; i + 1 < offsets.size(); ++i)
+    longest = std::max<int64_t>(longest, offsets[i + 1] - offsets[i]);
+  // A host-to-device copy of the offsets (B * documents + 1 ints); no host read.
+  const at::Tensor cu = at::tensor(at::ArrayRef<int32_t>(offsets), at::kInt).to(q.device(), /*non_blocking=*/true);
+  // [B, H, T, D] -> [B*T, H, D]: free when q came from a [B, T, H, D] projection.
+  const at::Tensor qp = q.transpose(1, 2).reshape({B * T, H, D});
+  const at::Tensor kp = k.transpose(1, 2).reshape({B * T, Hkv, D});
+  at::Tensor vp = v.transpose(1, 2).reshape({B * T, Hkv, Dv});
+  if (Dv < D) vp = at::constant_pad_nd(vp, {0, D - Dv});
+  at::Tensor out = std::get<0>(at::_flash_attention_forward(qp, kp, vp, cu, cu, longest, longest, options.dropout_p,
+                                                            /*is_causal=*/true, /*return_debug_mask=*/false,
+                                                            options.scale));  // [B*T, H, D]
+  if (Dv < D) out = out.narrow(2, 0, Dv);
+  return out.view({B, T, H, Dv}).transpose(1, 2);  // [B, H, T, Dv]
+#else
+  (void)k, (void)v, (void)options;
+  RHINE_FAIL("attention", "the variable-length flash kernel needs LibTorch 2.5+ with CUDA", torch_version(), "");
+  return q;
+#endif
+}
+
+}  // namespace
+
 std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const AttentionOptions& options) {
+  if (!options.document_starts.empty()) {
+    check_attention_shapes(q, k, v);
+    check_document_starts(q, k, options);
+    if (flash_varlen_usable(q, k, v, options)) return "flash-varlen";
+    AttentionOptions one = options;  // what each document's call runs
+    one.document_starts.clear();
+    return "per-document/" + attention_backend(q, k, v, one);
+  }
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 5)
   const int64_t groups = check_attention_shapes(q, k, v);
   const SdpaArgs a = sdpa_args(q, k, options);
@@ -166,6 +256,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (!options.document_starts.empty()) {
     check_attention_shapes(q, k, v);
     check_document_starts(q, k, options);
+    if (flash_varlen_usable(q, k, v, options)) return flash_varlen(q, k, v, options);
     AttentionOptions one = options;  // causal inside one document
     one.document_starts.clear();
     const int64_t B = q.size(0), T = q.size(2);

@@ -1,9 +1,12 @@
 // GPU tests (label "cuda"): a bf16 training step on cuda against the same step
-// on the CPU, the MoE grouped-GEMM dispatch against per-expert calls, greedy generation, checkpoint tensors saved from and loaded onto
-// the device, and a one-rank NCCL world carrying every collective the Trainer
-// issues, data parallel, ZeRO-1 and FSDP (ZeRO-3 and ZeRO-2, fp32 and bf16 gathers). Without a CUDA device (or without a CUDA build) each test reports
-// itself skipped; scripts/gpu-check.sh sets RHINE_REQUIRE_GPU=1, which turns
-// such a skip into a failure on the GPU machine.
+// on the CPU, the MoE grouped-GEMM dispatch against per-expert calls, packed
+// documents through the variable-length flash kernel against the dense twin,
+// greedy generation, checkpoint tensors saved from and loaded onto the device,
+// and a one-rank NCCL world carrying every collective the Trainer issues, data
+// parallel, ZeRO-1 and FSDP (ZeRO-3 and ZeRO-2, fp32 and bf16 gathers).
+// Without a CUDA device (or without a CUDA build) each test reports itself
+// skipped; scripts/gpu-check.sh sets RHINE_REQUIRE_GPU=1, which turns such a
+// skip into a failure on the GPU machine.
 //
 // Tolerances (METHOD: ||a - b|| / ||b||): fp32 on both devices 1e-4 (cuBLAS
 // and OpenBLAS sum in different orders; TF32 is off in LibTorch by default);
@@ -196,6 +199,44 @@ TEST_CASE("MoE on cuda under bf16 autocast runs the grouped GEMM, equal to per-e
     INFO(p.key());
     if (!pp[p.key()].grad().defined()) continue;  // an expert no token chose (zero in gg)
     CHECK(rel(p.value().grad(), pp[p.key()].grad()) < 3e-2);
+  }
+}
+
+TEST_CASE("packed documents on cuda run the variable-length flash kernel, equal to the fp32 CPU twin", "[cuda]") {
+  RHINE_NEED_GPU();
+  // GQA heads of one width (Llama) and a narrower V (MLA: V is zero-padded to
+  // the query head dim for the kernel and the output cut back).
+  for (const int64_t Dv : {64, 32}) {
+    INFO("Dv " << Dv);
+    at::manual_seed(11);
+    const int64_t B = 2, H = 4, Hkv = 2, T = 96, D = 64;
+    const std::vector<std::vector<int64_t>> starts = {{0, 17, 40}, {0, 1, 95}};
+    // [B, T, heads, dim] transposed, as the model's projections give them.
+    const at::Tensor q32 = at::randn({B, T, H, D}).transpose(1, 2), k32 = at::randn({B, T, Hkv, D}).transpose(1, 2),
+                     v32 = at::randn({B, T, Hkv, Dv}).transpose(1, 2), w = at::randn({B, H, T, Dv});
+    rhine::AttentionOptions o;
+    o.is_causal = true;
+    o.document_starts = starts;
+    auto run = [&](c10::Device device, c10::ScalarType dtype, bool twin) {
+      std::vector<at::Tensor> in;
+      for (const auto& t : {q32, k32, v32}) in.push_back(t.to(device, dtype).detach().requires_grad_(true));
+      at::Tensor y = twin ? rhine::attention_reference(in[0], in[1], in[2], o) : rhine::attention(in[0], in[1], in[2], o);
+      (y.to(at::kFloat) * w.to(device)).sum().backward();
+      return std::vector<at::Tensor>{y.detach(), in[0].grad(), in[1].grad(), in[2].grad()};
+    };
+    const at::Tensor qg = q32.to(kGpu, at::kBFloat16), kg = k32.to(kGpu, at::kBFloat16), vg = v32.to(kGpu, at::kBFloat16);
+    CHECK(rhine::attention_backend(qg, kg, vg, o) == "flash-varlen");
+    const auto syncs = rhine::host_sync_count();
+    const auto gpu = run(kGpu, at::kBFloat16, false);
+    CHECK(rhine::host_sync_count() == syncs);  // the offsets go up, nothing comes back
+    const auto cpu = run(at::kCPU, at::kFloat, true);  // the dense document mask, fp32
+    const char* names[] = {"out", "dq", "dk", "dv"};
+    for (std::size_t i = 0; i < gpu.size(); ++i) {
+      INFO(names[i]);
+      CHECK(rel(gpu[i], cpu[i]) < 3e-2);
+    }
+    // fp32 on cuda is not served by the flash kernel: one call per document.
+    CHECK(rhine::attention_backend(q32.to(kGpu), k32.to(kGpu), v32.to(kGpu), o).rfind("per-document/", 0) == 0);
   }
 }
 

@@ -191,6 +191,18 @@ TEST_CASE("attention per document (document_starts) equals the dense document ma
   const auto g1 = grads(per_doc), g2 = grads(dense);
   for (std::size_t i = 0; i < g1.size(); ++i) CHECK(rel_err(g1[i], g2[i]) < 1e-12);
 
+  // The offsets the CUDA variable-length kernel takes: every row's documents
+  // in one [B * T] sequence.
+  CHECK(rhine::document_offsets(starts, T) == std::vector<int32_t>{0, 4, 5, 9, 11, 22, 23, 32, 33});
+  // On the CPU each document runs its own call: the fused flash kernel on
+  // 2.5+ where q, k, v have one head dim (here v = k), the math path where
+  // they differ.
+  const at::Tensor qf = q.detach().to(at::kFloat), kf = k.detach().to(at::kFloat);
+  const bool fused = RHINE_TORCH_VERSION_AT_LEAST(2, 5);
+  CHECK(rhine::attention_backend(qf, kf, kf, per_doc) == (fused ? "per-document/flash" : "per-document/reference"));
+  CHECK(rhine::attention_backend(qf, kf, v.detach().to(at::kFloat), per_doc) ==
+        (fused ? "per-document/math" : "per-document/reference"));
+
   rhine::AttentionOptions bad = per_doc;
   bad.document_starts = {{0, 4}, {1}, {0}};
   CHECK_THROWS_WITH(rhine::attention(q, k, v, bad), Contains("[attention] document starts must ascend from 0"));

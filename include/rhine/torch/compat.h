@@ -20,6 +20,7 @@
 #include <c10/core/ScalarType.h>
 #include <torch/version.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -53,7 +54,10 @@ struct AttentionOptions {
   /// where its documents start (ascending, the first 0), on the host. Each
   /// document attends causally to itself only, through one call of the fused
   /// kernel per document, and no [B, 1, T, S] mask is built (O(sum L_i^2)
-  /// work instead of O(T^2)). Needs is_causal, no mask and T == S. Empty: off.
+  /// work instead of O(T^2)). On CUDA in fp16/bf16 (LibTorch 2.5+, a GPU the
+  /// flash kernel serves) all documents run in one call of the
+  /// variable-length flash kernel instead (`document_offsets`).
+  /// Needs is_causal, no mask and T == S. Empty: off.
   std::vector<std::vector<int64_t>> document_starts;
 };
 
@@ -61,6 +65,11 @@ struct AttentionOptions {
 /// each document): the dense twin of the per-document path.
 at::Tensor document_mask(const std::vector<std::vector<int64_t>>& document_starts, int64_t T,
                          const c10::Device& device);
+
+/// The cumulative token offsets of the documents of all rows flattened into
+/// one [B * T] sequence (what the variable-length flash kernel takes as
+/// cu_seqlens): the start b * T + s of each document of row b, then B * T.
+std::vector<int32_t> document_offsets(const std::vector<std::vector<int64_t>>& document_starts, int64_t T);
 
 /// Scaled dot-product attention.
 ///   q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, T, Dv]
@@ -74,6 +83,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 /// Which kernel `attention` runs for these inputs on this LibTorch: "flash",
 /// "efficient", "cudnn" or "math" (LibTorch 2.5+ asks at::_fused_sdp_choice
 /// with exactly the arguments `attention` passes), "reference" on older ones.
+/// With `document_starts`: "flash-varlen" (one call for all documents, CUDA)
+/// or "per-document/" followed by the kernel each document's call runs.
 /// For tests and benchmarks: on 2.x CPU the causal, packed-document and
 /// KV-cache masks all reach the flash kernel.
 std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

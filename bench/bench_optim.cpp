@@ -1,6 +1,7 @@
 // Optimizer step time on a ~52M-parameter Llama-like model (fp32, CPU):
 // Rhine's AdamW fused / foreach / reference twin and torch::optim::AdamW side
-// by side, then Muon, AdEMAMix and Lion. Prints JSON Lines (see bench.h).
+// by side, the fused step writing bf16 weight copies in its pass vs casting
+// after it, then Muon, AdEMAMix and Lion. Prints JSON Lines (see bench.h).
 #include <ATen/ATen.h>
 #include <torch/optim/adamw.h>
 
@@ -70,6 +71,21 @@ int main() {
     rhine::AdamW opt(rhine::decay_groups(ps, ao), impl);
     report("adamw_step", "rhine_" + rhine::to_string(impl), count(ps),
            rhine::bench::time_runs([&] { opt.step(); }, runs));
+  }
+  // The step plus each weight's bf16 copy for the next forward: written in the
+  // fused pass (AdamW::set_weight_copies) vs cast after the step, as autocast
+  // casts in the forward (both fresh copies of every fp32 parameter).
+  for (const bool in_pass : {true, false}) {
+    auto ps = make_model();
+    rhine::AdamW opt(rhine::decay_groups(ps, ao), rhine::OptimizerImpl::kFused);
+    if (in_pass) opt.set_weight_copies(at::kBFloat16);
+    std::vector<at::Tensor> casts(ps.size());
+    report("adamw_step_bf16_copies", in_pass ? "rhine_fused_copy_in_pass" : "rhine_fused_then_cast", count(ps),
+           rhine::bench::time_runs([&] {
+             opt.step();
+             if (!in_pass)
+               for (std::size_t i = 0; i < ps.size(); ++i) casts[i] = ps[i].tensor.detach().to(at::kBFloat16);
+           }, runs));
   }
   {
     auto ps = make_model();

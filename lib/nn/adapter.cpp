@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "rhine/torch/compat.h"
+
 namespace rhine::nn {
 
 LoraMatrixImpl::LoraMatrixImpl(at::Tensor w) { weight = register_parameter("weight", std::move(w)); }
@@ -18,8 +20,9 @@ LoraPath lora_path(const torch::nn::LinearImpl& lin) {
 at::Tensor linear(torch::nn::LinearImpl& lin, const at::Tensor& x) {
   // at::linear on the parameter itself, not LinearImpl::forward: that one
   // multiplies by weight.t(), a view, which autocast casts afresh at every
-  // use instead of once per region (or per step: rhine::AutocastStep).
-  at::Tensor y = at::linear(x, lin.weight, lin.bias);  // [..., O]
+  // use instead of once per region (or per step: rhine::AutocastStep). Under
+  // an AutocastStep with the optimizer's weight copies, the copy is used.
+  at::Tensor y = at::linear(x, rhine::autocast_weight(lin.weight), lin.bias);  // [..., O]
   const LoraPath p = lora_path(lin);
   if (!p || p.a->merged) return y;
   at::Tensor xd = p.a->dropout > 0 ? at::dropout(x, p.a->dropout, lin.is_training()) : x;  // [..., I]

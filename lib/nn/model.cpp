@@ -533,7 +533,7 @@ ForwardOutput CausalLMImpl::forward_impl(const at::Tensor& ids, const ForwardOpt
   ForwardOutput out;
   {
     RHINE_RANGE("rhine::lm_head");
-    out.logits = lm_head ? linear(lm_head, h) : at::linear(h, model->embed_tokens->weight);  // [B, T, V]
+    out.logits = lm_head ? linear(lm_head, h) : at::linear(h, rhine::autocast_weight(model->embed_tokens->weight));  // [B, T, V]
   }
 
   if (cache) {

@@ -6,6 +6,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/nn/adapter.h"
+#include "rhine/torch/compat.h"
 #include "build.h"
 
 namespace rhine::nn {
@@ -41,7 +42,7 @@ std::pair<BlockOutput, at::Tensor> MTPLayerImpl::forward(const at::Tensor& h_pre
   // Embedding first, as the released weights and every implementation do.
   at::Tensor x = linear(eh_proj, at::cat({e, hh.to(e.scalar_type())}, -1));  // [B, T, C]
   BlockOutput block = DecoderLayerImpl::forward(x, in, nullptr, nullptr, balance);  // h [B, T, C]
-  at::Tensor logits = at::linear(shared_head->norm(block.h), head);                  // [B, T, V]
+  at::Tensor logits = at::linear(shared_head->norm(block.h), rhine::autocast_weight(head));  // [B, T, V]
   return {block, logits};
 }
 

@@ -1,6 +1,7 @@
 #include "rhine/optim/adamw.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <cmath>
 
@@ -83,19 +84,29 @@ bool fusable(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, cons
 
 void adamw_update_multi(std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                         std::vector<at::Tensor>& exp_avgs, std::vector<at::Tensor>& exp_avg_sqs,
-                        const AdamWStep& h, const std::vector<int64_t>& steps, OptimizerImpl impl) {
+                        const AdamWStep& h, const std::vector<int64_t>& steps, OptimizerImpl impl,
+                        const std::vector<at::Tensor>& copies) {
+  // Copies the fused pass did not write: cast after the update.
+  auto copy_rest = [&](const std::vector<bool>& done) {
+    c10::AutoGradMode no_grad(false);
+    for (size_t i = 0; i < copies.size(); ++i)
+      if (copies[i].defined() && !done[i]) copies[i].copy_(params[i]);
+  };
   if (impl == OptimizerImpl::kReference) {
     for (size_t i = 0; i < params.size(); ++i) {
       AdamWStep s = h;
       s.step = steps[i];
       adamw_update_reference(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], s);
     }
+    copy_rest(std::vector<bool>(copies.size(), false));
     return;
   }
   if (impl == OptimizerImpl::kForeach) {
     adamw_update_foreach(params, grads, exp_avgs, exp_avg_sqs, h, steps);
+    copy_rest(std::vector<bool>(copies.size(), false));
     return;
   }
+  std::vector<bool> fused_copy(copies.size(), false);
   // Fused: contiguous fp32/fp64 CPU tensors through the one-pass kernel,
   // the rest (CUDA, bf16, strided) through the foreach ops.
   std::vector<AdamWBuffers<float>> f32;
@@ -110,6 +121,11 @@ void adamw_update_multi(std::vector<at::Tensor>& params, const std::vector<at::T
     if (fusable<float>(p, g, m, v)) {
       f32.push_back({p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(),
                      v.data_ptr<float>(), p.numel(), step_size, sqrt_bc2});
+      if (i < copies.size() && copies[i].defined() && copies[i].scalar_type() == at::kBFloat16 &&
+          copies[i].is_contiguous() && copies[i].device().is_cpu()) {
+        f32.back().bf16_copy = reinterpret_cast<uint16_t*>(copies[i].data_ptr<at::BFloat16>());
+        fused_copy[i] = true;
+      }
     } else if (fusable<double>(p, g, m, v)) {
       f64.push_back({p.data_ptr<double>(), g.data_ptr<double>(), m.data_ptr<double>(),
                      v.data_ptr<double>(), p.numel(), step_size, sqrt_bc2});
@@ -124,6 +140,7 @@ void adamw_update_multi(std::vector<at::Tensor>& params, const std::vector<at::T
   if (!f32.empty()) fused_adamw_cpu(f32, h.beta1, h.beta2, h.eps, decay);
   if (!f64.empty()) fused_adamw_cpu(f64, h.beta1, h.beta2, h.eps, decay);
   adamw_update_foreach(rp, rg, rm, rv, h, rs);
+  copy_rest(fused_copy);
 }
 
 }  // namespace detail
@@ -137,7 +154,7 @@ AdamW::AdamW(const NamedParameters& params, const AdamWOptions& options, Optimiz
 void AdamW::step_impl() {
   for (auto& group : groups_) {
     const auto& o = group.options;
-    std::vector<at::Tensor> ps, gs, ms, vs;
+    std::vector<at::Tensor> ps, gs, ms, vs, cs;  // cs: the weight copies to write (undefined: none)
     std::vector<int64_t> steps;
     for (auto& np : group.params) {
       const at::Tensor& g = np.tensor.grad();
@@ -151,10 +168,27 @@ void AdamW::step_impl() {
       ps.push_back(np.tensor), gs.push_back(g);
       ms.push_back(st.slots.at("exp_avg")), vs.push_back(st.slots.at("exp_avg_sq"));
       steps.push_back(st.step);
+      const bool copied = copy_dtype_ != at::ScalarType::Undefined && np.tensor.scalar_type() == at::kFloat;
+      cs.push_back(copied ? copies_.buffer(np.tensor, copy_dtype_) : at::Tensor());
     }
     const detail::AdamWStep h{o.lr * lr_scale(), o.beta1, o.beta2, o.eps, o.weight_decay, 0};
-    detail::adamw_update_multi(ps, gs, ms, vs, h, steps, impl_);
+    detail::adamw_update_multi(ps, gs, ms, vs, h, steps, impl_, cs);
+    for (size_t i = 0; i < cs.size(); ++i)
+      if (cs[i].defined()) written_.push_back(ps[i]);
   }
+}
+
+void AdamW::after_step() {
+  for (const auto& p : written_) copies_.written(p);  // at the weights' versions after the step
+  written_.clear();
+}
+
+void AdamW::set_weight_copies(c10::ScalarType dtype) {
+  RHINE_CHECK(dtype == at::ScalarType::Undefined || dtype == at::kBFloat16 || dtype == at::kHalf, "adamw",
+              "weight copies are bf16 or fp16", c10::toString(dtype), "pass at::kBFloat16 (or Undefined: off)");
+  if (dtype == copy_dtype_) return;
+  copy_dtype_ = dtype;
+  copies_.clear();
 }
 
 }  // namespace rhine

@@ -1,14 +1,17 @@
 // The fused AdamW pass: per element, read p, g, m, v once and write p, m, v
-// once (the reference makes about 20 passes over memory). The arithmetic
+// once (the reference makes about 20 passes over memory), and where asked the
+// parameter's bf16 copy in the same pass (AdamW::set_weight_copies). The arithmetic
 // follows the reference op by op, in the parameter's dtype:
 //   p = p*decay; m = m*b1 + (1-b1)*g; v = v*b2 + ((1-b2)*g)*g;
 //   p = p + (-step_size*m) / (sqrt(v)/sqrt_bc2 + eps)
 #include "fused_adamw_kernel.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace rhine::detail {
 namespace {
@@ -42,15 +45,25 @@ void run(const std::vector<AdamWBuffers<T>>& items, double beta1, double beta2, 
       if (apply_decay) {
         for (int64_t i = chunks[c].begin; i < end; ++i) p[i] = p[i] * dec;
       }
-      for (int64_t i = chunks[c].begin; i < end; ++i) {
+      auto update = [&](int64_t i) {
         const T gi = g[i];
         const T mi = m[i] * b1 + omb1 * gi;
         const T vi = v[i] * b2 + omb2 * gi * gi;
         const T den = std::sqrt(vi) / sbc2 + e;
-        p[i] = p[i] + neg_step * mi / den;
+        const T pi = p[i] + neg_step * mi / den;
+        p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        return pi;
+      };
+      if constexpr (std::is_same_v<T, float>) {
+        if (uint16_t* __restrict cp = it.bf16_copy) {
+          // Round to nearest even, as LibTorch's cast does (c10::BFloat16).
+          for (int64_t i = chunks[c].begin; i < end; ++i) cp[i] = c10::BFloat16(update(i)).x;
+          continue;
+        }
       }
+      for (int64_t i = chunks[c].begin; i < end; ++i) update(i);
     }
   });
 }

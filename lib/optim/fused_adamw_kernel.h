@@ -16,6 +16,8 @@ struct AdamWBuffers {
   int64_t n;
   double step_size;  ///< lr / (1 - beta1^t)
   double sqrt_bc2;   ///< sqrt(1 - beta2^t)
+  /// Optional: the bf16 copy of the updated p (bits), written in the same pass.
+  uint16_t* bf16_copy = nullptr;
 };
 
 /// decay = 1 - lr*wd (1 = no decay). Threads over chunks of all buffers.

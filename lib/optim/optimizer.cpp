@@ -80,6 +80,7 @@ void Optimizer::step() {
   for (const auto& p : parameters())
     if (p.grad().defined()) p.unsafeGetTensorImpl()->bump_version();
   ++n_steps_;
+  after_step();
 }
 
 void Optimizer::zero_grad() {

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -369,12 +370,81 @@ AutocastGuard::AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool
   at::autocast::increment_nesting();
 }
 
-AutocastStep::AutocastStep(bool enabled) : enabled_(enabled) {
-  if (enabled_) at::autocast::increment_nesting();
+namespace {
+thread_local const WeightCopies* active_copies = nullptr;  // of the innermost AutocastStep
+
+// Hands out `copy` (already in the low dtype) for `weight`: an alias of the
+// copy's storage forward, the gradient cast back to the weight's dtype
+// backward, as the cast autocast would have made.
+struct UseCopy : public torch::autograd::Function<UseCopy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& copy) {
+    ctx->saved_data["dtype"] = static_cast<int64_t>(weight.scalar_type());
+    at::Tensor alias = at::empty({0}, copy.options());
+    alias.set_(copy.storage(), copy.storage_offset(), copy.sizes(), copy.strides());
+    return alias;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grads[0].defined() ? grads[0].to(dtype) : at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+AutocastStep::AutocastStep(bool enabled, const WeightCopies* copies) : enabled_(enabled) {
+  if (!enabled_) return;
+  at::autocast::increment_nesting();
+  previous_copies_ = active_copies;
+  if (copies != nullptr) active_copies = copies;
 }
 
 AutocastStep::~AutocastStep() {
-  if (enabled_ && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  if (!enabled_) return;
+  active_copies = previous_copies_;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+}
+
+namespace {
+bool same_weight(const std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>>& held, const at::Tensor& weight) {
+  return held.has_value() && held->lock().get() == weight.unsafeGetTensorImpl();
+}
+}  // namespace
+
+at::Tensor WeightCopies::buffer(const at::Tensor& weight, c10::ScalarType dtype) {
+  auto& e = entries_[weight.unsafeGetTensorImpl()];
+  if (!e.copy.defined() || e.copy.scalar_type() != dtype || e.copy.sizes() != weight.sizes() ||
+      !same_weight(e.weight, weight)) {
+    e.weight.emplace(weight.getIntrusivePtr());
+    e.copy = at::empty(weight.sizes(), weight.options().dtype(dtype));
+  }
+  e.version = -1;
+  return e.copy;
+}
+
+void WeightCopies::written(const at::Tensor& weight) {
+  auto it = entries_.find(weight.unsafeGetTensorImpl());
+  RHINE_CHECK(it != entries_.end(), "weight_copies", "written() for a weight without a buffer",
+              weight.sizes().vec(), "call buffer(weight, dtype) first");
+  it->second.version = static_cast<std::int64_t>(weight._version());
+}
+
+const at::Tensor* WeightCopies::find(const at::Tensor& weight, c10::ScalarType dtype) const {
+  auto it = entries_.find(weight.unsafeGetTensorImpl());
+  if (it == entries_.end()) return nullptr;
+  const Entry& e = it->second;
+  const bool current = e.version == static_cast<std::int64_t>(weight._version()) &&
+                       e.copy.scalar_type() == dtype && e.copy.sizes() == weight.sizes() &&
+                       same_weight(e.weight, weight);
+  return current ? &e.copy : nullptr;
+}
+
+at::Tensor autocast_weight(const at::Tensor& weight) {
+  if (active_copies == nullptr || !weight.defined()) return weight;
+  const auto dev = weight.device().type();
+  if ((dev != c10::DeviceType::CPU && dev != c10::DeviceType::CUDA) || !get_enabled(dev)) return weight;
+  const at::Tensor* copy = active_copies->find(weight, get_dtype(dev));
+  if (copy == nullptr) return weight;
+  return UseCopy::apply(weight, *copy);
 }
 
 AutocastGuard::~AutocastGuard() {

@@ -28,6 +28,7 @@
 #include "rhine/io/checkpoint.h"
 #include "rhine/io/row_shards.h"
 #include "rhine/io/safetensors.h"
+#include "rhine/optim/adamw.h"
 #include "rhine/optim/clip.h"
 #include "rhine/torch/compat.h"
 #include "rhine/torch/runtime.h"
@@ -533,7 +534,12 @@ StepMetrics Trainer::train_step() {
   at::Tensor expert_counts;
   // The weights' bf16 copies, made at their first use, serve every micro-batch of the step.
   std::optional<AutocastStep> cast_once;
-  if (o_.bf16 && o_.cast_once_per_step && fsdp_ == nullptr) cast_once.emplace();
+  if (o_.bf16 && o_.cast_once_per_step && fsdp_ == nullptr) {
+    // With AdamW the copies come from the last optimizer step, written in its update.
+    auto* adamw = o_.optimizer_writes_copies ? dynamic_cast<AdamW*>(optimizer_) : nullptr;
+    if (adamw != nullptr) adamw->set_weight_copies(at::kBFloat16);
+    cast_once.emplace(true, adamw != nullptr ? &adamw->weight_copies() : nullptr);
+  }
   for (std::size_t i = 0; i < micro.size(); ++i) {
     auto& b = micro[i];
     // Accumulation micro-steps communicate nothing; the last one launches the buckets.

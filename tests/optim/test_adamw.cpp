@@ -142,6 +142,51 @@ TEST_CASE("fused AdamW matches its reference twin (fp32 and fp64) and falls back
   }
 }
 
+TEST_CASE("AdamW writes each fp32 weight's bf16 copy in its update, equal to a cast", "[adamw][copies]") {
+  for (auto impl : {rhine::OptimizerImpl::kFused, rhine::OptimizerImpl::kForeach, rhine::OptimizerImpl::kReference}) {
+    INFO("impl " << static_cast<int>(impl));
+    auto a = make_params(12), b = clone_params(a);
+    a.push_back({"strided", at::randn({12, 8}).t().requires_grad_(true)});  // not fusable: cast after
+    b.push_back({"strided", a.back().tensor.detach().clone().requires_grad_(true)});
+    rhine::AdamWOptions o;
+    o.lr = 1e-2, o.weight_decay = 0.05;
+    rhine::AdamW with(rhine::decay_groups(a, o), impl), without(rhine::decay_groups(b, o), impl);
+    with.set_weight_copies(at::kBFloat16);
+    for (int step = 0; step < 5; ++step) {
+      set_grads({&a, &b}, step);
+      with.step();
+      without.step();
+      for (size_t i = 0; i < a.size(); ++i) {
+        INFO(a[i].name << " step " << step);
+        CHECK(at::equal(a[i].tensor, b[i].tensor));  // the update itself is unchanged
+        const at::Tensor* copy = with.weight_copies().find(a[i].tensor, at::kBFloat16);
+        const bool had_grad = a[i].tensor.grad().defined();
+        if (!had_grad) continue;  // skipped by the step: its copy (if any) is from an earlier step
+        REQUIRE(copy != nullptr);
+        CHECK(at::equal(*copy, a[i].tensor.detach().to(at::kBFloat16)));  // round to nearest even, as a cast
+        CHECK(with.weight_copies().find(a[i].tensor, at::kHalf) == nullptr);
+      }
+    }
+    CHECK(with.weight_copies().size() == a.size());
+    // A change to the weight outside the optimizer makes its copy stale.
+    {
+      at::NoGradGuard g;
+      a[2].tensor.mul_(2);
+    }
+    CHECK(with.weight_copies().find(a[2].tensor, at::kBFloat16) == nullptr);
+    CHECK(with.weight_copies().find(a[3].tensor, at::kBFloat16) != nullptr);
+    // Another tensor of the same shape has no copy.
+    CHECK(with.weight_copies().find(a[3].tensor.detach().clone(), at::kBFloat16) == nullptr);
+  }
+  rhine::NamedParameters d = {{"w", at::randn({4, 4}, at::kDouble).requires_grad_(true)}};
+  rhine::AdamW f64(d, rhine::AdamWOptions{});
+  f64.set_weight_copies(at::kBFloat16);
+  d[0].tensor.mutable_grad() = at::ones({4, 4}, at::kDouble);
+  f64.step();
+  CHECK(f64.weight_copies().size() == 0);  // only fp32 parameters get copies
+  CHECK_THROWS_WITH(f64.set_weight_copies(at::kFloat), Contains("[adamw] weight copies are bf16 or fp16"));
+}
+
 TEST_CASE("decay groups: norms, biases, embeddings and 1-D parameters get no decay", "[adamw]") {
   auto ps = make_params(1);
   auto split = rhine::split_by_decay(ps);

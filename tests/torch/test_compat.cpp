@@ -274,6 +274,53 @@ TEST_CASE("AutocastStep casts a weight once for all autocast regions inside it",
   CHECK_FALSE(rhine::autocast_enabled(at::kCPU));
 }
 
+TEST_CASE("autocast_weight hands out a current weight copy inside AutocastStep, with the cast's gradient", "[compat][autocast]") {
+  at::Tensor w = at::randn({6, 4}).requires_grad_(true);
+  const at::Tensor x = at::randn({3, 4});
+  rhine::WeightCopies copies;
+  {
+    at::NoGradGuard g;
+    copies.buffer(w, at::kBFloat16).copy_(w);
+  }
+  CHECK(copies.find(w, at::kBFloat16) == nullptr);  // not marked written yet
+  copies.written(w);
+  REQUIRE(copies.find(w, at::kBFloat16) != nullptr);
+  auto grad_of = [&](bool with_copies) {
+    w.mutable_grad() = at::Tensor();
+    rhine::AutocastStep step(true, with_copies ? &copies : nullptr);
+    rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16);
+    const at::Tensor used = rhine::autocast_weight(w);
+    CHECK((used.unsafeGetTensorImpl() == w.unsafeGetTensorImpl()) == !with_copies);
+    if (with_copies) {
+      CHECK(used.scalar_type() == at::kBFloat16);
+      CHECK(used.data_ptr() == copies.find(w, at::kBFloat16)->data_ptr());  // the copy itself, not a new cast
+    }
+    const at::Tensor y = at::linear(x, used);
+    (y.to(at::kFloat) * at::arange(18, at::kFloat).view({3, 6})).sum().backward();
+    return std::make_pair(y.detach(), w.grad().clone());
+  };
+  const auto [y_copy, g_copy] = grad_of(true);
+  const auto [y_cast, g_cast] = grad_of(false);
+  CHECK(at::equal(y_copy, y_cast));
+  CHECK(g_copy.scalar_type() == at::kFloat);
+  CHECK(at::equal(g_copy, g_cast));
+  // Outside an AutocastStep with copies, or with autocast off: the weight itself.
+  CHECK(rhine::autocast_weight(w).unsafeGetTensorImpl() == w.unsafeGetTensorImpl());
+  {
+    rhine::AutocastStep step(true, &copies);
+    CHECK(rhine::autocast_weight(w).unsafeGetTensorImpl() == w.unsafeGetTensorImpl());  // autocast off
+  }
+  // A weight changed in place after its copy was written: the copy is stale.
+  {
+    at::NoGradGuard g;
+    w.add_(1);
+  }
+  CHECK(copies.find(w, at::kBFloat16) == nullptr);
+  rhine::AutocastStep step(true, &copies);
+  rhine::AutocastGuard autocast(at::kCPU, at::kBFloat16);
+  CHECK(rhine::autocast_weight(w).unsafeGetTensorImpl() == w.unsafeGetTensorImpl());
+}
+
 TEST_CASE("version macros agree with the runtime version string", "[compat]") {
   auto v = rhine::torch_version();
   CHECK(v.rfind(std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + ".", 0) == 0);

@@ -329,7 +329,7 @@ TEST_CASE("trainer: accumulating 2 micro-batches equals one doubled batch", "[tr
   CHECK(per_lang == r1.tokens);
 }
 
-TEST_CASE("trainer: bf16 weights cast once per step give the steps of casting per micro-batch", "[trainer]") {
+TEST_CASE("trainer: bf16 weights cast once per step, or written by AdamW, give the steps of casting per micro-batch", "[trainer]") {
   rhine::set_threads(1);
   rhine::test::TempDir tmp("trainer-cast-once");
   rhine::test::write_tiny_shards(tmp.path);
@@ -350,28 +350,41 @@ TEST_CASE("trainer: bf16 weights cast once per step give the steps of casting pe
   // weight copies without grad_fn for the recomputation to take.
   for (const bool checkpointing : {false, true}) {
     INFO("activation checkpointing " << checkpointing);
-    rhine::test::TinyRun once(tmp.path, 4), each(tmp.path, 4);
-    once.model->options.activation_checkpointing = checkpointing;
-    each.model->options.activation_checkpointing = checkpointing;
+    // written: AdamW writes the bf16 copies in its update (the default);
+    // once: the forward casts once per step; each: once per micro-batch.
+    rhine::test::TinyRun written(tmp.path, 4), once(tmp.path, 4), each(tmp.path, 4);
+    for (auto* r : {&written, &once, &each}) r->model->options.activation_checkpointing = checkpointing;
     auto o = quiet_options(3);
     o.grad_accum = 3;
     o.bf16 = true;
     o.bf16_emulated = true;
     o.cast_once_per_step = true;
+    Trainer t0(written.model, *written.optimizer, written.schedule, *written.loader, o);
+    o.optimizer_writes_copies = false;
     Trainer t1(once.model, *once.optimizer, once.schedule, *once.loader, o);
     o.cast_once_per_step = false;
     Trainer t2(each.model, *each.optimizer, each.schedule, *each.loader, o);
     REQUIRE(t1.options().bf16);
-    std::vector<double> l1, l2;
+    std::vector<double> l0, l1, l2;
+    t0.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l0.push_back(m.loss); };
     t1.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l1.push_back(m.loss); };
     t2.callbacks().on_step = [&](const rhine::train::StepMetrics& m) { l2.push_back(m.loss); };
-    const int n_once = count_copies(t1), n_each = count_copies(t2);
-    INFO(n_once << " copies with the cast once per step, " << n_each << " with a cast per micro-batch");
+    const int n_written = count_copies(t0), n_once = count_copies(t1), n_each = count_copies(t2);
+    INFO(n_written << " copies with the optimizer's copies, " << n_once << " with the cast once per step, "
+                   << n_each << " with a cast per micro-batch");
     CHECK(n_each > n_once);  // the weight casts of 2 of the 3 micro-batches per step are gone
+    CHECK(n_once > n_written);  // and after the first step no weight is cast in the forward
+    auto* adamw = dynamic_cast<rhine::AdamW*>(written.optimizer.get());
+    REQUIRE(adamw != nullptr);
+    CHECK(adamw->weight_copies().size() == params_of(written.model).size());
     REQUIRE(l1.size() == 3);
-    CHECK(l1 == l2);  // the same bf16 copies, only made fewer times: bitwise
-    const auto p1 = params_of(once.model), p2 = params_of(each.model);
-    for (std::size_t i = 0; i < p1.size(); ++i) CHECK(at::equal(p1[i], p2[i]));
+    CHECK(l0 == l1);  // the same bf16 values, only made elsewhere or fewer times: bitwise
+    CHECK(l1 == l2);
+    const auto p0 = params_of(written.model), p1 = params_of(once.model), p2 = params_of(each.model);
+    for (std::size_t i = 0; i < p1.size(); ++i) {
+      CHECK(at::equal(p0[i], p1[i]));
+      CHECK(at::equal(p1[i], p2[i]));
+    }
     CHECK(l1[2] < l1[0]);
   }
 }

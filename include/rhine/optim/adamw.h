@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "rhine/optim/optimizer.h"
+#include "rhine/torch/compat.h"
 
 namespace rhine {
 
@@ -56,11 +57,28 @@ class AdamW : public GroupedOptimizer<AdamWOptions> {
   OptimizerImpl impl() const { return impl_; }
   void set_impl(OptimizerImpl impl) { impl_ = impl; }
 
+  /// Has every step also write each updated fp32 parameter's copy in `dtype`
+  /// (bf16 or fp16; Undefined turns it off) into `weight_copies()`: with
+  /// kFused on the CPU in the update's own pass (bf16; one read of the
+  /// weight fewer per step than a cast in the next forward), elsewhere by
+  /// a cast right after the update. Under rhine::AutocastStep(true, &copies)
+  /// the layers take these copies instead of casting the weights
+  /// (rhine::autocast_weight); the Trainer sets this up under bf16
+  /// (TrainerOptions::optimizer_writes_copies). The copies are not state:
+  /// not saved, remade by the next step.
+  void set_weight_copies(c10::ScalarType dtype);
+  const WeightCopies& weight_copies() const { return copies_; }
+
  protected:
   void step_impl() override;
+  void after_step() override;
 
  private:
   OptimizerImpl impl_;
+  c10::ScalarType copy_dtype_ = c10::ScalarType::Undefined;
+  WeightCopies copies_;
+  std::vector<at::Tensor> written_;  // weights whose copies this step wrote
+
 };
 
 namespace detail {
@@ -77,7 +95,7 @@ void adamw_update_reference(at::Tensor& p, const at::Tensor& g, at::Tensor& exp_
 void adamw_update_multi(std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                         std::vector<at::Tensor>& exp_avgs, std::vector<at::Tensor>& exp_avg_sqs,
                         const AdamWStep& hyper, const std::vector<int64_t>& steps,
-                        OptimizerImpl impl);
+                        OptimizerImpl impl, const std::vector<at::Tensor>& copies = {});
 }  // namespace detail
 
 }  // namespace rhine

@@ -149,6 +149,8 @@ class Optimizer {
   ParamState& state_of(const std::string& name) { return state_[name]; }
 
   virtual void step_impl() = 0;
+  /// Runs at the end of step(), after the updated parameters' versions were bumped.
+  virtual void after_step() {}
   /// (group name, members) of every group, in order.
   virtual std::vector<std::pair<std::string, const NamedParameters*>> group_views() const = 0;
   virtual Json group_options_json(size_t group) const = 0;

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 /// True when the LibTorch being compiled against is at least major.minor.
@@ -123,16 +124,56 @@ class AutocastGuard {
 /// The weights must not change inside it (the copies would be stale) nor get
 /// new storage (FSDP's gathers: the Trainer does not use it there). Memory:
 /// the bf16 copies stay alive between micro-batches. `enabled` false: no-op.
+class WeightCopies;
+
 class AutocastStep {
  public:
-  explicit AutocastStep(bool enabled = true);
+  /// `copies`: weight copies written before the step (by the optimizer:
+  /// AdamW::set_weight_copies), which `autocast_weight` hands to the layers
+  /// in this scope instead of casting. Not owned; must outlive the scope.
+  explicit AutocastStep(bool enabled = true, const WeightCopies* copies = nullptr);
   ~AutocastStep();
   AutocastStep(const AutocastStep&) = delete;
   AutocastStep& operator=(const AutocastStep&) = delete;
 
  private:
   bool enabled_;
+  const WeightCopies* previous_copies_ = nullptr;
 };
+
+/// Low-precision copies of fp32 weights written outside the forward: AdamW
+/// writes each parameter's bf16 copy in the same pass as its update
+/// (AdamW::set_weight_copies), and the next step's layers use that copy
+/// instead of casting the weight again (`autocast_weight`). A copy counts
+/// only while its weight is unchanged since it was written (the weight's
+/// version counter): an in-place change by anything else (a checkpoint load,
+/// a ZeRO-1 broadcast, a test) makes the layers cast afresh.
+class WeightCopies {
+ public:
+  /// The buffer for `weight`'s copy in `dtype` (allocated at the first call,
+  /// reused after), to be filled and then marked with `written`.
+  at::Tensor buffer(const at::Tensor& weight, c10::ScalarType dtype);
+  /// Marks `weight`'s buffer as holding its current values.
+  void written(const at::Tensor& weight);
+  /// The copy of `weight` in `dtype` when it is current, else nullptr.
+  const at::Tensor* find(const at::Tensor& weight, c10::ScalarType dtype) const;
+  std::size_t size() const { return entries_.size(); }
+  void clear() { entries_.clear(); }
+
+ private:
+  struct Entry {
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weight;  ///< tells a reused address apart
+    at::Tensor copy;
+    std::int64_t version = -1;  ///< the weight's version when written; -1: not written
+  };
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+/// The weight a layer should multiply by: inside an AutocastStep with
+/// WeightCopies, while autocast is on for the weight's device, the current
+/// copy in autocast's dtype (its gradient reaches the fp32 weight as a cast's
+/// would); otherwise `weight` itself (autocast then casts it as usual).
+at::Tensor autocast_weight(const at::Tensor& weight);
 
 /// Whether autocast is on for `device` in this thread.
 bool autocast_enabled(c10::DeviceType device);

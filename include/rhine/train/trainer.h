@@ -93,6 +93,12 @@ struct TrainerOptions {
   /// false is the twin it is tested against. Not used with FSDP, whose
   /// gathers give the weights new storage (param_dtype bf16 gathers bf16).
   bool cast_once_per_step = true;
+  /// With cast_once_per_step and AdamW: the optimizer writes each weight's
+  /// bf16 copy in its update (AdamW::set_weight_copies) and the next step's
+  /// forward uses it, so no weight is cast in the forward after the first
+  /// step. false: the forward casts once per step (the twin it is tested
+  /// against; bitwise equal).
+  bool optimizer_writes_copies = true;
   /// z-loss weight (PaLM), passed to the model.
   double z_loss = 0.0;
   /// Per-document attention inside packed rows (uses Batch::position_ids).

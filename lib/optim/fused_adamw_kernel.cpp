@@ -7,16 +7,80 @@
 #include "fused_adamw_kernel.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 namespace rhine::detail {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RHINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RHINE_CLONES
+#endif
+#define RHINE_INLINE inline __attribute__((always_inline))
+#define RHINE_INLINE_LAMBDA __attribute__((always_inline))
+
+// fp32 -> bf16 bits, rounding to nearest even with NaN as 0x7FC0: exactly
+// c10::BFloat16's conversion (LibTorch's cast), written without a branch so
+// that the loop around it vectorises.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+// Hyper-parameters of one pass, in the parameters' dtype.
+template <class T>
+struct Hyper {
+  T b1, omb1, b2, omb2, eps, decay;
+  bool apply_decay;
+};
+
+// Elements [b, e) of one parameter. The arithmetic per element follows the
+// reference op by op; `cp` (fp32 only) also receives the bf16 copy.
+template <class T>
+RHINE_INLINE void update_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
+                               uint16_t* __restrict cp, int64_t b, int64_t e, const Hyper<T>& h, T neg_step,
+                               T sbc2) {
+  if (h.apply_decay)
+    for (int64_t i = b; i < e; ++i) p[i] = p[i] * h.decay;
+  auto update = [&](int64_t i) RHINE_INLINE_LAMBDA {
+    const T gi = g[i];
+    const T mi = m[i] * h.b1 + h.omb1 * gi;
+    const T vi = v[i] * h.b2 + h.omb2 * gi * gi;
+    const T den = std::sqrt(vi) / sbc2 + h.eps;
+    const T pi = p[i] + neg_step * mi / den;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    return pi;
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (cp != nullptr) {
+      for (int64_t i = b; i < e; ++i) cp[i] = bf16_bits(update(i));
+      return;
+    }
+  }
+  for (int64_t i = b; i < e; ++i) update(i);
+}
+
+// One compiled body per instruction set (AVX-512, AVX2, baseline), picked at
+// load time: the pass is arithmetic-bound (sqrt, division) at baseline SSE.
+RHINE_CLONES void update_chunk(float* p, const float* g, float* m, float* v, uint16_t* cp, int64_t b, int64_t e,
+                               const Hyper<float>& h, float neg_step, float sbc2) {
+  update_range(p, g, m, v, cp, b, e, h, neg_step, sbc2);
+}
+RHINE_CLONES void update_chunk(double* p, const double* g, double* m, double* v, uint16_t* cp, int64_t b,
+                               int64_t e, const Hyper<double>& h, double neg_step, double sbc2) {
+  update_range(p, g, m, v, cp, b, e, h, neg_step, sbc2);
+}
 
 template <class T>
 void run(const std::vector<AdamWBuffers<T>>& items, double beta1, double beta2, double eps,
@@ -30,40 +94,12 @@ void run(const std::vector<AdamWBuffers<T>>& items, double beta1, double beta2, 
   for (size_t i = 0; i < items.size(); ++i)
     for (int64_t b = 0; b < items[i].n; b += kChunk)
       chunks.push_back({static_cast<int32_t>(i), b, std::min(items[i].n, b + kChunk)});
-  const T b1 = T(beta1), omb1 = T(1 - beta1), b2 = T(beta2), omb2 = T(1 - beta2), e = T(eps),
-          dec = T(decay);
-  const bool apply_decay = decay != 1.0;
+  const Hyper<T> h{T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(decay), decay != 1.0};
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const auto& it = items[chunks[c].item];
-      T* __restrict p = it.p;
-      const T* __restrict g = it.g;
-      T* __restrict m = it.m;
-      T* __restrict v = it.v;
-      const T neg_step = T(-it.step_size), sbc2 = T(it.sqrt_bc2);
-      const int64_t end = chunks[c].end;
-      if (apply_decay) {
-        for (int64_t i = chunks[c].begin; i < end; ++i) p[i] = p[i] * dec;
-      }
-      auto update = [&](int64_t i) {
-        const T gi = g[i];
-        const T mi = m[i] * b1 + omb1 * gi;
-        const T vi = v[i] * b2 + omb2 * gi * gi;
-        const T den = std::sqrt(vi) / sbc2 + e;
-        const T pi = p[i] + neg_step * mi / den;
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-        return pi;
-      };
-      if constexpr (std::is_same_v<T, float>) {
-        if (uint16_t* __restrict cp = it.bf16_copy) {
-          // Round to nearest even, as LibTorch's cast does (c10::BFloat16).
-          for (int64_t i = chunks[c].begin; i < end; ++i) cp[i] = c10::BFloat16(update(i)).x;
-          continue;
-        }
-      }
-      for (int64_t i = chunks[c].begin; i < end; ++i) update(i);
+      update_chunk(it.p, it.g, it.m, it.v, it.bf16_copy, chunks[c].begin, chunks[c].end, h, T(-it.step_size),
+                   T(it.sqrt_bc2));
     }
   });
 }

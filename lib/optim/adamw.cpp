@@ -152,6 +152,7 @@ AdamW::AdamW(const NamedParameters& params, const AdamWOptions& options, Optimiz
     : AdamW(std::vector<Group>{{"default", params, options}}, impl) {}
 
 void AdamW::step_impl() {
+  written_.clear();  // (left over only if the last step threw)
   for (auto& group : groups_) {
     const auto& o = group.options;
     std::vector<at::Tensor> ps, gs, ms, vs, cs;  // cs: the weight copies to write (undefined: none)
@@ -168,7 +169,8 @@ void AdamW::step_impl() {
       ps.push_back(np.tensor), gs.push_back(g);
       ms.push_back(st.slots.at("exp_avg")), vs.push_back(st.slots.at("exp_avg_sq"));
       steps.push_back(st.step);
-      const bool copied = copy_dtype_ != at::ScalarType::Undefined && np.tensor.scalar_type() == at::kFloat;
+      const bool copied = copy_dtype_ != at::ScalarType::Undefined && np.tensor.scalar_type() == at::kFloat &&
+                          copies_.requested(np.tensor);
       cs.push_back(copied ? copies_.buffer(np.tensor, copy_dtype_) : at::Tensor());
     }
     const detail::AdamWStep h{o.lr * lr_scale(), o.beta1, o.beta2, o.eps, o.weight_decay, 0};

@@ -18,7 +18,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
 #define RHINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RHINE_CLONES
@@ -27,8 +27,9 @@ constexpr int64_t kChunk = 1 << 15;
 #define RHINE_INLINE_LAMBDA __attribute__((always_inline))
 
 // fp32 -> bf16 bits, rounding to nearest even with NaN as 0x7FC0: exactly
-// c10::BFloat16's conversion (LibTorch's cast), written without a branch so
-// that the loop around it vectorises.
+// c10::BFloat16's scalar conversion (LibTorch's vectorised cast agrees on
+// every non-NaN value), written without a branch so that the loop around it
+// vectorises.
 inline uint16_t bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);

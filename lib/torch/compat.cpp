@@ -14,6 +14,7 @@
 // at::_flash_attention_forward with cumulative offsets (CUDA builds of 2.5+;
 // declared, and failing at run time, in CPU builds, where it is never reached).
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 5) && __has_include(<ATen/ops/_flash_attention_forward.h>)
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/_flash_attention_forward.h>
 #define RHINE_HAS_FLASH_VARLEN 1
 #else
@@ -166,7 +167,8 @@ namespace {
 bool flash_varlen_usable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const AttentionOptions& options) {
 #if RHINE_HAS_FLASH_VARLEN
-  if (!q.is_cuda()) return false;
+  // Not on ROCm (its flash build's variable-length form is untested here).
+  if (!q.is_cuda() || at::detail::getCUDAHooks().hasROCM()) return false;
   const auto dtype = q.scalar_type();
   if ((dtype != at::kHalf && dtype != at::kBFloat16) || k.scalar_type() != dtype || v.scalar_type() != dtype)
     return false;
@@ -412,7 +414,10 @@ bool same_weight(const std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>>& 
 
 at::Tensor WeightCopies::buffer(const at::Tensor& weight, c10::ScalarType dtype) {
   auto& e = entries_[weight.unsafeGetTensorImpl()];
+  // A new buffer also when the last one is still referenced (an alias in a
+  // graph kept past the step): overwriting it would change that graph's weights.
   if (!e.copy.defined() || e.copy.scalar_type() != dtype || e.copy.sizes() != weight.sizes() ||
+      e.copy.device() != weight.device() || e.copy.use_count() > 1 || e.copy.storage().use_count() > 1 ||
       !same_weight(e.weight, weight)) {
     e.weight.emplace(weight.getIntrusivePtr());
     e.copy = at::empty(weight.sizes(), weight.options().dtype(dtype));
@@ -426,6 +431,7 @@ void WeightCopies::written(const at::Tensor& weight) {
   RHINE_CHECK(it != entries_.end(), "weight_copies", "written() for a weight without a buffer",
               weight.sizes().vec(), "call buffer(weight, dtype) first");
   it->second.version = static_cast<std::int64_t>(weight._version());
+  it->second.data = weight.data_ptr();
 }
 
 const at::Tensor* WeightCopies::find(const at::Tensor& weight, c10::ScalarType dtype) const {
@@ -433,6 +439,7 @@ const at::Tensor* WeightCopies::find(const at::Tensor& weight, c10::ScalarType d
   if (it == entries_.end()) return nullptr;
   const Entry& e = it->second;
   const bool current = e.version == static_cast<std::int64_t>(weight._version()) &&
+                       e.data == weight.data_ptr() && e.copy.device() == weight.device() &&
                        e.copy.scalar_type() == dtype && e.copy.sizes() == weight.sizes() &&
                        same_weight(e.weight, weight);
   return current ? &e.copy : nullptr;
@@ -443,7 +450,10 @@ at::Tensor autocast_weight(const at::Tensor& weight) {
   const auto dev = weight.device().type();
   if ((dev != c10::DeviceType::CPU && dev != c10::DeviceType::CUDA) || !get_enabled(dev)) return weight;
   const at::Tensor* copy = active_copies->find(weight, get_dtype(dev));
-  if (copy == nullptr) return weight;
+  if (copy == nullptr) {
+    active_copies->request(weight);  // the optimizer writes it from the next step on
+    return weight;
+  }
   return UseCopy::apply(weight, *copy);
 }
 

@@ -152,6 +152,10 @@ TEST_CASE("AdamW writes each fp32 weight's bf16 copy in its update, equal to a c
     o.lr = 1e-2, o.weight_decay = 0.05;
     rhine::AdamW with(rhine::decay_groups(a, o), impl), without(rhine::decay_groups(b, o), impl);
     with.set_weight_copies(at::kBFloat16);
+    // Copies are written for the weights a layer asked for (autocast_weight
+    // records the requests): here all but the norm.
+    for (const auto& np : a)
+      if (np.name != "model.norm.weight") with.weight_copies().request(np.tensor);
     for (int step = 0; step < 5; ++step) {
       set_grads({&a, &b}, step);
       with.step();
@@ -161,13 +165,17 @@ TEST_CASE("AdamW writes each fp32 weight's bf16 copy in its update, equal to a c
         CHECK(at::equal(a[i].tensor, b[i].tensor));  // the update itself is unchanged
         const at::Tensor* copy = with.weight_copies().find(a[i].tensor, at::kBFloat16);
         const bool had_grad = a[i].tensor.grad().defined();
+        if (a[i].name == "model.norm.weight") {
+          CHECK(copy == nullptr);  // never requested
+          continue;
+        }
         if (!had_grad) continue;  // skipped by the step: its copy (if any) is from an earlier step
         REQUIRE(copy != nullptr);
         CHECK(at::equal(*copy, a[i].tensor.detach().to(at::kBFloat16)));  // round to nearest even, as a cast
         CHECK(with.weight_copies().find(a[i].tensor, at::kHalf) == nullptr);
       }
     }
-    CHECK(with.weight_copies().size() == a.size());
+    CHECK(with.weight_copies().size() == a.size() - 1);
     // A change to the weight outside the optimizer makes its copy stale.
     {
       at::NoGradGuard g;
@@ -177,10 +185,26 @@ TEST_CASE("AdamW writes each fp32 weight's bf16 copy in its update, equal to a c
     CHECK(with.weight_copies().find(a[3].tensor, at::kBFloat16) != nullptr);
     // Another tensor of the same shape has no copy.
     CHECK(with.weight_copies().find(a[3].tensor.detach().clone(), at::kBFloat16) == nullptr);
+    // Nor does a weight whose storage was swapped (set_data keeps its version, as Module::to does).
+    {
+      at::NoGradGuard g;
+      a[3].tensor.set_data(a[3].tensor.detach().clone());
+    }
+    CHECK(with.weight_copies().find(a[3].tensor, at::kBFloat16) == nullptr);
+    // A copy still referenced (say by a graph kept past the step) is not overwritten.
+    const at::Tensor* kept = with.weight_copies().find(a[4].tensor, at::kBFloat16);
+    REQUIRE(kept != nullptr);
+    const at::Tensor held = *kept;
+    const at::Tensor before = held.clone();
+    set_grads({&a, &b}, 7);
+    with.step();
+    CHECK(at::equal(held, before));
+    CHECK(with.weight_copies().find(a[4].tensor, at::kBFloat16)->data_ptr() != held.data_ptr());
   }
   rhine::NamedParameters d = {{"w", at::randn({4, 4}, at::kDouble).requires_grad_(true)}};
   rhine::AdamW f64(d, rhine::AdamWOptions{});
   f64.set_weight_copies(at::kBFloat16);
+  f64.weight_copies().request(d[0].tensor);
   d[0].tensor.mutable_grad() = at::ones({4, 4}, at::kDouble);
   f64.step();
   CHECK(f64.weight_copies().size() == 0);  // only fp32 parameters get copies

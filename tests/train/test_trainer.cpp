@@ -376,7 +376,10 @@ TEST_CASE("trainer: bf16 weights cast once per step, or written by AdamW, give t
     CHECK(n_once > n_written);  // and after the first step no weight is cast in the forward
     auto* adamw = dynamic_cast<rhine::AdamW*>(written.optimizer.get());
     REQUIRE(adamw != nullptr);
-    CHECK(adamw->weight_copies().size() == params_of(written.model).size());
+    // Copies of the weights the layers asked for (the projections and the
+    // head), none of the norms'.
+    CHECK(adamw->weight_copies().size() > 0);
+    CHECK(adamw->weight_copies().size() < params_of(written.model).size());
     REQUIRE(l1.size() == 3);
     CHECK(l0 == l1);  // the same bf16 values, only made elsewhere or fewer times: bitwise
     CHECK(l1 == l2);

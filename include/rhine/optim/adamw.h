@@ -57,8 +57,9 @@ class AdamW : public GroupedOptimizer<AdamWOptions> {
   OptimizerImpl impl() const { return impl_; }
   void set_impl(OptimizerImpl impl) { impl_ = impl; }
 
-  /// Has every step also write each updated fp32 parameter's copy in `dtype`
-  /// (bf16 or fp16; Undefined turns it off) into `weight_copies()`: with
+  /// Has every step also write the copy in `dtype` (bf16 or fp16; Undefined
+  /// turns it off) of each updated fp32 parameter a layer asked for
+  /// (rhine::autocast_weight records the requests) into `weight_copies()`: with
   /// kFused on the CPU in the update's own pass (bf16; one read of the
   /// weight fewer per step than a cast in the next forward), elsewhere by
   /// a cast right after the update. Under rhine::AutocastStep(true, &copies)

@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 /// True when the LibTorch being compiled against is at least major.minor.
@@ -142,37 +143,53 @@ class AutocastStep {
 };
 
 /// Low-precision copies of fp32 weights written outside the forward: AdamW
-/// writes each parameter's bf16 copy in the same pass as its update
+/// writes the bf16 copy of each weight a layer asked for (`autocast_weight`
+/// records the request) in the same pass as its update
 /// (AdamW::set_weight_copies), and the next step's layers use that copy
-/// instead of casting the weight again (`autocast_weight`). A copy counts
-/// only while its weight is unchanged since it was written (the weight's
-/// version counter): an in-place change by anything else (a checkpoint load,
-/// a ZeRO-1 broadcast, a test) makes the layers cast afresh.
+/// instead of casting the weight again. A copy counts only while its weight
+/// is unchanged since it was written (the weight's version counter, storage
+/// and device): an in-place change, a checkpoint load or a move to another
+/// device makes the layers cast afresh. Used from one thread (the forward's
+/// and the optimizer's).
 class WeightCopies {
  public:
-  /// The buffer for `weight`'s copy in `dtype` (allocated at the first call,
-  /// reused after), to be filled and then marked with `written`.
+  /// Records that a layer asked for `weight`'s copy (autocast_weight does).
+  void request(const at::Tensor& weight) const { requested_.insert(weight.unsafeGetTensorImpl()); }
+  /// Whether a layer asked for `weight`'s copy.
+  bool requested(const at::Tensor& weight) const { return requested_.count(weight.unsafeGetTensorImpl()) > 0; }
+  /// The buffer for `weight`'s copy in `dtype` (allocated at the first call
+  /// and whenever the last one is still referenced, e.g. by a kept graph),
+  /// to be filled and then marked with `written`.
   at::Tensor buffer(const at::Tensor& weight, c10::ScalarType dtype);
   /// Marks `weight`'s buffer as holding its current values.
   void written(const at::Tensor& weight);
   /// The copy of `weight` in `dtype` when it is current, else nullptr.
   const at::Tensor* find(const at::Tensor& weight, c10::ScalarType dtype) const;
+  /// Copies held (written or not).
   std::size_t size() const { return entries_.size(); }
-  void clear() { entries_.clear(); }
+  void clear() {
+    entries_.clear();
+    requested_.clear();
+  }
 
  private:
   struct Entry {
     std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weight;  ///< tells a reused address apart
     at::Tensor copy;
     std::int64_t version = -1;  ///< the weight's version when written; -1: not written
+    const void* data = nullptr;  ///< the weight's storage when written (set_data keeps the version)
   };
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  mutable std::unordered_set<const c10::TensorImpl*> requested_;
 };
 
 /// The weight a layer should multiply by: inside an AutocastStep with
 /// WeightCopies, while autocast is on for the weight's device, the current
 /// copy in autocast's dtype (its gradient reaches the fp32 weight as a cast's
-/// would); otherwise `weight` itself (autocast then casts it as usual).
+/// would; the request is recorded when there is none yet); otherwise
+/// `weight` itself (autocast then casts it as usual). The AutocastStep is
+/// per thread: the recomputation of an activation-checkpointed block on
+/// CUDA runs on autograd's device thread and casts there.
 at::Tensor autocast_weight(const at::Tensor& weight);
 
 /// Whether autocast is on for `device` in this thread.

@@ -373,7 +373,15 @@ AutocastGuard::AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool
 }
 
 namespace {
-thread_local const WeightCopies* active_copies = nullptr;  // of the innermost AutocastStep
+// Of the innermost AutocastStep with copies: the copies, and the aliases handed
+// out in this step (one per weight, as autocast's cache keeps one cast per
+// weight: all uses then meet in one node, whose backward sums their bf16
+// gradients before the one cast to fp32, exactly as the cast's node does).
+struct ActiveCopies {
+  const WeightCopies* copies = nullptr;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor>* handed = nullptr;
+};
+thread_local ActiveCopies active;
 
 // Hands out `copy` (already in the low dtype) for `weight`: an alias of the
 // copy's storage forward, the gradient cast back to the weight's dtype
@@ -396,13 +404,17 @@ struct UseCopy : public torch::autograd::Function<UseCopy> {
 AutocastStep::AutocastStep(bool enabled, const WeightCopies* copies) : enabled_(enabled) {
   if (!enabled_) return;
   at::autocast::increment_nesting();
-  previous_copies_ = active_copies;
-  if (copies != nullptr) active_copies = copies;
+  previous_copies_ = active.copies;
+  previous_handed_ = active.handed;
+  if (copies != nullptr) {
+    handed_ = std::make_unique<std::unordered_map<const c10::TensorImpl*, at::Tensor>>();
+    active = {copies, handed_.get()};
+  }
 }
 
 AutocastStep::~AutocastStep() {
   if (!enabled_) return;
-  active_copies = previous_copies_;
+  active = {previous_copies_, previous_handed_};
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
 }
 
@@ -446,15 +458,26 @@ const at::Tensor* WeightCopies::find(const at::Tensor& weight, c10::ScalarType d
 }
 
 at::Tensor autocast_weight(const at::Tensor& weight) {
-  if (active_copies == nullptr || !weight.defined()) return weight;
+  if (active.copies == nullptr || !weight.defined()) return weight;
   const auto dev = weight.device().type();
   if ((dev != c10::DeviceType::CPU && dev != c10::DeviceType::CUDA) || !get_enabled(dev)) return weight;
-  const at::Tensor* copy = active_copies->find(weight, get_dtype(dev));
+  const at::Tensor* copy = active.copies->find(weight, get_dtype(dev));
   if (copy == nullptr) {
-    active_copies->request(weight);  // the optimizer writes it from the next step on
+    active.copies->request(weight);  // the optimizer writes it from the next step on
     return weight;
   }
-  return UseCopy::apply(weight, *copy);
+  // Reuse this step's alias where autocast would reuse its cached cast: with
+  // gradients on and the cache on (an activation-checkpointed block's
+  // graph-less first run turns it off: an alias without grad_fn must not be
+  // kept for the recomputation).
+  const bool keep = c10::GradMode::is_enabled() && at::autocast::is_autocast_cache_enabled();
+  if (keep) {
+    auto it = active.handed->find(weight.unsafeGetTensorImpl());
+    if (it != active.handed->end()) return it->second;
+  }
+  at::Tensor alias = UseCopy::apply(weight, *copy);
+  if (keep) active.handed->emplace(weight.unsafeGetTensorImpl(), alias);
+  return alias;
 }
 
 AutocastGuard::~AutocastGuard() {

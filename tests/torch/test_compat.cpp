@@ -295,8 +295,14 @@ TEST_CASE("autocast_weight hands out a current weight copy inside AutocastStep, 
       CHECK(used.scalar_type() == at::kBFloat16);
       CHECK(used.data_ptr() == copies.find(w, at::kBFloat16)->data_ptr());  // the copy itself, not a new cast
     }
+    // A second use in the step (a tied head, say) gets the same alias, as
+    // autocast's cache gives the same cast: both gradients meet in one node
+    // and reach w through one cast to fp32, bitwise as with the cast.
+    const at::Tensor again = rhine::autocast_weight(w);
+    CHECK(again.unsafeGetTensorImpl() == used.unsafeGetTensorImpl());  // (w itself without copies)
     const at::Tensor y = at::linear(x, used);
-    (y.to(at::kFloat) * at::arange(18, at::kFloat).view({3, 6})).sum().backward();
+    const at::Tensor y2 = at::linear(x * 0.37, again);
+    (y.to(at::kFloat) * at::arange(18, at::kFloat).view({3, 6}) + y2.to(at::kFloat) * 1.3).sum().backward();
     return std::make_pair(y.detach(), w.grad().clone());
   };
   const auto [y_copy, g_copy] = grad_of(true);

@@ -21,6 +21,7 @@
 #include <torch/version.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -140,6 +141,9 @@ class AutocastStep {
  private:
   bool enabled_;
   const WeightCopies* previous_copies_ = nullptr;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor>* previous_handed_ = nullptr;
+  /// The aliases of copies handed out in this step, one per weight.
+  std::unique_ptr<std::unordered_map<const c10::TensorImpl*, at::Tensor>> handed_;
 };
 
 /// Low-precision copies of fp32 weights written outside the forward: AdamW

@@ -9,7 +9,10 @@
 ///    aligned, so KV-cached decoding works) and explicit masks; fused kernels
 ///    on 2.x (flash / memory-efficient / cuDNN), the math path on 1.13;
 ///  - `AutocastGuard`: mixed precision on CPU (bf16) and CUDA (bf16/fp16),
-///    over the 1.13 per-device setters and the 2.4+ device-generic ones.
+///    over the 1.13 per-device setters and the 2.4+ device-generic ones;
+///    `AutocastStep` (one cast per weight per optimizer step) and
+///    `WeightCopies` / `autocast_weight` (bf16 copies the optimizer writes,
+///    taken by the layers instead of a cast), which build on autocast's state.
 /// Device selection, threads and seeding live in rhine/torch/runtime.h.
 ///
 /// Dimension letters: B batch, H query heads, Hkv key/value heads, T query

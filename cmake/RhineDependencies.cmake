@@ -32,6 +32,25 @@ if(NOT RHINE_TORCH_VERSION)
 endif()
 message(STATUS "Rhine: LibTorch ${RHINE_TORCH_VERSION} from ${TORCH_INSTALL_PREFIX}")
 
+# at::parallel_for is a header template. In a LibTorch built on OpenMP (AT_PARALLEL_OPENMP:
+# Debian's and the wheel's both are), it splits the work over LibTorch's threads only in files
+# compiled with OpenMP; elsewhere it runs the whole range on the calling thread. Rhine's own CPU
+# kernels (lib/nn/fused.cpp, the fused AdamW pass, ...) are therefore compiled with OpenMP
+# (lib/CMakeLists.txt). One OpenMP runtime serves the process: libgomp.so.1, found first in
+# the wheel's folder where LibTorch's rpath puts it, else the system's.
+set(RHINE_OPENMP OFF)
+foreach(_inc IN LISTS TORCH_INCLUDE_DIRS)
+  if(EXISTS "${_inc}/ATen/Config.h")
+    file(STRINGS "${_inc}/ATen/Config.h" _rhine_at_omp REGEX "define AT_PARALLEL_OPENMP 1")
+    if(_rhine_at_omp)
+      find_package(OpenMP REQUIRED COMPONENTS CXX)
+      set(RHINE_OPENMP ON)
+    endif()
+    break()
+  endif()
+endforeach()
+message(STATUS "Rhine: own kernels on LibTorch's OpenMP threads: ${RHINE_OPENMP}")
+
 # The PyTorch wheel ships fmt 12 headers in torch/include/fmt (for its own use). Its include
 # directory would shadow Debian's fmt 9, which libfmt.so and Debian's spdlog 1.10 are built
 # for, in every file that includes LibTorch. Rhine's targets therefore see Debian's fmt and

@@ -26,12 +26,7 @@
 #include "rhine/nn/model.h"
 #include "rhine/torch/sync.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RHINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RHINE_CLONES
-#endif
-#define RHINE_INLINE inline __attribute__((always_inline))
+#include "../core/cpu_clones.h"
 
 namespace rhine::nn {
 namespace {

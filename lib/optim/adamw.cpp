@@ -86,11 +86,19 @@ void adamw_update_multi(std::vector<at::Tensor>& params, const std::vector<at::T
                         std::vector<at::Tensor>& exp_avgs, std::vector<at::Tensor>& exp_avg_sqs,
                         const AdamWStep& h, const std::vector<int64_t>& steps, OptimizerImpl impl,
                         const std::vector<at::Tensor>& copies) {
-  // Copies the fused pass did not write: cast after the update.
+  // Copies the fused pass did not write: cast after the update, in one
+  // multi-tensor launch on CUDA where LibTorch has _foreach_copy_.
   auto copy_rest = [&](const std::vector<bool>& done) {
     c10::AutoGradMode no_grad(false);
+    std::vector<at::Tensor> dst, src;
     for (size_t i = 0; i < copies.size(); ++i)
-      if (copies[i].defined() && !done[i]) copies[i].copy_(params[i]);
+      if (copies[i].defined() && !done[i]) dst.push_back(copies[i]), src.push_back(params[i]);
+    if (dst.empty()) return;
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 2)
+    at::_foreach_copy_(dst, src);
+#else
+    for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+#endif
   };
   if (impl == OptimizerImpl::kReference) {
     for (size_t i = 0; i < params.size(); ++i) {

@@ -6,6 +6,8 @@
 //   p = p + (-step_size*m) / (sqrt(v)/sqrt_bc2 + eps)
 #include "fused_adamw_kernel.h"
 
+#include "../core/cpu_clones.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,14 +19,6 @@ namespace rhine::detail {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
-#define RHINE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RHINE_CLONES
-#endif
-#define RHINE_INLINE inline __attribute__((always_inline))
-#define RHINE_INLINE_LAMBDA __attribute__((always_inline))
 
 // fp32 -> bf16 bits, rounding to nearest even with NaN as 0x7FC0: exactly
 // c10::BFloat16's scalar conversion (LibTorch's vectorised cast agrees on

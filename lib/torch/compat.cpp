@@ -196,11 +196,12 @@ std::vector<int32_t> document_offsets(const std::vector<std::vector<int64_t>>& d
   return offsets;
 }
 
+#if RHINE_HAS_FLASH_VARLEN
 namespace {
 
+// Runs only where flash_varlen_usable said yes.
 at::Tensor flash_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const AttentionOptions& options) {
-#if RHINE_HAS_FLASH_VARLEN
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
   const std::vector<int32_t> offsets = document_offsets(options.document_starts, T);
   int64_t longest = 0;
@@ -218,14 +219,10 @@ at::Tensor flash_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tens
                                                             options.scale));  // [B*T, H, D]
   if (Dv < D) out = out.narrow(2, 0, Dv);
   return out.view({B, T, H, Dv}).transpose(1, 2);  // [B, H, T, Dv]
-#else
-  (void)k, (void)v, (void)options;
-  RHINE_FAIL("attention", "the variable-length flash kernel needs LibTorch 2.5+ with CUDA", torch_version(), "");
-  return q;
-#endif
 }
 
 }  // namespace
+#endif  // RHINE_HAS_FLASH_VARLEN
 
 std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const AttentionOptions& options) {
@@ -259,7 +256,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (!options.document_starts.empty()) {
     check_attention_shapes(q, k, v);
     check_document_starts(q, k, options);
+#if RHINE_HAS_FLASH_VARLEN
     if (flash_varlen_usable(q, k, v, options)) return flash_varlen(q, k, v, options);
+#endif
     AttentionOptions one = options;  // causal inside one document
     one.document_starts.clear();
     const int64_t B = q.size(0), T = q.size(2);

@@ -6,10 +6,12 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "rhine/core/error.h"
 #include "rhine/core/threads.h"
@@ -28,6 +30,19 @@ int set_threads(int n) {
   const int want = n > 0 ? n : default_thread_count();
   at::set_num_threads(want);
   return at::get_num_threads();
+}
+
+int kernel_threads() {
+  // One task per thread; each records the thread that ran it. Compiled like
+  // the kernels (lib/CMakeLists.txt): without OpenMP, at::parallel_for is a
+  // plain call on this thread.
+  const int n = at::get_num_threads();
+  std::vector<std::atomic<bool>> ran(static_cast<std::size_t>(std::max(n, 1)));
+  at::parallel_for(0, static_cast<int64_t>(n) * 1024, 1024, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(ran.size())) ran[static_cast<std::size_t>(t)] = true;
+  });
+  return static_cast<int>(std::count_if(ran.begin(), ran.end(), [](const std::atomic<bool>& r) { return r.load(); }));
 }
 
 c10::Device select_device(std::string_view spec) {

@@ -26,6 +26,17 @@ TEST_CASE("init_runtime uses all CPUs by default and the requested count otherwi
   CHECK_THROWS_WITH(rhine::init_runtime(bad), Contains("[runtime] threads must be >= 0"));
 }
 
+TEST_CASE("Rhine's own kernels split their work over LibTorch's threads", "[runtime]") {
+  // at::parallel_for runs serially in a file compiled without LibTorch's
+  // OpenMP: then the fused kernels would use one core whatever the setting.
+  const int before = at::get_num_threads();
+  rhine::set_threads(2);
+  CHECK(rhine::kernel_threads() == 2);
+  rhine::set_threads(1);
+  CHECK(rhine::kernel_threads() == 1);
+  rhine::set_threads(before);
+}
+
 TEST_CASE("select_device parses specs and refuses CUDA where there is none", "[runtime]") {
   CHECK(rhine::select_device("cpu") == c10::Device(c10::DeviceType::CPU));
   CHECK_THROWS_WITH(rhine::select_device("tpu"), "[device] unknown device, got \"tpu\"; use auto, cpu, cuda or cuda:N");

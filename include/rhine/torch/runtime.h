@@ -42,6 +42,13 @@ RuntimeInfo init_runtime(const RuntimeOptions& options = {});
 /// Returns the count in effect.
 int set_threads(int n);
 
+/// How many threads an `at::parallel_for` over a large range uses inside
+/// Rhine's own compiled kernels (the fused CPU kernels, the fused AdamW pass):
+/// LibTorch's intra-op thread count, as long as the library was compiled with
+/// LibTorch's threading (OpenMP, which the build finds); 1 means those kernels
+/// run on the calling thread alone.
+int kernel_threads();
+
 /// Parses a device spec ("auto", "cpu", "cuda", "cuda:N"); throws rhine::Error
 /// for bad specs and for CUDA requests on a machine without CUDA.
 c10::Device select_device(std::string_view spec = "auto");

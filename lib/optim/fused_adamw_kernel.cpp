@@ -6,14 +6,14 @@
 //   p = p + (-step_size*m) / (sqrt(v)/sqrt_bc2 + eps)
 #include "fused_adamw_kernel.h"
 
-#include "../core/cpu_clones.h"
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+
+#include "../core/cpu_clones.h"
 
 namespace rhine::detail {
 namespace {

@@ -37,12 +37,14 @@ message(STATUS "Rhine: LibTorch ${RHINE_TORCH_VERSION} from ${TORCH_INSTALL_PREF
 # compiled with OpenMP; elsewhere it runs the whole range on the calling thread. Rhine's own CPU
 # kernels (lib/nn/fused.cpp, the fused AdamW pass, ...) are therefore compiled with OpenMP
 # (lib/CMakeLists.txt). One OpenMP runtime serves the process: libgomp.so.1, found first in
-# the wheel's folder where LibTorch's rpath puts it, else the system's.
+# the wheel's folder where LibTorch's rpath puts it, else the system's; a wheel's Rhine links
+# against that same file (rhine_torch_wheel_openmp).
 set(RHINE_OPENMP OFF)
 foreach(_inc IN LISTS TORCH_INCLUDE_DIRS)
   if(EXISTS "${_inc}/ATen/Config.h")
     file(STRINGS "${_inc}/ATen/Config.h" _rhine_at_omp REGEX "define AT_PARALLEL_OPENMP 1")
     if(_rhine_at_omp)
+      rhine_torch_wheel_openmp("${TORCH_INSTALL_PREFIX}")
       find_package(OpenMP REQUIRED COMPONENTS CXX)
       set(RHINE_OPENMP ON)
     endif()

@@ -23,3 +23,18 @@ function(rhine_torch_wheel_cuda torch_config_dir)
   endif()
   set(RHINE_WHEEL_CUDA_LIB_DIRS "${dirs}" PARENT_SCOPE)
 endfunction()
+
+# The OpenMP runtime of a PyTorch wheel. The wheel ships its own libgomp.so.1 beside
+# libtorch_cpu.so, and LibTorch's rpath loads that one at run time. Linking Rhine's
+# OpenMP-compiled kernels against the same file (rather than the compiler's libgomp) checks
+# their symbols against the runtime that will serve them, and spares CMake's warning that
+# the compiler's libgomp "may be hidden" by the wheel's folder, once per program.
+#
+#   rhine_torch_wheel_openmp(<LibTorch install prefix>)
+# sets OpenMP_gomp_LIBRARY (cache, unless already set) when <prefix>/lib/libgomp.so.1 exists.
+function(rhine_torch_wheel_openmp torch_prefix)
+  if(EXISTS "${torch_prefix}/lib/libgomp.so.1" AND NOT OpenMP_gomp_LIBRARY)
+    set(OpenMP_gomp_LIBRARY "${torch_prefix}/lib/libgomp.so.1" CACHE FILEPATH
+        "libgomp of the PyTorch wheel (Rhine)")
+  endif()
+endfunction()

@@ -1,3 +1,7 @@
+# What a PyTorch wheel's LibTorch needs pinned before find_package(Torch) or find_package(OpenMP):
+# its CUDA libraries (rhine_torch_wheel_cuda), its own LibTorch files (rhine_torch_wheel_libraries)
+# and its OpenMP runtime (rhine_torch_wheel_openmp). Each does nothing for other LibTorch builds.
+
 # The CUDA libraries of a PyTorch wheel. pip keeps the libraries LibTorch was built against in
 # site-packages/nvidia/*/lib (cudart, cuBLAS, cuDNN, NCCL, ...), which may be newer than the
 # CUDA toolkit's in /usr/local/cuda. Linking against the toolkit's instead fails (libtorch_cuda
@@ -37,4 +41,30 @@ function(rhine_torch_wheel_openmp torch_prefix)
     set(OpenMP_gomp_LIBRARY "${torch_prefix}/lib/libgomp.so.1" CACHE FILEPATH
         "libgomp of the PyTorch wheel (Rhine)")
   endif()
+endfunction()
+
+# The LibTorch libraries of a PyTorch wheel. TorchConfig.cmake looks its libraries up with
+# find_library(... PATHS <its folder>), which searches the system folders first: on a machine
+# that also has Debian's LibTorch (scripts/setup.sh installs both) TORCH_LIBRARIES would then
+# name Debian's libc10.so next to the wheel's targets, and "Found Torch" would print Debian's
+# libtorch.so. Rhine links the imported targets only, but a program that links
+# ${TORCH_LIBRARIES}, as PyTorch's documentation shows, would mix the two.
+#
+#   rhine_torch_wheel_libraries(<dir holding TorchConfig.cmake>)
+# sets TORCH_LIBRARY, c10_LIBRARY, C10_CUDA_LIBRARY and CAFFE2_NVRTC_LIBRARY (cache; also over
+# a value cached from another LibTorch) to the files in that LibTorch's lib folder, where they exist.
+function(rhine_torch_wheel_libraries torch_config_dir)
+  get_filename_component(lib "${torch_config_dir}/../../../lib" ABSOLUTE)
+  if(NOT EXISTS "${torch_config_dir}/TorchConfig.cmake" OR NOT EXISTS "${lib}/libtorch.so")
+    return()
+  endif()
+  foreach(pair IN ITEMS TORCH_LIBRARY:torch c10_LIBRARY:c10 C10_CUDA_LIBRARY:c10_cuda
+                        CAFFE2_NVRTC_LIBRARY:caffe2_nvrtc)
+    string(REPLACE ":" ";" pair "${pair}")
+    list(GET pair 0 var)
+    list(GET pair 1 name)
+    if(EXISTS "${lib}/lib${name}.so" AND NOT "${${var}}" STREQUAL "${lib}/lib${name}.so")
+      set(${var} "${lib}/lib${name}.so" CACHE FILEPATH "lib${name}.so of this LibTorch (Rhine)" FORCE)
+    endif()
+  endforeach()
 endfunction()

@@ -54,6 +54,19 @@ foreach(_inc IN LISTS TORCH_INCLUDE_DIRS)
 endforeach()
 message(STATUS "Rhine: own kernels on LibTorch's OpenMP threads: ${RHINE_OPENMP}")
 
+# libstdc++ first among a program's libraries. PyTorch wheels since 2.5 export some libstdc++
+# functions they link statically (pytorch/pytorch#133437; 2.11's libtorch.so exports 64 of
+# std::filesystem's), and the dynamic linker binds a program's calls to the first library in its
+# NEEDED list that defines them: libtorch.so comes before libstdc++.so.6, and on 2.11 a call to
+# std::filesystem::remove_all then jumps to address 0. Naming libstdc++ before the others makes
+# the program's calls, and LibTorch's, use the system's libstdc++, which LibTorch's copies only
+# stand in for. Applied to rhine::rhine's users (lib/CMakeLists.txt) and to the test programs
+# that link LibTorch alone (tests/CMakeLists.txt).
+set(RHINE_LIBSTDCXX_FIRST "")
+if(CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  set(RHINE_LIBSTDCXX_FIRST "LINKER:--push-state,--no-as-needed,-lstdc++,--pop-state")
+endif()
+
 # The PyTorch wheel ships fmt 12 headers in torch/include/fmt (for its own use). Its include
 # directory would shadow Debian's fmt 9, which libfmt.so and Debian's spdlog 1.10 are built
 # for, in every file that includes LibTorch. Rhine's targets therefore see Debian's fmt and

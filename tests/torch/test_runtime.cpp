@@ -2,7 +2,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "rhine/core/error.h"
 #include "rhine/core/threads.h"
@@ -35,6 +41,28 @@ TEST_CASE("Rhine's own kernels split their work over LibTorch's threads", "[runt
   rhine::set_threads(1);
   CHECK(rhine::kernel_threads() == 1);
   rhine::set_threads(before);
+}
+
+TEST_CASE("libstdc++ calls of a program reach libstdc++ and not the copies a LibTorch wheel exports", "[runtime]") {
+  // PyTorch 2.11's wheel exports std::filesystem functions from libtorch.so; a program that
+  // named libtorch before libstdc++ bound its calls to them, and remove_all jumped to address 0.
+  // rhine::rhine links libstdc++ first (lib/CMakeLists.txt). The address of a function, taken
+  // here, is the definition this program's calls bind to.
+  namespace fs = std::filesystem;
+  const auto where = [](void* f) {
+    Dl_info info{};
+    return dladdr(f, &info) != 0 && info.dli_fname ? std::string(info.dli_fname) : std::string("?");
+  };
+  const std::vector<std::pair<std::string, void*>> functions = {
+      {"remove_all", reinterpret_cast<void*>(static_cast<std::uintmax_t (*)(const fs::path&)>(&fs::remove_all))},
+      {"create_directories", reinterpret_cast<void*>(static_cast<bool (*)(const fs::path&)>(&fs::create_directories))},
+      {"rename", reinterpret_cast<void*>(static_cast<void (*)(const fs::path&, const fs::path&)>(&fs::rename))},
+      {"status", reinterpret_cast<void*>(static_cast<fs::file_status (*)(const fs::path&)>(&fs::status))},
+      {"canonical", reinterpret_cast<void*>(static_cast<fs::path (*)(const fs::path&)>(&fs::canonical))}};
+  for (const auto& [name, f] : functions) {
+    INFO("std::filesystem::" << name << " is defined by " << where(f));
+    CHECK_THAT(where(f), Contains("libstdc++"));
+  }
 }
 
 TEST_CASE("select_device parses specs and refuses CUDA where there is none", "[runtime]") {

@@ -3,11 +3,15 @@
 # CUDA sources and the NCCL backend, runs the CUDA-labelled tests (a bf16 training step on cuda
 # against the CPU step, the MoE grouped GEMM, packed documents through the variable-length
 # flash kernel, generation, checkpoint tensors on the device, a one-rank NCCL world with every
-# Trainer collective) and the quick CPU tests against that LibTorch, then prints the GPU
-# training benchmark (bench_gpu: Rhine vs PyTorch eager and torch.compile) and the packed-
-# document attention on cuda (bench_attention) as JSON Lines.
+# Trainer collective), prints the GPU training benchmark (bench_gpu: Rhine vs PyTorch eager and
+# torch.compile) and the packed-document attention on cuda (bench_attention) as JSON Lines,
+# and last builds and runs the quick CPU tests against that LibTorch.
 #
-#   scripts/gpu-check.sh [--no-bench]
+#   scripts/gpu-check.sh [--no-bench] [--no-cpu-tests]
+#
+# The steps run in order of what only a GPU machine can tell (GPU tests, GPU benchmark, then
+# the CPU tests CI also runs), and each prints its result and elapsed time as it ends, so a
+# run cut short by a time limit still reports what it reached.
 #
 # Environment:
 #   RHINE_GPU_PYTHON  a python3 with torch >= 2 (default: python3 when it has torch, else the
@@ -22,13 +26,19 @@
 # so nothing GPU-side ran (the script says so). Full logs: $RHINE_BUILD_DIR/gpu-check/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bench=1
-[[ "${1:-}" == --no-bench ]] && bench=0
+bench=1 cpu_tests=1
+for arg in "$@"; do
+  case $arg in
+    --no-bench) bench=0 ;;
+    --no-cpu-tests) cpu_tests=0 ;;
+    *) echo "usage: scripts/gpu-check.sh [--no-bench] [--no-cpu-tests]" >&2; exit 2 ;;
+  esac
+done
 build_dir=${RHINE_BUILD_DIR:-build-gpu}
 jobs=${RHINE_JOBS:-$(nproc)}
 logs="$build_dir/gpu-check"
 mkdir -p "$logs"
-say() { echo "[gpu-check] $*"; }
+say() { echo "[gpu-check $(printf '%4d' $SECONDS)s] $*"; }
 fail() { say "FAILED: $*"; exit 1; }
 
 # 1. A Python with PyTorch 2.x: its LibTorch is what Rhine builds against.
@@ -62,35 +72,61 @@ say "configuring $build_dir"
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix_path" \
   -DCUDAToolkit_ROOT="$cuda_home" -DRHINE_WITH_CUDA=ON -DRHINE_WITH_NCCL=ON -DRHINE_BUILD_BENCH=ON \
   -DRHINE_PYTHON="$(command -v "$py")" >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; fail "configure (log: $logs/configure.log)"; }
-say "building ($jobs jobs)"
-targets=(rhine_test_cuda rhine_test_torch rhine_test_nn rhine_test_dist rhine_dist_worker rhine_test_train rhine_trainer_worker bench_gpu bench_attention)
-cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 || { grep -m5 -A5 "error" "$logs/build.log"; fail "build (log: $logs/build.log)"; }
+gpu_targets=(rhine_test_cuda bench_gpu bench_attention)
+build() {  # build <what> [targets...] (none: everything)
+  local what=$1; shift
+  say "building $what ($jobs jobs)"
+  cmake --build "$build_dir" -j "$jobs" ${1:+--target "$@"} >>"$logs/build.log" 2>&1 || { grep -m5 -A5 "error" "$logs/build.log"; fail "build (log: $logs/build.log)"; }
+}
+: >"$logs/build.log"
+build "the GPU tests and benchmarks" "${gpu_targets[@]}"
 say "build OK: CUDA sources and NCCL backend compiled and linked"
 
 # 4. A GPU?
 n_gpu=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [[ "$n_gpu" == 0 ]]; then
+  [[ $cpu_tests == 1 ]] && build "everything else (the CPU tests' programs)"
   say "no GPU visible (torch.cuda.device_count() = 0): stopping after the build; nothing GPU-side ran"
   exit 77
 fi
 say "$n_gpu GPU(s): $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 
-# 5. Tests: the GPU ones must run (RHINE_REQUIRE_GPU=1), then the quick CPU ones on this LibTorch.
+# 5. The GPU tests: they must run (RHINE_REQUIRE_GPU=1); a skip fails.
 status=0
-(cd "$build_dir" && RHINE_REQUIRE_GPU=1 ctest -L cuda --output-on-failure --timeout 600) >"$logs/ctest-cuda.log" 2>&1 || status=1
-(cd "$build_dir" && ctest -L 'torch|nn|dist|train' -LE slow -j "$jobs" --output-on-failure --timeout 600) >"$logs/ctest-cpu.log" 2>&1 || status=1
+report() {  # report <name> <log> [<ctest status>]: the verdict; a failed run's last lines too
+  grep -E "tests passed|tests failed|Skipped|\*\*\*Failed|Not Run" "$2" | sed "s/^/  $1: /"
+  [[ "${3:-0}" != 0 ]] && tail -40 "$2" | sed "s/^/  $1| /"
+  return 0
+}
+say "GPU tests (ctest -L cuda)"
+rc=0
+(cd "$build_dir" && RHINE_REQUIRE_GPU=1 ctest -L cuda --output-on-failure --timeout 600) >"$logs/ctest-cuda.log" 2>&1 || rc=1 status=1
+report cuda "$logs/ctest-cuda.log" $rc
 
 # 6. The GPU training benchmark, side by side with PyTorch eager and torch.compile.
 if [[ $bench == 1 ]]; then
-  "$build_dir/bench/bench_gpu" --python "$py" >"$logs/bench_gpu.jsonl" 2>"$logs/bench_gpu.err" || status=1
+  say "bench_gpu (Rhine vs PyTorch eager and torch.compile)"
+  "$build_dir/bench/bench_gpu" --python "$py" >"$logs/bench_gpu.jsonl" 2>"$logs/bench_gpu.err" || { status=1; tail -20 "$logs/bench_gpu.err"; }
+  cat "$logs/bench_gpu.jsonl"
   # Packed documents on cuda: the variable-length flash kernel vs the dense document mask.
-  "$build_dir/bench/bench_attention" --cuda-only >>"$logs/bench_gpu.jsonl" 2>"$logs/bench_attention.err" || status=1
+  say "bench_attention --cuda-only"
+  "$build_dir/bench/bench_attention" --cuda-only >"$logs/bench_attention.jsonl" 2>"$logs/bench_attention.err" || { status=1; tail -20 "$logs/bench_attention.err"; }
+  cat "$logs/bench_attention.jsonl"
+fi
+
+# 7. The quick CPU tests against this LibTorch (CI runs them too, on the CPU).
+if [[ $cpu_tests == 1 ]]; then
+  build "everything else (the CPU tests' programs)"
+  say "CPU tests (ctest -L 'torch|nn|optim|dist|train' -LE slow)"
+  rc=0
+  (cd "$build_dir" && ctest -L 'torch|nn|optim|dist|train' -LE slow -j "$jobs" --output-on-failure --timeout 600) >"$logs/ctest-cpu.log" 2>&1 || rc=1 status=1
+  report cpu "$logs/ctest-cpu.log" $rc
 fi
 
 echo
 say "summary"
-grep -E "tests passed|tests failed|Skipped|\*\*\*Failed" "$logs/ctest-cuda.log" | sed 's/^/  cuda: /'
-grep -E "tests passed|tests failed|\*\*\*Failed" "$logs/ctest-cpu.log" | sed 's/^/  cpu:  /'
-[[ $bench == 1 ]] && cat "$logs/bench_gpu.jsonl"
+report cuda "$logs/ctest-cuda.log"
+[[ $cpu_tests == 1 ]] && report cpu "$logs/ctest-cpu.log"
+[[ $bench == 1 ]] && cat "$logs/bench_gpu.jsonl" "$logs/bench_attention.jsonl"
 [[ $status == 0 ]] && say "OK" || say "FAILED (logs in $logs)"
 exit $status

@@ -11,15 +11,25 @@ pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 
-# A PyTorch wheel's own CUDA libraries come first (RhineTorchWheel.cmake).
+# A PyTorch wheel's own CUDA and LibTorch libraries are pinned before find_package(Torch)
+# (RhineTorchWheel.cmake), from the TorchConfig.cmake that find_package will load: Torch_DIR
+# when set (or cached), else the first CMAKE_PREFIX_PATH entry that holds one.
 include(RhineTorchWheel)
-foreach(_prefix IN LISTS CMAKE_PREFIX_PATH)
-  if(EXISTS "${_prefix}/Torch/TorchConfig.cmake")
-    rhine_torch_wheel_cuda("${_prefix}/Torch")
-    rhine_torch_wheel_libraries("${_prefix}/Torch")
-    break()
-  endif()
-endforeach()
+set(_rhine_torch_config "")
+if(Torch_DIR AND EXISTS "${Torch_DIR}/TorchConfig.cmake")
+  set(_rhine_torch_config "${Torch_DIR}")
+else()
+  foreach(_prefix IN LISTS CMAKE_PREFIX_PATH)
+    if(EXISTS "${_prefix}/Torch/TorchConfig.cmake")
+      set(_rhine_torch_config "${_prefix}/Torch")
+      break()
+    endif()
+  endforeach()
+endif()
+if(_rhine_torch_config)
+  rhine_torch_wheel_cuda("${_rhine_torch_config}")
+  rhine_torch_wheel_libraries("${_rhine_torch_config}")
+endif()
 find_package(Torch REQUIRED)
 if(RHINE_WHEEL_CUDA_LIB_DIRS)
   list(JOIN RHINE_WHEEL_CUDA_LIB_DIRS ":" RHINE_WHEEL_RPATH_LINK)
@@ -55,13 +65,14 @@ endforeach()
 message(STATUS "Rhine: own kernels on LibTorch's OpenMP threads: ${RHINE_OPENMP}")
 
 # libstdc++ first among a program's libraries. PyTorch wheels since 2.5 export some libstdc++
-# functions they link statically (pytorch/pytorch#133437; 2.11's libtorch.so exports 64 of
-# std::filesystem's), and the dynamic linker binds a program's calls to the first library in its
-# NEEDED list that defines them: libtorch.so comes before libstdc++.so.6, and on 2.11 a call to
-# std::filesystem::remove_all then jumps to address 0. Naming libstdc++ before the others makes
+# functions they link statically (pytorch/pytorch#133437: libtorch_cpu.so 101 of std::filesystem's
+# in 2.11 and 2.15, 2.11's libtorch.so 64 more), and the dynamic linker binds a program's calls to
+# the first library in its NEEDED list that defines them: LibTorch's come before libstdc++.so.6,
+# and on 2.11 a call to std::filesystem::remove_all then jumps to address 0. Naming libstdc++ before the others makes
 # the program's calls, and LibTorch's, use the system's libstdc++, which LibTorch's copies only
 # stand in for. Applied to rhine::rhine's users (lib/CMakeLists.txt) and to the test programs
-# that link LibTorch alone (tests/CMakeLists.txt).
+# that link LibTorch alone (tests/CMakeLists.txt). GCC on Linux only (clang with libstdc++
+# would need it too, but is not a compiler Rhine builds with).
 set(RHINE_LIBSTDCXX_FIRST "")
 if(CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   set(RHINE_LIBSTDCXX_FIRST "LINKER:--push-state,--no-as-needed,-lstdc++,--pop-state")

@@ -35,12 +35,23 @@ endfunction()
 # the compiler's libgomp "may be hidden" by the wheel's folder, once per program.
 #
 #   rhine_torch_wheel_openmp(<LibTorch install prefix>)
-# sets OpenMP_gomp_LIBRARY (cache, unless already set) when <prefix>/lib/libgomp.so.1 exists.
+# sets OpenMP_gomp_LIBRARY (cache; also over a value cached before, e.g. the compiler's libgomp,
+# saying so) when <prefix>/lib/libgomp.so.1 exists.
 function(rhine_torch_wheel_openmp torch_prefix)
-  if(EXISTS "${torch_prefix}/lib/libgomp.so.1" AND NOT OpenMP_gomp_LIBRARY)
-    set(OpenMP_gomp_LIBRARY "${torch_prefix}/lib/libgomp.so.1" CACHE FILEPATH
-        "libgomp of the PyTorch wheel (Rhine)")
+  _rhine_pin(OpenMP_gomp_LIBRARY "${torch_prefix}/lib/libgomp.so.1" "libgomp of the PyTorch wheel (Rhine)")
+endfunction()
+
+# _rhine_pin(<cache variable> <file> <doc>): when <file> exists, the cache variable names it,
+# also over an earlier value (a build folder configured before, or against another LibTorch:
+# one process must not mix two builds' libraries), with a message when it replaces one.
+function(_rhine_pin var file doc)
+  if(NOT EXISTS "${file}" OR "${${var}}" STREQUAL "${file}")
+    return()
   endif()
+  if(${var})
+    message(STATUS "Rhine: ${var} was ${${var}}; now ${file}")
+  endif()
+  set(${var} "${file}" CACHE FILEPATH "${doc}" FORCE)
 endfunction()
 
 # The LibTorch libraries of a PyTorch wheel. TorchConfig.cmake looks its libraries up with
@@ -52,7 +63,7 @@ endfunction()
 #
 #   rhine_torch_wheel_libraries(<dir holding TorchConfig.cmake>)
 # sets TORCH_LIBRARY, c10_LIBRARY, C10_CUDA_LIBRARY and CAFFE2_NVRTC_LIBRARY (cache; also over
-# a value cached from another LibTorch) to the files in that LibTorch's lib folder, where they exist.
+# an earlier value, saying so) to the files in that LibTorch's lib folder, where they exist.
 function(rhine_torch_wheel_libraries torch_config_dir)
   get_filename_component(lib "${torch_config_dir}/../../../lib" ABSOLUTE)
   if(NOT EXISTS "${torch_config_dir}/TorchConfig.cmake" OR NOT EXISTS "${lib}/libtorch.so")
@@ -63,8 +74,6 @@ function(rhine_torch_wheel_libraries torch_config_dir)
     string(REPLACE ":" ";" pair "${pair}")
     list(GET pair 0 var)
     list(GET pair 1 name)
-    if(EXISTS "${lib}/lib${name}.so" AND NOT "${${var}}" STREQUAL "${lib}/lib${name}.so")
-      set(${var} "${lib}/lib${name}.so" CACHE FILEPATH "lib${name}.so of this LibTorch (Rhine)" FORCE)
-    endif()
+    _rhine_pin(${var} "${lib}/lib${name}.so" "lib${name}.so of this LibTorch (Rhine)")
   endforeach()
 endfunction()

@@ -22,8 +22,8 @@
 # (scripts/pack-gpu-deps.sh fills it on a Debian machine); they are unpacked into
 # .gpu-deps/root and put on the search paths.
 #
-# Exit status: 0 everything passed; 1 a step failed; 77 the build passed but there is no GPU,
-# so nothing GPU-side ran (the script says so). Full logs: $RHINE_BUILD_DIR/gpu-check/.
+# Exit status: 0 everything passed; 1 a step failed; 2 bad usage; 77 the build passed but there
+# is no GPU, so nothing GPU-side ran (the script says so). Full logs: $RHINE_BUILD_DIR/gpu-check/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bench=1 cpu_tests=1
@@ -76,7 +76,7 @@ gpu_targets=(rhine_test_cuda bench_gpu bench_attention)
 build() {  # build <what> [targets...] (none: everything)
   local what=$1; shift
   say "building $what ($jobs jobs)"
-  cmake --build "$build_dir" -j "$jobs" ${1:+--target "$@"} >>"$logs/build.log" 2>&1 || { grep -m5 -A5 "error" "$logs/build.log"; fail "build (log: $logs/build.log)"; }
+  cmake --build "$build_dir" -j "$jobs" ${1:+--target "$@"} >>"$logs/build.log" 2>&1 || { grep -m5 -A8 -E "error:|^FAILED:" "$logs/build.log"; fail "build (log: $logs/build.log)"; }
 }
 : >"$logs/build.log"
 build "the GPU tests and benchmarks" "${gpu_targets[@]}"
@@ -100,7 +100,7 @@ report() {  # report <name> <log> [<ctest status>]: the verdict; a failed run's 
 }
 say "GPU tests (ctest -L cuda)"
 rc=0
-(cd "$build_dir" && RHINE_REQUIRE_GPU=1 ctest -L cuda --output-on-failure --timeout 600) >"$logs/ctest-cuda.log" 2>&1 || rc=1 status=1
+(cd "$build_dir" && RHINE_REQUIRE_GPU=1 ctest -L cuda --no-tests=error --output-on-failure --timeout 600) >"$logs/ctest-cuda.log" 2>&1 || rc=1 status=1
 report cuda "$logs/ctest-cuda.log" $rc
 
 # 6. The GPU training benchmark, side by side with PyTorch eager and torch.compile.
@@ -119,7 +119,7 @@ if [[ $cpu_tests == 1 ]]; then
   build "everything else (the CPU tests' programs)"
   say "CPU tests (ctest -L 'torch|nn|optim|dist|train' -LE slow)"
   rc=0
-  (cd "$build_dir" && ctest -L 'torch|nn|optim|dist|train' -LE slow -j "$jobs" --output-on-failure --timeout 600) >"$logs/ctest-cpu.log" 2>&1 || rc=1 status=1
+  (cd "$build_dir" && ctest -L 'torch|nn|optim|dist|train' -LE slow -j "$jobs" --no-tests=error --output-on-failure --timeout 600) >"$logs/ctest-cpu.log" 2>&1 || rc=1 status=1
   report cpu "$logs/ctest-cpu.log" $rc
 fi
 

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <link.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -44,10 +45,11 @@ TEST_CASE("Rhine's own kernels split their work over LibTorch's threads", "[runt
 }
 
 TEST_CASE("libstdc++ calls of a program reach libstdc++ and not the copies a LibTorch wheel exports", "[runtime]") {
-  // PyTorch 2.11's wheel exports std::filesystem functions from libtorch.so; a program that
-  // named libtorch before libstdc++ bound its calls to them, and remove_all jumped to address 0.
-  // rhine::rhine links libstdc++ first (lib/CMakeLists.txt). The address of a function, taken
-  // here, is the definition this program's calls bind to.
+  // PyTorch's wheels export std::filesystem functions (libtorch_cpu.so in 2.11 and 2.15,
+  // libtorch.so in 2.11); a program that named LibTorch before libstdc++ bound its calls to
+  // them, and on 2.11 remove_all jumped to address 0. rhine::rhine links libstdc++ first
+  // (RHINE_LIBSTDCXX_FIRST). The address of a function, taken here, is the definition this
+  // program's calls bind to.
   namespace fs = std::filesystem;
   const auto where = [](void* f) {
     Dl_info info{};
@@ -63,6 +65,28 @@ TEST_CASE("libstdc++ calls of a program reach libstdc++ and not the copies a Lib
     INFO("std::filesystem::" << name << " is defined by " << where(f));
     CHECK_THAT(where(f), Contains("libstdc++"));
   }
+#if defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+  // The mechanism, whatever this LibTorch exports (Debian's 1.13 exports none of these):
+  // libstdc++ is loaded before LibTorch's libraries, so it is searched first.
+  std::vector<std::string> loaded;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* out) {
+        static_cast<std::vector<std::string>*>(out)->emplace_back(info->dlpi_name ? info->dlpi_name : "");
+        return 0;
+      },
+      &loaded);
+  const auto first = [&](const std::string& part) {
+    for (std::size_t i = 0; i < loaded.size(); ++i)
+      if (fs::path(loaded[i]).filename().string().rfind(part, 0) == 0) return i;
+    return loaded.size();
+  };
+  std::string order;
+  for (const auto& name : loaded) order += name + " ";
+  INFO("load order: " << order);
+  REQUIRE(first("libstdc++.so") < loaded.size());
+  CHECK(first("libstdc++.so") < first("libtorch"));
+  CHECK(first("libstdc++.so") < first("libc10"));
+#endif
 }
 
 TEST_CASE("select_device parses specs and refuses CUDA where there is none", "[runtime]") {

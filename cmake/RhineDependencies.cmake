@@ -68,11 +68,11 @@ message(STATUS "Rhine: own kernels on LibTorch's OpenMP threads: ${RHINE_OPENMP}
 # functions they link statically (pytorch/pytorch#133437: libtorch_cpu.so 101 of std::filesystem's
 # in 2.11 and 2.15, 2.11's libtorch.so 64 more), and the dynamic linker binds a program's calls to
 # the first library in its NEEDED list that defines them: LibTorch's come before libstdc++.so.6,
-# and on 2.11 a call to std::filesystem::remove_all then jumps to address 0. Naming libstdc++ before the others makes
-# the program's calls, and LibTorch's, use the system's libstdc++, which LibTorch's copies only
-# stand in for. Applied to rhine::rhine's users (lib/CMakeLists.txt) and to the test programs
-# that link LibTorch alone (tests/CMakeLists.txt). GCC on Linux only (clang with libstdc++
-# would need it too, but is not a compiler Rhine builds with).
+# and on 2.11 a call to std::filesystem::remove_all then jumps to address 0. Naming libstdc++
+# before the others makes the program's calls, and LibTorch's, use the system's libstdc++, which
+# LibTorch's copies only stand in for. Applied to rhine::rhine's users (lib/CMakeLists.txt) and
+# to the test programs that link LibTorch alone (tests/CMakeLists.txt). GCC on Linux only (clang
+# with libstdc++ would need it too, but is not a compiler Rhine builds with).
 set(RHINE_LIBSTDCXX_FIRST "")
 if(CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   set(RHINE_LIBSTDCXX_FIRST "LINKER:--push-state,--no-as-needed,-lstdc++,--pop-state")

@@ -11,7 +11,7 @@ pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 
-# A PyTorch wheel's own CUDA and LibTorch libraries are pinned before find_package(Torch)
+# A PyTorch wheel's own CUDA, LibTorch and OpenMP libraries are pinned before find_package(Torch)
 # (RhineTorchWheel.cmake), from the TorchConfig.cmake that find_package will load: Torch_DIR
 # when set (or cached), else the first CMAKE_PREFIX_PATH entry that holds one.
 include(RhineTorchWheel)
@@ -49,13 +49,12 @@ message(STATUS "Rhine: LibTorch ${RHINE_TORCH_VERSION} from ${TORCH_INSTALL_PREF
 # kernels (lib/nn/fused.cpp, the fused AdamW pass, ...) are therefore compiled with OpenMP
 # (lib/CMakeLists.txt). One OpenMP runtime serves the process: libgomp.so.1, found first in
 # the wheel's folder where LibTorch's rpath puts it, else the system's; a wheel's Rhine links
-# against that same file (rhine_torch_wheel_openmp).
+# against that same file (rhine_torch_wheel_libraries pinned it above).
 set(RHINE_OPENMP OFF)
 foreach(_inc IN LISTS TORCH_INCLUDE_DIRS)
   if(EXISTS "${_inc}/ATen/Config.h")
     file(STRINGS "${_inc}/ATen/Config.h" _rhine_at_omp REGEX "define AT_PARALLEL_OPENMP 1")
     if(_rhine_at_omp)
-      rhine_torch_wheel_openmp("${TORCH_INSTALL_PREFIX}")
       find_package(OpenMP REQUIRED COMPONENTS CXX)
       set(RHINE_OPENMP ON)
     endif()

@@ -1,6 +1,6 @@
-# What a PyTorch wheel's LibTorch needs pinned before find_package(Torch) or find_package(OpenMP):
-# its CUDA libraries (rhine_torch_wheel_cuda), its own LibTorch files (rhine_torch_wheel_libraries)
-# and its OpenMP runtime (rhine_torch_wheel_openmp). Each does nothing for other LibTorch builds.
+# What a PyTorch wheel's LibTorch needs pinned before find_package(Torch): its CUDA libraries
+# (rhine_torch_wheel_cuda) and the files of its own lib folder, LibTorch's libraries and its
+# OpenMP runtime (rhine_torch_wheel_libraries). Each does nothing for other LibTorch builds.
 
 # The CUDA libraries of a PyTorch wheel. pip keeps the libraries LibTorch was built against in
 # site-packages/nvidia/*/lib (cudart, cuBLAS, cuDNN, NCCL, ...), which may be newer than the
@@ -28,19 +28,6 @@ function(rhine_torch_wheel_cuda torch_config_dir)
   set(RHINE_WHEEL_CUDA_LIB_DIRS "${dirs}" PARENT_SCOPE)
 endfunction()
 
-# The OpenMP runtime of a PyTorch wheel. The wheel ships its own libgomp.so.1 beside
-# libtorch_cpu.so, and LibTorch's rpath loads that one at run time. Linking Rhine's
-# OpenMP-compiled kernels against the same file (rather than the compiler's libgomp) checks
-# their symbols against the runtime that will serve them, and spares CMake's warning that
-# the compiler's libgomp "may be hidden" by the wheel's folder, once per program.
-#
-#   rhine_torch_wheel_openmp(<LibTorch install prefix>)
-# sets OpenMP_gomp_LIBRARY (cache; also over a value cached before, e.g. the compiler's libgomp,
-# saying so) when <prefix>/lib/libgomp.so.1 exists.
-function(rhine_torch_wheel_openmp torch_prefix)
-  _rhine_pin(OpenMP_gomp_LIBRARY "${torch_prefix}/lib/libgomp.so.1" "libgomp of the PyTorch wheel (Rhine)")
-endfunction()
-
 # _rhine_pin(<cache variable> <file> <doc>): when <file> exists, the cache variable names it,
 # also over an earlier value (a build folder configured before, or against another LibTorch:
 # one process must not mix two builds' libraries), with a message when it replaces one.
@@ -54,26 +41,34 @@ function(_rhine_pin var file doc)
   set(${var} "${file}" CACHE FILEPATH "${doc}" FORCE)
 endfunction()
 
-# The LibTorch libraries of a PyTorch wheel. TorchConfig.cmake looks its libraries up with
-# find_library(... PATHS <its folder>), which searches the system folders first: on a machine
-# that also has Debian's LibTorch (scripts/setup.sh installs both) TORCH_LIBRARIES would then
-# name Debian's libc10.so next to the wheel's targets, and "Found Torch" would print Debian's
-# libtorch.so. Rhine links the imported targets only, but a program that links
-# ${TORCH_LIBRARIES}, as PyTorch's documentation shows, would mix the two.
+# The files of a PyTorch wheel's lib folder.
+# - LibTorch's libraries. TorchConfig.cmake looks them up with find_library(... PATHS <its
+#   folder>), which searches the system folders first: on a machine that also has Debian's
+#   LibTorch (scripts/setup.sh installs both) TORCH_LIBRARIES would then name Debian's libc10.so
+#   next to the wheel's targets, and "Found Torch" would print Debian's libtorch.so. Rhine links
+#   the imported targets only, but a program that links ${TORCH_LIBRARIES}, as PyTorch's
+#   documentation shows, would mix the two.
+# - Its OpenMP runtime. The wheel ships its own libgomp.so.1, which LibTorch's rpath loads at run
+#   time. Linking Rhine's OpenMP-compiled kernels against that file (find_package(OpenMP) reads
+#   OpenMP_gomp_LIBRARY) rather than the compiler's libgomp checks their symbols against the
+#   runtime that will serve them, and spares CMake's warning, once per program, that the
+#   compiler's libgomp "may be hidden" by the wheel's folder.
 #
 #   rhine_torch_wheel_libraries(<dir holding TorchConfig.cmake>)
-# sets TORCH_LIBRARY, c10_LIBRARY, C10_CUDA_LIBRARY and CAFFE2_NVRTC_LIBRARY (cache; also over
-# an earlier value, saying so) to the files in that LibTorch's lib folder, where they exist.
+# sets TORCH_LIBRARY, c10_LIBRARY, C10_CUDA_LIBRARY, CAFFE2_NVRTC_LIBRARY and OpenMP_gomp_LIBRARY
+# (cache; also over an earlier value, saying so) to the files in that LibTorch's lib folder,
+# where they exist.
 function(rhine_torch_wheel_libraries torch_config_dir)
   get_filename_component(lib "${torch_config_dir}/../../../lib" ABSOLUTE)
   if(NOT EXISTS "${torch_config_dir}/TorchConfig.cmake" OR NOT EXISTS "${lib}/libtorch.so")
     return()
   endif()
-  foreach(pair IN ITEMS TORCH_LIBRARY:torch c10_LIBRARY:c10 C10_CUDA_LIBRARY:c10_cuda
-                        CAFFE2_NVRTC_LIBRARY:caffe2_nvrtc)
+  foreach(pair IN ITEMS TORCH_LIBRARY:libtorch.so c10_LIBRARY:libc10.so
+                        C10_CUDA_LIBRARY:libc10_cuda.so CAFFE2_NVRTC_LIBRARY:libcaffe2_nvrtc.so
+                        OpenMP_gomp_LIBRARY:libgomp.so.1)
     string(REPLACE ":" ";" pair "${pair}")
     list(GET pair 0 var)
-    list(GET pair 1 name)
-    _rhine_pin(${var} "${lib}/lib${name}.so" "lib${name}.so of this LibTorch (Rhine)")
+    list(GET pair 1 file)
+    _rhine_pin(${var} "${lib}/${file}" "${file} of this LibTorch (Rhine)")
   endforeach()
 endfunction()

@@ -40,6 +40,11 @@ logs="$build_dir/gpu-check"
 mkdir -p "$logs"
 say() { echo "[gpu-check $(printf '%4d' $SECONDS)s] $*"; }
 fail() { say "FAILED: $*"; exit 1; }
+report() {  # report <name> <log> [<ctest status>]: the verdict; a failed run's last lines too
+  grep -E "tests passed|tests failed|Skipped|\*\*\*Failed|Not Run" "$2" | sed "s/^/  $1: /"
+  [[ "${3:-0}" != 0 ]] && tail -40 "$2" | sed "s/^/  $1| /"
+  return 0
+}
 
 # 1. A Python with PyTorch 2.x: its LibTorch is what Rhine builds against.
 has_torch2() { "$1" -c 'import sys, torch; sys.exit(0 if int(torch.__version__.split(".")[0]) >= 2 else 1)' 2>/dev/null; }
@@ -93,11 +98,6 @@ say "$n_gpu GPU(s): $(nvidia-smi --query-gpu=name,memory.total,driver_version --
 
 # 5. The GPU tests: they must run (RHINE_REQUIRE_GPU=1); a skip fails.
 status=0
-report() {  # report <name> <log> [<ctest status>]: the verdict; a failed run's last lines too
-  grep -E "tests passed|tests failed|Skipped|\*\*\*Failed|Not Run" "$2" | sed "s/^/  $1: /"
-  [[ "${3:-0}" != 0 ]] && tail -40 "$2" | sed "s/^/  $1| /"
-  return 0
-}
 say "GPU tests (ctest -L cuda)"
 rc=0
 (cd "$build_dir" && RHINE_REQUIRE_GPU=1 ctest -L cuda --no-tests=error --output-on-failure --timeout 600) >"$logs/ctest-cuda.log" 2>&1 || rc=1 status=1

@@ -57,7 +57,10 @@ Routing route_tokens(const at::Tensor& logits, const at::Tensor& bias, const Mod
     if (c.norm_topk_prob) w = w / (w.sum(-1, true) + 1e-20);
     r.weights = w * c.routed_scaling_factor;
   }
-  r.counts = at::bincount(r.indices.reshape({N * K}), {}, E);
+  // Pairs per expert by scatter_add, not at::bincount: CUDA's bincount reads the
+  // indices' min and max to the host to size its output (two synchronisations).
+  const at::Tensor flat = r.indices.reshape({N * K});
+  r.counts = at::zeros({E}, flat.options()).scatter_add_(0, flat, at::ones_like(flat));
   return r;
 }
 

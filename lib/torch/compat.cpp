@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "rhine/core/error.h"
+#include "rhine/torch/cuda.h"
 
 // at::_flash_attention_forward with cumulative offsets (CUDA builds of 2.5+;
 // declared, and failing at run time, in CPU builds, where it is never reached).
@@ -155,15 +156,34 @@ struct SdpaArgs {
 
 namespace {
 
+// Packed documents on CUDA under autocast: q, k and v at autocast's dtype, the
+// cast SDPA's autocast rule makes on each per-document call anyway. Made once
+// here, it lets the variable-length kernel (fp16/bf16 only) take inputs that
+// arrive in fp32, such as q and k after a QK-norm whose weights are fp32.
+struct Qkv {
+  at::Tensor q, k, v;
+};
+Qkv at_autocast_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (!q.is_cuda() || !autocast_enabled(c10::DeviceType::CUDA)) return {q, k, v};
+  const auto dt = autocast_dtype(c10::DeviceType::CUDA);
+  auto cast = [dt](const at::Tensor& t) {
+    return at::isFloatingType(t.scalar_type()) && t.scalar_type() != dt ? t.to(dt) : t;
+  };
+  return {cast(q), cast(k), cast(v)};
+}
+
 // The CUDA variable-length flash kernel for packed documents (LibTorch 2.5+):
 // all documents of all rows in one call, addressed by cumulative offsets,
 // instead of one kernel launch per document. What it needs: a CUDA device the
 // flash kernel serves (Ampere or newer), fp16 or bf16, head dims a multiple
 // of 8 up to 256 with Dv <= D (a narrower V, as MLA has, is zero-padded to D
 // and the output cut back), unit stride in the head dim. Whether LibTorch's
-// flash kernel serves this device, dtype and head dim is asked of
-// at::_fused_sdp_choice with q standing for k and v too: shapes with as many
-// heads and keys as queries, which flash accepts whenever it accepts q.
+// flash kernel serves this device, dtype and head dim is asked of flash's own
+// check (rhine::cuda::flash_attention_serves) with q standing for k and v too:
+// shapes with as many heads and keys as queries, which flash accepts whenever
+// it accepts q. Not of at::_fused_sdp_choice: that names the backend SDPA
+// would pick, and 2.11 picks cuDNN's on Hopper (cuDNN 9.15+) where flash
+// serves as well.
 bool flash_varlen_usable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const AttentionOptions& options) {
 #if RHINE_HAS_FLASH_VARLEN
@@ -175,8 +195,7 @@ bool flash_varlen_usable(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t D = q.size(3), Dv = v.size(3);
   if (D % 8 != 0 || D > 256 || Dv > D || Dv % 8 != 0) return false;
   if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return false;
-  return at::_fused_sdp_choice(q, q, q, std::nullopt, options.dropout_p, /*is_causal=*/true, options.scale,
-                               /*enable_gqa=*/false) == 1;  // sdp::SDPBackend::flash_attention
+  return cuda::flash_attention_serves(q, options.dropout_p);
 #else
   (void)q, (void)k, (void)v, (void)options;
   return false;
@@ -229,10 +248,11 @@ std::string attention_backend(const at::Tensor& q, const at::Tensor& k, const at
   if (!options.document_starts.empty()) {
     check_attention_shapes(q, k, v);
     check_document_starts(q, k, options);
-    if (flash_varlen_usable(q, k, v, options)) return "flash-varlen";
+    const Qkv a = at_autocast_dtype(q, k, v);
+    if (flash_varlen_usable(a.q, a.k, a.v, options)) return "flash-varlen";
     AttentionOptions one = options;  // what each document's call runs
     one.document_starts.clear();
-    return "per-document/" + attention_backend(q, k, v, one);
+    return "per-document/" + attention_backend(a.q, a.k, a.v, one);
   }
 #if RHINE_TORCH_VERSION_AT_LEAST(2, 5)
   const int64_t groups = check_attention_shapes(q, k, v);
@@ -256,15 +276,16 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (!options.document_starts.empty()) {
     check_attention_shapes(q, k, v);
     check_document_starts(q, k, options);
+    const Qkv a = at_autocast_dtype(q, k, v);
 #if RHINE_HAS_FLASH_VARLEN
-    if (flash_varlen_usable(q, k, v, options)) return flash_varlen(q, k, v, options);
+    if (flash_varlen_usable(a.q, a.k, a.v, options)) return flash_varlen(a.q, a.k, a.v, options);
 #endif
     AttentionOptions one = options;  // causal inside one document
     one.document_starts.clear();
     const int64_t B = q.size(0), T = q.size(2);
     // unbind and split rather than narrow: their backward is one stack / cat,
     // where every narrow's backward would zero-fill a tensor of q's full size.
-    const std::vector<at::Tensor> qs = q.unbind(0), ks = k.unbind(0), vs = v.unbind(0);  // [H, T, D]
+    const std::vector<at::Tensor> qs = a.q.unbind(0), ks = a.k.unbind(0), vs = a.v.unbind(0);  // [H, T, D]
     std::vector<at::Tensor> rows;
     for (int64_t b = 0; b < B; ++b) {
       const auto& starts = options.document_starts[static_cast<std::size_t>(b)];

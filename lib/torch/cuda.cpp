@@ -8,6 +8,15 @@
 #include <cuda_runtime_api.h>
 
 #include "rhine/core/error.h"
+#include "rhine/torch/compat.h"
+
+// Flash attention's own check, exported by libtorch_cuda (2.5+: sdp_params with enable_gqa).
+#if RHINE_TORCH_VERSION_AT_LEAST(2, 5) && __has_include(<ATen/native/transformers/cuda/sdp_utils.h>)
+#include <ATen/native/transformers/cuda/sdp_utils.h>
+#define RHINE_HAS_SDP_FLASH_CHECK 1
+#else
+#define RHINE_HAS_SDP_FLASH_CHECK 0
+#endif
 
 namespace rhine::cuda {
 
@@ -64,6 +73,26 @@ std::string device_name(c10::Device device) {
   RHINE_CHECK(cudaGetDeviceProperties(&prop, i) == cudaSuccess, kComponent,
               "cudaGetDeviceProperties failed for", device.str(), "check the CUDA driver");
   return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ")";
+}
+
+bool flash_attention_serves(const at::Tensor& q, double dropout_p) {
+#if RHINE_HAS_SDP_FLASH_CHECK
+  if (!q.is_cuda()) return false;
+  return sdp::can_use_flash_attention(
+      sdp::sdp_params{q, q, q, std::nullopt, dropout_p, /*is_causal=*/true, /*enable_gqa=*/false}, /*debug=*/false);
+#else
+  (void)q, (void)dropout_p;
+  return false;
+#endif
+}
+
+SyncErrorGuard::SyncErrorGuard()
+    : previous_(static_cast<int>(c10::cuda::warning_state().get_sync_debug_mode())) {
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+}
+
+SyncErrorGuard::~SyncErrorGuard() {
+  c10::cuda::warning_state().set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(previous_));
 }
 
 }  // namespace rhine::cuda

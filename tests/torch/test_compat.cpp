@@ -9,6 +9,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/compat.h"
+#include "rhine/torch/cuda.h"
 
 using Catch::Matchers::Contains;
 
@@ -211,6 +212,13 @@ TEST_CASE("attention per document (document_starts) equals the dense document ma
   bad = per_doc;
   bad.is_causal = false;
   CHECK_THROWS_WITH(rhine::attention(q, k, v, bad), Contains("need is_causal, no mask"));
+}
+
+TEST_CASE("the flash check says no for a host tensor and a CPU-only build refuses the sync guard", "[compat][attention]") {
+  // The GPU side of both is in tests/cuda/test_cuda.cpp.
+  CHECK_FALSE(rhine::cuda::flash_attention_serves(at::randn({1, 2, 8, 64}).to(at::kBFloat16), 0.0));
+  if (!rhine::cuda::compiled_with_cuda())
+    CHECK_THROWS_WITH(rhine::cuda::SyncErrorGuard(), Contains("[cuda] this Rhine was built without CUDA"));
 }
 
 TEST_CASE("causal_mask is bottom-right aligned", "[compat]") {

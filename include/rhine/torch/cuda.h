@@ -2,12 +2,14 @@
 /// \file
 /// What Rhine asks of a CUDA device beyond LibTorch's device-generic API:
 /// the caching allocator's memory statistics (per-rank memory in the Trainer's
-/// metrics, the GPU benchmarks), synchronisation for timing, and the device's
-/// name. Compiled from lib/torch/cuda.cpp when Rhine is built with
+/// metrics, the GPU benchmarks), synchronisation for timing, the device's
+/// name, whether LibTorch's flash-attention kernel serves a query, and a guard
+/// that turns every host synchronisation into an error. Compiled from lib/torch/cuda.cpp when Rhine is built with
 /// RHINE_WITH_CUDA (against a CUDA LibTorch); otherwise lib/torch/cuda_stub.cpp
 /// supplies the same functions, where `compiled_with_cuda()` is false and the
 /// others throw a rhine::Error saying how to build with CUDA.
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
 #include <cstdint>
@@ -42,5 +44,31 @@ void synchronize(c10::Device device);
 
 /// The device's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
 std::string device_name(c10::Device device);
+
+/// True when LibTorch's flash-attention kernel takes `q` as query, key and
+/// value (causal, dropout `dropout_p`): a CUDA tensor on a device, dtype and
+/// head dim the kernel serves, flash not switched off. This asks flash's own
+/// check (sdp::can_use_flash_attention), not LibTorch's backend choice, which
+/// may prefer cuDNN's kernel (as 2.11 does on Hopper with cuDNN 9.15+) while
+/// flash would serve too. False for a non-CUDA tensor or without CUDA.
+bool flash_attention_serves(const at::Tensor& q, double dropout_p);
+
+/// While alive, every CUDA call that makes the host wait for the device throws
+/// (LibTorch's sync debug mode "error", Python's
+/// torch.cuda.set_sync_debug_mode("error")): a blocking copy to the host
+/// (.item(), .cpu()), a stream or device synchronize, including those inside
+/// LibTorch's own ops. The check that a step has no hidden synchronisation on
+/// CUDA, where rhine::host_sync_count() sees only Rhine's own. Process-wide;
+/// restores the previous mode on exit. Throws rhine::Error without CUDA.
+class SyncErrorGuard {
+ public:
+  SyncErrorGuard();
+  ~SyncErrorGuard();
+  SyncErrorGuard(const SyncErrorGuard&) = delete;
+  SyncErrorGuard& operator=(const SyncErrorGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 }  // namespace rhine::cuda

@@ -11,6 +11,7 @@
 
 #include "rhine/core/error.h"
 #include "rhine/torch/cuda.h"
+#include "rhine/torch/sync.h"
 
 // at::_flash_attention_forward with cumulative offsets (CUDA builds of 2.5+;
 // declared, and failing at run time, in CPU builds, where it is never reached).
@@ -226,8 +227,9 @@ at::Tensor flash_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tens
   int64_t longest = 0;
   for (std::size_t i = 0; i + 1 < offsets.size(); ++i)
     longest = std::max<int64_t>(longest, offsets[i + 1] - offsets[i]);
-  // A host-to-device copy of the offsets (B * documents + 1 ints); no host read.
-  const at::Tensor cu = at::tensor(at::ArrayRef<int32_t>(offsets), at::kInt).to(q.device(), /*non_blocking=*/true);
+  // A host-to-device copy of the offsets (B * documents + 1 ints), pinned and
+  // asynchronous: the host waits for nothing.
+  const at::Tensor cu = to_device(at::tensor(at::ArrayRef<int32_t>(offsets), at::kInt), q.device());
   // [B, H, T, D] -> [B*T, H, D]: free when q came from a [B, T, H, D] projection.
   const at::Tensor qp = q.transpose(1, 2).reshape({B * T, H, D});
   const at::Tensor kp = k.transpose(1, 2).reshape({B * T, Hkv, D});

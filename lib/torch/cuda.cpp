@@ -95,4 +95,12 @@ SyncErrorGuard::~SyncErrorGuard() {
   c10::cuda::warning_state().set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(previous_));
 }
 
+SyncAllowed::SyncAllowed() : previous_(static_cast<int>(c10::cuda::warning_state().get_sync_debug_mode())) {
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+}
+
+SyncAllowed::~SyncAllowed() {
+  c10::cuda::warning_state().set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(previous_));
+}
+
 }  // namespace rhine::cuda

@@ -23,5 +23,7 @@ std::string device_name(c10::Device device) { not_built(device); }
 bool flash_attention_serves(const at::Tensor&, double) { return false; }
 SyncErrorGuard::SyncErrorGuard() { not_built(c10::Device(c10::DeviceType::CUDA)); }
 SyncErrorGuard::~SyncErrorGuard() = default;
+SyncAllowed::SyncAllowed() = default;
+SyncAllowed::~SyncAllowed() = default;
 
 }  // namespace rhine::cuda

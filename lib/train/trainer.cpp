@@ -546,8 +546,8 @@ StepMetrics Trainer::train_step() {
     auto no_sync = sync_ != nullptr && i + 1 < micro.size() ? sync_->no_sync() : dist::NoSyncGuard{};
     auto fsdp_no_sync = fsdp_ != nullptr && i + 1 < micro.size() ? fsdp_->no_sync() : dist::FSDP::NoSync{};
     nn::ForwardOptions fo;
-    fo.labels = b.labels.to(device);
-    fo.position_ids = b.position_ids.to(device);
+    fo.labels = to_device(b.labels, device);  // no host wait (pinned, asynchronous on CUDA)
+    fo.position_ids = to_device(b.position_ids, device);
     fo.document_mask = o_.document_mask;
     if (o_.document_mask) fo.document_starts = nn::document_starts_of(b.position_ids);  // on the host
     fo.z_loss = o_.z_loss;
@@ -558,7 +558,7 @@ StepMetrics Trainer::train_step() {
     {
       RHINE_RANGE("rhine::forward");
       AutocastGuard autocast(device.type(), at::kBFloat16, o_.bf16);
-      out = model_->forward(b.input_ids.to(device), fo);
+      out = model_->forward(to_device(b.input_ids, device), fo);
     }
     // Token-weighted: the step's loss is the mean over all counted tokens of
     // all micro-batches of all ranks. GradientSync averages over ranks, hence

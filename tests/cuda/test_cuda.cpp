@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
@@ -154,6 +155,41 @@ TEST_CASE("a training step on cuda equals the CPU step (fp32 and bf16 autocast)"
   REQUIRE(lc.size() == 3);
   REQUIRE(lg.size() == 3);
   for (std::size_t i = 0; i < 3; ++i) CHECK(std::abs(lg[i] - lc[i]) / lc[i] < 3e-2);
+}
+
+TEST_CASE("a Trainer step on cuda synchronises the host only in its one counted read", "[cuda]") {
+  RHINE_NEED_GPU();
+  Shards s;
+  for (const bool bf16 : {false, true}) {
+    INFO((bf16 ? "bf16" : "fp32"));
+    rhine::test::TinyRun run(s.dir, 4);
+    run.model->to(kGpu);
+    rhine::train::TrainerOptions o;
+    o.max_steps = 3;
+    o.log_every = 1;
+    o.progress = false;
+    o.bf16 = bf16;
+    o.grad_accum = 2;
+    rhine::train::Trainer t(run.model, *run.optimizer, run.schedule, *run.loader, o);
+    std::vector<std::uint64_t> per_step;
+    std::uint64_t start = 0;
+    int batches = 0;
+    t.callbacks().on_batch = [&](const rhine::Batch&) {
+      if (batches++ % o.grad_accum == 0) start = rhine::host_sync_count();
+    };
+    t.callbacks().on_step = [&](const rhine::train::StepMetrics& m) {
+      per_step.push_back(rhine::host_sync_count() - start);
+      CHECK(std::isfinite(m.loss));
+    };
+    {
+      // Any other synchronisation throws, LibTorch's included: a blocking copy
+      // of the batch to the device, an op that reads a size to the host.
+      rhine::cuda::SyncErrorGuard no_sync;
+      t.fit();
+    }
+    REQUIRE(per_step.size() == 3);
+    for (const auto n : per_step) CHECK(n == 1);
+  }
 }
 
 TEST_CASE("MoE on cuda under bf16 autocast runs the grouped GEMM, equal to per-expert calls", "[cuda]") {

@@ -57,15 +57,31 @@ bool flash_attention_serves(const at::Tensor& q, double dropout_p);
 /// (LibTorch's sync debug mode "error", Python's
 /// torch.cuda.set_sync_debug_mode("error")): a blocking copy to the host
 /// (.item(), .cpu()), a stream or device synchronize, including those inside
-/// LibTorch's own ops. The check that a step has no hidden synchronisation on
-/// CUDA, where rhine::host_sync_count() sees only Rhine's own. Process-wide;
-/// restores the previous mode on exit. Throws rhine::Error without CUDA.
+/// LibTorch's own ops, except Rhine's counted reads (rhine::to_host and
+/// rhine::host_value, which open a SyncAllowed scope). The check that a step
+/// has no hidden synchronisation on CUDA, where rhine::host_sync_count() sees
+/// only Rhine's own. Process-wide; restores the previous mode on exit. Throws
+/// rhine::Error without CUDA.
 class SyncErrorGuard {
  public:
   SyncErrorGuard();
   ~SyncErrorGuard();
   SyncErrorGuard(const SyncErrorGuard&) = delete;
   SyncErrorGuard& operator=(const SyncErrorGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+/// Lets host synchronisations pass inside its scope, under a SyncErrorGuard
+/// (rhine::to_host opens one: a counted read is an allowed one). Restores the
+/// previous mode on exit; does nothing without CUDA.
+class SyncAllowed {
+ public:
+  SyncAllowed();
+  ~SyncAllowed();
+  SyncAllowed(const SyncAllowed&) = delete;
+  SyncAllowed& operator=(const SyncAllowed&) = delete;
 
  private:
   int previous_ = 0;

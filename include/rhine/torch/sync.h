@@ -13,12 +13,15 @@
 /// the CPU, where the same code runs. Tensors that are on the host by
 /// construction (a batch before it is moved, a checkpoint being written) are
 /// read with `cpu_value`, which refuses a device tensor instead of counting it.
+/// On CUDA, `rhine::cuda::SyncErrorGuard` (cuda.h) makes every other host
+/// synchronisation an error, LibTorch's own included; `to_host`'s pass.
 ///
 ///     const auto before = rhine::host_sync_count();
 ///     trainer.train_step();
 ///     assert(rhine::host_sync_count() - before <= 1);
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 
@@ -42,6 +45,12 @@ T cpu_value(const at::Tensor& t);
 
 /// Host synchronisations counted so far in this process (all threads).
 std::uint64_t host_sync_count();
+
+/// `t` (a host tensor, such as a batch) on `device` without making the host
+/// wait: on CUDA through pinned memory and an asynchronous copy (a plain
+/// `.to(cuda)` from pageable memory waits for every kernel queued before it);
+/// elsewhere `t.to(device)`.
+at::Tensor to_device(const at::Tensor& t, c10::Device device);
 
 extern template double cpu_value<double>(const at::Tensor&);
 extern template float cpu_value<float>(const at::Tensor&);

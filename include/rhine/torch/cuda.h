@@ -3,10 +3,12 @@
 /// What Rhine asks of a CUDA device beyond LibTorch's device-generic API:
 /// the caching allocator's memory statistics (per-rank memory in the Trainer's
 /// metrics, the GPU benchmarks), synchronisation for timing, the device's
-/// name, whether LibTorch's flash-attention kernel serves a query, and a guard
-/// that turns every host synchronisation into an error. Compiled from lib/torch/cuda.cpp when Rhine is built with
-/// RHINE_WITH_CUDA (against a CUDA LibTorch); otherwise lib/torch/cuda_stub.cpp
-/// supplies the same functions, where `compiled_with_cuda()` is false and the
+/// name, whether LibTorch's flash-attention kernel serves a query, and guards
+/// that make host synchronisations errors (the tests of "no hidden sync").
+/// Compiled from lib/torch/cuda.cpp when Rhine is built with RHINE_WITH_CUDA
+/// (against a CUDA LibTorch); otherwise lib/torch/cuda_stub.cpp supplies the
+/// same functions, where `compiled_with_cuda()`, `available()` and
+/// `flash_attention_serves()` are false, SyncAllowed does nothing, and the
 /// others throw a rhine::Error saying how to build with CUDA.
 
 #include <ATen/core/Tensor.h>

@@ -112,7 +112,7 @@ if [[ $bench == 1 ]]; then
   say "bench_attention --cuda-only"
   "$build_dir/bench/bench_attention" --cuda-only >"$logs/bench_attention.jsonl" 2>"$logs/bench_attention.err" || { status=1; tail -20 "$logs/bench_attention.err"; }
   cat "$logs/bench_attention.jsonl"
-  : >"$logs/bench_gpu.jsonl"
+  : >"$logs/bench_gpu.jsonl"; : >"$logs/bench_gpu.err"
   for size in 125M 0.9B; do
     say "bench_gpu --size $size (Rhine vs PyTorch eager and torch.compile)"
     "$build_dir/bench/bench_gpu" --size "$size" --python "$py" >>"$logs/bench_gpu.jsonl" 2>>"$logs/bench_gpu.err" || { status=1; tail -20 "$logs/bench_gpu.err"; }

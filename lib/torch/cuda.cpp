@@ -86,21 +86,20 @@ bool flash_attention_serves(const at::Tensor& q, double dropout_p) {
 #endif
 }
 
-SyncErrorGuard::SyncErrorGuard()
-    : previous_(static_cast<int>(c10::cuda::warning_state().get_sync_debug_mode())) {
-  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+namespace {
+// Sets LibTorch's sync debug mode (process-wide); returns the one before.
+int swap_sync_mode(c10::cuda::SyncDebugMode mode) {
+  auto& state = c10::cuda::warning_state();
+  const int previous = static_cast<int>(state.get_sync_debug_mode());
+  state.set_sync_debug_mode(mode);
+  return previous;
 }
+}  // namespace
 
-SyncErrorGuard::~SyncErrorGuard() {
-  c10::cuda::warning_state().set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(previous_));
-}
+SyncErrorGuard::SyncErrorGuard() : previous_(swap_sync_mode(c10::cuda::SyncDebugMode::L_ERROR)) {}
+SyncErrorGuard::~SyncErrorGuard() { swap_sync_mode(static_cast<c10::cuda::SyncDebugMode>(previous_)); }
 
-SyncAllowed::SyncAllowed() : previous_(static_cast<int>(c10::cuda::warning_state().get_sync_debug_mode())) {
-  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-}
-
-SyncAllowed::~SyncAllowed() {
-  c10::cuda::warning_state().set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(previous_));
-}
+SyncAllowed::SyncAllowed() : previous_(swap_sync_mode(c10::cuda::SyncDebugMode::L_DISABLED)) {}
+SyncAllowed::~SyncAllowed() { swap_sync_mode(static_cast<c10::cuda::SyncDebugMode>(previous_)); }
 
 }  // namespace rhine::cuda
